@@ -1,0 +1,23 @@
+"""edgedistill: teacher -> distilled student -> ONNX -> int8 -> evaluated and benchmarked.
+
+The public API. Names are imported on first use, so a light process (the benchmark worker of
+an ONNX model) does not pay for importing torch and transformers.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_API = {
+    "DistillationTrainer": "distill", "DistillationTrainingArguments": "distill",
+    "make_student": "distill", "EdgeDistillError": "errors", "evaluate": "evaluate",
+    "export_onnx": "export", "quantize": "quantize", "benchmark": "bench", "Recipe": "recipe",
+    "load_recipe": "recipe", "run": "pipeline",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'edgedistill' has no attribute {name!r}")

@@ -1,0 +1,64 @@
+"""Hardware profiles: YAML data files under ``bench/profiles/``, loaded by name."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import platform
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from ..errors import EdgeDistillError
+
+
+@dataclass
+class Profile:
+    name: str
+    description: str = ""
+    execution_providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    threads: int = 0
+    quantization: dict = field(default_factory=dict)
+
+    @property
+    def num_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+
+def _profile_dir() -> Path:
+    return Path(str(resources.files("edgedistill.bench") / "profiles"))
+
+
+def list_profiles() -> list[Profile]:
+    return [load_profile(p.stem) for p in sorted(_profile_dir().glob("*.yaml"))]
+
+
+def load_profile(name: str) -> Profile:
+    path = _profile_dir() / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in _profile_dir().glob("*.yaml"))
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise EdgeDistillError(f"profile '{name}' is unknown; {hint}available: {', '.join(names)}")
+    raw = yaml.safe_load(path.read_text())
+    try:
+        return Profile(**raw)
+    except TypeError as e:
+        raise EdgeDistillError(f"{path}: invalid profile ({e})")
+
+
+def host_isa() -> str:
+    """The best int8 instruction set on this host, as optimum names its presets."""
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return "arm64"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    if "avx512_vnni" in flags:
+        return "avx512_vnni"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2"

@@ -1,0 +1,147 @@
+"""Run each model's benchmark in a fresh subprocess and collect latency and memory figures.
+
+A fresh process per model keeps one model's allocator state, thread pools and caches from
+colouring the next one's numbers. The parent polls the child's resident memory from outside;
+the child reports the kernel's high-water mark, and the report keeps both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import EdgeDistillError
+from ..runtime import size_on_disk_mb
+from .profiles import Profile, load_profile
+from .stats import Latency
+
+SAMPLE_TEXT = ("The medication helped with my pain within a week, although the first days brought "
+               "headaches and some nausea that faded later. ") * 8
+
+
+@dataclass
+class BenchSettings:
+    warmup: int = 10
+    iterations: int = 50
+    min_seconds: float = 2.0
+    batch_size: int = 1
+    sequence_length: int = 128
+    real_length_samples: int = 64
+    max_length: int = 128
+    poll_interval_s: float = 0.002
+
+
+class _PeakRss(threading.Thread):
+    """Poll a process's resident set size from outside until it exits."""
+
+    def __init__(self, pid: int, interval: float):
+        super().__init__(daemon=True)
+        self.path, self.interval, self.peak_mb = f"/proc/{pid}/statm", interval, 0.0
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                with open(self.path) as f:
+                    rss = int(f.read().split()[1]) * self.page / 1e6
+            except (OSError, IndexError, ValueError):
+                return
+            self.peak_mb = max(self.peak_mb, rss)
+            time.sleep(self.interval)
+
+
+def _inputs(model_dir: Path, texts: list[str], s: BenchSettings) -> tuple[dict, list[dict]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    limit = config.get("max_position_embeddings")
+    if limit and s.sequence_length > limit:
+        raise EdgeDistillError(
+            f"bench.sequence_length: {s.sequence_length} exceeds the {limit} positions of "
+            f"{model_dir}; set bench.sequence_length <= {limit}")
+    batch = (texts * s.batch_size)[: s.batch_size]
+    fixed = tokenizer(batch, padding="max_length", truncation=True,
+                      max_length=s.sequence_length, return_tensors="np")
+    real = [tokenizer(t, truncation=True, max_length=s.max_length, return_tensors="np")
+            for t in texts[: s.real_length_samples]]
+    as_lists = lambda enc: {k: v.tolist() for k, v in enc.items()}  # noqa: E731
+    return as_lists(fixed), [as_lists(e) for e in real]
+
+
+def benchmark_model(model_dir: str | Path, profile: Profile | str = "cpu",
+                    texts: list[str] | None = None,
+                    settings: BenchSettings | None = None) -> dict:
+    """Latency (batch ``batch_size`` x ``sequence_length``, and real test lengths one by one),
+    load time, first-inference time, peak memory and size of one model."""
+    model_dir = Path(model_dir)
+    profile = load_profile(profile) if isinstance(profile, str) else profile
+    s = settings or BenchSettings()
+    fixed, real = _inputs(model_dir, texts or [SAMPLE_TEXT], s)
+    threads = profile.num_threads
+    spec = {"model_dir": str(model_dir), "threads": threads, "warmup": s.warmup,
+            "iterations": s.iterations, "min_seconds": s.min_seconds,
+            "fixed_input": fixed, "real_inputs": real}
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               TOKENIZERS_PARALLELISM="false")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
+        spec_path.write_text(json.dumps(spec))
+        child = subprocess.Popen([sys.executable, "-m", "edgedistill.bench.worker",
+                                  str(spec_path), str(out_path)], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        poll = _PeakRss(child.pid, s.poll_interval_s)
+        poll.start()
+        _, err = child.communicate()
+        poll.stop.set()
+        poll.join()
+        if child.returncode != 0 or not out_path.is_file():
+            last = (err or "").strip().splitlines()[-1:] or ["no output"]
+            raise EdgeDistillError(f"{model_dir}: benchmark process failed ({last[0][:200]})")
+        raw = json.loads(out_path.read_text())
+    fixed_latency = Latency.from_seconds(raw["fixed_seconds"], s.batch_size)
+    result = {
+        "backend": raw["backend"],
+        "profile": profile.name,
+        "threads": threads,
+        "batch_size": s.batch_size,
+        "sequence_length": s.sequence_length,
+        "latency": fixed_latency.to_dict(),
+        "load_s": raw["load_s"],
+        "first_inference_ms": raw["first_inference_s"] * 1000,
+        "peak_rss_mb": max(poll.peak_mb, raw["maxrss_mb"]),
+        "peak_rss_polled_mb": poll.peak_mb,
+        "peak_rss_kernel_mb": raw["maxrss_mb"],
+        "rss_runtime_mb": raw["rss_before_load_mb"],
+        "rss_after_load_mb": raw["rss_after_load_mb"],
+        "size_mb": size_on_disk_mb(model_dir),
+    }
+    if raw["real_seconds"]:
+        result["latency_real_lengths"] = Latency.from_seconds(raw["real_seconds"]).to_dict()
+        lengths = raw["real_lengths"]
+        result["real_length_mean"] = sum(lengths) / len(lengths)
+    return result
+
+
+def benchmark(models: list[str | Path], profile: str = "cpu", texts: list[str] | None = None,
+              settings: BenchSettings | None = None) -> list[dict]:
+    """Benchmark several saved models (PyTorch folders or ONNX folders) one after the other."""
+    results = []
+    for model_dir in models:
+        if not Path(model_dir).is_dir():
+            raise EdgeDistillError(f"{model_dir}: model folder does not exist")
+        result = benchmark_model(model_dir, profile, texts, settings)
+        result["path"] = str(model_dir)
+        results.append(result)
+    return results
+
+
+__all__ = ["BenchSettings", "benchmark", "benchmark_model"]

@@ -1,0 +1,84 @@
+"""Benchmark one model inside a fresh process: ``python -m edgedistill.bench.worker SPEC OUT``.
+
+The parent tokenizes and passes token ids, so this process imports only the runtime the model
+needs (onnxruntime alone for ONNX models) and its memory is what a deployment would use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def _high_water_mb() -> float:
+    """The kernel's peak RSS of this process image (VmHWM). Not getrusage's ru_maxrss: Linux
+    carries that over fork and exec, so a child of a big parent would report the parent's."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e3  # kB
+    return 0.0
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = json.loads(open(spec_path).read())
+    import numpy as np
+
+    from edgedistill.runtime import load_predictor
+
+    rss_before_load = _rss_mb()
+    t0 = time.perf_counter()
+    predictor = load_predictor(spec["model_dir"], threads=spec["threads"])
+    load_s = time.perf_counter() - t0
+    rss_after_load = _rss_mb()
+
+    fixed = {k: np.asarray(v, dtype=np.int64) for k, v in spec["fixed_input"].items()}
+    t0 = time.perf_counter()
+    predictor.logits(fixed)
+    first_s = time.perf_counter() - t0
+
+    for _ in range(spec["warmup"]):
+        predictor.logits(fixed)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < spec["iterations"] or time.perf_counter() - start < spec["min_seconds"]:
+        t0 = time.perf_counter()
+        predictor.logits(fixed)
+        times.append(time.perf_counter() - t0)
+
+    real_times: list[float] = []
+    real = [{k: np.asarray(v, dtype=np.int64) for k, v in enc.items()}
+            for enc in spec["real_inputs"]]
+    for enc in real[:3]:  # shapes change from row to row: warm the shape-dependent paths once
+        predictor.logits(enc)
+    for enc in real:
+        t0 = time.perf_counter()
+        predictor.logits(enc)
+        real_times.append(time.perf_counter() - t0)
+
+    result = {
+        "backend": predictor.backend,
+        "load_s": load_s,
+        "first_inference_s": first_s,
+        "fixed_seconds": times,
+        "real_seconds": real_times,
+        "real_lengths": [int(enc["input_ids"].shape[1]) for enc in real],
+        "rss_before_load_mb": rss_before_load,
+        "rss_after_load_mb": rss_after_load,
+        "maxrss_mb": _high_water_mb(),
+    }
+    tmp = out_path + ".part"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, out_path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

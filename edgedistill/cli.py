@@ -1,0 +1,165 @@
+"""Command line: ``edgedistill run|distill|export|quantize|bench|report|profiles|settings``."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import EdgeDistillError
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="recipe YAML (default: the packaged "
+                   "drug-reviews-minilm recipe)")
+    p.add_argument("--output", "-o", help="output folder (default: the recipe's output_dir)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting, e.g. --set distill.temperature=4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgedistill", description="Distil, export, quantize, evaluate and benchmark "
+        "Hugging Face models for edge devices.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run every stage of a recipe and write the report")
+    _add_recipe_args(p)
+    p = sub.add_parser("distill", help="run a recipe up to the distilled student")
+    _add_recipe_args(p)
+
+    p = sub.add_parser("export", help="export a saved PyTorch model to ONNX and validate it")
+    p.add_argument("model_dir")
+    p.add_argument("output")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--atol", type=float, default=1e-4)
+
+    p = sub.add_parser("quantize", help="int8-quantize an exported ONNX model for a profile")
+    p.add_argument("onnx_dir")
+    p.add_argument("output")
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--preset", default="auto", help="auto, avx512_vnni, avx512, avx2, arm64")
+
+    p = sub.add_parser("bench", help="benchmark saved models, each in its own process")
+    p.add_argument("models", nargs="+", help="model folders (PyTorch or ONNX)")
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--sequence-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--json", help="also write the results to this file")
+
+    p = sub.add_parser("report", help="rewrite report.md and report.html from a run's report.json")
+    p.add_argument("run_dir")
+
+    sub.add_parser("profiles", help="list the hardware profiles")
+    sub.add_parser("settings", help="list every recipe setting with its default and help")
+    return parser
+
+
+def _quiet_libraries(debug: bool) -> None:
+    if debug:
+        logging.basicConfig(level=logging.INFO)
+        return
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(show_time=False, show_path=False)])
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()  # tokenizing a few hundred rows needs no bar
+    for name in ("optimum", "onnxruntime", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _dispatch(args) -> int:
+    from rich.console import Console
+
+    console = Console()
+    if args.command in ("run", "distill"):
+        from .pipeline import run
+
+        report = run(args.recipe, args.output, args.overrides,
+                     until="distill" if args.command == "distill" else None)
+        if report is not None:
+            out = Path(args.output or report["recipe"]["output_dir"])
+            console.print(f"report: {out / 'report.html'}")
+    elif args.command == "export":
+        from .export import export_onnx
+
+        record = export_onnx(args.model_dir, args.output, args.opset, args.atol)
+        console.print(f"exported to {args.output}: max |ONNX - PyTorch| "
+                      f"{record['max_abs_diff']:.2e} (atol {args.atol})")
+    elif args.command == "quantize":
+        from .quantize import quantize
+
+        settings = quantize(args.onnx_dir, args.output, args.profile, args.preset)
+        console.print(f"quantized to {args.output} with {settings}")
+    elif args.command == "bench":
+        from .bench.runner import BenchSettings, benchmark
+
+        s = BenchSettings(iterations=args.iterations, sequence_length=args.sequence_length,
+                          batch_size=args.batch_size)
+        results = benchmark(args.models, args.profile, settings=s)
+        for r in results:
+            lat = r["latency"]
+            console.print(f"{r['path']}: p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, "
+                          f"peak RSS {r['peak_rss_mb']:.0f} MB, size {r['size_mb']:.1f} MB")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+    elif args.command == "report":
+        from .report import print_summary, to_html, to_markdown, write_report
+
+        path = Path(args.run_dir) / "report.json"
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise EdgeDistillError(f"{path}: cannot read the run's report ({e}); run the recipe first")
+        write_report(report, args.run_dir)
+        print_summary(report, console)
+    elif args.command == "profiles":
+        from .bench.profiles import list_profiles
+
+        for p in list_profiles():
+            console.print(f"[bold]{p.name}[/bold]: {p.description} "
+                          f"(threads {p.num_threads}, {', '.join(p.execution_providers)})")
+    elif args.command == "settings":
+        from .recipe import field_help
+
+        for key, default, help_text in field_help():
+            console.print(f"[bold]{key}[/bold] = {default}  [dim]{help_text}[/dim]")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries(args.debug)
+    try:
+        return _dispatch(args)
+    except EdgeDistillError as e:
+        if args.debug:
+            raise
+        print(f"edgedistill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgedistill: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if args.debug:
+            raise
+        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"edgedistill: error: {where}{what}; free space or choose another --output, then "
+              "rerun (finished stages are kept)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Load a text-classification data set into train / validation / test splits and tokenize it.
+
+Everything goes through `datasets`: packaged offline copies, local files (csv, tsv, json,
+jsonl, parquet), folders written by ``save_to_disk``, and hub ids.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
+
+from .errors import EdgeDistillError
+from .recipe import DataConfig
+from .sources import PACKAGED_DATASETS, packaged_dataset_files
+
+_LOADERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class TaskData:
+    """The three splits with columns ``text`` and ``label`` (a ClassLabel), and label names."""
+
+    splits: DatasetDict
+    labels: list[str]
+
+    @property
+    def train(self) -> Dataset:
+        return self.splits["train"]
+
+    @property
+    def validation(self) -> Dataset:
+        return self.splits["validation"]
+
+    @property
+    def test(self) -> Dataset:
+        return self.splits["test"]
+
+
+def _read_raw(cfg: DataConfig) -> DatasetDict:
+    source = cfg.source
+    try:
+        if source in PACKAGED_DATASETS:
+            files = packaged_dataset_files(source)
+            return load_dataset("csv", data_files={k: str(v) for k, v in files.items()},
+                                delimiter="\t")
+        path = Path(source).expanduser()
+        if path.is_dir():
+            if (path / "dataset_dict.json").is_file():
+                return load_from_disk(str(path))
+            # one file per split, named after it: train.tsv, test.tsv, ...
+            files = {f.stem: f for f in sorted(path.iterdir()) if f.suffix.lower() in _LOADERS}
+            if not files:
+                raise EdgeDistillError(
+                    f"data.source: {source}: folder has no data files (train.csv, test.csv, ...)")
+            return _load_files(files, source)
+        if path.is_file():
+            return _load_files({"train": path}, source)
+        if source.startswith((".", "/", "~")) or "/" not in source:
+            known = ", ".join(PACKAGED_DATASETS)
+            raise EdgeDistillError(
+                f"data.source: {source}: no such file, folder or packaged data set "
+                f"(packaged: {known})")
+        return load_dataset(source)
+    except EdgeDistillError:
+        raise
+    except UnicodeDecodeError as e:
+        raise EdgeDistillError(f"data.source: {source}: not valid UTF-8 text ({e.reason} at byte "
+                               f"{e.start}); re-save the file as UTF-8")
+    except FileNotFoundError as e:
+        raise EdgeDistillError(f"data.source: {source}: {e}")
+    except Exception as e:  # network errors, unknown hub ids, broken files
+        raise EdgeDistillError(
+            f"data.source: {source}: could not load ({type(e).__name__}: {str(e)[:200]})")
+
+
+def _load_files(files: dict[str, Path], source: str) -> DatasetDict:
+    suffixes = {f.suffix.lower() for f in files.values()}
+    if len(suffixes) != 1 or next(iter(suffixes)) not in _LOADERS:
+        raise EdgeDistillError(
+            f"data.source: {source}: use files of one type among {', '.join(_LOADERS)}")
+    suffix = suffixes.pop()
+    kw = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    return load_dataset(_LOADERS[suffix], data_files={k: str(v) for k, v in files.items()}, **kw)
+
+
+def _clean(text: str) -> str:
+    # The drugs.com export keeps HTML entities (&#039;) and wraps reviews in triple quotes.
+    return html.unescape(text).strip().strip('"').strip()
+
+
+def load_task_data(cfg: DataConfig, seed: int = 42) -> TaskData:
+    """Read ``cfg.source``, check columns and labels, split off validation from train."""
+    raw = _read_raw(cfg)
+    for split in (cfg.train_split, cfg.test_split):
+        if split not in raw:
+            raise EdgeDistillError(
+                f"data.source: {cfg.source}: has no split '{split}' (has: {', '.join(raw)}); "
+                f"set data.train_split / data.test_split")
+    train, test = raw[cfg.train_split], raw[cfg.test_split]
+    for name, ds in ((cfg.train_split, train), (cfg.test_split, test)):
+        for col, key in ((cfg.text_column, "text_column"), (cfg.label_column, "label_column")):
+            if col not in ds.column_names:
+                raise EdgeDistillError(
+                    f"data.{key}: column '{col}' is missing from split '{name}' of {cfg.source} "
+                    f"(columns: {', '.join(ds.column_names)})")
+        if len(ds) == 0:
+            raise EdgeDistillError(f"data.source: split '{name}' of {cfg.source} is empty")
+
+    labels = cfg.labels or sorted({str(v) for v in train[cfg.label_column]})
+    if len(labels) < 2:
+        raise EdgeDistillError(f"data.labels: need at least 2 classes, found {labels}")
+    index = {name: i for i, name in enumerate(labels)}
+    clean = cfg.source in PACKAGED_DATASETS
+
+    def prepare(ds: Dataset, split: str, limit: int | None) -> Dataset:
+        if limit is not None:
+            ds = ds.shuffle(seed=seed).select(range(min(limit, len(ds))))
+        bad = sorted({str(v) for v in ds[cfg.label_column]} - set(index))
+        if bad:
+            raise EdgeDistillError(
+                f"data.{cfg.label_column} in split '{split}': labels {bad[:5]} are not in the "
+                f"label set {labels}; fix the data or set data.labels")
+        texts = list(ds[cfg.text_column])
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise EdgeDistillError(
+                    f"data.{cfg.text_column} in split '{split}', row {i}: expected text, got "
+                    f"{type(t).__name__} {t!r}")
+        out = Dataset.from_dict({
+            "text": [_clean(t) if clean else t for t in texts],
+            "label": [index[str(v)] for v in ds[cfg.label_column]],
+        })
+        return out.cast_column("label", ClassLabel(names=labels))
+
+    train = prepare(train, cfg.train_split, cfg.max_train_samples)
+    test = prepare(test, cfg.test_split, cfg.max_test_samples)
+    if not 0 < cfg.validation_fraction < 1:
+        raise EdgeDistillError(
+            f"data.validation_fraction: {cfg.validation_fraction} must be between 0 and 1")
+    # Stratify so rare classes (36 'neutral' test reviews in the default data) appear in both.
+    try:
+        parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed,
+                                       stratify_by_column="label")
+    except ValueError:  # a class too rare to stratify: fall back to a plain random split
+        parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed)
+    splits = DatasetDict(train=parts["train"], validation=parts["test"], test=test)
+    return TaskData(splits=splits, labels=labels)
+
+
+def tokenize(ds: Dataset, tokenizer, max_length: int) -> Dataset:
+    """Tokenize ``text`` without padding (the collator pads each batch to its longest row)."""
+    def encode(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=max_length)
+
+    out = ds.map(encode, batched=True, remove_columns=["text"], desc="tokenize")
+    return out.rename_column("label", "labels")
+
+
+def check_max_length(max_length: int, tokenizer, config) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and max_length > limit:
+        raise EdgeDistillError(
+            f"data.max_length: {max_length} exceeds the model's {limit} positions; set "
+            f"data.max_length <= {limit}")

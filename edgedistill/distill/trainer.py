@@ -1,0 +1,167 @@
+"""DistillationTrainer: a transformers.Trainer whose loss mixes hard labels and a teacher.
+
+Only ``compute_loss`` (and logging of the loss parts) is overridden, so everything a Trainer
+does (checkpoints, resume, evaluation, DDP / FSDP / DeepSpeed through ``torchrun`` or
+``accelerate launch``) works unchanged. With no teacher it trains on the labels alone, which is
+how the teacher is fine-tuned and how the labels-only baseline is trained.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+
+from ..errors import EdgeDistillError
+from .losses import FEATURE_LOSSES, LOGIT_LOSSES, get_loss
+from .matching import layer_map
+
+
+@dataclass
+class DistillationTrainingArguments(TrainingArguments):
+    """TrainingArguments plus the distillation settings.
+
+    ``loss = alpha_ce * CE(student, labels) + alpha_distil * L_logit(student, teacher; T)
+    + alpha_hidden * mean over matched layers of L_hidden``.
+    """
+
+    temperature: float = field(default=2.0, metadata={"help": "Soft-target temperature T."})
+    alpha_ce: float = field(default=0.5, metadata={"help": "Weight of the hard-label loss."})
+    alpha_distil: float = field(default=0.5, metadata={"help": "Weight of the soft-target loss."})
+    distil_loss: str = field(default="soft_cross_entropy", metadata={"help": "Logit loss name."})
+    alpha_hidden: float = field(default=0.0, metadata={"help": "Weight of the hidden-state loss."})
+    hidden_loss: str = field(default="hidden_mse", metadata={"help": "Hidden-state loss name."})
+    layer_map: str = field(default="uniform", metadata={"help": "Layer matching: uniform, last."})
+    class_weights: Optional[list[float]] = field(
+        default=None, metadata={"help": "Per-class weights of the hard-label loss."})
+    # transformers renamed this to eval_strategy; users (and many tutorials) still write it.
+    evaluation_strategy: Optional[str] = field(
+        default=None, metadata={"help": "Old name of eval_strategy, still accepted."})
+
+    def __post_init__(self):
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+            self.evaluation_strategy = None
+        if self.fp16 and not torch.cuda.is_available():
+            warnings.warn("fp16=True needs a CUDA GPU and none is present; training in fp32")
+            self.fp16 = False
+        if self.temperature <= 0:
+            raise EdgeDistillError(f"temperature: {self.temperature} must be > 0")
+        for name in ("alpha_ce", "alpha_distil", "alpha_hidden"):
+            if getattr(self, name) < 0:
+                raise EdgeDistillError(f"{name}: {getattr(self, name)} must be >= 0")
+        get_loss(self.distil_loss, LOGIT_LOSSES, "distil_loss")
+        get_loss(self.hidden_loss, FEATURE_LOSSES, "hidden_loss")
+        super().__post_init__()
+
+
+class DistillationTrainer(Trainer):
+    """Trainer that distils ``teacher_model`` into ``model``.
+
+    Accepts ``tokenizer=`` as well as ``processing_class=``. The teacher runs in eval mode
+    without gradients and is never wrapped by DDP: it only produces targets.
+    """
+
+    def __init__(self, *args, teacher_model=None, tokenizer=None, **kwargs):
+        if tokenizer is not None:
+            kwargs.setdefault("processing_class", tokenizer)
+        super().__init__(*args, **kwargs)
+        args_ = self.args
+        if not isinstance(args_, DistillationTrainingArguments):
+            raise EdgeDistillError(
+                "DistillationTrainer: pass args=DistillationTrainingArguments(...)")
+        self.teacher = teacher_model
+        self.logit_loss = get_loss(args_.distil_loss, LOGIT_LOSSES, "distil_loss")
+        self.feature_loss = get_loss(args_.hidden_loss, FEATURE_LOSSES, "hidden_loss")
+        self.layer_pairs: list[tuple[int, int]] = []
+        if self.teacher is not None:
+            self.teacher.to(args_.device).eval()
+            self.teacher.requires_grad_(False)
+            self._check_compatible(self.model, self.teacher)
+            if args_.alpha_hidden > 0:
+                self.layer_pairs = layer_map(args_.layer_map,
+                                             self.model.config.num_hidden_layers,
+                                             self.teacher.config.num_hidden_layers)
+        # compute_loss returns a mean over the batch itself, so the Trainer must scale it for
+        # gradient accumulation as it does for models that do not take loss kwargs.
+        self.model_accepts_loss_kwargs = False
+        self._loss_parts: dict[str, list[float]] = defaultdict(list)
+
+    def _check_compatible(self, student, teacher) -> None:
+        """Fail before training when a chosen loss cannot compare the two models."""
+        if self.args.alpha_distil > 0:
+            s_what, s_size = _output_space(student)
+            t_what, t_size = _output_space(teacher)
+            if (s_what, s_size) != (t_what, t_size):
+                raise EdgeDistillError(
+                    f"teacher and student outputs differ (teacher: {t_what} {t_size}, student: "
+                    f"{s_what} {s_size}); a logit loss needs the same output space: build the "
+                    "student from the teacher (make_student) or set alpha_distil=0")
+        s_width, t_width = student.config.hidden_size, teacher.config.hidden_size
+        if self.args.alpha_hidden > 0 and s_width != t_width:
+            raise EdgeDistillError(
+                f"hidden-state loss needs equal widths; teacher has {t_width}, student "
+                f"{s_width}: set alpha_hidden=0 or use a student of the same width")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        use_teacher = self.teacher is not None and (args.alpha_distil > 0 or args.alpha_hidden > 0)
+        want_hidden = use_teacher and args.alpha_hidden > 0
+        outputs = model(**inputs, output_hidden_states=want_hidden)
+        logits = outputs.logits
+        parts: dict[str, torch.Tensor] = {}
+
+        if labels is not None:
+            weight = None
+            if args.class_weights is not None:
+                weight = torch.tensor(args.class_weights, dtype=logits.dtype, device=logits.device)
+            parts["ce"] = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1),
+                                          weight=weight)
+        if use_teacher:
+            # no_grad, not inference_mode: the teacher's outputs enter the student's autograd
+            # graph as constants, which inference tensors are not allowed to do.
+            with torch.no_grad():
+                t_out = self.teacher(**inputs, output_hidden_states=want_hidden)
+            if args.alpha_distil > 0:
+                parts["distil"] = self.logit_loss(logits, t_out.logits, args.temperature)
+            if want_hidden:
+                mask = inputs.get("attention_mask")
+                parts["hidden"] = torch.stack([
+                    self.feature_loss(outputs.hidden_states[s], t_out.hidden_states[t], mask)
+                    for s, t in self.layer_pairs]).mean()
+
+        if use_teacher:
+            weights = {"ce": args.alpha_ce, "distil": args.alpha_distil,
+                       "hidden": args.alpha_hidden}
+            loss = sum(weights[k] * v for k, v in parts.items())
+        elif "ce" in parts:
+            loss = parts["ce"]  # labels only: plain (optionally class-weighted) cross-entropy
+        else:
+            raise EdgeDistillError("DistillationTrainer: batch has no labels and no teacher")
+
+        if model.training:
+            for k, v in parts.items():
+                self._loss_parts[k].append(float(v.detach()))
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        # Add the mean of each loss part since the last log, so a user sees what moves.
+        if "loss" in logs and self._loss_parts:
+            for k, values in self._loss_parts.items():
+                logs[f"loss_{k}"] = round(sum(values) / len(values), 4)
+            self._loss_parts.clear()
+        super().log(logs, *args, **kwargs)
+
+
+def _output_space(model) -> tuple[str, int]:
+    """What the logits range over: a vocabulary (language models) or a label set."""
+    if model.get_output_embeddings() is not None:
+        return "vocabulary", model.config.vocab_size
+    return "labels", model.config.num_labels

@@ -1,0 +1,212 @@
+"""Run a recipe's stages in order, skipping those whose inputs and settings are unchanged.
+
+Each stage writes into ``<output>/<stage>.partial`` and, when it has finished, writes its
+``manifest.json`` (settings, fingerprint, record, library versions) last and renames the folder
+to ``<output>/<stage>``. A killed stage therefore never looks finished; a partial training stage
+with the same fingerprint resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+
+from .bench.runner import BenchSettings, benchmark_model
+from .data import TaskData, load_task_data
+from .environment import environment
+from .errors import EdgeDistillError
+from .evaluate import evaluate
+from .export import export_onnx
+from .quantize import quantize
+from .recipe import Recipe, load_recipe
+from .report import build_report, print_summary, write_report
+from .sources import resolve_model
+from .training import distil_student, finetune_teacher
+
+console = Console(stderr=True)
+STAGES = ("teacher", "distill", "export", "quantize", "evaluate", "bench")
+MANIFEST = "manifest.json"
+
+
+def fingerprint(inputs: dict) -> str:
+    blob = json.dumps(inputs, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _folder_signature(path: Path) -> list:
+    """Names, sizes and modification times of a model folder: changes when its files do."""
+    return sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+                  for f in path.rglob("*") if f.is_file())
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Run:
+    """One run of a recipe into an output folder."""
+
+    def __init__(self, recipe: Recipe, output_dir: Path, until: str | None = None):
+        self.recipe, self.out = recipe, output_dir
+        self.until = until
+        self.fingerprints: dict[str, str] = {}
+        self.records: dict[str, dict] = {}
+        self._data: TaskData | None = None
+
+    @property
+    def data(self) -> TaskData:
+        if self._data is None:
+            self._data = load_task_data(self.recipe.data, self.recipe.seed)
+        return self._data
+
+    def stage(self, name: str, inputs: dict, work: Callable[[Path], dict]) -> Path:
+        """Run ``work(partial_dir)`` unless a finished stage with the same inputs exists."""
+        from . import __version__
+
+        fp = fingerprint({"stage": name, "edgedistill": __version__, **inputs})
+        self.fingerprints[name] = fp
+        final, partial = self.out / name, self.out / f"{name}.partial"
+        index = STAGES.index(name) + 1
+        done = read_manifest(final)
+        if done and done.get("fingerprint") == fp:
+            console.print(f"[dim][{index}/{len(STAGES)}] {name}: unchanged, skipped[/dim]")
+            self.records[name] = done["record"]
+            return final
+        if partial.exists() and (partial / ".fingerprint").read_text(errors="ignore") != fp:
+            shutil.rmtree(partial)  # left over from other settings: nothing in it is reusable
+        partial.mkdir(parents=True, exist_ok=True)
+        (partial / ".fingerprint").write_text(fp)
+        console.print(f"[bold][{index}/{len(STAGES)}] {name}[/bold]")
+        start = time.perf_counter()
+        record = work(partial)
+        manifest = {"stage": name, "fingerprint": fp, "inputs": inputs,
+                    "seconds": round(time.perf_counter() - start, 2), "record": record,
+                    "environment": environment()}
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        self.records[name] = record
+        return final
+
+    # ------------------------------------------------------------------ the stages
+
+    def run(self) -> dict | None:
+        r, data_cfg = self.recipe, asdict(self.recipe.data)
+        model_path = resolve_model(r.teacher.model)
+        teacher = self.stage("teacher", {
+            "data": data_cfg, "teacher": asdict(r.teacher), "seed": r.seed,
+            "model_files": _folder_signature(model_path),
+        }, lambda d: finetune_teacher(model_path, r.teacher, self.data, r.data, d, r.seed))
+        distilled = self.stage("distill", {
+            "teacher": self.fingerprints["teacher"], "data": data_cfg, "seed": r.seed,
+            "student": asdict(r.student), "distill": asdict(r.distill),
+        }, lambda d: distil_student(teacher / "model", r.student, r.distill, self.data,
+                                    r.data, d, r.seed))
+        if self.until == "distill":
+            return None
+        exported = self.stage("export", {
+            "teacher": self.fingerprints["teacher"], "distill": self.fingerprints["distill"],
+            "export": asdict(r.export),
+        }, self._export(teacher / "model", distilled / "model"))
+        quantized = self.stage("quantize", {
+            "export": self.fingerprints["export"], "quantize": asdict(r.quantize),
+            "profile": r.bench.profile,
+        }, lambda d: quantize(exported / "student", d / "student-int8", r.bench.profile,
+                              r.quantize.preset, r.quantize.per_channel))
+        models = self._models(teacher / "model", distilled / "model", exported, quantized)
+        upstream = {k: self.fingerprints[k] for k in ("teacher", "distill", "export", "quantize")}
+        self.stage("evaluate", {**upstream, "data": data_cfg, "evaluate": asdict(r.evaluate)},
+                   lambda d: self._evaluate(models))
+        self.stage("bench", {**upstream, "bench": asdict(r.bench), "data": data_cfg},
+                   lambda d: self._bench(models))
+        report = build_report(r, models, self.records)
+        write_report(report, self.out, plots=r.report.plots)
+        print_summary(report, console)
+        return report
+
+    def _export(self, teacher_dir: Path, student_dir: Path) -> Callable[[Path], dict]:
+        cfg = self.recipe.export
+
+        def work(d: Path) -> dict:
+            texts = list(self.data.test["text"])[:16]
+            record = {"student": export_onnx(student_dir, d / "student", cfg.opset, cfg.atol, texts)}
+            if cfg.export_teacher:
+                record["teacher"] = export_onnx(teacher_dir, d / "teacher", cfg.opset, cfg.atol,
+                                                texts)
+            return record
+        return work
+
+    def _models(self, teacher: Path, student: Path, exported: Path, quantized: Path) -> list[dict]:
+        """The models the report compares, teacher first (the reference for agreement)."""
+        models = [{"name": "teacher", "role": "teacher", "backend": "pytorch",
+                   "precision": "fp32", "path": teacher}]
+        if self.recipe.export.export_teacher:
+            models.append({"name": "teacher-onnx", "role": "teacher", "backend": "onnxruntime",
+                           "precision": "fp32", "path": exported / "teacher"})
+        models += [
+            {"name": "student", "role": "student", "backend": "pytorch", "precision": "fp32",
+             "path": student},
+            {"name": "student-onnx", "role": "student", "backend": "onnxruntime",
+             "precision": "fp32", "path": exported / "student"},
+            {"name": "student-int8", "role": "student", "backend": "onnxruntime",
+             "precision": "int8", "path": quantized / "student-int8"},
+        ]
+        return models
+
+    def _evaluate(self, models: list[dict]) -> dict:
+        test, cfg = self.data.test, self.recipe
+        results, reference = {}, None
+        for m in models:
+            metrics = evaluate(m["path"], test, self.data.labels, cfg.evaluate.batch_size,
+                               cfg.data.max_length, reference_predictions=reference)
+            if reference is None:
+                reference = metrics["predictions"]
+                metrics["agreement"] = 1.0
+            results[m["name"]] = metrics
+            console.print(f"  {m['name']:<14} accuracy {metrics['accuracy']:.3f}  "
+                          f"macro-F1 {metrics['macro_f1']:.3f}")
+        return {"test_rows": len(test), "labels": self.data.labels, "models": results}
+
+    def _bench(self, models: list[dict]) -> dict:
+        b = self.recipe.bench
+        settings = BenchSettings(b.warmup, b.iterations, b.min_seconds, b.batch_size,
+                                 b.sequence_length, b.real_length_samples,
+                                 self.recipe.data.max_length)
+        texts = list(self.data.test["text"])
+        results = {}
+        for m in models:
+            with console.status(f"  benchmarking {m['name']} ({m['backend']})"):
+                results[m["name"]] = benchmark_model(m["path"], b.profile, texts, settings)
+            lat = results[m["name"]]["latency"]
+            console.print(f"  {m['name']:<14} p50 {lat['p50_ms']:.2f} ms  "
+                          f"peak RSS {results[m['name']]['peak_rss_mb']:.0f} MB")
+        return {"models": results}
+
+
+def run(recipe: str | Path | Recipe | None = None, output_dir: str | Path | None = None,
+        overrides: list[str] | None = None, until: str | None = None) -> dict | None:
+    """Run a recipe (a path, a Recipe, or None for the packaged default); return the report."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    out = Path(output_dir or recipe.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise EdgeDistillError(f"{out}: output folder is not writable ({e.strerror}); "
+                               "choose another with --output")
+    recipe.dump(out / "recipe.resolved.yaml")
+    return Run(recipe, out, until).run()

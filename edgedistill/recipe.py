@@ -1,0 +1,258 @@
+"""Typed recipe: one dataclass per stage, safe YAML load/dump, validation with clear errors.
+
+The dataclasses are the single source of every setting: the Python API, the YAML recipe and the
+CLI's ``--set stage.field=value`` all go through them, and each field's help text lives here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import EdgeDistillError
+
+RECIPE_VERSION = 1
+DEFAULT_RECIPE = "drug-reviews-minilm.yaml"
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    """A dataclass field with its help text (shown by ``edgedistill run --help-recipe``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("drug-reviews", "Packaged data set name, local file/folder, or hub id.")
+    text_column: str = _f("review", "Column holding the input text.")
+    label_column: str = _f("rating", "Column holding the class label.")
+    labels: Optional[list[str]] = _f(None, "Label names in index order; inferred when empty.")
+    train_split: str = _f("train", "Split used for training.")
+    test_split: str = _f("test", "Split used for the reported metrics; never trained on.")
+    validation_fraction: float = _f(0.1, "Part of the training split held out for validation.")
+    max_length: int = _f(128, "Tokens per example after truncation.")
+    max_train_samples: Optional[int] = _f(None, "Cap on training rows (quick trials).")
+    max_test_samples: Optional[int] = _f(None, "Cap on test rows (quick trials).")
+
+
+@dataclass
+class TrainingConfig:
+    """Settings shared by every training stage (teacher fine-tuning and distillation)."""
+
+    epochs: float = _f(3.0, "Training epochs.")
+    learning_rate: float = _f(5e-5, "Peak learning rate (linear decay after warm-up).")
+    batch_size: int = _f(16, "Examples per training step.")
+    warmup_ratio: float = _f(0.1, "Fraction of steps spent warming the learning rate up.")
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    class_weights: Literal["none", "balanced"] = _f(
+        "none", "'balanced' weights the hard-label loss by inverse class frequency.")
+
+
+@dataclass
+class TeacherConfig(TrainingConfig):
+    model: str = _f("sentence-transformers/all-MiniLM-L6-v2", "Hub id or local folder.")
+    finetune: bool = _f(True, "Fine-tune the teacher on the task first (cached between runs).")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub (off unless you trust it).")
+
+
+@dataclass
+class StudentConfig:
+    layers: str = _f("uniform", "Teacher layers kept: uniform, first, last.")
+    layer_ids: Optional[list[int]] = _f(None, "Explicit teacher layer indices (overrides layers).")
+    num_layers: int = _f(2, "Number of teacher layers the student keeps.")
+
+
+@dataclass
+class DistillConfig(TrainingConfig):
+    temperature: float = _f(2.0, "Softmax temperature of the soft targets (Hinton et al. 2015).")
+    alpha_ce: float = _f(0.5, "Weight of the hard-label cross-entropy.")
+    alpha_distil: float = _f(0.5, "Weight of the soft-target loss.")
+    distil_loss: str = _f("soft_cross_entropy", "Logit loss name (see edgedistill.distill.losses).")
+    alpha_hidden: float = _f(0.0, "Weight of the hidden-state loss between matched layers.")
+    hidden_loss: str = _f("hidden_mse", "Hidden-state loss name.")
+
+
+@dataclass
+class ExportConfig:
+    opset: int = _f(17, "ONNX opset.")
+    atol: float = _f(1e-4, "Largest allowed |ONNX - PyTorch| logit difference on real inputs.")
+    export_teacher: bool = _f(True, "Also export the teacher, for the ONNX fp32 baseline.")
+
+
+@dataclass
+class QuantizeConfig:
+    mode: Literal["dynamic"] = _f("dynamic", "int8 quantization mode.")
+    preset: str = _f("auto", "auto (from the profile and host), avx512_vnni, avx2, arm64.")
+    per_channel: Optional[bool] = _f(None, "Per-channel weights; None takes the profile's value.")
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = _f(32, "Examples per evaluation batch.")
+
+
+@dataclass
+class BenchConfig:
+    profile: str = _f("cpu", "Hardware profile name (edgedistill profiles).")
+    warmup: int = _f(10, "Untimed runs before measuring.")
+    iterations: int = _f(50, "Timed runs at least.")
+    min_seconds: float = _f(2.0, "Timed seconds at least.")
+    batch_size: int = _f(1, "Batch size of the fixed-shape run.")
+    sequence_length: int = _f(128, "Sequence length of the fixed-shape run.")
+    real_length_samples: int = _f(64, "Test texts timed one by one at their own length (0: skip).")
+
+
+@dataclass
+class ReportConfig:
+    plots: bool = _f(True, "Draw plots into report.html.")
+
+
+@dataclass
+class Recipe:
+    version: int = _f(RECIPE_VERSION, "Recipe format version.")
+    name: str = _f("run", "Run name, shown in the report.")
+    seed: int = _f(42, "Random seed for splits, initialisation and training.")
+    output_dir: str = _f("runs/run", "Where stage artifacts and the report go.")
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def default_recipe_path() -> Path:
+    return Path(str(resources.files("edgedistill") / "recipes" / DEFAULT_RECIPE))
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (``yaml.safe_load`` only), apply ``key=value`` overrides, validate."""
+    path = Path(path) if path else default_recipe_path()
+    if not path.is_file():
+        raise EdgeDistillError(f"{path}: recipe file not found; pass the path of a .yaml recipe")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise EdgeDistillError(f"{where}: malformed YAML ({problem}); fix the syntax there")
+    except UnicodeDecodeError:
+        raise EdgeDistillError(f"{path}: recipe is not UTF-8 text")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise EdgeDistillError(f"{path}: a recipe is a mapping of stage blocks, got {type(raw).__name__}")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return recipe_from_dict(raw, source=str(path))
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one ``--set stage.field=value``; the value is parsed as YAML (4 -> int, x -> str)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise EdgeDistillError(f"--set {item!r}: expected key=value, e.g. distill.temperature=4")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise EdgeDistillError(f"--set {item!r}: {part!r} is not a block")
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
+    version = raw.get("version", RECIPE_VERSION)
+    if version != RECIPE_VERSION:
+        raise EdgeDistillError(
+            f"{source}: version: recipe version {version!r} is not supported; this edgedistill "
+            f"reads version {RECIPE_VERSION}")
+    return _build(Recipe, raw, source, prefix="")
+
+
+def _build(cls, raw: Any, source: str, prefix: str):
+    where = prefix.rstrip(".") or "recipe"
+    if not isinstance(raw, dict):
+        raise EdgeDistillError(f"{source}: {where}: expected a block of settings, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise EdgeDistillError(f"{source}: {prefix}{key}: unknown key{hint}")
+        kwargs[key] = _coerce(hints[key], value, source, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp, value: Any, source: str, where: str):
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, source, where + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, source, where)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise EdgeDistillError(
+                f"{source}: {where}: {value!r} is not one of {', '.join(map(str, args))}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise EdgeDistillError(f"{source}: {where}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(value)]
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }[tp](value)
+    if not ok:
+        raise EdgeDistillError(
+            f"{source}: {where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return float(value) if tp is float else value
+
+
+def field_help(cls=Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every setting, for ``--help`` output and the README."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += field_help(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+    return rows

