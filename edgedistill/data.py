@@ -66,14 +66,25 @@ def _read_raw(cfg: DataConfig) -> DatasetDict:
         return load_dataset(source)
     except EdgeDistillError:
         raise
-    except UnicodeDecodeError as e:
-        raise EdgeDistillError(f"data.source: {source}: not valid UTF-8 text ({e.reason} at byte "
-                               f"{e.start}); re-save the file as UTF-8")
-    except FileNotFoundError as e:
-        raise EdgeDistillError(f"data.source: {source}: {e}")
-    except Exception as e:  # network errors, unknown hub ids, broken files
-        raise EdgeDistillError(
-            f"data.source: {source}: could not load ({type(e).__name__}: {str(e)[:200]})")
+    except Exception as e:  # network errors, unknown hub ids, broken or empty files
+        raise EdgeDistillError(f"data.source: {source}: {_explain(e)}") from e
+
+
+def _explain(error: BaseException) -> str:
+    """Find what went wrong under `datasets`' generic DatasetGenerationError."""
+    chain, e = [], error
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if isinstance(e, UnicodeDecodeError):
+            return f"not valid UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8"
+        if "corresponds to no data" in str(e) or "No columns to parse" in str(e):
+            return "a data file is empty (no rows); add rows or point to the right file"
+        if isinstance(e, FileNotFoundError):
+            return f"file not found ({e})"
+    root = chain[-1]
+    return f"could not load ({type(root).__name__}: {str(root).splitlines()[0][:200]})"
 
 
 def _load_files(files: dict[str, Path], source: str) -> DatasetDict:

@@ -20,11 +20,13 @@ from rich.console import Console
 
 from .bench.runner import BenchSettings, benchmark_model
 from .data import TaskData, load_task_data
+from .distill.losses import FEATURE_LOSSES, LOGIT_LOSSES, get_loss
+from .distill.student import select_layers
 from .environment import environment
 from .errors import EdgeDistillError
 from .evaluate import evaluate
 from .export import export_onnx
-from .quantize import quantize
+from .quantize import quantize, resolve_preset
 from .recipe import Recipe, load_recipe
 from .report import build_report, print_summary, write_report
 from .sources import resolve_model
@@ -82,7 +84,8 @@ class Run:
             console.print(f"[dim][{index}/{len(STAGES)}] {name}: unchanged, skipped[/dim]")
             self.records[name] = done["record"]
             return final
-        if partial.exists() and (partial / ".fingerprint").read_text(errors="ignore") != fp:
+        marker = partial / ".fingerprint"
+        if partial.exists() and not (marker.is_file() and marker.read_text() == fp):
             shutil.rmtree(partial)  # left over from other settings: nothing in it is reusable
         partial.mkdir(parents=True, exist_ok=True)
         (partial / ".fingerprint").write_text(fp)
@@ -104,6 +107,7 @@ class Run:
     def run(self) -> dict | None:
         r, data_cfg = self.recipe, asdict(self.recipe.data)
         model_path = resolve_model(r.teacher.model)
+        self.preflight(model_path)
         teacher = self.stage("teacher", {
             "data": data_cfg, "teacher": asdict(r.teacher), "seed": r.seed,
             "model_files": _folder_signature(model_path),
@@ -134,6 +138,25 @@ class Run:
         write_report(report, self.out, plots=r.report.plots)
         print_summary(report, console)
         return report
+
+    def preflight(self, model_path: Path) -> None:
+        """Fail on settings that would break a later stage before spending minutes on the
+        earlier ones: unknown names, impossible layer choices, lengths past the model's
+        positions, and data problems (the data are loaded here)."""
+        r = self.recipe
+        get_loss(r.distill.distil_loss, LOGIT_LOSSES, "distill.distil_loss")
+        get_loss(r.distill.hidden_loss, FEATURE_LOSSES, "distill.hidden_loss")
+        resolve_preset(r.bench.profile, r.quantize.preset, r.quantize.per_channel)
+        config = json.loads((model_path / "config.json").read_text())
+        select_layers(config.get("num_hidden_layers", 0), r.student.layers,
+                      r.student.num_layers, r.student.layer_ids)
+        positions = config.get("max_position_embeddings")
+        for key, length in (("data.max_length", r.data.max_length),
+                            ("bench.sequence_length", r.bench.sequence_length)):
+            if positions and length > positions:
+                raise EdgeDistillError(f"{key}: {length} exceeds the model's {positions} "
+                                       f"positions; set {key} <= {positions}")
+        _ = self.data
 
     def _export(self, teacher_dir: Path, student_dir: Path) -> Callable[[Path], dict]:
         cfg = self.recipe.export

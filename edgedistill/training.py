@@ -39,7 +39,7 @@ def _arguments(cfg: TrainingConfig, data: TaskData, out: Path, seed: int,
         weight_decay=cfg.weight_decay, eval_strategy="epoch", save_strategy="epoch",
         save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="macro_f1",
         logging_strategy="epoch", report_to="none", seed=seed, data_seed=seed,
-        dataloader_pin_memory=False, save_safetensors=True,
+        dataloader_pin_memory=False, save_safetensors=True, disable_tqdm=False,
         class_weights=class_weights(data, cfg.class_weights), **distill)
 
 

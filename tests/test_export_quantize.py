@@ -1,0 +1,72 @@
+import onnx
+import pytest
+
+from edgedistill.errors import EdgeDistillError
+from edgedistill.export import export_onnx
+from edgedistill.quantize import quantize, resolve_preset
+from edgedistill.runtime import load_predictor, onnx_file, size_on_disk_mb
+from tests.conftest import make_bert, make_texts, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    model_dir = root / "model"
+    make_bert(num_layers=2, hidden=64).save_pretrained(model_dir)
+    make_tokenizer(model_dir).save_pretrained(model_dir)
+    record = export_onnx(model_dir, root / "onnx", texts=make_texts(8)[0])
+    return root, record
+
+
+def test_export_matches_pytorch(exported):
+    root, record = exported
+    assert record["max_abs_diff"] <= 1e-4 and record["samples"] == 8
+    assert record["argmax_agreement"] == 1.0
+    assert onnx_file(root / "onnx").name == "model.onnx"
+    assert (root / "onnx" / "tokenizer.json").is_file()  # deployable: tokenizer travels along
+
+
+def test_quantize_int8(exported):
+    root, _ = exported
+    settings = quantize(root / "onnx", root / "int8", profile="cpu")
+    assert settings["preset"] in {"avx512_vnni", "avx512", "avx2", "arm64"}
+    ops = {n.op_type for n in onnx.load(str(onnx_file(root / "int8"))).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeLinear" in ops
+    assert size_on_disk_mb(root / "int8") < size_on_disk_mb(root / "onnx")
+    tokenizer = make_tokenizer(root / "tok")
+    enc = dict(tokenizer(make_texts(4)[0], padding=True, return_tensors="np"))
+    fp32 = load_predictor(root / "onnx").logits(enc)
+    int8 = load_predictor(root / "int8").logits(enc)
+    assert abs(fp32 - int8).max() < 0.1  # int8 stays close to fp32 on a tiny model
+    assert (root / "int8" / "ort_config.json").is_file()  # the settings that made it
+    with pytest.raises(EdgeDistillError, match="already quantized"):
+        quantize(root / "int8", root / "int8-again")
+
+
+def test_export_rejects_a_tight_atol(exported, tmp_path):
+    root, _ = exported
+    with pytest.raises(EdgeDistillError, match="differ from PyTorch"):
+        export_onnx(root / "model", tmp_path / "onnx", atol=0.0, texts=make_texts(4)[0])
+
+
+def test_corrupted_onnx_file(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(EdgeDistillError, match="onnxruntime cannot load"):
+        load_predictor(tmp_path)
+    with pytest.raises(EdgeDistillError, match="not a readable ONNX model"):
+        quantize(tmp_path, tmp_path / "q")
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "not-a-model", "architectures": ["X"]}')
+    with pytest.raises(EdgeDistillError, match="cannot export"):
+        export_onnx(tmp_path, tmp_path / "onnx")
+
+
+def test_presets():
+    assert resolve_preset("cpu", "avx2")["preset"] == "avx2"
+    assert resolve_preset("cpu", per_channel=False)["per_channel"] is False
+    with pytest.raises(EdgeDistillError, match="unknown"):
+        resolve_preset("cpu", "sse2")
+    with pytest.raises(EdgeDistillError, match="profile 'cpuu' is unknown; did you mean 'cpu'"):
+        resolve_preset("cpuu")

@@ -1,0 +1,81 @@
+"""The whole pipeline on a tiny random model, through the CLI a user types."""
+
+import json
+import time
+
+import pytest
+
+from edgedistill.cli import main
+from tests.conftest import write_tsv
+
+RECIPE = """
+version: 1
+name: tiny
+data: {{source: {data}, labels: [negative, neutral, positive], max_length: 32}}
+teacher: {{model: {teacher}, epochs: 2, batch_size: 16, learning_rate: 1.0e-3}}
+student: {{num_layers: 2}}
+distill: {{epochs: 2, batch_size: 16, learning_rate: 1.0e-3, alpha_hidden: 0.5}}
+bench: {{iterations: 5, min_seconds: 0.05, warmup: 1, real_length_samples: 4,
+         sequence_length: 32}}
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_teacher_dir):
+    data = write_tsv(tmp_path / "data", 80, 30)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(RECIPE.format(data=data, teacher=tiny_teacher_dir))
+    return path
+
+
+def mtimes(out):
+    return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/manifest.json")}
+
+
+def test_run_end_to_end_then_skip_then_partial_rerun(recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    assert main(["run", str(recipe), "--output", str(out)]) == 0
+    assert time.perf_counter() - start < 60
+
+    report = json.loads((out / "report.json").read_text())
+    names = [m["name"] for m in report["models"]]
+    assert names == ["teacher", "teacher-onnx", "student", "student-onnx", "student-int8"]
+    for m in report["models"]:
+        assert 0 <= m["metrics"]["macro_f1"] <= 1 and m["latency"]["p50_ms"] > 0
+        assert m["peak_rss_mb"] > 0 and m["size_mb"] > 0
+    student = next(m for m in report["models"] if m["name"] == "student")
+    assert student["metrics"]["agreement"] is not None
+    assert report["training"]["distill"]["teacher_layers"] == [0, 3]
+    assert len(report["targets"]) == 4
+    assert (out / "report.html").is_file() and (out / "plots" / "size.png").is_file()
+    first = mtimes(out)
+    assert set(first) == {"teacher", "distill", "export", "quantize", "evaluate", "bench"}
+    assert not list(out.glob("*.partial")) and not list(out.glob("*/checkpoints"))
+
+    # unchanged recipe: nothing reruns
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--output", str(out)]) == 0
+    assert mtimes(out) == first
+    assert capsys.readouterr().err.count("unchanged, skipped") == 6
+
+    # a distillation setting changed: the teacher is kept, the student and what follows redone
+    assert main(["run", str(recipe), "--output", str(out), "--set",
+                 "distill.temperature=4"]) == 0
+    second = mtimes(out)
+    assert second["teacher"] == first["teacher"]
+    assert all(second[s] != first[s] for s in ("distill", "export", "quantize", "bench"))
+
+    # a stage whose manifest is missing is not finished, so it runs again
+    (out / "quantize" / "manifest.json").unlink()
+    assert main(["run", str(recipe), "--output", str(out), "--set",
+                 "distill.temperature=4"]) == 0
+    third = mtimes(out)
+    assert third["quantize"] != second["quantize"] and third["export"] == second["export"]
+
+
+def test_distill_command_stops_after_the_student(recipe, tmp_path):
+    out = tmp_path / "out"
+    assert main(["distill", str(recipe), "--output", str(out)]) == 0
+    assert (out / "distill" / "model" / "model.safetensors").is_file()
+    assert not (out / "export").exists() and not (out / "report.json").exists()
