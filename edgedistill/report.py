@@ -90,12 +90,13 @@ def _table_rows(report: dict) -> list[list[str]]:
         rows.append([m["name"], m["backend"], m["precision"], _fmt(met.get("accuracy")),
                      _fmt(met.get("macro_f1")), _fmt(met.get("agreement")),
                      _fmt(lat.get("p50_ms"), 2), _fmt(lat.get("p99_ms"), 2),
+                     _fmt(m.get("latency_real_lengths", {}).get("p50_ms"), 2),
                      _fmt(m.get("peak_rss_mb"), 0), _fmt(m.get("size_mb"), 1)])
     return rows
 
 
 HEADERS = ["model", "backend", "precision", "accuracy", "macro-F1", "agreement",
-           "p50 ms", "p99 ms", "peak RSS MB", "size MB"]
+           "p50 ms", "p99 ms", "p50 ms real lengths", "peak RSS MB", "size MB"]
 
 
 def to_markdown(report: dict) -> str:
@@ -112,8 +113,24 @@ def to_markdown(report: dict) -> str:
     lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'NO'} |"
               for t in report["targets"]]
+    lines += ["", "## Training", ""] + [f"- {line}" for line in _training_lines(report)]
     lines += ["", "## Environment", "", "```json", json.dumps(env, indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def _training_lines(report: dict) -> list[str]:
+    lines = []
+    teacher, distill = report["training"].get("teacher", {}), report["training"].get("distill", {})
+    if teacher.get("finetuned"):
+        lines.append(f"teacher fine-tuned in {teacher['train_seconds']:.0f} s, validation "
+                     f"macro-F1 {teacher['validation'].get('macro_f1', 0):.3f}")
+    if distill:
+        lines.append(f"student: teacher layers {distill.get('teacher_layers')}, "
+                     f"{distill.get('parameters', 0) / 1e6:.1f}M of the teacher's "
+                     f"{distill.get('teacher_parameters', 0) / 1e6:.1f}M parameters, distilled "
+                     f"in {distill.get('train_seconds', 0):.0f} s, validation macro-F1 "
+                     f"{distill.get('validation', {}).get('macro_f1', 0):.3f}")
+    return lines
 
 
 def _plots(report: dict) -> dict[str, bytes]:
@@ -121,16 +138,24 @@ def _plots(report: dict) -> dict[str, bytes]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     models = [m for m in report["models"] if m.get("latency") and m.get("metrics")]
     pngs = {}
     if models:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        # A legend, not text labels: an ONNX model often sits on top of its PyTorch twin.
+        markers = {"pytorch": "o", "onnxruntime": "s"}
         for m in models:
             x, y = m["latency"]["p50_ms"], m["metrics"]["macro_f1"]
-            ax.scatter(x, y, s=60, color="tab:orange" if m["role"] == "teacher" else "tab:blue")
-            ax.annotate(m["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+            filled = m["precision"] == "fp32"
+            color = "tab:orange" if m["role"] == "teacher" else "tab:blue"
+            ax.scatter(x, y, s=70, marker=markers.get(m["backend"], "^"), label=m["name"],
+                       color=color if filled else "white", edgecolors=color, linewidths=2)
+        ax.legend(fontsize=8, loc="lower right")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
         ax.set_xlabel("p50 latency, ms (log scale, lower is better)")
         ax.set_ylabel("macro-F1 on the test split")
         ax.set_title("Quality against latency")
@@ -173,6 +198,7 @@ def to_html(report: dict, pngs: dict[str, bytes]) -> str:
         f"<img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
         for name, data in pngs.items())
     env = e(json.dumps(report["environment"], indent=2))
+    training = "".join(f"<li>{e(line)}</li>" for line in _training_lines(report))
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>edgedistill report: {e(report['name'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}}
@@ -186,6 +212,7 @@ padding:1em}}</style></head><body>
 <table><tr>{head}</tr>{body}</table>
 <h2>Targets</h2><table><tr><th>target</th><th>measured</th><th>goal</th><th></th></tr>
 {targets}</table>
+<h2>Training</h2><ul>{training}</ul>
 <div>{images}</div>
 <h2>Environment</h2><pre>{env}</pre></body></html>"""
 
