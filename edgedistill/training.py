@@ -16,6 +16,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
 
 from .data import TaskData, check_max_length, tokenize
 from .distill import DistillationTrainer, DistillationTrainingArguments, make_student
+from .distill.trainer import add_teacher_logits
 from .evaluate import classification_metrics
 from .recipe import DataConfig, DistillConfig, StudentConfig, TeacherConfig, TrainingConfig
 
@@ -54,9 +55,13 @@ def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path
          teacher=None) -> dict:
     train = tokenize(data.train, tokenizer, data_cfg.max_length)
     validation = tokenize(data.validation, tokenizer, data_cfg.max_length)
+    collator = DataCollatorWithPadding(tokenizer)
+    if teacher is not None and args.alpha_distil > 0 and args.alpha_hidden == 0:
+        train = add_teacher_logits(train, teacher, collator)
+        validation = add_teacher_logits(validation, teacher, collator)
     trainer = DistillationTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=validation,
-        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer, data_collator=collator,
         compute_metrics=_metrics_fn(data.labels), teacher_model=teacher)
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
     if checkpoints:

@@ -4,9 +4,11 @@ import warnings
 import pytest
 import torch
 from datasets import Dataset
+from transformers import DataCollatorWithPadding
 
 from edgedistill import DistillationTrainer, DistillationTrainingArguments, make_student
 from edgedistill.distill.losses import hidden_mse, soft_cross_entropy
+from edgedistill.distill.trainer import add_teacher_logits
 from edgedistill.errors import EdgeDistillError
 from tests.conftest import LABELS, make_bert, make_texts, make_tokenizer
 
@@ -95,3 +97,27 @@ def test_bad_arguments_are_clear(tmp_path):
         DistillationTrainingArguments(output_dir=str(tmp_path), temperature=0)
     with pytest.raises(EdgeDistillError, match="did you mean"):
         DistillationTrainingArguments(output_dir=str(tmp_path), distil_loss="soft_crossentropy")
+
+
+def test_precomputed_teacher_logits_match_the_live_teacher(tmp_path):
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    teacher = make_bert()
+    student = make_student(teacher, num_layers=2)
+    with torch.no_grad():
+        student.classifier.weight.mul_(-1.0)  # so the student disagrees with the teacher
+    collator = DataCollatorWithPadding(tokenizer)
+    cached = add_teacher_logits(tiny_dataset(tokenizer, 16), teacher, collator)
+    batch = collator([cached[i] for i in range(8)])
+    live_batch = {k: v for k, v in batch.items() if k != "teacher_logits"}
+    trainer = _trainer(tmp_path, student, teacher, temperature=2.0)
+    live = trainer.compute_loss(student.eval(), live_batch)
+    assert trainer.compute_loss(student, batch).item() == pytest.approx(live.item(), rel=1e-5)
+
+    # Through a whole Trainer run without a teacher: the column must reach compute_loss.
+    args = DistillationTrainingArguments(output_dir=str(tmp_path / "run"), report_to="none",
+                                         num_train_epochs=1, logging_steps=1,
+                                         per_device_train_batch_size=8)
+    run = DistillationTrainer(model=student, args=args, train_dataset=cached,
+                              data_collator=collator)
+    run.train()
+    assert any("loss_distil" in h for h in run.state.log_history)
