@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark saved models, each in its own process")
     p.add_argument("models", nargs="+", help="model folders (PyTorch or ONNX)")
     p.add_argument("--profile", default="cpu")
+    p.add_argument("--rounds", type=int, default=3, help="turns each model takes, interleaved")
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--sequence-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=1)
@@ -106,7 +107,7 @@ def _dispatch(args) -> int:
         from .bench.runner import BenchSettings, benchmark
 
         s = BenchSettings(iterations=args.iterations, sequence_length=args.sequence_length,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, rounds=args.rounds)
         results = benchmark(args.models, args.profile, settings=s)
         for r in results:
             lat = r["latency"]
@@ -115,7 +116,7 @@ def _dispatch(args) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
     elif args.command == "report":
-        from .report import print_summary, to_html, to_markdown, write_report
+        from .report import print_summary, write_report
 
         path = Path(args.run_dir) / "report.json"
         try:

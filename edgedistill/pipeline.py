@@ -18,7 +18,7 @@ from typing import Callable
 
 from rich.console import Console
 
-from .bench.runner import BenchSettings, benchmark_model
+from .bench.runner import BenchSettings, benchmark
 from .data import TaskData, load_task_data
 from .distill.losses import FEATURE_LOSSES, LOGIT_LOSSES, get_loss
 from .distill.student import select_layers
@@ -205,16 +205,13 @@ class Run:
         b = self.recipe.bench
         settings = BenchSettings(b.warmup, b.iterations, b.min_seconds, b.batch_size,
                                  b.sequence_length, b.real_length_samples,
-                                 self.recipe.data.max_length)
-        texts = list(self.data.test["text"])
-        results = {}
-        for m in models:
-            with console.status(f"  benchmarking {m['name']} ({m['backend']})"):
-                results[m["name"]] = benchmark_model(m["path"], b.profile, texts, settings)
-            lat = results[m["name"]]["latency"]
-            console.print(f"  {m['name']:<14} p50 {lat['p50_ms']:.2f} ms  "
-                          f"peak RSS {results[m['name']]['peak_rss_mb']:.0f} MB")
-        return {"models": results}
+                                 self.recipe.data.max_length, rounds=b.rounds)
+        results = benchmark([m["path"] for m in models], b.profile,
+                            list(self.data.test["text"]), settings)
+        for m, result in zip(models, results):
+            console.print(f"  {m['name']:<14} p50 {result['latency']['p50_ms']:.2f} ms  "
+                          f"peak RSS {result['peak_rss_mb']:.0f} MB")
+        return {"models": {m["name"]: r for m, r in zip(models, results)}}
 
 
 def run(recipe: str | Path | Recipe | None = None, output_dir: str | Path | None = None,

@@ -109,6 +109,7 @@ class BenchConfig:
     batch_size: int = _f(1, "Batch size of the fixed-shape run.")
     sequence_length: int = _f(128, "Sequence length of the fixed-shape run.")
     real_length_samples: int = _f(64, "Test texts timed one by one at their own length (0: skip).")
+    rounds: int = _f(3, "Rounds in which every model runs once, in turn (A B C A B C ...).")
 
 
 @dataclass

@@ -6,6 +6,7 @@ is fed the same inputs whichever backend it is on.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,9 @@ class TorchPredictor(Predictor):
             torch.set_num_threads(threads)
         self.torch = torch
         self.model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-        self.input_names = ["input_ids", "attention_mask", "token_type_ids"]
+        accepted = inspect.signature(self.model.forward).parameters
+        self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
+                            if n in accepted]
 
     def logits(self, encoding):
         with self.torch.inference_mode():
@@ -96,6 +99,8 @@ def size_on_disk_mb(folder: str | Path) -> float:
     """Size of the weights a device has to ship (model files, not tokenizer or configs)."""
     folder = Path(folder)
     onnx = onnx_file(folder)
-    files = [onnx] + list(folder.glob(onnx.name + "_data")) if onnx else (
-        list(folder.glob("*.safetensors")) + list(folder.glob("pytorch_model*.bin")))
+    if onnx is not None:  # the graph and its external weights, if it has any
+        files = [onnx, *folder.glob(onnx.name + "_data")]
+    else:
+        files = [*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")]
     return sum(f.stat().st_size for f in files) / 1e6

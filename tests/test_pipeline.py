@@ -16,7 +16,7 @@ teacher: {{model: {teacher}, epochs: 2, batch_size: 16, learning_rate: 1.0e-3}}
 student: {{num_layers: 2}}
 distill: {{epochs: 2, batch_size: 16, learning_rate: 1.0e-3, alpha_hidden: 0.5}}
 bench: {{iterations: 5, min_seconds: 0.05, warmup: 1, real_length_samples: 4,
-         sequence_length: 32}}
+         sequence_length: 32, rounds: 1}}
 """
 
 

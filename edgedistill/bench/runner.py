@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from ..errors import EdgeDistillError
 from ..runtime import size_on_disk_mb
@@ -35,6 +38,7 @@ class BenchSettings:
     sequence_length: int = 128
     real_length_samples: int = 64
     max_length: int = 128
+    rounds: int = 3
     poll_interval_s: float = 0.002
 
 
@@ -77,15 +81,9 @@ def _inputs(model_dir: Path, texts: list[str], s: BenchSettings) -> tuple[dict, 
     return as_lists(fixed), [as_lists(e) for e in real]
 
 
-def benchmark_model(model_dir: str | Path, profile: Profile | str = "cpu",
-                    texts: list[str] | None = None,
-                    settings: BenchSettings | None = None) -> dict:
-    """Latency (batch ``batch_size`` x ``sequence_length``, and real test lengths one by one),
-    load time, first-inference time, peak memory and size of one model."""
-    model_dir = Path(model_dir)
-    profile = load_profile(profile) if isinstance(profile, str) else profile
-    s = settings or BenchSettings()
-    fixed, real = _inputs(model_dir, texts or [SAMPLE_TEXT], s)
+def _run_once(model_dir: Path, profile: Profile, s: BenchSettings, fixed: dict,
+              real: list[dict]) -> dict:
+    """One fresh worker process for one model; its raw timings and memory readings."""
     threads = profile.num_threads
     spec = {"model_dir": str(model_dir), "threads": threads, "warmup": s.warmup,
             "iterations": s.iterations, "min_seconds": s.min_seconds,
@@ -107,41 +105,71 @@ def benchmark_model(model_dir: str | Path, profile: Profile | str = "cpu",
             last = (err or "").strip().splitlines()[-1:] or ["no output"]
             raise EdgeDistillError(f"{model_dir}: benchmark process failed ({last[0][:200]})")
         raw = json.loads(out_path.read_text())
-    fixed_latency = Latency.from_seconds(raw["fixed_seconds"], s.batch_size)
+    raw["polled_peak_mb"] = poll.peak_mb
+    return raw
+
+
+def _summarise(model_dir: Path, runs: list[dict], profile: Profile, s: BenchSettings) -> dict:
+    """Pool the timed runs of every round; keep each round's p50 to show the drift."""
+    fixed = [t for r in runs for t in r["fixed_seconds"]]
+    real = [t for r in runs for t in r["real_seconds"]]
     result = {
-        "backend": raw["backend"],
+        "backend": runs[0]["backend"],
         "profile": profile.name,
-        "threads": threads,
+        "threads": profile.num_threads,
         "batch_size": s.batch_size,
         "sequence_length": s.sequence_length,
-        "latency": fixed_latency.to_dict(),
-        "load_s": raw["load_s"],
-        "first_inference_ms": raw["first_inference_s"] * 1000,
-        "peak_rss_mb": max(poll.peak_mb, raw["maxrss_mb"]),
-        "peak_rss_polled_mb": poll.peak_mb,
-        "peak_rss_kernel_mb": raw["maxrss_mb"],
-        "rss_runtime_mb": raw["rss_before_load_mb"],
-        "rss_after_load_mb": raw["rss_after_load_mb"],
+        "rounds": len(runs),
+        "latency": Latency.from_seconds(fixed, s.batch_size).to_dict(),
+        "round_p50_ms": [Latency.from_seconds(r["fixed_seconds"]).p50_ms for r in runs],
+        "load_s": statistics.median(r["load_s"] for r in runs),
+        "first_inference_ms": statistics.median(r["first_inference_s"] for r in runs) * 1000,
+        "peak_rss_mb": max(max(r["polled_peak_mb"], r["maxrss_mb"]) for r in runs),
+        "peak_rss_polled_mb": max(r["polled_peak_mb"] for r in runs),
+        "peak_rss_kernel_mb": max(r["maxrss_mb"] for r in runs),
+        "rss_runtime_mb": statistics.median(r["rss_before_load_mb"] for r in runs),
+        "rss_after_load_mb": statistics.median(r["rss_after_load_mb"] for r in runs),
         "size_mb": size_on_disk_mb(model_dir),
     }
-    if raw["real_seconds"]:
-        result["latency_real_lengths"] = Latency.from_seconds(raw["real_seconds"]).to_dict()
-        lengths = raw["real_lengths"]
+    if real:
+        lengths = runs[0]["real_lengths"]
+        result["latency_real_lengths"] = Latency.from_seconds(real).to_dict()
         result["real_length_mean"] = sum(lengths) / len(lengths)
     return result
 
 
-def benchmark(models: list[str | Path], profile: str = "cpu", texts: list[str] | None = None,
-              settings: BenchSettings | None = None) -> list[dict]:
-    """Benchmark several saved models (PyTorch folders or ONNX folders) one after the other."""
-    results = []
-    for model_dir in models:
-        if not Path(model_dir).is_dir():
-            raise EdgeDistillError(f"{model_dir}: model folder does not exist")
-        result = benchmark_model(model_dir, profile, texts, settings)
-        result["path"] = str(model_dir)
-        results.append(result)
-    return results
+def benchmark(models: list[str | Path], profile: Profile | str = "cpu",
+              texts: list[str] | None = None, settings: BenchSettings | None = None,
+              progress: bool = True) -> list[dict]:
+    """Latency (batch x sequence length, and real text lengths one by one), load time, first
+    inference, peak memory and size of each saved model (PyTorch or ONNX folder).
+
+    Models take turns, one fresh process each, for ``settings.rounds`` rounds (A B C A B C):
+    a slow spell of a shared machine then falls on every model alike instead of on whichever
+    happened to run in it, which keeps the ratios between models steadier.
+    """
+    s = settings or BenchSettings()
+    profile = load_profile(profile) if isinstance(profile, str) else profile
+    dirs = [Path(m) for m in models]
+    for d in dirs:
+        if not d.is_dir():
+            raise EdgeDistillError(f"{d}: model folder does not exist")
+    inputs = {d: _inputs(d, texts or [SAMPLE_TEXT], s) for d in dirs}
+    runs: dict[Path, list[dict]] = {d: [] for d in dirs}
+    with tqdm(total=s.rounds * len(dirs), desc="benchmark", disable=not progress) as bar:
+        for _ in range(s.rounds):
+            for d in dirs:
+                bar.set_postfix_str(d.name)
+                runs[d].append(_run_once(d, profile, s, *inputs[d]))
+                bar.update()
+    return [{"path": str(d), **_summarise(d, runs[d], profile, s)} for d in dirs]
+
+
+def benchmark_model(model_dir: str | Path, profile: Profile | str = "cpu",
+                    texts: list[str] | None = None,
+                    settings: BenchSettings | None = None) -> dict:
+    """:func:`benchmark` for a single model."""
+    return benchmark([model_dir], profile, texts, settings, progress=False)[0]
 
 
 __all__ = ["BenchSettings", "benchmark", "benchmark_model"]
