@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
                           DataCollatorWithPadding, set_seed)
+from transformers.trainer_utils import get_last_checkpoint
 
 from .data import TaskData, check_max_length, tokenize
 from .distill import DistillationTrainer, DistillationTrainingArguments, make_student
@@ -63,10 +64,10 @@ def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path
         model=model, args=args, train_dataset=train, eval_dataset=validation,
         processing_class=tokenizer, data_collator=collator,
         compute_metrics=_metrics_fn(data.labels), teacher_model=teacher)
-    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
-    if checkpoints:
-        log.warning("resuming training from %s", checkpoints[-1].name)
-    result = trainer.train(resume_from_checkpoint=bool(checkpoints) or None)
+    last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    if last:
+        log.warning("resuming training from %s", Path(last).name)
+    result = trainer.train(resume_from_checkpoint=last)
     best = trainer.evaluate()
     trainer.save_model(str(out / "model"))
     # Checkpoints only serve a resume; the finished stage keeps the best model alone.
