@@ -127,6 +127,9 @@ class DistillationTrainer(Trainer):
         use_teacher = (self.teacher is not None or cached is not None) and (
             args.alpha_distil > 0 or args.alpha_hidden > 0)
         want_hidden = use_teacher and args.alpha_hidden > 0
+        if want_hidden and self.teacher is None:
+            raise EdgeDistillError("alpha_hidden > 0 needs teacher_model: precomputed "
+                                   "teacher_logits carry no hidden states")
         outputs = model(**inputs, output_hidden_states=want_hidden)
         logits = outputs.logits
         parts: dict[str, torch.Tensor] = {}

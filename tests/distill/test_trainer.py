@@ -121,3 +121,12 @@ def test_precomputed_teacher_logits_match_the_live_teacher(tmp_path):
                               data_collator=collator)
     run.train()
     assert any("loss_distil" in h for h in run.state.log_history)
+
+
+def test_feature_loss_without_a_live_teacher_is_refused(tmp_path):
+    student = make_bert(num_layers=1)
+    trainer = _trainer(tmp_path, student, None, alpha_hidden=1.0)
+    batch = {"input_ids": torch.tensor([[2, 6, 3]]), "labels": torch.tensor([0]),
+             "teacher_logits": torch.zeros(1, 3)}
+    with pytest.raises(EdgeDistillError, match="needs teacher_model"):
+        trainer.compute_loss(student, batch)
