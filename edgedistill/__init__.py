@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 
 _API = {
     "DistillationTrainer": "distill", "DistillationTrainingArguments": "distill",
-    "make_student": "distill", "EdgeDistillError": "errors", "evaluate": "evaluate",
-    "export_onnx": "export", "quantize": "quantize", "benchmark": "bench", "Recipe": "recipe",
+    "make_student": "distill", "EdgeDistillError": "errors", "evaluate": "evaluation",
+    "export_onnx": "export", "quantize": "quantization", "benchmark": "bench", "Recipe": "recipe",
     "load_recipe": "recipe", "run": "pipeline",
 }
 __all__ = sorted(_API)

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from .errors import EdgeDistillError
 
+DISK_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="?", help="recipe YAML (default: the packaged "
@@ -99,7 +102,7 @@ def _dispatch(args) -> int:
         console.print(f"exported to {args.output}: max |ONNX - PyTorch| "
                       f"{record['max_abs_diff']:.2e} (atol {args.atol})")
     elif args.command == "quantize":
-        from .quantize import quantize
+        from .quantization import quantize
 
         settings = quantize(args.onnx_dir, args.output, args.profile, args.preset)
         console.print(f"quantized to {args.output} with {settings}")
@@ -114,7 +117,9 @@ def _dispatch(args) -> int:
             console.print(f"{r['path']}: p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, "
                           f"peak RSS {r['peak_rss_mb']:.0f} MB, size {r['size_mb']:.1f} MB")
         if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
+            tmp = Path(args.json + ".part")
+            tmp.write_text(json.dumps(results, indent=2))
+            tmp.replace(args.json)
     elif args.command == "report":
         from .report import print_summary, write_report
 
@@ -123,7 +128,7 @@ def _dispatch(args) -> int:
             report = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise EdgeDistillError(f"{path}: cannot read the run's report ({e}); run the recipe first")
-        write_report(report, args.run_dir)
+        write_report(report, args.run_dir, plots=report["recipe"]["report"]["plots"])
         print_summary(report, console)
     elif args.command == "profiles":
         from .bench.profiles import list_profiles
@@ -155,10 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if args.debug:
             raise
-        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         where = f"{e.filename}: " if e.filename else ""
-        print(f"edgedistill: error: {where}{what}; free space or choose another --output, then "
-              "rerun (finished stages are kept)", file=sys.stderr)
+        if e.errno in DISK_ERRORS:
+            print(f"edgedistill: error: {where}{DISK_ERRORS[e.errno]}; free space or choose "
+                  "another --output, then rerun (finished stages are kept)", file=sys.stderr)
+            return 1
+        # transformers raises OSError for a model folder without weights or tokenizer files
+        print(f"edgedistill: error: {where}{str(e).splitlines()[0][:300]}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug, not a user mistake: say so, keep the traceback for --debug
+        if args.debug:
+            raise
+        print(f"edgedistill: internal error: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

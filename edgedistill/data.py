@@ -169,10 +169,3 @@ def tokenize(ds: Dataset, tokenizer, max_length: int) -> Dataset:
     out = ds.map(encode, batched=True, remove_columns=["text"], desc="tokenize")
     return out.rename_column("label", "labels")
 
-
-def check_max_length(max_length: int, tokenizer, config) -> None:
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and max_length > limit:
-        raise EdgeDistillError(
-            f"data.max_length: {max_length} exceeds the model's {limit} positions; set "
-            f"data.max_length <= {limit}")

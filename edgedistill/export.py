@@ -20,11 +20,8 @@ SIDECAR_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "voca
 
 
 # Architecture-name suffix -> optimum export task (optimum cannot infer it for a local folder).
-TASKS = {"ForSequenceClassification": "text-classification",
-         "ForCausalLM": "text-generation-with-past",
-         "ForTokenClassification": "token-classification",
-         "ForQuestionAnswering": "question-answering",
-         "ForMaskedLM": "fill-mask"}
+# Only classifiers so far: validation compares their logits (causal LMs come with issue #4).
+TASKS = {"ForSequenceClassification": "text-classification"}
 
 
 def infer_task(model_dir: Path) -> str:
@@ -33,11 +30,14 @@ def infer_task(model_dir: Path) -> str:
         for suffix, task in TASKS.items():
             if arch.endswith(suffix):
                 return task
-    return "feature-extraction"
+    raise EdgeDistillError(
+        f"{model_dir}: cannot export {', '.join(architectures) or 'a model without architectures'}"
+        f"; edgedistill exports {', '.join('*' + s for s in TASKS)} models")
 
 
 def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int = 17,
-                atol: float = 1e-4, texts: list[str] | None = None) -> dict:
+                atol: float = 1e-4, texts: list[str] | None = None,
+                max_length: int = 128) -> dict:
     """Export the PyTorch model in ``model_dir`` to ``output_dir/model.onnx``.
 
     The exported graph is run on ``texts`` (real inputs, not random ids) next to PyTorch; the
@@ -58,11 +58,11 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int = 17,
     for name in SIDECAR_FILES:
         if (model_dir / name).is_file() and not (output_dir / name).is_file():
             shutil.copy2(model_dir / name, output_dir / name)
-    return validate_onnx(model_dir, output_dir, atol, texts)
+    return validate_onnx(model_dir, output_dir, atol, texts, max_length)
 
 
 def validate_onnx(model_dir: Path, onnx_dir: Path, atol: float,
-                  texts: list[str] | None = None) -> dict:
+                  texts: list[str] | None = None, max_length: int = 128) -> dict:
     """Compare ONNX and PyTorch logits on ``texts``; raise when they differ by more than atol."""
     from transformers import AutoTokenizer
 
@@ -71,7 +71,7 @@ def validate_onnx(model_dir: Path, onnx_dir: Path, atol: float,
     torch_model, onnx_model = TorchPredictor(model_dir), OnnxPredictor(onnx_dir)
     worst, agree = 0.0, 0
     for text in texts:
-        enc = dict(tokenizer(text, truncation=True, max_length=128, return_tensors="np"))
+        enc = dict(tokenizer(text, truncation=True, max_length=max_length, return_tensors="np"))
         a, b = torch_model.logits(enc), onnx_model.logits(enc)
         worst = max(worst, float(np.abs(a - b).max()))
         agree += int(a.argmax(-1)[0] == b.argmax(-1)[0])

@@ -24,10 +24,10 @@ from .distill.losses import FEATURE_LOSSES, LOGIT_LOSSES, get_loss
 from .distill.student import select_layers
 from .environment import environment
 from .errors import EdgeDistillError
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .export import export_onnx
-from .quantize import quantize, resolve_preset
-from .recipe import Recipe, load_recipe
+from .quantization import quantize, resolve_preset
+from .recipe import Recipe, apply_override, load_recipe, recipe_from_dict
 from .report import build_report, print_summary, write_report
 from .sources import resolve_model
 from .training import distil_student, finetune_teacher
@@ -106,14 +106,16 @@ class Run:
 
     def run(self) -> dict | None:
         r, data_cfg = self.recipe, asdict(self.recipe.data)
+        # training never sees the test split, so its settings must not force a retrain
+        train_cfg = {k: v for k, v in data_cfg.items() if k not in ("test_split", "max_test_samples")}
         model_path = resolve_model(r.teacher.model)
         self.preflight(model_path)
         teacher = self.stage("teacher", {
-            "data": data_cfg, "teacher": asdict(r.teacher), "seed": r.seed,
+            "data": train_cfg, "teacher": asdict(r.teacher), "seed": r.seed,
             "model_files": _folder_signature(model_path),
         }, lambda d: finetune_teacher(model_path, r.teacher, self.data, r.data, d, r.seed))
         distilled = self.stage("distill", {
-            "teacher": self.fingerprints["teacher"], "data": data_cfg, "seed": r.seed,
+            "teacher": self.fingerprints["teacher"], "data": train_cfg, "seed": r.seed,
             "student": asdict(r.student), "distill": asdict(r.distill),
         }, lambda d: distil_student(teacher / "model", r.student, r.distill, self.data,
                                     r.data, d, r.seed))
@@ -144,6 +146,22 @@ class Run:
         earlier ones: unknown names, impossible layer choices, lengths past the model's
         positions, and data problems (the data are loaded here)."""
         r = self.recipe
+        positive = {"distill.temperature": r.distill.temperature,
+                    "teacher.epochs": r.teacher.epochs, "distill.epochs": r.distill.epochs,
+                    "teacher.learning_rate": r.teacher.learning_rate,
+                    "distill.learning_rate": r.distill.learning_rate,
+                    "teacher.batch_size": r.teacher.batch_size,
+                    "distill.batch_size": r.distill.batch_size,
+                    "evaluate.batch_size": r.evaluate.batch_size,
+                    "data.max_length": r.data.max_length, "bench.rounds": r.bench.rounds,
+                    "bench.iterations": r.bench.iterations, "bench.batch_size": r.bench.batch_size,
+                    "bench.sequence_length": r.bench.sequence_length}
+        for key, value in positive.items():
+            if value <= 0:
+                raise EdgeDistillError(f"{key}: {value} must be > 0")
+        for key in ("alpha_ce", "alpha_distil", "alpha_hidden"):
+            if getattr(r.distill, key) < 0:
+                raise EdgeDistillError(f"distill.{key}: {getattr(r.distill, key)} must be >= 0")
         get_loss(r.distill.distil_loss, LOGIT_LOSSES, "distill.distil_loss")
         get_loss(r.distill.hidden_loss, FEATURE_LOSSES, "distill.hidden_loss")
         resolve_preset(r.bench.profile, r.quantize.preset, r.quantize.per_channel)
@@ -163,10 +181,12 @@ class Run:
 
         def work(d: Path) -> dict:
             texts = list(self.data.test["text"])[:16]
-            record = {"student": export_onnx(student_dir, d / "student", cfg.opset, cfg.atol, texts)}
+            length = self.recipe.data.max_length
+            record = {"student": export_onnx(student_dir, d / "student", cfg.opset, cfg.atol,
+                                             texts, length)}
             if cfg.export_teacher:
                 record["teacher"] = export_onnx(teacher_dir, d / "teacher", cfg.opset, cfg.atol,
-                                                texts)
+                                                texts, length)
             return record
         return work
 
@@ -217,7 +237,12 @@ class Run:
 def run(recipe: str | Path | Recipe | None = None, output_dir: str | Path | None = None,
         overrides: list[str] | None = None, until: str | None = None) -> dict | None:
     """Run a recipe (a path, a Recipe, or None for the packaged default); return the report."""
-    if not isinstance(recipe, Recipe):
+    if isinstance(recipe, Recipe):  # validate it like a file, with the overrides applied
+        raw = recipe.to_dict()
+        for item in overrides or []:
+            apply_override(raw, item)
+        recipe = recipe_from_dict(raw, source="recipe")
+    else:
         recipe = load_recipe(recipe, overrides)
     out = Path(output_dir or recipe.output_dir)
     try:

@@ -24,7 +24,7 @@ DEFAULT_RECIPE = "drug-reviews-minilm.yaml"
 
 
 def _f(default: Any, help: str, **kw) -> Any:
-    """A dataclass field with its help text (shown by ``edgedistill run --help-recipe``)."""
+    """A dataclass field with its help text (listed by ``edgedistill settings``)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
@@ -137,7 +137,9 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp = Path(str(path) + ".part")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- loading

@@ -95,7 +95,7 @@ def _try_hub(repo_id: str) -> Path | str:
         return "HF_HUB_OFFLINE is set"
     try:
         return Path(snapshot_download(repo_id, allow_patterns=[
-            "*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]))
+            "*.json", "*.safetensors", "*.bin", "*.py", "*.txt", "*.model", "tokenizer*"]))
     except Exception as e:  # no network, unknown repo, gated repo: all end in the fallback
         return type(e).__name__
 

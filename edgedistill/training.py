@@ -15,10 +15,10 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
                           DataCollatorWithPadding, set_seed)
 from transformers.trainer_utils import get_last_checkpoint
 
-from .data import TaskData, check_max_length, tokenize
+from .data import TaskData, tokenize
 from .distill import DistillationTrainer, DistillationTrainingArguments, make_student
 from .distill.trainer import add_teacher_logits
-from .evaluate import classification_metrics
+from .evaluation import classification_metrics
 from .recipe import DataConfig, DistillConfig, StudentConfig, TeacherConfig, TrainingConfig
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,6 @@ def finetune_teacher(model_path: Path, cfg: TeacherConfig, data: TaskData, data_
         model_path, num_labels=len(data.labels), id2label=dict(enumerate(data.labels)),
         label2id={n: i for i, n in enumerate(data.labels)},
         trust_remote_code=cfg.trust_remote_code, ignore_mismatched_sizes=True)
-    check_max_length(data_cfg.max_length, tokenizer, model.config)
     if not cfg.finetune:
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")

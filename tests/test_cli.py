@@ -84,3 +84,22 @@ def test_help_and_listing_commands(capsys):
     assert info.value.code == 0 and "--set" in capsys.readouterr().out
     assert main(["profiles"]) == 0 and "cpu" in capsys.readouterr().out
     assert main(["settings"]) == 0 and "distill.temperature" in capsys.readouterr().out
+
+
+def test_bench_and_export_refuse_folders_that_are_not_models(tmp_path, capsys):
+    assert main(["bench", str(tmp_path)]) == 2
+    assert "not a saved model" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "architectures": '
+                                          '["BertForSequenceClassification"]}')
+    assert main(["export", str(tmp_path), str(tmp_path / "onnx")]) == 2  # no weights
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("edgedistill: error:")
+
+
+def test_out_of_range_settings_fail_before_training(base, tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(base)
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--output", str(out), "--set", "distill.temperature=0"]) == 2
+    assert "distill.temperature: 0.0 must be > 0" in capsys.readouterr().err
+    assert not (out / "teacher").exists()

@@ -3,7 +3,7 @@ import pytest
 
 from edgedistill.errors import EdgeDistillError
 from edgedistill.export import export_onnx
-from edgedistill.quantize import quantize, resolve_preset
+from edgedistill.quantization import quantize, resolve_preset
 from edgedistill.runtime import load_predictor, onnx_file, size_on_disk_mb
 from tests.conftest import make_bert, make_texts, make_tokenizer
 

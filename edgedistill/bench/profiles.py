@@ -24,7 +24,10 @@ class Profile:
 
     @property
     def num_threads(self) -> int:
-        return self.threads or os.cpu_count() or 1
+        if self.threads:
+            return self.threads
+        # the cores this process may run on (a container or taskset may allow fewer than exist)
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _profile_dir() -> Path:

@@ -154,6 +154,9 @@ def benchmark(models: list[str | Path], profile: Profile | str = "cpu",
     for d in dirs:
         if not d.is_dir():
             raise EdgeDistillError(f"{d}: model folder does not exist")
+        if not (d / "config.json").is_file():
+            raise EdgeDistillError(f"{d}: not a saved model (no config.json); pass a folder "
+                                   "written by save_pretrained, edgedistill export or quantize")
     inputs = {d: _inputs(d, texts or [SAMPLE_TEXT], s) for d in dirs}
     runs: dict[Path, list[dict]] = {d: [] for d in dirs}
     with tqdm(total=s.rounds * len(dirs), desc="benchmark", disable=not progress) as bar:

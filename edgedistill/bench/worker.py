@@ -23,12 +23,13 @@ def _high_water_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1e3  # kB
+                return int(line.split()[1]) * 1024 / 1e6  # KiB -> MB, like the polled figure
     return 0.0
 
 
 def main(spec_path: str, out_path: str) -> None:
-    spec = json.loads(open(spec_path).read())
+    with open(spec_path) as f:
+        spec = json.load(f)
     import numpy as np
 
     from edgedistill.runtime import load_predictor

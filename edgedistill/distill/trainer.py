@@ -88,9 +88,10 @@ class DistillationTrainer(Trainer):
             self.teacher.requires_grad_(False)
             self._check_compatible(self.model, self.teacher)
             if args_.alpha_hidden > 0:
-                self.layer_pairs = layer_map(args_.layer_map,
-                                             self.model.config.num_hidden_layers,
-                                             self.teacher.config.num_hidden_layers)
+                self.layer_pairs = layer_map(
+                    args_.layer_map, self.model.config.num_hidden_layers,
+                    self.teacher.config.num_hidden_layers,
+                    getattr(self.model.config, "edgedistill_teacher_layers", None))
         # compute_loss returns a mean over the batch itself, so the Trainer must scale it for
         # gradient accumulation as it does for models that do not take loss kwargs.
         self.model_accepts_loss_kwargs = False

@@ -55,6 +55,7 @@ def test_student_of_a_causal_lm_generates_with_its_cache():
 
 def test_layer_map():
     assert layer_map("uniform", 2, 6) == [(1, 3), (2, 6)]
+    assert layer_map("uniform", 2, 6, kept=[0, 5]) == [(1, 1), (2, 6)]
     assert layer_map("last", 2, 6) == [(2, 6)]
     with pytest.raises(EdgeDistillError):
         layer_map("random", 2, 6)
