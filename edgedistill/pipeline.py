@@ -20,14 +20,14 @@ from rich.console import Console
 
 from .bench.runner import BenchSettings, benchmark
 from .data import TaskData, load_task_data
-from .distill.losses import FEATURE_LOSSES, LOGIT_LOSSES, get_loss
 from .distill.student import select_layers
+from .distill.trainer import check_distill_settings
 from .environment import environment
 from .errors import EdgeDistillError
 from .evaluation import evaluate
 from .export import export_onnx
 from .quantization import quantize, resolve_preset
-from .recipe import Recipe, apply_override, load_recipe, recipe_from_dict
+from .recipe import Recipe, load_recipe, recipe_from_dict
 from .report import build_report, print_summary, write_report
 from .sources import resolve_model
 from .training import distil_student, finetune_teacher
@@ -88,7 +88,7 @@ class Run:
         if partial.exists() and not (marker.is_file() and marker.read_text() == fp):
             shutil.rmtree(partial)  # left over from other settings: nothing in it is reusable
         partial.mkdir(parents=True, exist_ok=True)
-        (partial / ".fingerprint").write_text(fp)
+        marker.write_text(fp)
         console.print(f"[bold][{index}/{len(STAGES)}] {name}[/bold]")
         start = time.perf_counter()
         record = work(partial)
@@ -146,8 +146,8 @@ class Run:
         earlier ones: unknown names, impossible layer choices, lengths past the model's
         positions, and data problems (the data are loaded here)."""
         r = self.recipe
-        positive = {"distill.temperature": r.distill.temperature,
-                    "teacher.epochs": r.teacher.epochs, "distill.epochs": r.distill.epochs,
+        check_distill_settings(r.distill, "distill.")
+        positive = {"teacher.epochs": r.teacher.epochs, "distill.epochs": r.distill.epochs,
                     "teacher.learning_rate": r.teacher.learning_rate,
                     "distill.learning_rate": r.distill.learning_rate,
                     "teacher.batch_size": r.teacher.batch_size,
@@ -159,11 +159,6 @@ class Run:
         for key, value in positive.items():
             if value <= 0:
                 raise EdgeDistillError(f"{key}: {value} must be > 0")
-        for key in ("alpha_ce", "alpha_distil", "alpha_hidden"):
-            if getattr(r.distill, key) < 0:
-                raise EdgeDistillError(f"distill.{key}: {getattr(r.distill, key)} must be >= 0")
-        get_loss(r.distill.distil_loss, LOGIT_LOSSES, "distill.distil_loss")
-        get_loss(r.distill.hidden_loss, FEATURE_LOSSES, "distill.hidden_loss")
         resolve_preset(r.bench.profile, r.quantize.preset, r.quantize.per_channel)
         config = json.loads((model_path / "config.json").read_text())
         select_layers(config.get("num_hidden_layers", 0), r.student.layers,
@@ -237,11 +232,8 @@ class Run:
 def run(recipe: str | Path | Recipe | None = None, output_dir: str | Path | None = None,
         overrides: list[str] | None = None, until: str | None = None) -> dict | None:
     """Run a recipe (a path, a Recipe, or None for the packaged default); return the report."""
-    if isinstance(recipe, Recipe):  # validate it like a file, with the overrides applied
-        raw = recipe.to_dict()
-        for item in overrides or []:
-            apply_override(raw, item)
-        recipe = recipe_from_dict(raw, source="recipe")
+    if isinstance(recipe, Recipe):  # validated like a file, with the overrides applied
+        recipe = recipe_from_dict(recipe.to_dict(), "recipe", overrides)
     else:
         recipe = load_recipe(recipe, overrides)
     out = Path(output_dir or recipe.output_dir)

@@ -167,9 +167,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raw = {}
     if not isinstance(raw, dict):
         raise EdgeDistillError(f"{path}: a recipe is a mapping of stage blocks, got {type(raw).__name__}")
-    for item in overrides or []:
-        apply_override(raw, item)
-    return recipe_from_dict(raw, source=str(path))
+    return recipe_from_dict(raw, str(path), overrides)
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -189,7 +187,11 @@ def apply_override(raw: dict, item: str) -> None:
         node[parts[-1]] = value
 
 
-def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
+def recipe_from_dict(raw: dict, source: str = "recipe",
+                     overrides: list[str] | None = None) -> Recipe:
+    """Validate a recipe given as a dict, after applying ``key=value`` overrides to it."""
+    for item in overrides or []:
+        apply_override(raw, item)
     version = raw.get("version", RECIPE_VERSION)
     if version != RECIPE_VERSION:
         raise EdgeDistillError(
