@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
+from transformers import AutoConfig
 
 from .bench.runner import BenchSettings, benchmark
 from .data import TaskData, load_task_data
-from .distill.student import select_layers
+from .distill.matching import resolve_matches
 from .distill.trainer import check_distill_settings
 from .environment import environment
 from .errors import EdgeDistillError
@@ -30,7 +31,7 @@ from .quantization import quantize, resolve_preset
 from .recipe import Recipe, load_recipe, recipe_from_dict
 from .report import build_report, print_summary, write_report
 from .sources import resolve_model
-from .training import distil_student, finetune_teacher
+from .training import distil_student, finetune_teacher, plan_student
 
 console = Console(stderr=True)
 STAGES = ("teacher", "distill", "export", "quantize", "evaluate", "bench")
@@ -117,6 +118,8 @@ class Run:
         distilled = self.stage("distill", {
             "teacher": self.fingerprints["teacher"], "data": train_cfg, "seed": r.seed,
             "student": asdict(r.student), "distill": asdict(r.distill),
+            "student_files": _folder_signature(resolve_model(r.student.model))
+            if r.student.model else None,
         }, lambda d: distil_student(teacher / "model", r.student, r.distill, self.data,
                                     r.data, d, r.seed))
         if self.until == "distill":
@@ -160,15 +163,17 @@ class Run:
             if value <= 0:
                 raise EdgeDistillError(f"{key}: {value} must be > 0")
         resolve_preset(r.bench.profile, r.quantize.preset, r.quantize.per_channel)
-        config = json.loads((model_path / "config.json").read_text())
-        select_layers(config.get("num_hidden_layers", 0), r.student.layers,
-                      r.student.num_layers, r.student.layer_ids)
-        positions = config.get("max_position_embeddings")
-        for key, length in (("data.max_length", r.data.max_length),
-                            ("bench.sequence_length", r.bench.sequence_length)):
-            if positions and length > positions:
-                raise EdgeDistillError(f"{key}: {length} exceeds the model's {positions} "
-                                       f"positions; set {key} <= {positions}")
+        s_config, kept = plan_student(model_path, r.student)
+        t_config = AutoConfig.from_pretrained(model_path)
+        resolve_matches([asdict(m) for m in r.distill.matches], s_config, t_config, kept,
+                        "distill.matches")
+        for who, config in (("teacher", t_config), ("student", s_config)):
+            positions = getattr(config, "max_position_embeddings", None)
+            for key, length in (("data.max_length", r.data.max_length),
+                                ("bench.sequence_length", r.bench.sequence_length)):
+                if positions and length > positions:
+                    raise EdgeDistillError(f"{key}: {length} exceeds the {who}'s {positions} "
+                                           f"positions; set {key} <= {positions}")
         _ = self.data
 
     def _export(self, teacher_dir: Path, student_dir: Path) -> Callable[[Path], dict]:

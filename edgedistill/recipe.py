@@ -66,9 +66,28 @@ class TeacherConfig(TrainingConfig):
 
 @dataclass
 class StudentConfig:
-    layers: str = _f("uniform", "Teacher layers kept: uniform, first, last.")
+    init: Literal["teacher", "random"] = _f(
+        "teacher", "teacher: keep some of the teacher's blocks; random: fresh blocks of any shape.")
+    layers: str = _f("uniform", "Teacher layers kept (init: teacher): uniform, first, last.")
     layer_ids: Optional[list[int]] = _f(None, "Explicit teacher layer indices (overrides layers).")
-    num_layers: int = _f(2, "Number of teacher layers the student keeps.")
+    num_layers: int = _f(2, "Transformer blocks of the student.")
+    config: dict[str, Any] = _f({}, "Shape changes for init: random, e.g. {hidden_size: 256, "
+                                    "num_attention_heads: 4, intermediate_size: 1024}.")
+    model: Optional[str] = _f(None, "Another pretrained model as the student (hub id or folder); "
+                                    "it must use the teacher's tokenizer. Overrides init.")
+
+
+@dataclass
+class MatchConfig:
+    """One intermediate match (see edgedistill.distill.matching)."""
+
+    loss: str = _f("", "Feature or relation loss name (edgedistill.distill.losses).")
+    weight: float = _f(1.0, "Weight in the total loss (shared by the pairs a strategy builds).")
+    feature: Optional[str] = _f(None, "hidden, attention, pooled, cls or qkv; default: the loss's.")
+    strategy: Optional[str] = _f(None, "uniform, skip or last: one match per student block.")
+    student_layer: Optional[int] = _f(None, "Student layer (0: embeddings); default: the last.")
+    teacher_layer: Optional[int] = _f(None, "Teacher layer (0: embeddings); default: the last.")
+    options: dict[str, Any] = _f({}, "Extra settings of the loss, e.g. {relation_heads: 12}.")
 
 
 @dataclass
@@ -77,8 +96,7 @@ class DistillConfig(TrainingConfig):
     alpha_ce: float = _f(0.5, "Weight of the hard-label cross-entropy.")
     alpha_distil: float = _f(0.5, "Weight of the soft-target loss.")
     distil_loss: str = _f("soft_cross_entropy", "Logit loss name (see edgedistill.distill.losses).")
-    alpha_hidden: float = _f(0.0, "Weight of the hidden-state loss between matched layers.")
-    hidden_loss: str = _f("hidden_mse", "Hidden-state loss name.")
+    matches: list[MatchConfig] = _f([], "Feature and relation losses between matched layers.")
 
 
 @dataclass
@@ -234,6 +252,12 @@ def _coerce(tp, value: Any, source: str, where: str):
             raise EdgeDistillError(
                 f"{source}: {where}: {value!r} is not one of {', '.join(map(str, args))}{hint}")
         return value
+    if tp is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise EdgeDistillError(f"{source}: {where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, source, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise EdgeDistillError(f"{source}: {where}: expected a list, got {value!r}")

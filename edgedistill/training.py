@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
                           DataCollatorWithPadding, set_seed)
 from transformers.trainer_utils import get_last_checkpoint
 
 from .data import TaskData, tokenize
 from .distill import DistillationTrainer, DistillationTrainingArguments, make_student
+from .distill.student import check_same_tokenizer, select_layers, student_config
 from .distill.trainer import add_teacher_logits
 from .evaluation import classification_metrics
 from .recipe import DataConfig, DistillConfig, StudentConfig, TeacherConfig, TrainingConfig
+from .sources import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path
     train = tokenize(data.train, tokenizer, data_cfg.max_length)
     validation = tokenize(data.validation, tokenizer, data_cfg.max_length)
     collator = DataCollatorWithPadding(tokenizer)
-    if teacher is not None and args.alpha_distil > 0 and args.alpha_hidden == 0:
+    if teacher is not None and args.alpha_distil > 0 and not args.matches:
         train = add_teacher_logits(train, teacher, collator)
         validation = add_teacher_logits(validation, teacher, collator)
     trainer = DistillationTrainer(
@@ -97,19 +100,45 @@ def finetune_teacher(model_path: Path, cfg: TeacherConfig, data: TaskData, data_
     return {"finetuned": True, **record}
 
 
+def plan_student(teacher_path: Path, cfg: StudentConfig):
+    """The config of the student a recipe asks for, and the teacher blocks it keeps (or None),
+    worked out from configs alone so that a recipe is checked before any training."""
+    teacher_config = AutoConfig.from_pretrained(teacher_path)
+    if cfg.model:
+        path = resolve_model(cfg.model)
+        check_same_tokenizer(AutoTokenizer.from_pretrained(teacher_path),
+                             AutoTokenizer.from_pretrained(path), "student.model")
+        return AutoConfig.from_pretrained(path), None
+    if cfg.init == "teacher" and not cfg.config:
+        ids = select_layers(teacher_config.num_hidden_layers, cfg.layers, cfg.num_layers,
+                            cfg.layer_ids)
+        return student_config(teacher_config, len(ids)), ids
+    return student_config(teacher_config, cfg.num_layers, cfg.init, **cfg.config), None
+
+
+def build_student(teacher, cfg: StudentConfig):
+    """The student a recipe asks for: another pretrained model, or one made from the teacher."""
+    if cfg.model:
+        config = teacher.config
+        return AutoModelForSequenceClassification.from_pretrained(
+            resolve_model(cfg.model), num_labels=config.num_labels, id2label=config.id2label,
+            label2id=config.label2id, ignore_mismatched_sizes=True)
+    return make_student(teacher, cfg.layers, cfg.num_layers, cfg.layer_ids, cfg.init,
+                        **cfg.config)
+
+
 def distil_student(teacher_dir: Path, student_cfg: StudentConfig, cfg: DistillConfig,
                    data: TaskData, data_cfg: DataConfig, out: Path, seed: int) -> dict:
-    """Build a student from the teacher's layers and train it with DistillationTrainer."""
+    """Build the student and train it with DistillationTrainer."""
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
-    student = make_student(teacher, student_cfg.layers, student_cfg.num_layers,
-                           student_cfg.layer_ids)
+    student = build_student(teacher, student_cfg)
     args = _arguments(cfg, data, out, seed, temperature=cfg.temperature, alpha_ce=cfg.alpha_ce,
                       alpha_distil=cfg.alpha_distil, distil_loss=cfg.distil_loss,
-                      alpha_hidden=cfg.alpha_hidden, hidden_loss=cfg.hidden_loss)
+                      matches=[asdict(m) for m in cfg.matches])
     record = _fit(student, tokenizer, args, data, data_cfg, out, teacher=teacher)
     tokenizer.save_pretrained(out / "model")
-    return {"teacher_layers": student.config.edgedistill_teacher_layers,
+    return {"teacher_layers": getattr(student.config, "edgedistill_teacher_layers", None),
             "parameters": sum(p.numel() for p in student.parameters()),
             "teacher_parameters": sum(p.numel() for p in teacher.parameters()), **record}

@@ -6,7 +6,9 @@ import sys
 import pytest
 
 from edgedistill.cli import main
-from tests.conftest import write_tsv
+from transformers import BertTokenizerFast
+
+from tests.conftest import make_bert, write_tsv
 
 
 @pytest.fixture
@@ -26,8 +28,16 @@ CASES = {
     "missing_label_column": ("data:\n  label_column: stars\n", "column 'stars' is missing"),
     "unknown_profile": ("bench:\n  profile: phone\n", "profile 'phone' is unknown"),
     "unknown_loss": ("distill:\n  distil_loss: kl\n", "unknown loss 'kl'"),
-    "too_long": ("data:\n  max_length: 4096\n", "exceeds the model's 64 positions"),
+    "too_long": ("data:\n  max_length: 4096\n", "exceeds the teacher's 64 positions"),
     "bad_layers": ("student:\n  num_layers: 9\n", "student.num_layers: 9 must be between"),
+    "match_key_typo": ("distill:\n  matches: [{lose: hidden_mse}]\n",
+                       "distill.matches[0].lose: unknown key; did you mean 'loss'"),
+    "heads_mismatch": ("student: {init: random, config: {num_attention_heads: 2}}\n"
+                       "distill:\n  matches: [{loss: attention_mse}]\n",
+                       "distill.matches[0]: 'attention_mse' compares attention maps head by head"),
+    "shape_without_random": ("student: {config: {hidden_size: 16}}\n", "set student.init: random"),
+    "student_positions": ("student: {init: random, config: {max_position_embeddings: 16}}\n",
+                          "data.max_length: 32 exceeds the student's 16 positions"),
 }
 
 
@@ -102,4 +112,18 @@ def test_out_of_range_settings_fail_before_training(base, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["run", str(path), "--output", str(out), "--set", "distill.temperature=0"]) == 2
     assert "distill.temperature: 0.0 must be > 0" in capsys.readouterr().err
+    assert not (out / "teacher").exists()
+
+
+def test_a_student_model_with_another_tokenizer_fails_before_training(base, tmp_path, capsys):
+    other = tmp_path / "other"
+    make_bert(vocab_size=12).save_pretrained(other)
+    (other / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                                               + [f"w{i}" for i in range(7)]) + "\n")
+    BertTokenizerFast(vocab_file=str(other / "vocab.txt")).save_pretrained(other)
+    path = tmp_path / "r.yaml"
+    path.write_text(base)
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--output", str(out), "--set", f"student.model={other}"]) == 2
+    assert "student.model: its tokenizer differs from the teacher's" in capsys.readouterr().err
     assert not (out / "teacher").exists()

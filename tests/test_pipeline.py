@@ -4,6 +4,7 @@ import json
 import time
 
 import pytest
+from safetensors.torch import load_file
 
 from edgedistill.cli import main
 from tests.conftest import write_tsv
@@ -14,7 +15,9 @@ name: tiny
 data: {{source: {data}, labels: [negative, neutral, positive], max_length: 32}}
 teacher: {{model: {teacher}, epochs: 2, batch_size: 16, learning_rate: 1.0e-3}}
 student: {{num_layers: 2}}
-distill: {{epochs: 2, batch_size: 16, learning_rate: 1.0e-3, alpha_hidden: 0.5}}
+distill: {{epochs: 2, batch_size: 16, learning_rate: 1.0e-3,
+          matches: [{{loss: hidden_mse, strategy: uniform, weight: 0.5}},
+                    {{loss: minilm_relation, weight: 0.5}}]}}
 bench: {{iterations: 5, min_seconds: 0.05, warmup: 1, real_length_samples: 4,
          sequence_length: 32, rounds: 1}}
 """
@@ -79,3 +82,15 @@ def test_distill_command_stops_after_the_student(recipe, tmp_path):
     assert main(["distill", str(recipe), "--output", str(out)]) == 0
     assert (out / "distill" / "model" / "model.safetensors").is_file()
     assert not (out / "export").exists() and not (out / "report.json").exists()
+
+
+def test_a_narrower_random_student_is_saved_without_its_projections(recipe, tmp_path):
+    out = tmp_path / "out"
+    assert main(["distill", str(recipe), "--output", str(out), "--set", "student.init=random",
+                 "--set", "student.config={hidden_size: 16, intermediate_size: 32}"]) == 0
+    model = out / "distill" / "model"
+    assert json.loads((model / "config.json").read_text())["hidden_size"] == 16
+    assert not any(k.startswith("distill_projections")
+                   for k in load_file(model / "model.safetensors"))
+    log = json.loads((out / "distill" / "manifest.json").read_text())["record"]["log_history"]
+    assert any("loss_hidden_mse" in h and "loss_minilm_relation" in h for h in log)

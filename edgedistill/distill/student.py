@@ -1,11 +1,11 @@
-"""make_student(): a smaller student initialised from its teacher's own weights."""
+"""make_student(): a smaller student, initialised from its teacher's own blocks or at random."""
 
 from __future__ import annotations
 
 import copy
 
 import torch.nn as nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import EdgeDistillError
 
@@ -41,7 +41,7 @@ def select_layers(num_teacher: int, layers: str = "uniform", num_layers: int = 2
     raise EdgeDistillError(f"student.layers: '{layers}' is unknown; valid: {', '.join(SELECTIONS)}")
 
 
-def _find_blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+def find_blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     """The ModuleList of transformer blocks (``bert.encoder.layer``, ``model.layers``, ...)."""
     n = model.config.num_hidden_layers
     for name, module in model.named_modules():
@@ -54,17 +54,57 @@ def _find_blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
         "student model instead of a layer subset")
 
 
-def make_student(teacher: PreTrainedModel, layers: str = "uniform", num_layers: int = 2,
-                 layer_ids: list[int] | None = None) -> PreTrainedModel:
-    """A copy of ``teacher`` keeping only some of its transformer blocks.
+INITS = ("teacher", "random")
 
-    Embeddings, heads and the kept blocks start from the teacher's weights, so the student
-    begins close to the teacher instead of at random. The teacher is left untouched.
+
+def student_config(teacher_config: PretrainedConfig, num_layers: int, init: str = "teacher",
+                   **overrides) -> PretrainedConfig:
+    """The config a student built by :func:`make_student` will have (used to check a recipe's
+    matches before any model is built)."""
+    if init not in INITS:
+        raise EdgeDistillError(f"student.init: '{init}' is unknown; valid: {', '.join(INITS)}")
+    if overrides and init != "random":
+        raise EdgeDistillError(
+            f"student.config: {', '.join(overrides)} change the shape, so the student cannot "
+            "reuse the teacher's blocks; set student.init: random")
+    if num_layers < 1:
+        raise EdgeDistillError(f"student.num_layers: {num_layers} must be at least 1")
+    config = copy.deepcopy(teacher_config)
+    unknown = [k for k in overrides if not hasattr(config, k)]
+    if unknown:
+        raise EdgeDistillError(f"student.config.{unknown[0]}: {type(config).__name__} has no "
+                               "such setting")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:num_layers]
+    heads = getattr(config, "num_attention_heads", None)
+    if heads and config.hidden_size % heads:
+        raise EdgeDistillError(f"student.config: hidden_size {config.hidden_size} is not a "
+                               f"multiple of num_attention_heads {heads}")
+    return config
+
+
+def make_student(teacher: PreTrainedModel, layers: str = "uniform", num_layers: int = 2,
+                 layer_ids: list[int] | None = None, init: str = "teacher",
+                 **config_overrides) -> PreTrainedModel:
+    """A smaller student of the same architecture as ``teacher``.
+
+    ``init="teacher"`` (default) keeps some of the teacher's transformer blocks (``layers``:
+    uniform / first / last, or explicit ``layer_ids``); embeddings, heads and the kept blocks
+    start from the teacher's weights, so the student begins close to the teacher instead of at
+    random (DistilBERT, Sanh et al. 2019). ``init="random"`` builds ``num_layers`` fresh blocks,
+    and may change the shape too (``hidden_size=256, num_attention_heads=4,
+    intermediate_size=1024``), as TinyBERT's students are. The teacher is left untouched.
     """
+    if init != "teacher" or config_overrides:
+        config = student_config(teacher.config, num_layers, init, **config_overrides)
+        return type(teacher)(config)
     num_teacher = teacher.config.num_hidden_layers
     ids = select_layers(num_teacher, layers, num_layers, layer_ids)
     student = copy.deepcopy(teacher)
-    parent, attr, blocks = _find_blocks(student)
+    parent, attr, blocks = find_blocks(student)
     setattr(parent, attr, nn.ModuleList([blocks[i] for i in ids]))
     # Blocks that index a KV cache carry their position; renumber them for the shorter stack.
     for new_idx, block in enumerate(getattr(parent, attr)):
@@ -77,3 +117,14 @@ def make_student(teacher: PreTrainedModel, layers: str = "uniform", num_layers: 
         config.layer_types = [config.layer_types[i] for i in ids]
     config.edgedistill_teacher_layers = ids
     return student
+
+
+def check_same_tokenizer(teacher_tokenizer, student_tokenizer, where: str = "student") -> None:
+    """Both models read the same token ids, so they must share one vocabulary."""
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        differ = len(set(t_vocab.items()) ^ set(s_vocab.items()))
+        raise EdgeDistillError(
+            f"{where}: its tokenizer differs from the teacher's ({len(s_vocab)} vs "
+            f"{len(t_vocab)} tokens, {differ} entries differ); distillation feeds the same token "
+            "ids to both models: use a student that shares the teacher's tokenizer")

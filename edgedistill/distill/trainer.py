@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Optional
 
 import torch
@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from ..errors import EdgeDistillError
-from .losses import FEATURE_LOSSES, LOGIT_LOSSES, get_loss
-from .matching import layer_map
+from .features import forward_with_features
+from .losses import LOGIT_LOSSES, get_loss
+from .matching import PROJECTIONS, attach_projections, check_match_spec, resolve_matches
 
 TEACHER_LOGITS = "teacher_logits"
 
@@ -29,16 +30,16 @@ class DistillationTrainingArguments(TrainingArguments):
     """TrainingArguments plus the distillation settings.
 
     ``loss = alpha_ce * CE(student, labels) + alpha_distil * L_logit(student, teacher; T)
-    + alpha_hidden * mean over matched layers of L_hidden``.
+    + sum over matches of weight * L_match(student feature, teacher feature)``.
     """
 
     temperature: float = field(default=2.0, metadata={"help": "Soft-target temperature T."})
     alpha_ce: float = field(default=0.5, metadata={"help": "Weight of the hard-label loss."})
     alpha_distil: float = field(default=0.5, metadata={"help": "Weight of the soft-target loss."})
     distil_loss: str = field(default="soft_cross_entropy", metadata={"help": "Logit loss name."})
-    alpha_hidden: float = field(default=0.0, metadata={"help": "Weight of the hidden-state loss."})
-    hidden_loss: str = field(default="hidden_mse", metadata={"help": "Hidden-state loss name."})
-    layer_map: str = field(default="uniform", metadata={"help": "Layer matching: uniform, last."})
+    matches: Optional[list[dict]] = field(default=None, metadata={"help": (
+        "Feature and relation losses: a list of {loss, weight, feature, strategy, student_layer, "
+        "teacher_layer, options} (see edgedistill.distill.matching).")})
     class_weights: Optional[list[float]] = field(
         default=None, metadata={"help": "Per-class weights of the hard-label loss."})
     # transformers renamed this to eval_strategy; users (and many tutorials) still write it.
@@ -58,14 +59,17 @@ class DistillationTrainingArguments(TrainingArguments):
 
 def check_distill_settings(settings, prefix: str = "") -> None:
     """Validate the distillation fields of ``settings`` (training arguments or a recipe's
-    ``distill`` block); ``prefix`` names where they came from in the error."""
+    ``distill`` block) as far as possible without models; ``prefix`` names where they came
+    from in the error."""
     if settings.temperature <= 0:
         raise EdgeDistillError(f"{prefix}temperature: {settings.temperature} must be > 0")
-    for name in ("alpha_ce", "alpha_distil", "alpha_hidden"):
+    for name in ("alpha_ce", "alpha_distil"):
         if getattr(settings, name) < 0:
             raise EdgeDistillError(f"{prefix}{name}: {getattr(settings, name)} must be >= 0")
     get_loss(settings.distil_loss, LOGIT_LOSSES, f"{prefix}distil_loss")
-    get_loss(settings.hidden_loss, FEATURE_LOSSES, f"{prefix}hidden_loss")
+    for i, spec in enumerate(settings.matches or []):
+        # a recipe holds MatchConfig dataclasses, training arguments plain dicts
+        check_match_spec(asdict(spec) if is_dataclass(spec) else spec, f"{prefix}matches[{i}]")
 
 
 class DistillationTrainer(Trainer):
@@ -87,17 +91,19 @@ class DistillationTrainer(Trainer):
                 "DistillationTrainer: pass args=DistillationTrainingArguments(...)")
         self.teacher = teacher_model
         self.logit_loss = get_loss(args_.distil_loss, LOGIT_LOSSES, "distil_loss")
-        self.feature_loss = get_loss(args_.hidden_loss, FEATURE_LOSSES, "hidden_loss")
-        self.layer_pairs: list[tuple[int, int]] = []
+        self.matches = []
+        if args_.matches and self.teacher is None:
+            raise EdgeDistillError("matches need teacher_model: precomputed teacher_logits "
+                                   "carry no hidden states or attention maps")
         if self.teacher is not None:
             self.teacher.to(args_.device).eval()
             self.teacher.requires_grad_(False)
             self._check_compatible(self.model, self.teacher)
-            if args_.alpha_hidden > 0:
-                self.layer_pairs = layer_map(
-                    args_.layer_map, self.model.config.num_hidden_layers,
-                    self.teacher.config.num_hidden_layers,
-                    getattr(self.model.config, "edgedistill_teacher_layers", None))
+            self.matches = resolve_matches(
+                args_.matches or [], self.model.config, self.teacher.config,
+                getattr(self.model.config, "edgedistill_teacher_layers", None))
+            attach_projections(self.model, self.matches, self.model.config.hidden_size,
+                               self.teacher.config.hidden_size)
         # compute_loss returns a mean over the batch itself, so the Trainer must scale it for
         # gradient accumulation as it does for models that do not take loss kwargs.
         self.model_accepts_loss_kwargs = False
@@ -106,7 +112,13 @@ class DistillationTrainer(Trainer):
                                torch.tensor(args_.class_weights, device=args_.device))
 
     def _check_compatible(self, student, teacher) -> None:
-        """Fail before training when a chosen loss cannot compare the two models."""
+        """Fail before training when the two models cannot be compared at all."""
+        s_vocab, t_vocab = student.config.vocab_size, teacher.config.vocab_size
+        if s_vocab != t_vocab:
+            raise EdgeDistillError(
+                f"teacher and student vocabularies differ (teacher {t_vocab} tokens, student "
+                f"{s_vocab}); both read the same token ids, so the student needs the teacher's "
+                "tokenizer")
         if self.args.alpha_distil > 0:
             s_what, s_size = _output_space(student)
             t_what, t_size = _output_space(teacher)
@@ -115,11 +127,6 @@ class DistillationTrainer(Trainer):
                     f"teacher and student outputs differ (teacher: {t_what} {t_size}, student: "
                     f"{s_what} {s_size}); a logit loss needs the same output space: build the "
                     "student from the teacher (make_student) or set alpha_distil=0")
-        s_width, t_width = student.config.hidden_size, teacher.config.hidden_size
-        if self.args.alpha_hidden > 0 and s_width != t_width:
-            raise EdgeDistillError(
-                f"hidden-state loss needs equal widths; teacher has {t_width}, student "
-                f"{s_width}: set alpha_hidden=0 or use a student of the same width")
 
     def _set_signature_columns_if_needed(self):
         # Keep a precomputed `teacher_logits` column: the Trainer drops columns the model's
@@ -133,50 +140,59 @@ class DistillationTrainer(Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         cached = inputs.pop(TEACHER_LOGITS, None)
-        use_teacher = (self.teacher is not None or cached is not None) and (
-            args.alpha_distil > 0 or args.alpha_hidden > 0)
-        want_hidden = use_teacher and args.alpha_hidden > 0
-        if want_hidden and self.teacher is None:
-            raise EdgeDistillError("alpha_hidden > 0 needs teacher_model: precomputed "
-                                   "teacher_logits carry no hidden states")
-        outputs = model(**inputs, output_hidden_states=want_hidden)
+        student = self.accelerator.unwrap_model(model)
+        outputs, s_features = forward_with_features(
+            model, inputs, {(m.feature, m.student_layer) for m in self.matches}, student)
         logits = outputs.logits
-        parts: dict[str, torch.Tensor] = {}
-
+        parts: dict[str, torch.Tensor] = {}  # each part as it enters the total loss
         if labels is not None:
             weight = None if self._class_weights is None else self._class_weights.to(logits.dtype)
-            parts["ce"] = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1),
-                                          weight=weight)
-        if use_teacher:
+            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), weight=weight)
+            # labels only (no teacher): plain (optionally class-weighted) cross-entropy
+            has_teacher = self.teacher is not None or cached is not None
+            parts["ce"] = args.alpha_ce * ce if has_teacher else ce
+
+        t_logits, t_features = cached, {}
+        if self.teacher is not None and (self.matches or (cached is None and args.alpha_distil > 0)):
             # no_grad, not inference_mode: the teacher's outputs enter the student's autograd
             # graph as constants, which inference tensors are not allowed to do.
-            if cached is not None and not want_hidden:
-                t_logits = cached.to(logits.dtype)
-            else:
-                with torch.no_grad():
-                    t_out = self.teacher(**inputs, output_hidden_states=want_hidden)
-                t_logits = t_out.logits
-            if args.alpha_distil > 0:
-                parts["distil"] = self.logit_loss(logits, t_logits, args.temperature)
-            if want_hidden:
-                mask = inputs.get("attention_mask")
-                parts["hidden"] = torch.stack([
-                    self.feature_loss(outputs.hidden_states[s], t_out.hidden_states[t], mask)
-                    for s, t in self.layer_pairs]).mean()
+            with torch.no_grad():
+                t_out, t_features = forward_with_features(
+                    self.teacher, inputs, {(m.feature, m.teacher_layer) for m in self.matches})
+            t_logits = t_out.logits if cached is None else cached
+        if t_logits is not None and args.alpha_distil > 0:
+            parts["distil"] = args.alpha_distil * self.logit_loss(
+                logits, t_logits.to(logits.dtype), args.temperature)
+        projections = getattr(student, PROJECTIONS, {})
+        mask = inputs.get("attention_mask")
+        for i, m in enumerate(self.matches):
+            s = s_features[m.feature, m.student_layer]
+            if str(i) in projections:
+                s = projections[str(i)](s)
+            value = m.weight * m.spec.fn(s, t_features[m.feature, m.teacher_layer], mask,
+                                         **m.options)
+            parts[m.loss] = parts[m.loss] + value if m.loss in parts else value
 
-        if use_teacher:
-            weights = {"ce": args.alpha_ce, "distil": args.alpha_distil,
-                       "hidden": args.alpha_hidden}
-            loss = sum(weights[k] * v for k, v in parts.items())
-        elif "ce" in parts:
-            loss = parts["ce"]  # labels only: plain (optionally class-weighted) cross-entropy
-        else:
+        if not parts:
             raise EdgeDistillError("DistillationTrainer: batch has no labels and no teacher")
-
+        loss = sum(parts.values())
         if model.training:
             for k, v in parts.items():
                 self._loss_parts[k].append(float(v.detach()))
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
+        """Save the student; width projections go into checkpoints (a resume needs them) but
+        not into the model a user saves, which runs without them."""
+        student = self.accelerator.unwrap_model(self.model)
+        projections = getattr(student, PROJECTIONS, None)
+        if _internal_call or projections is None:
+            return super().save_model(output_dir, _internal_call)
+        delattr(student, PROJECTIONS)
+        try:
+            return super().save_model(output_dir, _internal_call)
+        finally:
+            student.add_module(PROJECTIONS, projections)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         # Add the mean of each loss part since the last log, so a user sees what moves.

@@ -74,4 +74,122 @@ def test_masked_positions_do_not_count():
 def test_unknown_loss_names_the_closest():
     with pytest.raises(EdgeDistillError, match="did you mean 'kl_divergence'"):
         L.get_loss("kl_divergance", L.LOGIT_LOSSES)
-    assert L.get_loss("hidden_mse", L.FEATURE_LOSSES) is L.hidden_mse
+    assert L.get_loss("hidden_mse", L.MATCH_LOSSES).fn is L.hidden_mse
+
+
+# --------------------------------------------------------------- attention maps
+
+
+def test_attention_losses_hand_values_and_mask():
+    s = torch.tensor([[[[0.8, 0.2], [0.5, 0.5]]]])  # (batch 1, head 1, 2 queries, 2 keys)
+    t = torch.tensor([[[[0.9, 0.1], [0.5, 0.5]]]])
+    # row 0: ((0.1)^2 + (0.1)^2) / 2 = 0.01; row 1: 0; mean over the two queries: 0.005
+    assert L.attention_mse(s, t).item() == pytest.approx(0.005, abs=1e-7)
+    kl_row0 = 0.9 * math.log(0.9 / 0.8) + 0.1 * math.log(0.1 / 0.2)
+    assert L.attention_kl(s, t).item() == pytest.approx(kl_row0 / 2, abs=1e-6)
+    # the second query is padding: only row 0 counts
+    mask = torch.tensor([[1, 0]])
+    assert L.attention_kl(s, t, mask).item() == pytest.approx(kl_row0, abs=1e-6)
+    # a masked key has probability 0 in both maps: no NaN from 0 * log 0
+    zero_key = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    assert L.attention_kl(zero_key, zero_key).item() == 0.0
+
+
+# --------------------------------------------------------------- relations
+
+
+def test_rkd_distance_hand_value():
+    # teacher 0, 1, 3: distances 1, 3, 2 (mean 2) -> psi 0.5, 1.5, 1.0
+    # student 0, 1, 2: distances 1, 2, 1 (mean 4/3) -> psi 0.75, 1.5, 0.75
+    # differences 0.25 at 4 of the 9 entries; Huber 0.5 x^2 -> 4 * 0.03125 / 9
+    t = torch.tensor([[0.0], [1.0], [3.0]])
+    s = torch.tensor([[0.0], [1.0], [2.0]])
+    assert L.rkd_distance(s, t).item() == pytest.approx(4 * 0.03125 / 9, abs=1e-6)
+
+
+def test_rkd_angle_hand_value():
+    # teacher: right angle at (0,0), 45 degrees at the two others; student: three collinear
+    # points, angles 180 (cos -1) at (0,0) and 0 (cos 1) at the ends. Each vertex has two
+    # ordered (i, k) pairs; Huber(1) = 0.5, Huber(1 - 0.7071) = 0.5 * 0.2929^2.
+    t = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    s = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-1.0, 0.0]])
+    small = 0.5 * (1 - math.sqrt(0.5)) ** 2
+    assert L.rkd_angle(s, t).item() == pytest.approx(2 * (0.5 + 2 * small) / 27, abs=1e-6)
+
+
+def test_similarity_preserving_hand_value():
+    # student Gram I; teacher Gram all ones, rows normalised to 1/sqrt(2)
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    expected = (2 * (1 - math.sqrt(0.5)) ** 2 + 2 * 0.5) / 4
+    assert L.similarity_preserving(s, t).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_contrastive_relation_hand_value():
+    # cosines: r01 = 0, r02 = 1, r12 = 0. Relation profiles (diagonal -> row mean, centred,
+    # normalised): r0 = (0, -1, 1)/sqrt2, r1 = 0 (equally related to all), r2 = (1, -1, 0)/sqrt2.
+    # Logits / tau = 0.1: row 0 (10, 0, 5), row 1 (0, 0, 0), row 2 (5, 0, 10).
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    expected = (2 * math.log(1 + math.exp(-5) + math.exp(-10)) + math.log(3)) / 3
+    assert L.contrastive_relation(x, x, tau=0.1).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_minilm_relation_hand_value():
+    # one relation head of width 1, two tokens: student queries (1, 0) give the first token
+    # softmax(1, 0); the teacher's zeros give uniform rows. Keys and values agree: no loss.
+    zeros = torch.zeros(1, 2, 1)
+    s = (torch.tensor([[[1.0], [0.0]]]), zeros, zeros)
+    t = (zeros, zeros, zeros)
+    p = math.exp(1) / (math.exp(1) + 1)
+    row0 = 0.5 * math.log(0.5 / p) + 0.5 * math.log(0.5 / (1 - p))
+    assert L.minilm_relation(s, t, relation_heads=1).item() == pytest.approx(row0 / 2, abs=1e-6)
+    # masking the second token leaves one key: both rows put all weight on it
+    assert L.minilm_relation(s, t, torch.tensor([[1, 0]]), relation_heads=1).item() == \
+        pytest.approx(0.0, abs=1e-6)
+
+
+def _feature_pair(loss_name, width_s=8, width_t=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if loss_name.startswith("attention"):
+        return (torch.softmax(torch.randn(3, 2, 5, 5, generator=g), -1),
+                torch.softmax(torch.randn(3, 2, 5, 5, generator=g), -1))
+    if loss_name == "minilm_relation":
+        return (tuple(torch.randn(3, 5, width_s, generator=g) for _ in range(3)),
+                tuple(torch.randn(3, 5, width_t, generator=g) for _ in range(3)))
+    if loss_name.startswith("hidden"):
+        return torch.randn(3, 5, width_s, generator=g), torch.randn(3, 5, width_t, generator=g)
+    return torch.randn(6, width_s, generator=g), torch.randn(6, width_t, generator=g)
+
+
+@pytest.mark.parametrize("name", sorted(set(L.MATCH_LOSSES) - {"contrastive_relation"}))
+def test_zero_for_identical_inputs(name):
+    x, _ = _feature_pair(name)
+    options = {"relation_heads": 2} if name == "minilm_relation" else {}
+    assert L.MATCH_LOSSES[name].fn(x, x, None, **options).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_contrastive_relation_prefers_the_teacher_relations():
+    x, y = _feature_pair("contrastive_relation")
+    assert L.contrastive_relation(x, x) < L.contrastive_relation(y, x)
+
+
+@pytest.mark.parametrize("name", ["rkd_distance", "rkd_angle", "similarity_preserving"])
+def test_relation_losses_ignore_feature_scale(name):
+    s, t = _feature_pair(name)
+    fn = L.MATCH_LOSSES[name].fn
+    assert fn(s * 7.5, t).item() == pytest.approx(fn(s, t).item(), rel=1e-4)
+
+
+def test_similarity_preserving_ignores_channel_order():
+    s, t = _feature_pair("similarity_preserving")
+    shuffled = s[:, torch.randperm(s.shape[1], generator=torch.Generator().manual_seed(3))]
+    assert L.similarity_preserving(shuffled, t).item() == pytest.approx(
+        L.similarity_preserving(s, t).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["rkd_distance", "rkd_angle", "similarity_preserving",
+                                  "contrastive_relation", "minilm_relation"])
+def test_relation_losses_accept_different_widths(name):
+    s, t = _feature_pair(name, width_s=4, width_t=12)
+    options = {"relation_heads": 2} if name == "minilm_relation" else {}
+    assert torch.isfinite(L.MATCH_LOSSES[name].fn(s, t, None, **options))

@@ -1,11 +1,10 @@
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
 
-from edgedistill.distill.matching import layer_map
-from edgedistill.distill.student import make_student, select_layers
+from edgedistill.distill.student import check_same_tokenizer, make_student, select_layers
 from edgedistill.errors import EdgeDistillError
-from tests.conftest import make_bert
+from tests.conftest import make_bert, make_tokenizer
 
 
 def test_select_layers():
@@ -53,9 +52,29 @@ def test_student_of_a_causal_lm_generates_with_its_cache():
     assert out.shape == (1, 7)
 
 
-def test_layer_map():
-    assert layer_map("uniform", 2, 6) == [(1, 3), (2, 6)]
-    assert layer_map("uniform", 2, 6, kept=[0, 5]) == [(1, 1), (2, 6)]
-    assert layer_map("last", 2, 6) == [(2, 6)]
-    with pytest.raises(EdgeDistillError):
-        layer_map("random", 2, 6)
+def test_random_student_may_be_narrower():
+    teacher = make_bert(num_layers=4, hidden=32)
+    student = make_student(teacher, num_layers=2, init="random", hidden_size=16,
+                           intermediate_size=32)
+    assert (student.config.num_hidden_layers, student.config.hidden_size) == (2, 16)
+    assert teacher.config.hidden_size == 32  # the teacher's config is not touched
+    assert student(input_ids=torch.tensor([[2, 5, 3]])).logits.shape == (1, 3)
+    with pytest.raises(EdgeDistillError, match="set student.init: random"):
+        make_student(teacher, num_layers=2, hidden_size=16)
+    with pytest.raises(EdgeDistillError, match="not a multiple of num_attention_heads"):
+        make_student(teacher, num_layers=2, init="random", hidden_size=18)
+    with pytest.raises(EdgeDistillError, match="has no such setting"):
+        make_student(teacher, num_layers=2, init="random", hidden_sise=16)
+    with pytest.raises(EdgeDistillError, match="student.init: 'pretrained' is unknown"):
+        make_student(teacher, num_layers=2, init="pretrained")
+
+
+def test_a_student_with_another_tokenizer_is_refused(tmp_path):
+    teacher_tok = make_tokenizer(tmp_path / "a")
+    check_same_tokenizer(teacher_tok, make_tokenizer(tmp_path / "b"))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\n")
+    other = BertTokenizerFast(vocab_file=str(tmp_path / "c" / "vocab.txt"))
+    with pytest.raises(EdgeDistillError, match="tokenizer differs from the teacher's"):
+        check_same_tokenizer(teacher_tok, other, "student.model")
+

@@ -7,7 +7,9 @@ from datasets import Dataset
 from transformers import DataCollatorWithPadding
 
 from edgedistill import DistillationTrainer, DistillationTrainingArguments, make_student
-from edgedistill.distill.losses import hidden_mse, soft_cross_entropy
+from safetensors.torch import load_file
+
+from edgedistill.distill.losses import MATCH_LOSSES, hidden_mse, rkd_distance, soft_cross_entropy
 from edgedistill.distill.trainer import add_teacher_logits
 from edgedistill.errors import EdgeDistillError
 from tests.conftest import LABELS, make_bert, make_texts, make_tokenizer
@@ -54,7 +56,9 @@ def test_compute_loss_is_the_weighted_sum(tmp_path):
     with torch.no_grad():  # make the student differ from the teacher's head
         student.classifier.weight.normal_()
     trainer = _trainer(tmp_path, student, teacher, temperature=3.0, alpha_ce=0.3,
-                       alpha_distil=0.7, alpha_hidden=0.5)
+                       alpha_distil=0.7, matches=[
+                           {"loss": "hidden_mse", "strategy": "uniform", "weight": 0.5},
+                           {"loss": "rkd_distance", "weight": 0.2}])
     batch = {"input_ids": torch.tensor([[2, 6, 7, 8, 3], [2, 9, 10, 3, 0]]),
              "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]),
              "labels": torch.tensor([0, 2])}
@@ -70,7 +74,14 @@ def test_compute_loss_is_the_weighted_sum(tmp_path):
     # the student kept teacher blocks [0, 3]: each learns from the block it was copied from
     hidden = (hidden_mse(s.hidden_states[1], t.hidden_states[1], mask)
               + hidden_mse(s.hidden_states[2], t.hidden_states[4], mask)) / 2
-    assert loss.item() == pytest.approx((0.3 * ce + 0.7 * kd + 0.5 * hidden).item(), rel=1e-5)
+    rkd = rkd_distance(_pooled(s.hidden_states[2], mask), _pooled(t.hidden_states[4], mask))
+    assert loss.item() == pytest.approx((0.3 * ce + 0.7 * kd + 0.5 * hidden + 0.2 * rkd).item(),
+                                        rel=1e-5)
+
+
+def _pooled(hidden, mask):
+    mask = mask.unsqueeze(-1).float()
+    return (hidden * mask).sum(1) / mask.sum(1)
 
 
 def test_labels_only_without_teacher_uses_class_weights(tmp_path):
@@ -88,9 +99,12 @@ def test_labels_only_without_teacher_uses_class_weights(tmp_path):
 def test_incompatible_models_fail_before_training(tmp_path):
     with pytest.raises(EdgeDistillError, match="outputs differ"):
         _trainer(tmp_path, make_bert(num_labels=2), make_bert(num_labels=3))
-    with pytest.raises(EdgeDistillError, match="equal widths"):
-        _trainer(tmp_path, make_bert(hidden=16), make_bert(hidden=32), alpha_hidden=1.0,
-                 alpha_distil=0.0)
+    with pytest.raises(EdgeDistillError, match="vocabularies differ"):
+        _trainer(tmp_path, make_bert(vocab_size=50), make_bert(), alpha_distil=0.0)
+    with pytest.raises(EdgeDistillError, match=r"matches\[0\]: 'attention_kl' compares"):
+        _trainer(tmp_path, make_student(make_bert(), num_layers=2, init="random",
+                                        hidden_size=16, num_attention_heads=2),
+                 make_bert(), matches=[{"loss": "attention_kl"}])
 
 
 def test_bad_arguments_are_clear(tmp_path):
@@ -124,10 +138,65 @@ def test_precomputed_teacher_logits_match_the_live_teacher(tmp_path):
     assert any("loss_distil" in h for h in run.state.log_history)
 
 
-def test_feature_loss_without_a_live_teacher_is_refused(tmp_path):
-    student = make_bert(num_layers=1)
-    trainer = _trainer(tmp_path, student, None, alpha_hidden=1.0)
-    batch = {"input_ids": torch.tensor([[2, 6, 3]]), "labels": torch.tensor([0]),
-             "teacher_logits": torch.zeros(1, 3)}
-    with pytest.raises(EdgeDistillError, match="needs teacher_model"):
-        trainer.compute_loss(student, batch)
+def test_matches_without_a_live_teacher_are_refused(tmp_path):
+    with pytest.raises(EdgeDistillError, match="matches need teacher_model"):
+        _trainer(tmp_path, make_bert(num_layers=1), None, matches=[{"loss": "hidden_mse"}])
+
+
+MATCH_OPTIONS = {"minilm_relation": {"relation_heads": 4}}
+
+
+@pytest.mark.parametrize("name", sorted(MATCH_LOSSES))
+def test_each_match_loss_teaches_a_random_student(tmp_path, name):
+    """A narrower random student (width 16 vs 32: projections or width-free relations) trained
+    on one match loss alone gets closer to the teacher; gradients reach the student (and its
+    projection) and never the teacher."""
+    teacher = make_bert(num_layers=4, seed=0)
+    torch.manual_seed(1)
+    student = make_student(teacher, num_layers=2, init="random", hidden_size=16,
+                           intermediate_size=32)
+    trainer = _trainer(tmp_path, student, teacher, alpha_ce=0.0, alpha_distil=0.0, matches=[
+        {"loss": name, "strategy": "uniform" if name.startswith(("hidden", "attention")) else None,
+         "options": MATCH_OPTIONS.get(name, {})}])
+    texts, _ = make_texts(16, seed=3)
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
+    student.eval()  # no dropout: the loss should fall steadily
+    losses = []
+    for _ in range(25):
+        loss = trainer.compute_loss(student, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        optimizer.step()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    if MATCH_LOSSES[name].same_width:
+        assert next(student.distill_projections.parameters()).grad is not None
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_projections_train_with_the_student_but_are_not_saved(tmp_path):
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    teacher = make_bert(num_layers=4)
+    student = make_student(teacher, num_layers=2, init="random", hidden_size=16,
+                           intermediate_size=32)
+    args = DistillationTrainingArguments(
+        output_dir=str(tmp_path / "run"), report_to="none", num_train_epochs=1,
+        per_device_train_batch_size=8, save_strategy="epoch", logging_steps=1,
+        matches=[{"loss": "hidden_mse", "strategy": "uniform"}])
+    trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher,
+                                  train_dataset=tiny_dataset(tokenizer, 16), tokenizer=tokenizer)
+    before = student.distill_projections["0"].weight.clone()
+    trainer.train()
+    assert not torch.equal(before, student.distill_projections["0"].weight)
+    assert any("loss_hidden_mse" in h for h in trainer.state.log_history)
+    checkpoint = next((tmp_path / "run").glob("checkpoint-*"))
+    assert any(k.startswith("distill_projections") for k in load_file(checkpoint / "model.safetensors"))
+    trainer.save_model(str(tmp_path / "student"))
+    saved = load_file(tmp_path / "student" / "model.safetensors")
+    assert not any(k.startswith("distill_projections") for k in saved)
+    assert hasattr(student, "distill_projections")  # still there for more training
+    reloaded = type(student).from_pretrained(tmp_path / "student")
+    assert not hasattr(reloaded, "distill_projections")
