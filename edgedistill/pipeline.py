@@ -30,7 +30,7 @@ from .export import export_onnx
 from .quantization import quantize, resolve_preset
 from .recipe import Recipe, load_recipe, recipe_from_dict
 from .report import build_report, print_summary, write_report
-from .sources import resolve_model
+from .sources import check_remote_code, resolve_model
 from .training import distil_student, finetune_teacher, plan_student
 
 console = Console(stderr=True)
@@ -121,7 +121,7 @@ class Run:
             "student_files": _folder_signature(resolve_model(r.student.model))
             if r.student.model else None,
         }, lambda d: distil_student(teacher / "model", r.student, r.distill, self.data,
-                                    r.data, d, r.seed))
+                                    r.data, d, r.seed, r.teacher.trust_remote_code))
         if self.until == "distill":
             return None
         exported = self.stage("export", {
@@ -163,8 +163,13 @@ class Run:
             if value <= 0:
                 raise EdgeDistillError(f"{key}: {value} must be > 0")
         resolve_preset(r.bench.profile, r.quantize.preset, r.quantize.per_channel)
-        s_config, kept = plan_student(model_path, r.student)
-        t_config = AutoConfig.from_pretrained(model_path)
+        check_remote_code(model_path, r.teacher.trust_remote_code, "teacher.trust_remote_code")
+        if r.teacher.trust_remote_code:
+            console.print(f"[yellow]warning: teacher.trust_remote_code is on: Python code from "
+                          f"{r.teacher.model} will run on this machine[/yellow]")
+        s_config, kept = plan_student(model_path, r.student, r.teacher.trust_remote_code)
+        t_config = AutoConfig.from_pretrained(model_path,
+                                              trust_remote_code=r.teacher.trust_remote_code)
         resolve_matches([asdict(m) for m in r.distill.matches], s_config, t_config, kept,
                         "distill.matches")
         for who, config in (("teacher", t_config), ("student", s_config)):

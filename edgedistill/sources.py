@@ -8,6 +8,7 @@ reached and a packaged copy of the same model exists, the packaged copy is used 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import zipfile
@@ -81,6 +82,24 @@ def resolve_model(ref: str) -> Path:
     raise EdgeDistillError(
         f"{ref}: cannot reach the hub ({hub_error}) and no offline copy is known; download it "
         "where there is network and pass the local folder")
+
+
+def check_remote_code(model_dir: Path, trusted: bool, setting: str) -> None:
+    """Refuse a model that ships its own Python code unless the recipe trusts it.
+
+    Such a model's config maps to modules in its folder (``auto_map``) that run when it is
+    loaded. transformers would ask on a terminal, which would hang a batch job, and fail
+    elsewhere; checking here gives one clear line before anything loads.
+    """
+    try:
+        auto_map = json.loads((model_dir / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError):
+        return  # not readable here; loading it will say why
+    if auto_map and not trusted:
+        modules = sorted({str(v).split(".")[0] for v in auto_map.values()})
+        raise EdgeDistillError(
+            f"{model_dir}: this model ships its own Python code ({', '.join(modules)}) that "
+            f"would run on this machine; read it, then set {setting}: true to allow it")
 
 
 def _try_hub(repo_id: str) -> Path | str:

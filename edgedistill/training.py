@@ -6,6 +6,7 @@ validation macro-F1, resume from the last checkpoint of an interrupted run).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import asdict
@@ -14,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
                           DataCollatorWithPadding, set_seed)
-from transformers.trainer_utils import get_last_checkpoint
 
 from .data import TaskData, tokenize
 from .distill import DistillationTrainer, DistillationTrainingArguments, make_student
@@ -22,7 +22,7 @@ from .distill.student import check_same_tokenizer, select_layers, student_config
 from .distill.trainer import add_teacher_logits
 from .evaluation import classification_metrics
 from .recipe import DataConfig, DistillConfig, StudentConfig, TeacherConfig, TrainingConfig
-from .sources import resolve_model
+from .sources import check_remote_code, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,27 @@ def _metrics_fn(labels: list[str]):
     return compute
 
 
+def last_good_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint in ``folder`` that was written completely, or None.
+
+    The Trainer writes a checkpoint's ``trainer_state.json`` after its weights, optimizer and
+    RNG states, so a checkpoint without a readable one was cut off mid-write (a killed run):
+    it is removed, and the one before it is used.
+    """
+    if not folder.is_dir():
+        return None
+    checkpoints = sorted(folder.glob("checkpoint-*"), reverse=True,
+                         key=lambda p: int(p.name.rpartition("-")[2] or -1))
+    for checkpoint in checkpoints:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+            return str(checkpoint)
+        except (OSError, ValueError):
+            log.warning("removing %s: it was not completely written", checkpoint.name)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
 def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path,
          teacher=None) -> dict:
     train = tokenize(data.train, tokenizer, data_cfg.max_length)
@@ -67,7 +88,7 @@ def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path
         model=model, args=args, train_dataset=train, eval_dataset=validation,
         processing_class=tokenizer, data_collator=collator,
         compute_metrics=_metrics_fn(data.labels), teacher_model=teacher)
-    last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    last = last_good_checkpoint(out / "checkpoints")
     if last:
         log.warning("resuming training from %s", Path(last).name)
     result = trainer.train(resume_from_checkpoint=last)
@@ -100,14 +121,17 @@ def finetune_teacher(model_path: Path, cfg: TeacherConfig, data: TaskData, data_
     return {"finetuned": True, **record}
 
 
-def plan_student(teacher_path: Path, cfg: StudentConfig):
+def plan_student(teacher_path: Path, cfg: StudentConfig, trust_remote_code: bool = False):
     """The config of the student a recipe asks for, and the teacher blocks it keeps (or None),
     worked out from configs alone so that a recipe is checked before any training."""
-    teacher_config = AutoConfig.from_pretrained(teacher_path)
+    teacher_config = AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
     if cfg.model:
         path = resolve_model(cfg.model)
-        check_same_tokenizer(AutoTokenizer.from_pretrained(teacher_path),
-                             AutoTokenizer.from_pretrained(path), "student.model")
+        # a student's own code is not run: the trust setting is the teacher's alone
+        check_remote_code(path, False, "student.model (custom code is not supported)")
+        check_same_tokenizer(
+            AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code),
+            AutoTokenizer.from_pretrained(path), "student.model")
         return AutoConfig.from_pretrained(path), None
     if cfg.init == "teacher" and not cfg.config:
         ids = select_layers(teacher_config.num_hidden_layers, cfg.layers, cfg.num_layers,
@@ -128,11 +152,13 @@ def build_student(teacher, cfg: StudentConfig):
 
 
 def distil_student(teacher_dir: Path, student_cfg: StudentConfig, cfg: DistillConfig,
-                   data: TaskData, data_cfg: DataConfig, out: Path, seed: int) -> dict:
+                   data: TaskData, data_cfg: DataConfig, out: Path, seed: int,
+                   trust_remote_code: bool = False) -> dict:
     """Build the student and train it with DistillationTrainer."""
     set_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=trust_remote_code)
+    teacher = AutoModelForSequenceClassification.from_pretrained(
+        teacher_dir, trust_remote_code=trust_remote_code).eval()
     student = build_student(teacher, student_cfg)
     args = _arguments(cfg, data, out, seed, temperature=cfg.temperature, alpha_ce=cfg.alpha_ce,
                       alpha_distil=cfg.alpha_distil, distil_loss=cfg.distil_loss,

@@ -176,10 +176,23 @@ class DistillationTrainer(Trainer):
         if not parts:
             raise EdgeDistillError("DistillationTrainer: batch has no labels and no teacher")
         loss = sum(parts.values())
+        if model.training and not torch.isfinite(loss):
+            self._stop_on_non_finite(parts)
         if model.training:
             for k, v in parts.items():
                 self._loss_parts[k].append(float(v.detach()))
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _stop_on_non_finite(self, parts: dict[str, torch.Tensor]) -> None:
+        """Stop before a NaN / inf loss reaches the weights: the checkpoints saved so far stay
+        good, and rerunning resumes from the last one."""
+        bad = ", ".join(f"{k}={float(v.detach())}" for k, v in parts.items()
+                        if not torch.isfinite(v))
+        raise EdgeDistillError(
+            f"training loss is not finite at step {self.state.global_step + 1} (epoch "
+            f"{self.state.epoch or 0:.2f}; {bad}); stopped before updating the weights, the "
+            "checkpoints saved so far are kept: lower the learning rate or check the data, then "
+            "rerun to resume")
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
         """Save the student; width projections go into checkpoints (a resume needs them) but
