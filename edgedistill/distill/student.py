@@ -104,6 +104,8 @@ def make_student(teacher: PreTrainedModel, layers: str = "uniform", num_layers: 
     num_teacher = teacher.config.num_hidden_layers
     ids = select_layers(num_teacher, layers, num_layers, layer_ids)
     student = copy.deepcopy(teacher)
+    # a teacher that has served a DistillationTrainer is frozen; its copy must learn
+    student.requires_grad_(True)
     parent, attr, blocks = find_blocks(student)
     setattr(parent, attr, nn.ModuleList([blocks[i] for i in ids]))
     # Blocks that index a KV cache carry their position; renumber them for the shorter stack.

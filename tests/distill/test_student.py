@@ -38,6 +38,9 @@ def test_student_copies_teacher_layers_and_leaves_teacher_alone():
     assert len(teacher.bert.encoder.layer) == 6
     ids = torch.tensor([[2, 5, 6, 7, 3]])
     assert student(input_ids=ids).logits.shape == (1, 3)
+    # a frozen teacher (as DistillationTrainer leaves it) still gives a trainable student
+    teacher.requires_grad_(False)
+    assert all(p.requires_grad for p in make_student(teacher, "uniform", 2).parameters())
 
 
 def test_student_of_a_causal_lm_generates_with_its_cache():
