@@ -11,7 +11,7 @@ from tests.conftest import write_tsv
 
 RECIPE = """
 version: 1
-name: tiny
+name: "../../<b>tiny</b>"
 data: {{source: {data}, labels: [negative, neutral, positive], max_length: 32}}
 teacher: {{model: {teacher}, epochs: 2, batch_size: 16, learning_rate: 1.0e-3}}
 student: {{num_layers: 2}}
@@ -52,6 +52,9 @@ def test_run_end_to_end_then_skip_then_partial_rerun(recipe, tmp_path, capsys):
     assert report["training"]["distill"]["teacher_layers"] == [0, 3]
     assert len(report["targets"]) == 4
     assert (out / "report.html").is_file() and (out / "plots" / "size.png").is_file()
+    # the run's name is text, never a path, and it is escaped in the HTML
+    assert "&lt;b&gt;tiny&lt;/b&gt;" in (out / "report.html").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out", "teacher", "tiny.yaml"]
     first = mtimes(out)
     assert set(first) == {"teacher", "distill", "export", "quantize", "evaluate", "bench"}
     assert not list(out.glob("*.partial")) and not list(out.glob("*/checkpoints"))

@@ -40,8 +40,8 @@ def list_profiles() -> list[Profile]:
 
 def load_profile(name: str) -> Profile:
     path = _profile_dir() / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in _profile_dir().glob("*.yaml"))
+    names = sorted(p.stem for p in _profile_dir().glob("*.yaml"))
+    if name not in names:  # a name, never a path: "../x" must not reach another file
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise EdgeDistillError(f"profile '{name}' is unknown; {hint}available: {', '.join(names)}")
