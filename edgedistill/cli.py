@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--profile", default="cpu")
     p.add_argument("--preset", default="auto", help="auto, avx512_vnni, avx512, avx2, arm64")
+    p.add_argument("--mode", default="dynamic", choices=["dynamic", "static"])
+    p.add_argument("--calibration-texts", help="static mode: a text file, one training text a line")
+    p.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"])
 
     p = sub.add_parser("bench", help="benchmark saved models, each in its own process")
     p.add_argument("models", nargs="+", help="model folders (PyTorch or ONNX)")
@@ -104,7 +107,13 @@ def _dispatch(args) -> int:
     elif args.command == "quantize":
         from .quantization import quantize
 
-        settings = quantize(args.onnx_dir, args.output, args.profile, args.preset)
+        texts = None
+        if args.calibration_texts:
+            lines = Path(args.calibration_texts).read_text(encoding="utf-8").splitlines()
+            texts = [line for line in lines if line.strip()]
+        settings = quantize(args.onnx_dir, args.output, args.profile, args.preset,
+                            mode=args.mode, calibration_texts=texts,
+                            calibration=args.calibration)
         console.print(f"quantized to {args.output} with {settings}")
     elif args.command == "bench":
         from .bench.runner import BenchSettings, benchmark

@@ -131,8 +131,11 @@ class Run:
         quantized = self.stage("quantize", {
             "export": self.fingerprints["export"], "quantize": asdict(r.quantize),
             "profile": r.bench.profile,
-        }, lambda d: quantize(exported / "student", d / "student-int8", r.bench.profile,
-                              r.quantize.preset, r.quantize.per_channel))
+        }, lambda d: quantize(
+            exported / "student", d / "student-int8", r.bench.profile, r.quantize.preset,
+            r.quantize.per_channel, r.quantize.mode, self._calibration_texts(),
+            r.quantize.calibration, r.data.max_length, r.quantize.nodes_to_exclude,
+            r.quantize.operators))
         models = self._models(teacher / "model", distilled / "model", exported, quantized)
         upstream = {k: self.fingerprints[k] for k in ("teacher", "distill", "export", "quantize")}
         self.stage("evaluate", {**upstream, "data": data_cfg, "evaluate": asdict(r.evaluate)},
@@ -155,6 +158,7 @@ class Run:
                     "distill.learning_rate": r.distill.learning_rate,
                     "teacher.batch_size": r.teacher.batch_size,
                     "distill.batch_size": r.distill.batch_size,
+                    "quantize.calibration_samples": r.quantize.calibration_samples,
                     "evaluate.batch_size": r.evaluate.batch_size,
                     "data.max_length": r.data.max_length, "bench.rounds": r.bench.rounds,
                     "bench.iterations": r.bench.iterations, "bench.batch_size": r.bench.batch_size,
@@ -194,6 +198,14 @@ class Run:
                                                 texts, length)
             return record
         return work
+
+    def _calibration_texts(self) -> list[str] | None:
+        """Training texts for static calibration (never the test split)."""
+        q = self.recipe.quantize
+        if q.mode != "static":
+            return None
+        train = self.data.train.shuffle(seed=self.recipe.seed)
+        return list(train.select(range(min(q.calibration_samples, len(train))))["text"])
 
     def _models(self, teacher: Path, student: Path, exported: Path, quantized: Path) -> list[dict]:
         """The models the report compares, teacher first (the reference for agreement)."""

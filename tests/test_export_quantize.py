@@ -70,3 +70,44 @@ def test_presets():
         resolve_preset("cpu", "sse2")
     with pytest.raises(EdgeDistillError, match="profile 'cpuu' is unknown; did you mean 'cpu'"):
         resolve_preset("cpuu")
+
+
+@pytest.mark.parametrize("calibration", ["minmax", "entropy", "percentile"])
+def test_static_int8_calibrated_on_given_texts(exported, tmp_path, calibration):
+    root, _ = exported
+    texts = make_texts(16, seed=2)[0]
+    record = quantize(root / "onnx", tmp_path / "int8", mode="static", calibration=calibration,
+                      calibration_texts=texts, max_length=32)
+    assert record["calibration_samples"] == 16 and record["mode"] == "static"
+    ops = {n.op_type for n in onnx.load(str(onnx_file(tmp_path / "int8"))).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops  # QDQ format
+    assert not list(tmp_path.glob("int8/*.tmp"))
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    enc = dict(tokenizer(make_texts(4)[0], padding=True, return_tensors="np"))
+    fp32 = load_predictor(root / "onnx").logits(enc)
+    int8 = load_predictor(tmp_path / "int8").logits(enc)
+    assert abs(fp32 - int8).max() < 0.2
+
+
+def test_static_calibration_uses_the_data_it_is_given(exported, tmp_path):
+    """Ranges come from the calibration texts: texts of a few repeated words give other scales
+    than varied texts."""
+    root, _ = exported
+
+    def scales(texts, name):
+        quantize(root / "onnx", tmp_path / name, mode="static", calibration_texts=texts,
+                 max_length=32)
+        graph = onnx.load(str(onnx_file(tmp_path / name))).graph
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+        return {n.input[1]: float(inits[n.input[1]]) for n in graph.node
+                if n.op_type == "QuantizeLinear" and n.input[1] in inits}
+
+    varied = scales(make_texts(16, seed=2)[0], "a")
+    narrow = scales(["good"] * 16, "b")
+    assert varied.keys() == narrow.keys()
+    assert any(abs(varied[k] - narrow[k]) > 1e-6 for k in varied)
+    with pytest.raises(EdgeDistillError, match="needs calibration texts"):
+        quantize(root / "onnx", tmp_path / "c", mode="static")
+    with pytest.raises(EdgeDistillError, match="calibration: 'kl' is unknown"):
+        quantize(root / "onnx", tmp_path / "d", mode="static", calibration="kl",
+                 calibration_texts=["good"])

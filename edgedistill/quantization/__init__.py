@@ -40,9 +40,26 @@ def resolve_preset(profile: str = "cpu", preset: str = "auto",
     return settings
 
 
+CALIBRATIONS = ("minmax", "entropy", "percentile")
+
+
 def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
-             preset: str = "auto", per_channel: bool | None = None) -> dict:
-    """Dynamic int8 quantization (weights int8 ahead of time, activations at run time)."""
+             preset: str = "auto", per_channel: bool | None = None, mode: str = "dynamic",
+             calibration_texts: list[str] | None = None, calibration: str = "minmax",
+             max_length: int = 128, nodes_to_exclude: list[str] | None = None,
+             operators: list[str] | None = None) -> dict:
+    """int8 quantization of the ONNX model in ``onnx_dir``.
+
+    ``dynamic``: weights int8 ahead of time, activation ranges measured at run time.
+    ``static``: activation ranges too are fixed ahead of time (QDQ format), calibrated by
+    running the fp32 model on ``calibration_texts`` (the task's own training texts, never the
+    test split) and reading each tensor's range with ``minmax``, ``entropy`` (KL-optimal
+    threshold, as TensorRT does) or ``percentile`` (99.999th). ``nodes_to_exclude`` stay fp32.
+    ``operators`` are the ONNX operator types quantized: by default optimum's set in dynamic
+    mode and MatMul alone in static mode, where quantizing the Adds would also quantize the
+    attention mask (values near -3.4e38, which no int8 scale and no calibration histogram can
+    hold) and every residual sum.
+    """
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
@@ -58,12 +75,60 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
     if already:
         raise EdgeDistillError(
             f"{model_file}: already quantized (has {', '.join(already)}); quantize the fp32 export")
+    if mode not in ("dynamic", "static"):
+        raise EdgeDistillError(f"quantize.mode: '{mode}' is unknown; valid: dynamic, static")
     settings = resolve_preset(profile, preset, per_channel)
     make_config = getattr(AutoQuantizationConfig, settings["preset"])
-    qconfig = make_config(is_static=False, per_channel=settings["per_channel"])
+    if operators is None and mode == "static":
+        operators = ["MatMul"]
+    qconfig = make_config(is_static=mode == "static", per_channel=settings["per_channel"],
+                          nodes_to_exclude=list(nodes_to_exclude or []),
+                          operators_to_quantize=operators)
     quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name=model_file.name)
-    quantizer.quantize(save_dir=output_dir, quantization_config=qconfig)
+    record = {"mode": mode, "profile": profile, **settings,
+              "operators": list(qconfig.operators_to_quantize)}
+    ranges = None
+    if mode == "static":
+        dataset = _calibration_set(onnx_dir, model_file, calibration_texts, max_length)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        ranges = quantizer.fit(dataset=dataset, calibration_config=_calibration_config(
+            calibration, dataset), operators_to_quantize=qconfig.operators_to_quantize,
+            onnx_augmented_model_name=output_dir / "augmented.onnx.tmp")
+        (output_dir / "augmented.onnx.tmp").unlink(missing_ok=True)
+        record.update(calibration=calibration, calibration_samples=len(dataset))
+    quantizer.quantize(save_dir=output_dir, quantization_config=qconfig,
+                       calibration_tensors_range=ranges)
     for name in SIDECAR_FILES:
         if (onnx_dir / name).is_file() and not (output_dir / name).is_file():
             shutil.copy2(onnx_dir / name, output_dir / name)
-    return {"mode": "dynamic", "profile": profile, **settings}
+    return record
+
+
+def _calibration_set(onnx_dir: Path, model_file: Path, texts: list[str] | None,
+                     max_length: int):
+    """The calibration texts tokenized as the model's inputs, one text per batch."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    if not texts:
+        raise EdgeDistillError("quantize.mode static needs calibration texts (the pipeline "
+                               "passes training texts); pass calibration_texts=[...]")
+    inputs = {i.name for i in onnx.load(str(model_file), load_external_data=False).graph.input}
+    tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
+    # one common length: the histogram calibrators (entropy, percentile) stack the tensors of
+    # all batches, so shapes must agree; the longest text sets it (attention masks the pads)
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=True)
+    return Dataset.from_dict({k: v for k, v in encoded.items() if k in inputs})
+
+
+def _calibration_config(method: str, dataset):
+    from optimum.onnxruntime.configuration import AutoCalibrationConfig
+
+    if method == "minmax":
+        return AutoCalibrationConfig.minmax(dataset)
+    if method == "entropy":
+        return AutoCalibrationConfig.entropy(dataset)
+    if method == "percentile":
+        return AutoCalibrationConfig.percentiles(dataset, percentile=99.999)
+    raise EdgeDistillError(f"quantize.calibration: '{method}' is unknown; "
+                           f"valid: {', '.join(CALIBRATIONS)}")
