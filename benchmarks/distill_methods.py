@@ -81,7 +81,7 @@ def one_run(seed: int, method: str, work: Path, teacher: Path) -> dict:
     return row
 
 
-def step_times(seed: int, teacher_dir: Path, methods: list[str], steps: int = 20,
+def step_times(seed: int, teacher_dir: Path, methods: list[str], steps: int = 12,
                rounds: int = 3) -> dict[str, float]:
     """Median seconds of one training step (forward, backward, optimizer) per method, timed
     side by side: the methods take turns for ``rounds`` rounds on the same batches, so a
