@@ -286,9 +286,13 @@ def field_help(cls=Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows += field_help(hints[f.name], f"{prefix}{f.name}.")
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+        tp = hints[f.name]
+        item = (typing.get_args(tp) or [None])[0] if typing.get_origin(tp) is list else None
+        if dataclasses.is_dataclass(tp):
+            rows += field_help(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+        if dataclasses.is_dataclass(item):  # a list of blocks: list what each entry takes
+            rows += field_help(item, f"{prefix}{f.name}[].")
     return rows
