@@ -171,9 +171,10 @@ class Run:
         if r.teacher.trust_remote_code:
             console.print(f"[yellow]warning: teacher.trust_remote_code is on: Python code from "
                           f"{r.teacher.model} will run on this machine[/yellow]")
-        s_config, kept = plan_student(model_path, r.student, r.teacher.trust_remote_code)
         t_config = AutoConfig.from_pretrained(model_path,
                                               trust_remote_code=r.teacher.trust_remote_code)
+        s_config, kept = plan_student(model_path, t_config, r.student,
+                                      r.teacher.trust_remote_code)
         resolve_matches([asdict(m) for m in r.distill.matches], s_config, t_config, kept,
                         "distill.matches")
         for who, config in (("teacher", t_config), ("student", s_config)):

@@ -121,10 +121,10 @@ def finetune_teacher(model_path: Path, cfg: TeacherConfig, data: TaskData, data_
     return {"finetuned": True, **record}
 
 
-def plan_student(teacher_path: Path, cfg: StudentConfig, trust_remote_code: bool = False):
+def plan_student(teacher_path: Path, teacher_config, cfg: StudentConfig,
+                 trust_remote_code: bool = False):
     """The config of the student a recipe asks for, and the teacher blocks it keeps (or None),
     worked out from configs alone so that a recipe is checked before any training."""
-    teacher_config = AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
     if cfg.model:
         path = resolve_model(cfg.model)
         # a student's own code is not run: the trust setting is the teacher's alone

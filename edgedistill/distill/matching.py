@@ -143,9 +143,8 @@ def resolve_matches(specs: list[dict], student_config, teacher_config,
                 f"has {t['heads']} heads and the student {s['heads']}; use minilm_relation, "
                 "which works across head counts")
         if feature == "qkv":
-            options.setdefault("relation_heads", t["heads"])
-            _check_relation_heads(int(options["relation_heads"]), s, t, at)
-            options["relation_heads"] = int(options["relation_heads"])
+            options["relation_heads"] = int(options.get("relation_heads", t["heads"]))
+            _check_relation_heads(options["relation_heads"], s, t, at)
         matches += [Match(spec["loss"], weight, feature, sl, tl, options) for sl, tl in pairs]
     return matches
 

@@ -68,10 +68,10 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
     if model_file is None:
         raise EdgeDistillError(f"{onnx_dir}: no .onnx file to quantize; run the export first")
     try:
-        graph_ops = {node.op_type for node in onnx.load(str(model_file), load_external_data=False).graph.node}
+        graph = onnx.load(str(model_file), load_external_data=False).graph
     except Exception as e:
         raise EdgeDistillError(f"{model_file}: not a readable ONNX model ({str(e)[:150]}); re-export it")
-    already = sorted(graph_ops & QUANTIZED_OPS)
+    already = sorted({node.op_type for node in graph.node} & QUANTIZED_OPS)
     if already:
         raise EdgeDistillError(
             f"{model_file}: already quantized (has {', '.join(already)}); quantize the fp32 export")
@@ -89,7 +89,8 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
               "operators": list(qconfig.operators_to_quantize)}
     ranges = None
     if mode == "static":
-        dataset = _calibration_set(onnx_dir, model_file, calibration_texts, max_length)
+        dataset = _calibration_set(onnx_dir, {i.name for i in graph.input}, calibration_texts,
+                                   max_length)
         output_dir.mkdir(parents=True, exist_ok=True)
         ranges = quantizer.fit(dataset=dataset, calibration_config=_calibration_config(
             calibration, dataset), operators_to_quantize=qconfig.operators_to_quantize,
@@ -104,7 +105,7 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
     return record
 
 
-def _calibration_set(onnx_dir: Path, model_file: Path, texts: list[str] | None,
+def _calibration_set(onnx_dir: Path, inputs: set[str], texts: list[str] | None,
                      max_length: int):
     """The calibration texts tokenized as the model's inputs, one text per batch."""
     from datasets import Dataset
@@ -113,7 +114,6 @@ def _calibration_set(onnx_dir: Path, model_file: Path, texts: list[str] | None,
     if not texts:
         raise EdgeDistillError("quantize.mode static needs calibration texts (the pipeline "
                                "passes training texts); pass calibration_texts=[...]")
-    inputs = {i.name for i in onnx.load(str(model_file), load_external_data=False).graph.input}
     tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
     # one common length: the histogram calibrators (entropy, percentile) stack the tensors of
     # all batches, so shapes must agree; the longest text sets it (attention masks the pads)
