@@ -74,3 +74,40 @@ def write_tsv(folder: Path, n_train: int, n_test: int) -> Path:
         rows = ["review\trating"] + [f"{t}\t{l}" for t, l in zip(texts, labels)]
         (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
     return folder
+
+
+# ----------------------------------------------------------------- tiny causal language models
+
+def make_llm_tokenizer():
+    """A word-level fast tokenizer over WORDS, with the special tokens a causal LM needs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<s>", "</s>", *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<s>", eos_token="</s>", model_max_length=64,
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+def make_llama(num_layers: int = 4, hidden: int = 32, seed: int = 0, vocab_size: int = len(WORDS) + 4):
+    """A tiny Llama-style causal LM (grouped-query attention, tied embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=num_layers, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path) -> Path:
+    """A tiny causal LM and its tokenizer saved like a hub model."""
+    folder = tmp_path / "llama"
+    make_llama().save_pretrained(folder)
+    make_llm_tokenizer().save_pretrained(folder)
+    return folder
