@@ -2,7 +2,7 @@
 
 The preset (instruction set, per-channel weights) comes from the hardware profile, so the same
 recipe quantizes for the machine it targets. The quantized folder keeps ``ort_config.json``,
-the exact settings that made it.
+the exact settings that made it. int4 weight-only quantization (for causal LMs) is in ``int4``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from ..bench.profiles import host_isa, load_profile
 from ..errors import EdgeDistillError
 from ..export import SIDECAR_FILES
 from ..runtime import onnx_file
+from .int4 import quantize_int4  # noqa: F401  (re-exported: edgedistill.quantization.quantize_int4)
 
 PRESETS = ("avx512_vnni", "avx512", "avx2", "arm64")
 # Operators that only appear in a graph that is already quantized.
@@ -43,6 +44,20 @@ def resolve_preset(profile: str = "cpu", preset: str = "auto",
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 
 
+def fp32_graph(model_file: Path) -> onnx.GraphProto:
+    """The graph of ``model_file`` (weights not loaded), refused when unreadable or already
+    quantized: quantizing again would stack a second rounding on the first."""
+    try:
+        graph = onnx.load(str(model_file), load_external_data=False).graph
+    except Exception as e:
+        raise EdgeDistillError(f"{model_file}: not a readable ONNX model ({str(e)[:150]}); re-export it")
+    already = sorted({node.op_type for node in graph.node} & QUANTIZED_OPS)
+    if already:
+        raise EdgeDistillError(
+            f"{model_file}: already quantized (has {', '.join(already)}); quantize the fp32 export")
+    return graph
+
+
 def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
              preset: str = "auto", per_channel: bool | None = None, mode: str = "dynamic",
              calibration_texts: list[str] | None = None, calibration: str = "minmax",
@@ -67,14 +82,7 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
     model_file = onnx_file(onnx_dir)
     if model_file is None:
         raise EdgeDistillError(f"{onnx_dir}: no .onnx file to quantize; run the export first")
-    try:
-        graph = onnx.load(str(model_file), load_external_data=False).graph
-    except Exception as e:
-        raise EdgeDistillError(f"{model_file}: not a readable ONNX model ({str(e)[:150]}); re-export it")
-    already = sorted({node.op_type for node in graph.node} & QUANTIZED_OPS)
-    if already:
-        raise EdgeDistillError(
-            f"{model_file}: already quantized (has {', '.join(already)}); quantize the fp32 export")
+    graph = fp32_graph(model_file)
     if mode not in ("dynamic", "static"):
         raise EdgeDistillError(f"quantize.mode: '{mode}' is unknown; valid: dynamic, static")
     settings = resolve_preset(profile, preset, per_channel)

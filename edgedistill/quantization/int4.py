@@ -1,0 +1,152 @@
+"""int4 weight-only quantization of an exported ONNX model with onnxruntime's MatMulNBits.
+
+A causal LM's decode step reads every weight once per token, so its speed is bound by memory
+traffic: 4-bit weights (one scale per ``block_size`` weights) read about a seventh of the bytes
+of fp32 ones. Activations stay float, so unlike int8 no calibration is needed. onnxruntime's
+``MatMulNBitsQuantizer`` turns each MatMul whose weight is an initializer into a
+``com.microsoft.MatMulNBits`` node; the quantized folder keeps ``quantize_config.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper
+
+from ..errors import EdgeDistillError
+from ..export import SIDECAR_FILES
+from ..runtime import onnx_file, size_on_disk_mb
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = ("rtn",)  # gptq (calibrated, slower) needs a calibration reader: not yet
+ACCURACY_LEVELS = (None, 0, 1, 2, 3, 4)  # MatMulNBits compute type: unset, fp32, fp16, bf16, int8
+OUTPUT_NAME = "model_int4.onnx"
+PROTOBUF_LIMIT = 2**31  # a single-file ONNX model is one protobuf message, at most 2 GB
+
+
+def quantize_int4(onnx_dir: str | Path, output_dir: str | Path, block_size: int = 32,
+                  accuracy_level: int | None = None, symmetric: bool = True,
+                  algorithm: str = "rtn", untie_lm_head: bool = True) -> dict:
+    """Quantize the MatMul weights of the fp32 ONNX model in ``onnx_dir`` to 4 bits.
+
+    ``block_size`` weights along the input axis share one scale (smaller: closer to fp32,
+    bigger file). ``accuracy_level`` is MatMulNBits' compute type (4 = int8 activations, the
+    fast path on x86/ARM CPUs). ``symmetric`` drops the zero points. ``untie_lm_head`` gives a
+    tied lm_head its own int4 copy of the embedding (see ``_untie``). Returns the settings and
+    what they did: MatMuls quantized out of all, sizes, and whether the lm_head was quantized.
+    """
+    from onnxruntime.quantization.matmul_nbits_quantizer import (MatMulNBitsQuantizer,
+                                                                  RTNWeightOnlyQuantConfig)
+
+    from . import fp32_graph
+
+    onnx_dir, output_dir = Path(onnx_dir), Path(output_dir)
+    if algorithm not in ALGORITHMS:
+        raise EdgeDistillError(f"quantize.algorithm: '{algorithm}' is not supported yet; "
+                               f"valid: {', '.join(ALGORITHMS)}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 \
+            or block_size & (block_size - 1):
+        raise EdgeDistillError(f"quantize.block_size: {block_size!r} is not a power of two "
+                               ">= 16 (MatMulNBits' blocks); try 32, 64 or 128")
+    if accuracy_level not in ACCURACY_LEVELS or isinstance(accuracy_level, bool):
+        raise EdgeDistillError(f"quantize.accuracy_level: {accuracy_level!r} is unknown; valid: "
+                               "none, 0 (unset), 1 (fp32), 2 (fp16), 3 (bf16), 4 (int8)")
+    model_file = onnx_file(onnx_dir)
+    if model_file is None:
+        raise EdgeDistillError(f"{onnx_dir}: no .onnx file to quantize; run the export first")
+    if output_dir.resolve() == onnx_dir.resolve():
+        raise EdgeDistillError(f"{output_dir}: write the int4 model to another folder than its "
+                               "fp32 export (a folder holds one model)")
+    graph = fp32_graph(model_file)
+    total = sum(node.op_type == "MatMul" for node in graph.node)
+
+    model = onnx.load(str(model_file))  # with its external data, if any
+    untied = _untie(model.graph) if untie_lm_head else []
+    quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=symmetric,
+                                     accuracy_level=accuracy_level,
+                                     algo_config=RTNWeightOnlyQuantConfig())
+    with contextlib.redirect_stdout(io.StringIO()):  # its RTN code prints a progress bar
+        quantizer.process()
+    model = quantizer.model.model
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        # the RTN path writes MatMulNBits nodes without declaring their domain: onnxruntime
+        # loads that, but onnx.checker and other tools reject the model
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    large = sum(t.ByteSize() for t in model.graph.initializer) >= PROTOBUF_LIMIT
+    onnx.save_model(model, str(output_dir / OUTPUT_NAME), save_as_external_data=large,
+                    all_tensors_to_one_file=True, location=OUTPUT_NAME + "_data")
+    for name in SIDECAR_FILES:
+        if (onnx_dir / name).is_file() and not (output_dir / name).is_file():
+            shutil.copy2(onnx_dir / name, output_dir / name)
+
+    quantized = sum(node.op_type == "MatMulNBits" for node in model.graph.node)
+    record = {"algorithm": algorithm, "bits": 4, "block_size": block_size,
+              "accuracy_level": accuracy_level, "symmetric": symmetric,
+              "matmuls_quantized": quantized, "matmuls_total": total,
+              "untie_lm_head": untie_lm_head, "untied": untied,
+              "lm_head": _lm_head(model.graph),
+              "size_mb_before": round(size_on_disk_mb(onnx_dir), 3),
+              "size_mb_after": round(size_on_disk_mb(output_dir), 3)}
+    (output_dir / "quantize_config.json").write_text(json.dumps(record, indent=2) + "\n")
+    log.info("int4: %d of %d MatMuls quantized, %.1f -> %.1f MB", quantized, total,
+             record["size_mb_before"], record["size_mb_after"])
+    return record
+
+
+def _untie(graph: onnx.GraphProto) -> list[str]:
+    """Turn each ``MatMul(x, Transpose(initializer))`` into a MatMul on a transposed initializer.
+
+    That is how optimum exports a tied lm_head: one float embedding, read by the Gather and,
+    transposed, by the lm_head MatMul. MatMulNBits only quantizes a weight that is an
+    initializer, so the tied lm_head would stay float, and onnxruntime folds the Transpose
+    into a second float copy of the embedding when it loads the model anyway. Untied, the
+    lm_head (the largest matrix of a small LM) runs in 4 bits and that copy is int4; the
+    Gather keeps the float embedding. Returns the names of the weights untied.
+    """
+    producers = {out: node for node in graph.node for out in node.output}
+    inits = {t.name: t for t in graph.initializer}
+    untied = []
+    for node in graph.node:
+        source = producers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if source is None or source.op_type != "Transpose" or source.input[0] not in inits:
+            continue
+        weight = numpy_helper.to_array(inits[source.input[0]])
+        perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), [1, 0])
+        if weight.ndim != 2 or perm != [1, 0]:
+            continue
+        # the Transpose's output becomes an initializer; every reader of it reads that instead
+        graph.initializer.append(numpy_helper.from_array(weight.T.copy(), source.output[0]))
+        graph.node.remove(source)
+        producers.pop(source.output[0])
+        untied.append(source.output[0])
+    return untied
+
+
+def _lm_head(graph: onnx.GraphProto) -> str:
+    """What became of the node computing ``logits``, the largest matrix of a small LM.
+
+    With tied embeddings optimum's export keeps one copy of the weight and feeds the lm_head
+    MatMul ``Transpose(embedding)``; that input is no initializer, so MatMulNBits leaves it
+    float (and onnxruntime folds the Transpose into a second float copy when it loads).
+    """
+    producers = {out: node for node in graph.node for out in node.output}
+    inits = {t.name for t in graph.initializer}
+    head = producers.get("logits")
+    if head is None:
+        return "none (no logits output)"
+    if head.op_type == "MatMulNBits":
+        return "int4"
+    weight = head.input[1] if len(head.input) > 1 else ""
+    source = producers.get(weight)
+    if head.op_type == "MatMul" and source is not None and source.op_type == "Transpose" \
+            and source.input[0] in inits:
+        return f"float (tied: Transpose of {source.input[0]}, not an initializer)"
+    return f"float ({head.op_type})"
