@@ -24,6 +24,25 @@ def backend_of(folder: Path) -> str:
     return "onnxruntime" if onnx_file(folder) is not None else "pytorch"
 
 
+def open_onnx_session(path: Path, threads: int | None = None,
+                      providers: list[str] | None = None):
+    """An onnxruntime session on ``threads`` intra-op threads (one inter-op thread: these
+    graphs run sequentially), with a load failure worded as a user-fixable error."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), options,
+                                    providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
+        raise EdgeDistillError(
+            f"{path}: onnxruntime cannot load this model ({str(e).splitlines()[0][:200]}); "
+            "re-export it with `edgedistill export`")
+
+
 class Predictor:
     """``logits(encoding)`` for a batch of numpy token arrays; ``input_names`` it accepts."""
 
@@ -64,20 +83,7 @@ class OnnxPredictor(Predictor):
 
     def __init__(self, folder: Path, threads: int | None = None,
                  providers: list[str] | None = None):
-        import onnxruntime as ort
-
-        path = onnx_file(folder)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=providers or ["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
-            raise EdgeDistillError(
-                f"{path}: onnxruntime cannot load this model ({str(e).splitlines()[0][:200]}); "
-                "re-export it with `edgedistill export`")
+        self.session = open_onnx_session(onnx_file(folder), threads, providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def logits(self, encoding):

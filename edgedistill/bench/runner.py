@@ -3,6 +3,9 @@
 A fresh process per model keeps one model's allocator state, thread pools and caches from
 colouring the next one's numbers. The parent polls the child's resident memory from outside;
 the child reports the kernel's high-water mark, and the report keeps both.
+
+The process, polling, turn-taking and memory machinery here (:func:`run_worker`,
+:func:`take_turns`, :func:`memory_figures`) is shared with the generation benchmark.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -62,6 +66,73 @@ class _PeakRss(threading.Thread):
             time.sleep(self.interval)
 
 
+def check_model_dirs(models: list[str | Path]) -> list[Path]:
+    """The model folders as paths, each an existing saved model (a config.json beside it)."""
+    dirs = [Path(m) for m in models]
+    for d in dirs:
+        if not d.is_dir():
+            raise EdgeDistillError(f"{d}: model folder does not exist")
+        if not (d / "config.json").is_file():
+            raise EdgeDistillError(f"{d}: not a saved model (no config.json); pass a folder "
+                                   "written by save_pretrained, edgedistill export or quantize")
+    return dirs
+
+
+def run_worker(module: str, spec: dict, model_dir: Path, threads: int,
+               poll_interval_s: float) -> dict:
+    """``python -m module SPEC OUT`` in a fresh process with OMP/MKL limited to ``threads``,
+    polling its resident memory from outside; the worker's JSON result plus ``polled_peak_mb``.
+    A failed worker becomes an error naming ``model_dir`` and the last line it printed."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               TOKENIZERS_PARALLELISM="false")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
+        spec_path.write_text(json.dumps(spec))
+        child = subprocess.Popen([sys.executable, "-m", module, str(spec_path), str(out_path)],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True)
+        poll = _PeakRss(child.pid, poll_interval_s)
+        poll.start()
+        _, err = child.communicate()
+        poll.stop.set()
+        poll.join()
+        if child.returncode != 0 or not out_path.is_file():
+            last = (err or "").strip().splitlines()[-1:] or ["no output"]
+            raise EdgeDistillError(f"{model_dir}: benchmark process failed ({last[0][:200]})")
+        raw = json.loads(out_path.read_text())
+    raw["polled_peak_mb"] = poll.peak_mb
+    return raw
+
+
+def take_turns(dirs: list[Path], rounds: int, run_one: Callable[[Path], dict], desc: str,
+               progress: bool) -> dict[Path, list[dict]]:
+    """``run_one(model)`` for every model, round after round (A B C A B C): a slow spell of a
+    shared machine then falls on every model alike instead of on whichever happened to run in
+    it, which keeps the ratios between models steadier."""
+    runs: dict[Path, list[dict]] = {d: [] for d in dirs}
+    with tqdm(total=rounds * len(dirs), desc=desc, disable=not progress) as bar:
+        for _ in range(rounds):
+            for d in dirs:
+                bar.set_postfix_str(d.name)
+                runs[d].append(run_one(d))
+                bar.update()
+    return runs
+
+
+def memory_figures(model_dir: Path, runs: list[dict]) -> dict:
+    """Load time, memory and size over the runs of one model: peak RSS is the larger of the
+    polled and the kernel's figure (polling can miss a short spike, VmHWM cannot)."""
+    return {
+        "load_s": statistics.median(r["load_s"] for r in runs),
+        "peak_rss_mb": max(max(r["polled_peak_mb"], r["maxrss_mb"]) for r in runs),
+        "peak_rss_polled_mb": max(r["polled_peak_mb"] for r in runs),
+        "peak_rss_kernel_mb": max(r["maxrss_mb"] for r in runs),
+        "rss_runtime_mb": statistics.median(r["rss_before_load_mb"] for r in runs),
+        "rss_after_load_mb": statistics.median(r["rss_after_load_mb"] for r in runs),
+        "size_mb": size_on_disk_mb(model_dir),
+    }
+
+
 def _inputs(model_dir: Path, texts: list[str], s: BenchSettings) -> tuple[dict, list[dict]]:
     from transformers import AutoTokenizer
 
@@ -84,29 +155,11 @@ def _inputs(model_dir: Path, texts: list[str], s: BenchSettings) -> tuple[dict, 
 def _run_once(model_dir: Path, profile: Profile, s: BenchSettings, fixed: dict,
               real: list[dict]) -> dict:
     """One fresh worker process for one model; its raw timings and memory readings."""
-    threads = profile.num_threads
-    spec = {"model_dir": str(model_dir), "threads": threads, "warmup": s.warmup,
+    spec = {"model_dir": str(model_dir), "threads": profile.num_threads, "warmup": s.warmup,
             "iterations": s.iterations, "min_seconds": s.min_seconds,
             "fixed_input": fixed, "real_inputs": real}
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               TOKENIZERS_PARALLELISM="false")
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
-        spec_path.write_text(json.dumps(spec))
-        child = subprocess.Popen([sys.executable, "-m", "edgedistill.bench.worker",
-                                  str(spec_path), str(out_path)], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        poll = _PeakRss(child.pid, s.poll_interval_s)
-        poll.start()
-        _, err = child.communicate()
-        poll.stop.set()
-        poll.join()
-        if child.returncode != 0 or not out_path.is_file():
-            last = (err or "").strip().splitlines()[-1:] or ["no output"]
-            raise EdgeDistillError(f"{model_dir}: benchmark process failed ({last[0][:200]})")
-        raw = json.loads(out_path.read_text())
-    raw["polled_peak_mb"] = poll.peak_mb
-    return raw
+    return run_worker("edgedistill.bench.worker", spec, model_dir, profile.num_threads,
+                      s.poll_interval_s)
 
 
 def _summarise(model_dir: Path, runs: list[dict], profile: Profile, s: BenchSettings) -> dict:
@@ -122,14 +175,8 @@ def _summarise(model_dir: Path, runs: list[dict], profile: Profile, s: BenchSett
         "rounds": len(runs),
         "latency": Latency.from_seconds(fixed, s.batch_size).to_dict(),
         "round_p50_ms": [Latency.from_seconds(r["fixed_seconds"]).p50_ms for r in runs],
-        "load_s": statistics.median(r["load_s"] for r in runs),
         "first_inference_ms": statistics.median(r["first_inference_s"] for r in runs) * 1000,
-        "peak_rss_mb": max(max(r["polled_peak_mb"], r["maxrss_mb"]) for r in runs),
-        "peak_rss_polled_mb": max(r["polled_peak_mb"] for r in runs),
-        "peak_rss_kernel_mb": max(r["maxrss_mb"] for r in runs),
-        "rss_runtime_mb": statistics.median(r["rss_before_load_mb"] for r in runs),
-        "rss_after_load_mb": statistics.median(r["rss_after_load_mb"] for r in runs),
-        "size_mb": size_on_disk_mb(model_dir),
+        **memory_figures(model_dir, runs),
     }
     if real:
         lengths = runs[0]["real_lengths"]
@@ -144,27 +191,15 @@ def benchmark(models: list[str | Path], profile: Profile | str = "cpu",
     """Latency (batch x sequence length, and real text lengths one by one), load time, first
     inference, peak memory and size of each saved model (PyTorch or ONNX folder).
 
-    Models take turns, one fresh process each, for ``settings.rounds`` rounds (A B C A B C):
-    a slow spell of a shared machine then falls on every model alike instead of on whichever
-    happened to run in it, which keeps the ratios between models steadier.
+    Models take turns, one fresh process each, for ``settings.rounds`` rounds (A B C A B C;
+    see :func:`take_turns`).
     """
     s = settings or BenchSettings()
     profile = load_profile(profile) if isinstance(profile, str) else profile
-    dirs = [Path(m) for m in models]
-    for d in dirs:
-        if not d.is_dir():
-            raise EdgeDistillError(f"{d}: model folder does not exist")
-        if not (d / "config.json").is_file():
-            raise EdgeDistillError(f"{d}: not a saved model (no config.json); pass a folder "
-                                   "written by save_pretrained, edgedistill export or quantize")
+    dirs = check_model_dirs(models)
     inputs = {d: _inputs(d, texts or [SAMPLE_TEXT], s) for d in dirs}
-    runs: dict[Path, list[dict]] = {d: [] for d in dirs}
-    with tqdm(total=s.rounds * len(dirs), desc="benchmark", disable=not progress) as bar:
-        for _ in range(s.rounds):
-            for d in dirs:
-                bar.set_postfix_str(d.name)
-                runs[d].append(_run_once(d, profile, s, *inputs[d]))
-                bar.update()
+    runs = take_turns(dirs, s.rounds, lambda d: _run_once(d, profile, s, *inputs[d]),
+                      "benchmark", progress)
     return [{"path": str(d), **_summarise(d, runs[d], profile, s)} for d in dirs]
 
 

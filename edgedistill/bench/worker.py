@@ -12,12 +12,12 @@ import sys
 import time
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
-def _high_water_mb() -> float:
+def high_water_mb() -> float:
     """The kernel's peak RSS of this process image (VmHWM). Not getrusage's ru_maxrss: Linux
     carries that over fork and exec, so a child of a big parent would report the parent's."""
     with open("/proc/self/status") as f:
@@ -27,6 +27,14 @@ def _high_water_mb() -> float:
     return 0.0
 
 
+def write_result(out_path: str, result: dict) -> None:
+    """Write the result whole or not at all: the parent treats a missing file as a failure."""
+    tmp = out_path + ".part"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, out_path)
+
+
 def main(spec_path: str, out_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
@@ -34,11 +42,11 @@ def main(spec_path: str, out_path: str) -> None:
 
     from edgedistill.runtime import load_predictor
 
-    rss_before_load = _rss_mb()
+    rss_before_load = rss_mb()
     t0 = time.perf_counter()
     predictor = load_predictor(spec["model_dir"], threads=spec["threads"])
     load_s = time.perf_counter() - t0
-    rss_after_load = _rss_mb()
+    rss_after_load = rss_mb()
 
     fixed = {k: np.asarray(v, dtype=np.int64) for k, v in spec["fixed_input"].items()}
     t0 = time.perf_counter()
@@ -73,12 +81,9 @@ def main(spec_path: str, out_path: str) -> None:
         "real_lengths": [int(enc["input_ids"].shape[1]) for enc in real],
         "rss_before_load_mb": rss_before_load,
         "rss_after_load_mb": rss_after_load,
-        "maxrss_mb": _high_water_mb(),
+        "maxrss_mb": high_water_mb(),
     }
-    tmp = out_path + ".part"
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, out_path)
+    write_result(out_path, result)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""Time greedy generations of one causal LM in a fresh process:
+``python -m edgedistill.bench.generation_worker SPEC OUT``.
+
+The spec carries the prompt as token ids, so this process never imports a tokenizer, and an
+ONNX model runs on onnxruntime alone (see :mod:`edgedistill.lm_runtime`): its memory is what a
+deployment would use.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from edgedistill.bench.worker import high_water_mb, rss_mb, write_result
+
+
+def _generate(lm, prompt, new_tokens: int, np) -> tuple[float, list[float], float]:
+    """One greedy generation of exactly ``new_tokens`` tokens, EOS or not, so every model and
+    every run times the same work: the first token comes from the prefill (time to first
+    token, picking the token included), each further one from a decode step with the cache."""
+    clock = time.perf_counter
+    start = clock()
+    logits, state = lm.prefill(prompt)
+    token = int(np.argmax(logits))
+    ttft = clock() - start
+    steps = []
+    for _ in range(new_tokens - 1):
+        t0 = clock()
+        logits, state = lm.step(token, state)
+        token = int(np.argmax(logits))
+        steps.append(clock() - t0)
+    return ttft, steps, clock() - start
+
+
+def main(spec_path: str, out_path: str) -> None:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    import numpy as np
+
+    from edgedistill.lm_runtime import load_causal_lm
+
+    rss_before_load = rss_mb()
+    t0 = time.perf_counter()
+    lm = load_causal_lm(spec["model_dir"], threads=spec["threads"])
+    load_s = time.perf_counter() - t0
+    rss_after_load = rss_mb()
+
+    prompt = np.asarray([spec["prompt_ids"]], dtype=np.int64)
+    n = spec["new_tokens"]
+    first_ttft = _generate(lm, prompt, n, np)[0]  # the cold first generation, also a warm-up
+    for _ in range(spec["warmup"] - 1):
+        _generate(lm, prompt, n, np)
+    ttft, steps, totals = [], [], []
+    for _ in range(spec["iterations"]):
+        t, s, total = _generate(lm, prompt, n, np)
+        ttft.append(t)
+        steps.append(s)
+        totals.append(total)
+
+    write_result(out_path, {
+        "backend": lm.backend,
+        "load_s": load_s,
+        "first_ttft_s": first_ttft,
+        "ttft_seconds": ttft,
+        "step_seconds": steps,
+        "total_seconds": totals,
+        "rss_before_load_mb": rss_before_load,
+        "rss_after_load_mb": rss_after_load,
+        "maxrss_mb": high_water_mb(),
+        "imported": sorted({"torch", "transformers", "optimum"} & set(sys.modules)),
+    })
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
