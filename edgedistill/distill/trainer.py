@@ -20,7 +20,10 @@ from transformers import Trainer, TrainingArguments
 from ..errors import EdgeDistillError
 from .features import forward_with_features
 from .losses import LOGIT_LOSSES, get_loss
+from .losses.token import TOKEN_LOSSES, get_token_loss
 from .matching import PROJECTIONS, attach_projections, check_match_spec, resolve_matches
+from .teacher_cache import TOPK_INDICES, TOPK_LOGPROBS, decoder_of
+from .token_kd import dense_token_kd, sparse_token_kd
 
 TEACHER_LOGITS = "teacher_logits"
 
@@ -36,7 +39,14 @@ class DistillationTrainingArguments(TrainingArguments):
     temperature: float = field(default=2.0, metadata={"help": "Soft-target temperature T."})
     alpha_ce: float = field(default=0.5, metadata={"help": "Weight of the hard-label loss."})
     alpha_distil: float = field(default=0.5, metadata={"help": "Weight of the soft-target loss."})
-    distil_loss: str = field(default="soft_cross_entropy", metadata={"help": "Logit loss name."})
+    distil_loss: str = field(default="soft_cross_entropy", metadata={"help": (
+        "Logit loss name; causal LMs take a token-level loss (forward_kl, reverse_kl, "
+        "generalized_jsd, skew_forward_kl, skew_reverse_kl).")})
+    loss_options: Optional[dict] = field(default=None, metadata={"help": (
+        "Settings of the logit loss, e.g. {'beta': 0.5} for generalized_jsd.")})
+    kd_chunk_tokens: int = field(default=1024, metadata={"help": (
+        "Causal LMs: token positions whose full-vocabulary distributions are in memory at once "
+        "in the distillation loss.")})
     matches: Optional[list[dict]] = field(default=None, metadata={"help": (
         "Feature and relation losses: a list of {loss, weight, feature, strategy, student_layer, "
         "teacher_layer, options} (see edgedistill.distill.matching).")})
@@ -66,7 +76,14 @@ def check_distill_settings(settings, prefix: str = "") -> None:
     for name in ("alpha_ce", "alpha_distil"):
         if getattr(settings, name) < 0:
             raise EdgeDistillError(f"{prefix}{name}: {getattr(settings, name)} must be >= 0")
-    get_loss(settings.distil_loss, LOGIT_LOSSES, f"{prefix}distil_loss")
+    if settings.distil_loss in TOKEN_LOSSES:  # checks the options' names and ranges too
+        get_token_loss(settings.distil_loss, f"{prefix}distil_loss",
+                       **(settings.loss_options or {}))
+    else:
+        get_loss(settings.distil_loss, {**LOGIT_LOSSES, **TOKEN_LOSSES}, f"{prefix}distil_loss")
+        if settings.loss_options:
+            raise EdgeDistillError(f"{prefix}loss_options: {settings.distil_loss} takes no "
+                                   "options; they are for the token-level losses of causal LMs")
     for i, spec in enumerate(settings.matches or []):
         # a recipe holds MatchConfig dataclasses, training arguments plain dicts
         check_match_spec(asdict(spec) if is_dataclass(spec) else spec, f"{prefix}matches[{i}]")
@@ -90,7 +107,11 @@ class DistillationTrainer(Trainer):
             raise EdgeDistillError(
                 "DistillationTrainer: pass args=DistillationTrainingArguments(...)")
         self.teacher = teacher_model
-        self.logit_loss = get_loss(args_.distil_loss, LOGIT_LOSSES, "distil_loss")
+        self.causal = is_causal_lm(self.model)
+        if self.causal:
+            self._check_causal_settings(args_)
+        else:
+            self.logit_loss = get_loss(args_.distil_loss, LOGIT_LOSSES, "distil_loss")
         self.matches = []
         if args_.matches and self.teacher is None:
             raise EdgeDistillError("matches need teacher_model: precomputed teacher_logits "
@@ -110,6 +131,20 @@ class DistillationTrainer(Trainer):
         self._loss_parts: dict[str, list[float]] = defaultdict(list)
         self._class_weights = (None if args_.class_weights is None else
                                torch.tensor(args_.class_weights, device=args_.device))
+
+    def _check_causal_settings(self, args_) -> None:
+        if args_.distil_loss not in TOKEN_LOSSES:
+            raise EdgeDistillError(
+                f"distil_loss: '{args_.distil_loss}' compares classifier outputs; a causal LM "
+                f"takes a token-level loss: {', '.join(TOKEN_LOSSES)}")
+        if args_.matches:
+            raise EdgeDistillError("matches: feature and relation losses are not supported for "
+                                   "causal LMs yet; remove distill.matches")
+        if args_.class_weights is not None:
+            raise EdgeDistillError("class_weights: a causal LM has no classes; leave it unset")
+        if args_.kd_chunk_tokens < 1:
+            raise EdgeDistillError(f"kd_chunk_tokens: {args_.kd_chunk_tokens} must be >= 1")
+        self.token_loss = get_token_loss(args_.distil_loss, "distil_loss")
 
     def _check_compatible(self, student, teacher) -> None:
         """Fail before training when the two models cannot be compared at all."""
@@ -132,10 +167,13 @@ class DistillationTrainer(Trainer):
         # Keep a precomputed `teacher_logits` column: the Trainer drops columns the model's
         # forward() does not take.
         super()._set_signature_columns_if_needed()
-        if TEACHER_LOGITS not in self._signature_columns:
-            self._signature_columns.append(TEACHER_LOGITS)
+        for name in (TEACHER_LOGITS, TOPK_LOGPROBS, TOPK_INDICES):
+            if name not in self._signature_columns:
+                self._signature_columns.append(name)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.causal:
+            return self._causal_loss(model, inputs, return_outputs)
         args = self.args
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
@@ -173,6 +211,10 @@ class DistillationTrainer(Trainer):
                                          **m.options)
             parts[m.loss] = parts[m.loss] + value if m.loss in parts else value
 
+        return self._total(model, parts, logits, return_outputs)
+
+    def _total(self, model, parts: dict[str, torch.Tensor], logits, return_outputs):
+        """Sum the weighted parts; stop on a non-finite loss; keep the parts for the log."""
         if not parts:
             raise EdgeDistillError("DistillationTrainer: batch has no labels and no teacher")
         loss = sum(parts.values())
@@ -182,6 +224,42 @@ class DistillationTrainer(Trainer):
             for k, v in parts.items():
                 self._loss_parts[k].append(float(v.detach()))
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _causal_loss(self, model, inputs, return_outputs):
+        """Next-token cross-entropy plus a token-level divergence from the teacher.
+
+        The teacher's distribution comes from its stored top-k (a batch from a teacher cache)
+        or from running its decoder under inference_mode; its logits are then formed chunk by
+        chunk inside the loss (see token_kd), never for the whole batch at once. In evaluation
+        the loss is the plain next-token cross-entropy, so ``eval_loss`` is the log of the
+        validation perplexity whatever the distillation settings.
+        """
+        args = self.args
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        topk = inputs.pop(TOPK_LOGPROBS, None), inputs.pop(TOPK_INDICES, None)
+        logits = model(**inputs).logits
+        # position i predicts token i + 1
+        s_logits, targets = logits[:, :-1], labels[:, 1:]
+        mask = targets != -100
+        ce = F.cross_entropy(s_logits.reshape(-1, s_logits.size(-1)), targets.reshape(-1),
+                             ignore_index=-100)
+        has_teacher = self.teacher is not None or topk[0] is not None
+        if not model.training or not has_teacher or args.alpha_distil == 0:
+            return self._total(model, {"ce": ce}, logits, return_outputs)
+        options = dict(args.loss_options or {})
+        if topk[0] is not None:
+            kd = sparse_token_kd(s_logits, topk[0][:, :-1], topk[1][:, :-1], mask,
+                                 args.distil_loss, args.temperature, args.kd_chunk_tokens,
+                                 **options)
+        else:
+            with torch.inference_mode():
+                hidden = decoder_of(self.teacher)(**inputs).last_hidden_state
+            kd = dense_token_kd(s_logits, hidden[:, :-1], self.teacher.get_output_embeddings(),
+                                mask, args.distil_loss, args.temperature, args.kd_chunk_tokens,
+                                **options)
+        parts = {"ce": args.alpha_ce * ce, "distil": args.alpha_distil * kd}
+        return self._total(model, parts, logits, return_outputs)
 
     def _stop_on_non_finite(self, parts: dict[str, torch.Tensor]) -> None:
         """Stop before a NaN / inf loss reaches the weights: the checkpoints saved so far stay
@@ -235,6 +313,14 @@ def add_teacher_logits(dataset, teacher, collator, batch_size: int = 64):
             batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             rows += teacher(**batch).logits.float().cpu().tolist()
     return dataset.add_column(TEACHER_LOGITS, rows)
+
+
+def is_causal_lm(model) -> bool:
+    """Whether ``model`` (possibly wrapped by DDP) is a transformers causal language model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model = getattr(model, "module", model)
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def _output_space(model) -> tuple[str, int]:
