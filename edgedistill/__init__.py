@@ -11,7 +11,9 @@ __version__ = "0.1.0"
 _API = {
     "DistillationTrainer": "distill", "DistillationTrainingArguments": "distill",
     "make_student": "distill", "EdgeDistillError": "errors", "evaluate": "evaluation",
-    "export_onnx": "export", "quantize": "quantization", "benchmark": "bench", "Recipe": "recipe",
+    "export_onnx": "export", "quantize": "quantization", "quantize_int4": "quantization",
+    "benchmark": "bench", "benchmark_generation": "bench", "evaluate_lm": "evaluation",
+    "load_causal_lm": "lm_runtime", "Recipe": "recipe",
     "load_recipe": "recipe", "run": "pipeline",
 }
 __all__ = sorted(_API)

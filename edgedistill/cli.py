@@ -17,8 +17,8 @@ DISK_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", nargs="?", help="recipe YAML (default: the packaged "
-                   "drug-reviews-minilm recipe)")
+    p.add_argument("recipe", nargs="?", help="recipe YAML or the name of a packaged recipe "
+                   "(drug-reviews-minilm, smollm2-distill; default: drug-reviews-minilm)")
     p.add_argument("--output", "-o", help="output folder (default: the recipe's output_dir)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe setting, e.g. --set distill.temperature=4 (repeatable)")
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p = sub.add_parser("distill", help="run a recipe up to the distilled student")
     _add_recipe_args(p)
+    p.add_argument("--cache-teacher", action="store_true", help="causal LMs: run the teacher "
+                   "once and train from its stored top-k (same as distill.cache_teacher: true)")
 
     p = sub.add_parser("export", help="export a saved PyTorch model to ONNX and validate it")
     p.add_argument("model_dir")
@@ -42,9 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--atol", type=float, default=1e-4)
 
-    p = sub.add_parser("quantize", help="int8-quantize an exported ONNX model for a profile")
+    p = sub.add_parser("quantize", help="quantize an exported ONNX model: int8 for a profile, "
+                       "or 4-bit weights")
     p.add_argument("onnx_dir")
     p.add_argument("output")
+    p.add_argument("--int4", action="store_true", help="4-bit weight-only (MatMulNBits) "
+                   "instead of int8; for decoders")
+    p.add_argument("--block-size", type=int, default=32, help="int4: weights per scale")
     p.add_argument("--profile", default="cpu")
     p.add_argument("--preset", default="auto", help="auto, avx512_vnni, avx512, avx2, arm64")
     p.add_argument("--mode", default="dynamic", choices=["dynamic", "static"])
@@ -93,6 +99,8 @@ def _dispatch(args) -> int:
     if args.command in ("run", "distill"):
         from .pipeline import run
 
+        if getattr(args, "cache_teacher", False):
+            args.overrides.append("distill.cache_teacher=true")
         report = run(args.recipe, args.output, args.overrides,
                      until="distill" if args.command == "distill" else None)
         if report is not None:
@@ -104,6 +112,11 @@ def _dispatch(args) -> int:
         record = export_onnx(args.model_dir, args.output, args.opset, args.atol)
         console.print(f"exported to {args.output}: max |ONNX - PyTorch| "
                       f"{record['max_abs_diff']:.2e} (atol {args.atol})")
+    elif args.command == "quantize" and args.int4:
+        from .quantization import quantize_int4
+
+        settings = quantize_int4(args.onnx_dir, args.output, args.block_size)
+        console.print(f"quantized to {args.output} with {settings}")
     elif args.command == "quantize":
         from .quantization import quantize
 

@@ -102,8 +102,11 @@ def _clean(text: str) -> str:
     return html.unescape(text).strip().strip('"').strip()
 
 
-def load_task_data(cfg: DataConfig, seed: int = 42) -> TaskData:
-    """Read ``cfg.source``, check columns and labels, split off validation from train."""
+def load_task_data(cfg: DataConfig, seed: int = 42, labelled: bool = True) -> TaskData:
+    """Read ``cfg.source``, check columns and labels, split off validation from train.
+
+    ``labelled=False`` (language modelling) keeps the text column alone: no label column is
+    needed and ``labels`` is empty."""
     raw = _read_raw(cfg)
     for split in (cfg.train_split, cfg.test_split):
         if split not in raw:
@@ -112,7 +115,10 @@ def load_task_data(cfg: DataConfig, seed: int = 42) -> TaskData:
                 f"set data.train_split / data.test_split")
     train, test = raw[cfg.train_split], raw[cfg.test_split]
     for name, ds in ((cfg.train_split, train), (cfg.test_split, test)):
-        for col, key in ((cfg.text_column, "text_column"), (cfg.label_column, "label_column")):
+        columns = [(cfg.text_column, "text_column")]
+        if labelled:
+            columns.append((cfg.label_column, "label_column"))
+        for col, key in columns:
             if col not in ds.column_names:
                 raise EdgeDistillError(
                     f"data.{key}: column '{col}' is missing from split '{name}' of {cfg.source} "
@@ -120,8 +126,11 @@ def load_task_data(cfg: DataConfig, seed: int = 42) -> TaskData:
         if len(ds) == 0:
             raise EdgeDistillError(f"data.source: split '{name}' of {cfg.source} is empty")
 
-    labels = cfg.labels or sorted({str(v) for v in train[cfg.label_column]})
-    if len(labels) < 2:
+    if not labelled:
+        labels = []
+    else:
+        labels = cfg.labels or sorted({str(v) for v in train[cfg.label_column]})
+    if labelled and len(labels) < 2:
         raise EdgeDistillError(f"data.labels: need at least 2 classes, found {labels}")
     index = {name: i for i, name in enumerate(labels)}
     clean = cfg.source in PACKAGED_DATASETS
@@ -129,7 +138,7 @@ def load_task_data(cfg: DataConfig, seed: int = 42) -> TaskData:
     def prepare(ds: Dataset, split: str, limit: int | None) -> Dataset:
         if limit is not None:
             ds = ds.shuffle(seed=seed).select(range(min(limit, len(ds))))
-        bad = sorted({str(v) for v in ds[cfg.label_column]} - set(index))
+        bad = sorted({str(v) for v in ds[cfg.label_column]} - set(index)) if labelled else []
         if bad:
             raise EdgeDistillError(
                 f"data.{cfg.label_column} in split '{split}': labels {bad[:5]} are not in the "
@@ -140,10 +149,11 @@ def load_task_data(cfg: DataConfig, seed: int = 42) -> TaskData:
                 raise EdgeDistillError(
                     f"data.{cfg.text_column} in split '{split}', row {i}: expected text, got "
                     f"{type(t).__name__} {t!r}")
-        out = Dataset.from_dict({
-            "text": [_clean(t) if clean else t for t in texts],
-            "label": [index[str(v)] for v in ds[cfg.label_column]],
-        })
+        texts = [_clean(t) if clean else t for t in texts]
+        if not labelled:
+            return Dataset.from_dict({"text": texts})
+        out = Dataset.from_dict({"text": texts,
+                                 "label": [index[str(v)] for v in ds[cfg.label_column]]})
         return out.cast_column("label", ClassLabel(names=labels))
 
     train = prepare(train, cfg.train_split, cfg.max_train_samples)
@@ -154,7 +164,7 @@ def load_task_data(cfg: DataConfig, seed: int = 42) -> TaskData:
     # Stratify so rare classes (36 'neutral' test reviews in the default data) appear in both.
     try:
         parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed,
-                                       stratify_by_column="label")
+                                       stratify_by_column="label" if labelled else None)
     except ValueError:  # a class too rare to stratify: fall back to a plain random split
         parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed)
     splits = DatasetDict(train=parts["train"], validation=parts["test"], test=test)
@@ -169,3 +179,26 @@ def tokenize(ds: Dataset, tokenizer, max_length: int) -> Dataset:
     out = ds.map(encode, batched=True, remove_columns=["text"], desc="tokenize")
     return out.rename_column("label", "labels")
 
+
+
+def lm_blocks(ds: Dataset, tokenizer, block_size: int) -> Dataset:
+    """Token blocks of exactly ``block_size`` for causal language modelling.
+
+    The texts are tokenized, joined with the end-of-text token between them and cut into
+    blocks (the remainder shorter than a block is dropped), as language models are pretrained:
+    no step is spent on padding, and every block has the same shape, so a teacher cache row
+    lines up with a block. ``labels`` are the input ids (the model shifts them).
+    """
+    if tokenizer.eos_token_id is None:
+        raise EdgeDistillError(f"{tokenizer.name_or_path}: tokenizer has no end-of-text token "
+                               "to separate texts; set tokenizer.eos_token")
+    ids = tokenizer(list(ds["text"]), add_special_tokens=False)["input_ids"]
+    stream = [t for row in ids for t in [*row, tokenizer.eos_token_id]]
+    n = len(stream) // block_size
+    if n == 0:
+        raise EdgeDistillError(
+            f"data: {len(stream)} tokens make no block of data.max_length={block_size}; "
+            "add text or lower data.max_length")
+    blocks = [stream[i * block_size:(i + 1) * block_size] for i in range(n)]
+    return Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size] * n,
+                              "labels": blocks})

@@ -56,3 +56,41 @@ def evaluate(model_dir: str | Path, dataset, label_names: list[str] | None = Non
         metrics["agreement"] = float(np.mean(predictions == np.asarray(reference_predictions)))
     metrics["predictions"] = predictions.tolist()
     return metrics
+
+
+# ------------------------------------------------------------------ causal language models
+
+def evaluate_lm(model_dir: str | Path, input_ids: np.ndarray, batch_size: int = 8,
+                reference_predictions=None, prompts: list[list[int]] | None = None,
+                new_tokens: int = 32, eos_token_id: int | None = None) -> dict:
+    """Perplexity of the causal LM in ``model_dir`` (PyTorch or ONNX) on token blocks.
+
+    ``perplexity = exp(mean negative log-likelihood of each next token)`` over every position
+    of the (unpadded) blocks ``input_ids`` (N, L). ``next_token_agreement`` is the share of
+    positions where the model's most likely next token equals the reference's (the teacher's).
+    Greedy continuations of ``prompts`` are returned for a reader to judge.
+    """
+    from .lm_runtime import load_causal_lm
+
+    model = load_causal_lm(model_dir)
+    nll, count, predictions = 0.0, 0, []
+    for start in tqdm(range(0, len(input_ids), batch_size), leave=False,
+                      desc=f"perplexity {Path(model_dir).name}"):
+        ids = np.asarray(input_ids[start:start + batch_size], dtype=np.int64)
+        logits = np.asarray(model.logits(ids, np.ones_like(ids))[:, :-1], dtype=np.float32)
+        targets = ids[:, 1:]
+        peak = logits.max(-1, keepdims=True)
+        log_z = np.log(np.exp(logits - peak).sum(-1)) + peak[..., 0]
+        picked = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        nll += float((log_z - picked).sum(dtype=np.float64))
+        count += targets.size
+        predictions.append(logits.argmax(-1))
+    predictions = np.concatenate(predictions)
+    metrics = {"perplexity": float(np.exp(nll / count)), "nll": nll / count, "tokens": count,
+               "predictions": predictions.tolist()}
+    if reference_predictions is not None:
+        metrics["next_token_agreement"] = float(
+            np.mean(predictions == np.asarray(reference_predictions)))
+    metrics["generations"] = [model.greedy(np.asarray([p], dtype=np.int64), new_tokens,
+                                           eos_token_id) for p in prompts or []]
+    return metrics

@@ -16,18 +16,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from rich.console import Console
 from transformers import AutoConfig
 
+from .bench.generation import GenerationSettings, benchmark_generation
 from .bench.runner import BenchSettings, benchmark
-from .data import TaskData, load_task_data
+from .data import TaskData, lm_blocks, load_task_data
+from .distill.losses.token import TOKEN_LOSSES
 from .distill.matching import resolve_matches
 from .distill.trainer import check_distill_settings
 from .environment import environment
 from .errors import EdgeDistillError
-from .evaluation import evaluate
+from .evaluation import evaluate, evaluate_lm
 from .export import export_onnx
-from .quantization import quantize, resolve_preset
+from .quantization import quantize, quantize_int4, resolve_preset
 from .recipe import Recipe, load_recipe, recipe_from_dict
 from .report import build_report, print_summary, write_report
 from .sources import check_remote_code, resolve_model
@@ -65,11 +68,13 @@ class Run:
         self.fingerprints: dict[str, str] = {}
         self.records: dict[str, dict] = {}
         self._data: TaskData | None = None
+        self.causal = recipe.task == "causal-lm"
 
     @property
     def data(self) -> TaskData:
         if self._data is None:
-            self._data = load_task_data(self.recipe.data, self.recipe.seed)
+            self._data = load_task_data(self.recipe.data, self.recipe.seed,
+                                        labelled=not self.causal)
         return self._data
 
     def stage(self, name: str, inputs: dict, work: Callable[[Path], dict]) -> Path:
@@ -121,7 +126,8 @@ class Run:
             "student_files": _folder_signature(resolve_model(r.student.model))
             if r.student.model else None,
         }, lambda d: distil_student(teacher / "model", r.student, r.distill, self.data,
-                                    r.data, d, r.seed, r.teacher.trust_remote_code))
+                                    r.data, d, r.seed, r.teacher.trust_remote_code,
+                                    cache_dir=self.out / "teacher-cache"))
         if self.until == "distill":
             return None
         exported = self.stage("export", {
@@ -131,11 +137,7 @@ class Run:
         quantized = self.stage("quantize", {
             "export": self.fingerprints["export"], "quantize": asdict(r.quantize),
             "profile": r.bench.profile,
-        }, lambda d: quantize(
-            exported / "student", d / "student-int8", r.bench.profile, r.quantize.preset,
-            r.quantize.per_channel, r.quantize.mode, self._calibration_texts(),
-            r.quantize.calibration, r.data.max_length, r.quantize.nodes_to_exclude,
-            r.quantize.operators))
+        }, lambda d: self._quantize(exported / "student", d))
         models = self._models(teacher / "model", distilled / "model", exported, quantized)
         upstream = {k: self.fingerprints[k] for k in ("teacher", "distill", "export", "quantize")}
         self.stage("evaluate", {**upstream, "data": data_cfg, "evaluate": asdict(r.evaluate)},
@@ -167,6 +169,7 @@ class Run:
             if value <= 0:
                 raise EdgeDistillError(f"{key}: {value} must be > 0")
         resolve_preset(r.bench.profile, r.quantize.preset, r.quantize.per_channel)
+        self._check_task(r)
         check_remote_code(model_path, r.teacher.trust_remote_code, "teacher.trust_remote_code")
         if r.teacher.trust_remote_code:
             console.print(f"[yellow]warning: teacher.trust_remote_code is on: Python code from "
@@ -185,6 +188,37 @@ class Run:
                     raise EdgeDistillError(f"{key}: {length} exceeds the {who}'s {positions} "
                                            f"positions; set {key} <= {positions}")
         _ = self.data
+
+    def _check_task(self, r: Recipe) -> None:
+        """Settings that only make sense for one kind of model."""
+        token_loss = r.distill.distil_loss in TOKEN_LOSSES
+        if self.causal and not token_loss:
+            raise EdgeDistillError(
+                f"distill.distil_loss: '{r.distill.distil_loss}' compares classifier outputs; "
+                f"task causal-lm takes one of {', '.join(TOKEN_LOSSES)}")
+        if not self.causal and token_loss:
+            raise EdgeDistillError(
+                f"distill.distil_loss: '{r.distill.distil_loss}' is a token-level loss for "
+                "task: causal-lm; a classifier takes soft_cross_entropy or kl_divergence")
+        if self.causal and r.distill.matches:
+            raise EdgeDistillError("distill.matches: feature and relation losses are not "
+                                   "supported for task causal-lm yet; remove them")
+        if self.causal and r.quantize.mode == "static":
+            raise EdgeDistillError("quantize.mode: static calibration of a decoder with a KV "
+                                   "cache is not supported yet; use dynamic (or int4: true)")
+        if not self.causal and (r.distill.cache_teacher or r.quantize.int4):
+            raise EdgeDistillError("distill.cache_teacher and quantize.int4 are for task "
+                                   "causal-lm; a classifier's logits are cached already")
+
+    def _quantize(self, onnx_dir: Path, d: Path) -> dict:
+        q, r = self.recipe.quantize, self.recipe
+        record = quantize(onnx_dir, d / "student-int8", r.bench.profile, q.preset, q.per_channel,
+                          q.mode, self._calibration_texts(), q.calibration, r.data.max_length,
+                          q.nodes_to_exclude, q.operators)
+        if q.int4:
+            record["int4"] = quantize_int4(onnx_dir, d / "student-int4", q.int4_block_size,
+                                           q.int4_accuracy_level)
+        return record
 
     def _export(self, teacher_dir: Path, student_dir: Path) -> Callable[[Path], dict]:
         cfg = self.recipe.export
@@ -223,9 +257,14 @@ class Run:
             {"name": "student-int8", "role": "student", "backend": "onnxruntime",
              "precision": "int8", "path": quantized / "student-int8"},
         ]
+        if self.recipe.quantize.int4:
+            models.append({"name": "student-int4", "role": "student", "backend": "onnxruntime",
+                           "precision": "int4", "path": quantized / "student-int4"})
         return models
 
     def _evaluate(self, models: list[dict]) -> dict:
+        if self.causal:
+            return self._evaluate_lm(models)
         test, cfg = self.data.test, self.recipe
         results, reference = {}, None
         for m in models:
@@ -239,7 +278,37 @@ class Run:
                           f"macro-F1 {metrics['macro_f1']:.3f}")
         return {"test_rows": len(test), "labels": self.data.labels, "models": results}
 
+    def _test_blocks(self, model_dir: Path):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return tokenizer, lm_blocks(self.data.test, tokenizer, self.recipe.data.max_length)
+
+    def _evaluate_lm(self, models: list[dict]) -> dict:
+        cfg = self.recipe.evaluate
+        tokenizer, blocks = self._test_blocks(models[0]["path"])
+        ids = np.asarray(blocks["input_ids"])
+        # prompts: the first words of test texts the blocks start with
+        prompts = [row[:16] for row in tokenizer(list(self.data.test["text"][:cfg.generations]),
+                                                 add_special_tokens=False)["input_ids"]]
+        results, reference = {}, None
+        for m in models:
+            metrics = evaluate_lm(m["path"], ids, cfg.batch_size, reference, prompts,
+                                  cfg.generation_tokens, tokenizer.eos_token_id)
+            if reference is None:
+                reference = metrics["predictions"]
+                metrics["next_token_agreement"] = 1.0
+            metrics["generations"] = [
+                {"prompt": tokenizer.decode(p), "continuation": tokenizer.decode(g)}
+                for p, g in zip(prompts, metrics["generations"])]
+            results[m["name"]] = metrics
+            console.print(f"  {m['name']:<14} perplexity {metrics['perplexity']:.2f}  "
+                          f"next-token agreement {metrics['next_token_agreement']:.3f}")
+        return {"test_blocks": len(ids), "test_tokens": int(ids.size), "models": results}
+
     def _bench(self, models: list[dict]) -> dict:
+        if self.causal:
+            return self._bench_generation(models)
         b = self.recipe.bench
         settings = BenchSettings(b.warmup, b.iterations, b.min_seconds, b.batch_size,
                                  b.sequence_length, b.real_length_samples,
@@ -248,6 +317,21 @@ class Run:
                             list(self.data.test["text"]), settings)
         for m, result in zip(models, results):
             console.print(f"  {m['name']:<14} p50 {result['latency']['p50_ms']:.2f} ms  "
+                          f"peak RSS {result['peak_rss_mb']:.0f} MB")
+        return {"models": {m["name"]: r for m, r in zip(models, results)}}
+
+
+    def _bench_generation(self, models: list[dict]) -> dict:
+        b = self.recipe.bench
+        tokenizer, blocks = self._test_blocks(models[0]["path"])
+        # a timed run is one whole generation: prompt, first token, new_tokens decode steps
+        settings = GenerationSettings(prompt_tokens=b.sequence_length, new_tokens=b.new_tokens,
+                                      warmup=b.warmup, iterations=b.iterations, rounds=b.rounds)
+        prompt = [t for row in blocks["input_ids"] for t in row][:b.sequence_length]
+        results = benchmark_generation([m["path"] for m in models], b.profile, prompt, settings)
+        for m, result in zip(models, results):
+            console.print(f"  {m['name']:<14} first token {result['ttft_ms']['p50_ms']:.1f} ms  "
+                          f"{result['decode_tokens_per_s']:.1f} tokens/s  "
                           f"peak RSS {result['peak_rss_mb']:.0f} MB")
         return {"models": {m["name"]: r for m, r in zip(models, results)}}
 

@@ -95,8 +95,15 @@ class DistillConfig(TrainingConfig):
     temperature: float = _f(2.0, "Softmax temperature of the soft targets (Hinton et al. 2015).")
     alpha_ce: float = _f(0.5, "Weight of the hard-label cross-entropy.")
     alpha_distil: float = _f(0.5, "Weight of the soft-target loss.")
-    distil_loss: str = _f("soft_cross_entropy", "Logit loss name (see edgedistill.distill.losses).")
+    distil_loss: str = _f("soft_cross_entropy", "Logit loss name (see edgedistill.distill.losses); "
+                          "causal LMs: forward_kl, reverse_kl, generalized_jsd, skew_forward_kl, "
+                          "skew_reverse_kl.")
+    loss_options: dict[str, Any] = _f({}, "Settings of the logit loss, e.g. {beta: 0.5} "
+                                          "(generalized_jsd) or {alpha: 0.1} (skew KL).")
     matches: list[MatchConfig] = _f([], "Feature and relation losses between matched layers.")
+    cache_teacher: bool = _f(False, "Causal LMs: run the teacher once and train from its stored "
+                                    "top-k log-probabilities instead of running it every step.")
+    cache_top_k: int = _f(64, "Teacher log-probabilities kept per token in the cache.")
 
 
 @dataclass
@@ -118,11 +125,17 @@ class QuantizeConfig:
         None, "ONNX operator types to quantize; default: optimum's set (dynamic), MatMul (static).")
     preset: str = _f("auto", "auto (from the profile and host), avx512_vnni, avx2, arm64.")
     per_channel: Optional[bool] = _f(None, "Per-channel weights; None takes the profile's value.")
+    int4: bool = _f(False, "Also write a 4-bit weight-only model (MatMulNBits), for decoders.")
+    int4_block_size: int = _f(32, "Weights sharing one 4-bit scale (a power of two >= 16).")
+    int4_accuracy_level: Optional[int] = _f(
+        None, "MatMulNBits compute type: 4 = int8 (fastest on CPU), 0/None = the input's type.")
 
 
 @dataclass
 class EvaluateConfig:
     batch_size: int = _f(32, "Examples per evaluation batch.")
+    generations: int = _f(3, "Causal LMs: test prompts whose greedy continuations the report shows.")
+    generation_tokens: int = _f(32, "Causal LMs: tokens generated per shown continuation.")
 
 
 @dataclass
@@ -135,6 +148,8 @@ class BenchConfig:
     sequence_length: int = _f(128, "Sequence length of the fixed-shape run.")
     real_length_samples: int = _f(64, "Test texts timed one by one at their own length (0: skip).")
     rounds: int = _f(3, "Rounds in which every model runs once, in turn (A B C A B C ...).")
+    new_tokens: int = _f(32, "Causal LMs: tokens generated per timed generation, after a prompt "
+                             "of sequence_length tokens.")
 
 
 @dataclass
@@ -146,6 +161,9 @@ class ReportConfig:
 class Recipe:
     version: int = _f(RECIPE_VERSION, "Recipe format version.")
     name: str = _f("run", "Run name, shown in the report.")
+    task: Literal["classification", "causal-lm"] = _f(
+        "classification", "classification: a text classifier, scored by macro-F1; causal-lm: "
+                          "a language model, scored by perplexity on held-out text.")
     seed: int = _f(42, "Random seed for splits, initialisation and training.")
     output_dir: str = _f("runs/run", "Where stage artifacts and the report go.")
     data: DataConfig = field(default_factory=DataConfig)
@@ -174,11 +192,21 @@ def default_recipe_path() -> Path:
     return Path(str(resources.files("edgedistill") / "recipes" / DEFAULT_RECIPE))
 
 
+def packaged_recipes() -> list[str]:
+    return sorted(p.stem for p in default_recipe_path().parent.glob("*.yaml"))
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe (``yaml.safe_load`` only), apply ``key=value`` overrides, validate."""
+    """Read a YAML recipe (``yaml.safe_load`` only), apply ``key=value`` overrides, validate.
+
+    ``path`` is a file, or the name of a recipe packaged with edgedistill (``smollm2-distill``).
+    """
     path = Path(path) if path else default_recipe_path()
+    if not path.is_file() and str(path) in packaged_recipes():
+        path = default_recipe_path().parent / f"{path}.yaml"
     if not path.is_file():
-        raise EdgeDistillError(f"{path}: recipe file not found; pass the path of a .yaml recipe")
+        raise EdgeDistillError(f"{path}: recipe file not found; pass the path of a .yaml recipe "
+                               f"or a packaged recipe's name ({', '.join(packaged_recipes())})")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

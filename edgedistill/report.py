@@ -7,6 +7,7 @@ import datetime as dt
 import html
 import io
 import json
+import math
 from pathlib import Path
 
 from rich.console import Console
@@ -23,8 +24,38 @@ TARGETS = (
 )
 
 
+# Goals of the causal-LM recipe (issue #4) that one run can check
+LM_TARGETS = (
+    ("student int4 perplexity / student fp32 perplexity", "int4_ppl_ratio", "<=", 1.05),
+    ("student int4 decode tokens/s / teacher PyTorch fp32 decode tokens/s", "decode_speedup",
+     ">=", 4.0),
+)
+
+
 def _by_name(models: list[dict]) -> dict:
     return {m["name"]: m for m in models}
+
+
+def _judge(values: dict, targets) -> list[dict]:
+    out = []
+    for name, key, op, goal in targets:
+        if key in values:
+            v = values[key]
+            out.append({"target": name, "measured": round(v, 4), "goal": f"{op} {goal}",
+                        "met": v >= goal if op == ">=" else v <= goal})
+    return out
+
+
+def check_lm_targets(models: list[dict]) -> list[dict]:
+    m = _by_name(models)
+    ppl = lambda n: m[n].get("metrics", {}).get("perplexity") if n in m else None  # noqa: E731
+    speed = lambda n: m[n].get("decode_tokens_per_s") if n in m else None  # noqa: E731
+    values = {}
+    if ppl("student-int4") and ppl("student"):
+        values["int4_ppl_ratio"] = ppl("student-int4") / ppl("student")
+    if speed("student-int4") and speed("teacher"):
+        values["decode_speedup"] = speed("student-int4") / speed("teacher")
+    return _judge(values, LM_TARGETS)
 
 
 def check_targets(models: list[dict]) -> list[dict]:
@@ -41,13 +72,7 @@ def check_targets(models: list[dict]) -> list[dict]:
             values["speedup_onnx"] = p50("teacher-onnx") / p50("student-int8")
     if "student-int8" in m and "student-onnx" in m:
         values["size_ratio"] = m["student-int8"]["size_mb"] / m["student-onnx"]["size_mb"]
-    out = []
-    for name, key, op, goal in TARGETS:
-        if key in values:
-            v = values[key]
-            out.append({"target": name, "measured": round(v, 4), "goal": f"{op} {goal}",
-                        "met": v >= goal if op == ">=" else v <= goal})
-    return out
+    return _judge(values, TARGETS)
 
 
 def build_report(recipe, models: list[dict], records: dict) -> dict:
@@ -58,20 +83,24 @@ def build_report(recipe, models: list[dict], records: dict) -> dict:
         row = {k: str(v) if k == "path" else v for k, v in m.items()}
         metrics = dict(evaluation.get(m["name"], {}))
         metrics.pop("predictions", None)
+        row["generated_text"] = metrics.pop("generations", [])
         row["metrics"] = metrics
         row.update(bench.get(m["name"], {}))
         rows.append(row)
     training = {stage: {k: v for k, v in records.get(stage, {}).items() if k != "log_history"}
                 for stage in ("teacher", "distill")}
+    causal = recipe.task == "causal-lm"
     return {
         "name": recipe.name,
+        "task": recipe.task,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "models": rows,
-        "targets": check_targets(rows),
+        "targets": check_lm_targets(rows) if causal else check_targets(rows),
         "training": training,
         "export_validation": records.get("export", {}),
         "quantization": records.get("quantize", {}),
         "test_rows": records.get("evaluate", {}).get("test_rows"),
+        "test_tokens": records.get("evaluate", {}).get("test_tokens"),
         "environment": environment(),
         "recipe": recipe.to_dict(),
     }
@@ -83,53 +112,98 @@ def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _columns(report: dict) -> list[tuple[str, object]]:
+    """(header, cell(model row) -> str) of the results table, by task."""
+    met = lambda key, digits=3: lambda m: _fmt(m.get("metrics", {}).get(key), digits)  # noqa: E731
+    lat = lambda key, field="latency": lambda m: _fmt(m.get(field, {}).get(key), 2)  # noqa: E731
+    first = [("model", lambda m: m["name"]), ("backend", lambda m: m["backend"]),
+             ("precision", lambda m: m["precision"])]
+    memory = [("peak RSS MB", lambda m: _fmt(m.get("peak_rss_mb"), 0)),
+              ("size MB", lambda m: _fmt(m.get("size_mb"), 1))]
+    if report.get("task") == "causal-lm":
+        return first + [("perplexity", met("perplexity", 2)),
+                        ("next-token agreement", met("next_token_agreement")),
+                        ("first token p50 ms", lat("p50_ms", "ttft_ms")),
+                        ("ms / token p50", lat("p50_ms", "tpot_ms")),
+                        ("decode tokens/s", lambda m: _fmt(m.get("decode_tokens_per_s"), 1))
+                        ] + memory
+    return first + [("accuracy", met("accuracy")), ("macro-F1", met("macro_f1")),
+                    ("agreement", met("agreement")), ("p50 ms", lat("p50_ms")),
+                    ("p99 ms", lat("p99_ms")),
+                    ("p50 ms real lengths", lat("p50_ms", "latency_real_lengths"))] + memory
+
+
+def _headers(report: dict) -> list[str]:
+    return [h for h, _ in _columns(report)]
+
+
 def _table_rows(report: dict) -> list[list[str]]:
-    rows = []
-    for m in report["models"]:
-        met, lat = m.get("metrics", {}), m.get("latency", {})
-        rows.append([m["name"], m["backend"], m["precision"], _fmt(met.get("accuracy")),
-                     _fmt(met.get("macro_f1")), _fmt(met.get("agreement")),
-                     _fmt(lat.get("p50_ms"), 2), _fmt(lat.get("p99_ms"), 2),
-                     _fmt(m.get("latency_real_lengths", {}).get("p50_ms"), 2),
-                     _fmt(m.get("peak_rss_mb"), 0), _fmt(m.get("size_mb"), 1)])
-    return rows
+    columns = _columns(report)
+    return [[cell(m) for _, cell in columns] for m in report["models"]]
 
 
-HEADERS = ["model", "backend", "precision", "accuracy", "macro-F1", "agreement",
-           "p50 ms", "p99 ms", "p50 ms real lengths", "peak RSS MB", "size MB"]
+def _setting_line(report: dict) -> str:
+    """What was measured, in one sentence above the table."""
+    if report.get("task") == "causal-lm":
+        bench = next((m for m in report["models"] if m.get("tpot_ms")), {})
+        return (f"Perplexity on {report.get('test_tokens')} held-out test tokens. Generation: "
+                f"prompt of {bench.get('prompt_tokens')} tokens, then {bench.get('new_tokens')} "
+                f"greedy tokens with a KV cache, batch 1, {bench.get('threads')} threads, "
+                f"profile `{bench.get('profile')}`; each model in its own process.")
+    bench = next((m for m in report["models"] if m.get("latency")), {})
+    return (f"Test split: {report.get('test_rows')} rows. Latency: batch "
+            f"{bench.get('batch_size')}, sequence {bench.get('sequence_length')}, "
+            f"{bench.get('threads')} threads, profile `{bench.get('profile')}`; each model in "
+            "its own process.")
+
+
+def _generation_lines(report: dict) -> list[str]:
+    """Each prompt, then every model's greedy continuation of it."""
+    models = [m for m in report["models"] if m.get("generated_text")]
+    lines = []
+    for i, sample in enumerate(models[0]["generated_text"] if models else []):
+        lines.append(f"prompt {i + 1}: {sample['prompt']!r}")
+        lines += [f"    {m['name']}: {m['generated_text'][i]['continuation']!r}" for m in models]
+    return lines
 
 
 def to_markdown(report: dict) -> str:
     env = report["environment"]
-    bench = next((m for m in report["models"] if m.get("latency")), {})
+    headers = _headers(report)
     lines = [f"# edgedistill report: {report['name']}", "",
              f"{report['created']} on {env['cpu']} ({env['cpu_count']} cores, {env['int8_isa']})",
-             "", f"Test split: {report.get('test_rows')} rows. Latency: batch "
-             f"{bench.get('batch_size')}, sequence {bench.get('sequence_length')}, "
-             f"{bench.get('threads')} threads, profile `{bench.get('profile')}`; each model in "
-             "its own process.", "",
-             "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+             "", _setting_line(report), "",
+             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in _table_rows(report)]
     lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'NO'} |"
               for t in report["targets"]]
     lines += ["", "## Training", ""] + [f"- {line}" for line in _training_lines(report)]
+    if _generation_lines(report):
+        lines += ["", "## Generations", ""] + [f"- {line}" for line in _generation_lines(report)]
     lines += ["", "## Environment", "", "```json", json.dumps(env, indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def _validation_score(report: dict, record: dict) -> str:
+    validation = record.get("validation", {})
+    if report.get("task") == "causal-lm":
+        return f"validation perplexity {math.exp(validation.get('loss', float('nan'))):.2f}"
+    return f"validation macro-F1 {validation.get('macro_f1', 0):.3f}"
 
 
 def _training_lines(report: dict) -> list[str]:
     lines = []
     teacher, distill = report["training"].get("teacher", {}), report["training"].get("distill", {})
     if teacher.get("finetuned"):
-        lines.append(f"teacher fine-tuned in {teacher['train_seconds']:.0f} s, validation "
-                     f"macro-F1 {teacher['validation'].get('macro_f1', 0):.3f}")
+        lines.append(f"teacher fine-tuned in {teacher['train_seconds']:.0f} s, "
+                     f"{_validation_score(report, teacher)}")
     if distill:
         lines.append(f"student: teacher layers {distill.get('teacher_layers')}, "
                      f"{distill.get('parameters', 0) / 1e6:.1f}M of the teacher's "
                      f"{distill.get('teacher_parameters', 0) / 1e6:.1f}M parameters, distilled "
-                     f"in {distill.get('train_seconds', 0):.0f} s, validation macro-F1 "
-                     f"{distill.get('validation', {}).get('macro_f1', 0):.3f}")
+                     f"in {distill.get('train_seconds', 0):.0f} s, "
+                     f"{_validation_score(report, distill)}")
     return lines
 
 
@@ -140,24 +214,30 @@ def _plots(report: dict) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
 
-    models = [m for m in report["models"] if m.get("latency") and m.get("metrics")]
+    causal = report.get("task") == "causal-lm"
+    speed = (lambda m: m.get("tpot_ms", {}).get("p50_ms")) if causal else (  # noqa: E731
+        lambda m: m.get("latency", {}).get("p50_ms"))
+    quality = "perplexity" if causal else "macro_f1"
+    models = [m for m in report["models"] if speed(m) and m.get("metrics", {}).get(quality)]
     pngs = {}
     if models:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         # A legend, not text labels: an ONNX model often sits on top of its PyTorch twin.
         markers = {"pytorch": "o", "onnxruntime": "s"}
         for m in models:
-            x, y = m["latency"]["p50_ms"], m["metrics"]["macro_f1"]
+            x, y = speed(m), m["metrics"][quality]
             filled = m["precision"] == "fp32"
             color = "tab:orange" if m["role"] == "teacher" else "tab:blue"
             ax.scatter(x, y, s=70, marker=markers.get(m["backend"], "^"), label=m["name"],
                        color=color if filled else "white", edgecolors=color, linewidths=2)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper right" if causal else "lower right")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(ScalarFormatter())
-        ax.set_xlabel("p50 latency, ms (log scale, lower is better)")
-        ax.set_ylabel("macro-F1 on the test split")
+        ax.set_xlabel(("p50 time per generated token, ms" if causal else "p50 latency, ms")
+                      + " (log scale, lower is better)")
+        ax.set_ylabel("perplexity on held-out text (lower is better)" if causal
+                      else "macro-F1 on the test split")
         ax.set_title("Quality against latency")
         ax.grid(alpha=0.3)
         pngs["quality_vs_latency.png"] = _png(fig)
@@ -187,7 +267,7 @@ def _png(fig) -> bytes:
 
 def to_html(report: dict, pngs: dict[str, bytes]) -> str:
     e = html.escape  # every string from a recipe, a model or the host is escaped
-    head = "".join(f"<th>{e(h)}</th>" for h in HEADERS)
+    head = "".join(f"<th>{e(h)}</th>" for h in _headers(report))
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
                    for r in _table_rows(report))
     targets = "".join(
@@ -199,6 +279,8 @@ def to_html(report: dict, pngs: dict[str, bytes]) -> str:
         for name, data in pngs.items())
     env = e(json.dumps(report["environment"], indent=2))
     training = "".join(f"<li>{e(line)}</li>" for line in _training_lines(report))
+    generations = "".join(f"<li>{e(line)}</li>" for line in _generation_lines(report))
+    generations = f"<h2>Generations</h2><ul>{generations}</ul>" if generations else ""
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>edgedistill report: {e(report['name'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}}
@@ -207,12 +289,13 @@ text-align:right}}td:first-child,th:first-child{{text-align:left}}tr.ok td{{back
 tr.miss td{{background:#fbeaea}}img{{max-width:48%;margin:.5em}}pre{{background:#f5f5f5;
 padding:1em}}</style></head><body>
 <h1>edgedistill report: {e(report['name'])}</h1>
-<p>{e(report['created'])} &middot; {e(report['environment']['cpu'])} &middot;
-{e(str(report.get('test_rows')))} test rows</p>
+<p>{e(report['created'])} &middot; {e(report['environment']['cpu'])}</p>
+<p>{e(_setting_line(report))}</p>
 <table><tr>{head}</tr>{body}</table>
 <h2>Targets</h2><table><tr><th>target</th><th>measured</th><th>goal</th><th></th></tr>
 {targets}</table>
 <h2>Training</h2><ul>{training}</ul>
+{generations}
 <div>{images}</div>
 <h2>Environment</h2><pre>{env}</pre></body></html>"""
 
@@ -238,7 +321,7 @@ def write_report(report: dict, out: str | Path, plots: bool = True) -> Path:
 def print_summary(report: dict, console: Console | None = None) -> None:
     console = console or Console()
     table = Table(title=f"edgedistill: {report['name']}")
-    for h in HEADERS:
+    for h in _headers(report):
         table.add_column(h, justify="left" if h == "model" else "right")
     for r in _table_rows(report):
         table.add_row(*r)

