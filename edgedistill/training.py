@@ -127,8 +127,12 @@ def _cached_teacher(train, teacher, tokenizer, args, data_cfg: DataConfig, cache
     ids = torch.tensor(train["input_ids"])
     mask = torch.tensor(train["attention_mask"])
     fp = cache_fingerprint(teacher, tokenizer, ids, data_cfg.max_length, top_k, args.temperature)
+    # under torchrun each rank computes its share of the shards; the barrier waits for all
     build_teacher_cache(teacher, ids, mask, cache_dir, top_k, args.temperature, fp,
-                        batch_size=args.per_device_train_batch_size)
+                        batch_size=args.per_device_train_batch_size, rank=args.process_index,
+                        world_size=args.world_size)
+    if args.world_size > 1:
+        torch.distributed.barrier()
     logprobs, indices = load_teacher_cache(cache_dir, fp)
     return TeacherCacheDataset(train, logprobs, indices)
 
