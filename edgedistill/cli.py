@@ -135,6 +135,9 @@ def _dispatch(args) -> int:
                           batch_size=args.batch_size, rounds=args.rounds)
         results = benchmark(args.models, args.profile, settings=s)
         for r in results:
+            if "over_budget" in r:
+                console.print(f"{r['path']}: [red]{r['over_budget']}[/red]")
+                continue
             lat = r["latency"]
             console.print(f"{r['path']}: p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, "
                           f"peak RSS {r['peak_rss_mb']:.0f} MB, size {r['size_mb']:.1f} MB")
@@ -156,8 +159,11 @@ def _dispatch(args) -> int:
         from .bench.profiles import list_profiles
 
         for p in list_profiles():
-            console.print(f"[bold]{p.name}[/bold]: {p.description} "
-                          f"(threads {p.num_threads}, {', '.join(p.execution_providers)})")
+            budget = f", memory budget {p.memory_budget_mb} MB" if p.memory_budget_mb else ""
+            pinned = f", pinned to {p.cpu_affinity} cores" if p.cpu_affinity else ""
+            console.print(f"[bold]{p.name}[/bold]: {p.description}\n  target: "
+                          f"{p.target or 'this host'}; threads {p.num_threads}{pinned}{budget}; "
+                          f"{', '.join(p.execution_providers)}")
     elif args.command == "settings":
         from .recipe import field_help
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import EdgeDistillError
-from .runtime import backend_of, onnx_file, open_onnx_session
+from .runtime import backend_of, check_cpu_only, onnx_file, open_onnx_session
 
 _ONNX_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                 "tensor(double)": np.float64}
@@ -222,16 +222,18 @@ class OnnxCausalLM(CausalLM):
         return self._run(np.array([[token_id]], dtype=np.int64), state.past, state.length)
 
 
-def load_causal_lm(folder: str | Path, threads: int | None = None) -> CausalLM:
+def load_causal_lm(folder: str | Path, threads: int | None = None,
+                   providers: list[str] | None = None) -> CausalLM:
     """The model in ``folder`` on the backend its content calls for: an ``.onnx`` file runs on
     onnxruntime (without importing torch), a saved ``AutoModelForCausalLM`` on PyTorch."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EdgeDistillError(f"{folder}: model folder does not exist")
     if backend_of(folder) == "onnxruntime":
-        return OnnxCausalLM(folder, threads)
+        return OnnxCausalLM(folder, threads, providers)
     if not (folder / "config.json").is_file():
         raise EdgeDistillError(f"{folder}: neither an ONNX model nor a saved PyTorch model")
+    check_cpu_only(folder, providers)
     return TorchCausalLM(folder, threads)
 
 

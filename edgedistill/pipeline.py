@@ -21,6 +21,7 @@ from rich.console import Console
 from transformers import AutoConfig
 
 from .bench.generation import GenerationSettings, benchmark_generation
+from .bench.profiles import check_available, load_profile
 from .bench.runner import BenchSettings, benchmark
 from .data import TaskData, lm_blocks, load_task_data
 from .distill.losses.token import TOKEN_LOSSES
@@ -30,6 +31,7 @@ from .environment import environment
 from .errors import EdgeDistillError
 from .evaluation import evaluate, evaluate_lm
 from .export import export_onnx
+from .mobile import phone_artifact
 from .quantization import quantize, quantize_int4, resolve_preset
 from .recipe import Recipe, load_recipe, recipe_from_dict
 from .report import build_report, print_summary, write_report
@@ -169,6 +171,7 @@ class Run:
             if value <= 0:
                 raise EdgeDistillError(f"{key}: {value} must be > 0")
         resolve_preset(r.bench.profile, r.quantize.preset, r.quantize.per_channel)
+        check_available(load_profile(r.bench.profile))
         self._check_task(r)
         check_remote_code(model_path, r.teacher.trust_remote_code, "teacher.trust_remote_code")
         if r.teacher.trust_remote_code:
@@ -218,6 +221,8 @@ class Run:
         if q.int4:
             record["int4"] = quantize_int4(onnx_dir, d / "student-int4", q.int4_block_size,
                                            q.int4_accuracy_level)
+        if load_profile(r.bench.profile).mobile_artifact:
+            record["mobile"] = phone_artifact(d / "student-int8", d / "student-int8-mobile")
         return record
 
     def _export(self, teacher_dir: Path, student_dir: Path) -> Callable[[Path], dict]:
@@ -316,6 +321,9 @@ class Run:
         results = benchmark([m["path"] for m in models], b.profile,
                             list(self.data.test["text"]), settings)
         for m, result in zip(models, results):
+            if "over_budget" in result:
+                console.print(f"  {m['name']:<14} [red]{result['over_budget']}[/red]")
+                continue
             console.print(f"  {m['name']:<14} p50 {result['latency']['p50_ms']:.2f} ms  "
                           f"peak RSS {result['peak_rss_mb']:.0f} MB")
         return {"models": {m["name"]: r for m, r in zip(models, results)}}
@@ -330,6 +338,9 @@ class Run:
         prompt = [t for row in blocks["input_ids"] for t in row][:b.sequence_length]
         results = benchmark_generation([m["path"] for m in models], b.profile, prompt, settings)
         for m, result in zip(models, results):
+            if "over_budget" in result:
+                console.print(f"  {m['name']:<14} [red]{result['over_budget']}[/red]")
+                continue
             console.print(f"  {m['name']:<14} first token {result['ttft_ms']['p50_ms']:.1f} ms  "
                           f"{result['decode_tokens_per_s']:.1f} tokens/s  "
                           f"peak RSS {result['peak_rss_mb']:.0f} MB")

@@ -157,13 +157,40 @@ def _setting_line(report: dict) -> str:
             "its own process.")
 
 
-def _generation_lines(report: dict) -> list[str]:
-    """Each prompt, then every model's greedy continuation of it."""
+def _budget_lines(report: dict) -> list[str]:
+    """How the profile was imitated on this host, and which models did not fit its budget."""
+    measured = next((m for m in report["models"] if m.get("constraints")), None)
+    if measured is None:
+        return []
+    c = measured["constraints"]
+    lines = [f"profile `{measured.get('profile')}` stands for {c['target']}; measured on "
+             f"{c['host_cores']} host cores with {c['threads']} threads"
+             + (f", pinned to cores {c['pinned_cores']}" if c["pinned_cores"] else "")
+             + (f", memory budget {c['memory_budget_mb']} MB" if c["memory_budget_mb"] else "")]
+    if c.get("note"):
+        lines.append(c["note"])
+    mobile = report.get("quantization", {}).get("mobile")
+    if mobile:
+        u = mobile["usability"]
+        lines.append(f"phone artifact: quantize/student-int8-mobile/{mobile['ort_file']} "
+                     f"({mobile['size_mb']:.1f} MB, ORT format); a reduced onnxruntime build "
+                     f"needs {mobile['operator_types']} operator types "
+                     f"({mobile['required_operators']}); onnxruntime's mobile check: NNAPI "
+                     f"{u['NNAPI']}, CoreML NeuralNetwork {u['CoreML NeuralNetwork']}, CoreML "
+                     f"MLProgram {u['CoreML MLProgram']}, dynamic inputs "
+                     f"{', '.join(u['dynamic_inputs']) or 'none'}; XNNPACK {u['XNNPACK']}")
+    lines += [f"{m['name']}: {m['over_budget']}" for m in report["models"] if m.get("over_budget")]
+    return lines
+
+
+def _generation_lines(report: dict) -> list[tuple[int, str]]:
+    """(depth, text): each prompt, then every model's greedy continuation of it."""
     models = [m for m in report["models"] if m.get("generated_text")]
     lines = []
     for i, sample in enumerate(models[0]["generated_text"] if models else []):
-        lines.append(f"prompt {i + 1}: {sample['prompt']!r}")
-        lines += [f"    {m['name']}: {m['generated_text'][i]['continuation']!r}" for m in models]
+        lines.append((0, f"prompt {i + 1}: {sample['prompt']!r}"))
+        lines += [(1, f"{m['name']}: {m['generated_text'][i]['continuation']!r}")
+                  for m in models]
     return lines
 
 
@@ -178,9 +205,12 @@ def to_markdown(report: dict) -> str:
     lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'NO'} |"
               for t in report["targets"]]
+    if _budget_lines(report):
+        lines += ["", "## Profile", ""] + [f"- {line}" for line in _budget_lines(report)]
     lines += ["", "## Training", ""] + [f"- {line}" for line in _training_lines(report)]
     if _generation_lines(report):
-        lines += ["", "## Generations", ""] + [f"- {line}" for line in _generation_lines(report)]
+        lines += ["", "## Generations", ""] + [f"{'  ' * depth}- {text}"
+                                              for depth, text in _generation_lines(report)]
     lines += ["", "## Environment", "", "```json", json.dumps(env, indent=2), "```", ""]
     return "\n".join(lines)
 
@@ -228,7 +258,8 @@ def _plots(report: dict) -> dict[str, bytes]:
             x, y = speed(m), m["metrics"][quality]
             filled = m["precision"] == "fp32"
             color = "tab:orange" if m["role"] == "teacher" else "tab:blue"
-            ax.scatter(x, y, s=70, marker=markers.get(m["backend"], "^"), label=m["name"],
+            marker = "D" if m["precision"] == "int4" else markers.get(m["backend"], "^")
+            ax.scatter(x, y, s=70, marker=marker, label=m["name"],
                        color=color if filled else "white", edgecolors=color, linewidths=2)
         ax.legend(fontsize=8, loc="upper right" if causal else "lower right")
         ax.set_xscale("log")
@@ -279,7 +310,9 @@ def to_html(report: dict, pngs: dict[str, bytes]) -> str:
         for name, data in pngs.items())
     env = e(json.dumps(report["environment"], indent=2))
     training = "".join(f"<li>{e(line)}</li>" for line in _training_lines(report))
-    generations = "".join(f"<li>{e(line)}</li>" for line in _generation_lines(report))
+    profile = "".join(f"<li>{e(line)}</li>" for line in _budget_lines(report))
+    generations = "".join(f"<li style='margin-left:{2 * depth}em'>{e(text)}</li>"
+                          for depth, text in _generation_lines(report))
     generations = f"<h2>Generations</h2><ul>{generations}</ul>" if generations else ""
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>edgedistill report: {e(report['name'])}</title>
@@ -294,6 +327,7 @@ padding:1em}}</style></head><body>
 <table><tr>{head}</tr>{body}</table>
 <h2>Targets</h2><table><tr><th>target</th><th>measured</th><th>goal</th><th></th></tr>
 {targets}</table>
+<h2>Profile</h2><ul>{profile}</ul>
 <h2>Training</h2><ul>{training}</ul>
 {generations}
 <div>{images}</div>

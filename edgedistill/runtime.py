@@ -90,15 +90,26 @@ class OnnxPredictor(Predictor):
         return self.session.run(["logits"], self.feed(encoding))[0]
 
 
-def load_predictor(folder: str | Path, threads: int | None = None) -> Predictor:
+def load_predictor(folder: str | Path, threads: int | None = None,
+                   providers: list[str] | None = None) -> Predictor:
     folder = Path(folder)
     if not folder.is_dir():
         raise EdgeDistillError(f"{folder}: model folder does not exist")
     if backend_of(folder) == "onnxruntime":
-        return OnnxPredictor(folder, threads)
+        return OnnxPredictor(folder, threads, providers)
+    check_cpu_only(folder, providers)
     if not (folder / "config.json").is_file():
         raise EdgeDistillError(f"{folder}: neither an ONNX model nor a saved PyTorch model")
     return TorchPredictor(folder, threads)
+
+
+def check_cpu_only(folder: Path, providers: list[str] | None) -> None:
+    """PyTorch models run on the CPU here: refuse a profile that asks for another device
+    rather than label CPU numbers as that device's."""
+    other = [p for p in providers or [] if p != "CPUExecutionProvider"]
+    if other:
+        raise EdgeDistillError(f"{folder}: a PyTorch model runs on the CPU here; profiles with "
+                               f"{', '.join(other)} measure ONNX models only")
 
 
 def size_on_disk_mb(folder: str | Path) -> float:

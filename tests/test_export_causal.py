@@ -162,3 +162,15 @@ def test_unsupported_architecture_lists_what_is_supported(tmp_path):
     with pytest.raises(EdgeDistillError,
                        match=r"cannot export T5.*ForSequenceClassification.*ForCausalLM"):
         export_onnx(tmp_path, tmp_path / "onnx")
+
+
+def test_cli_quantizes_to_int4(causal, tmp_path, capsys):
+    from edgedistill.cli import main
+
+    root, _ = causal
+    assert main(["quantize", str(root / "onnx"), str(tmp_path / "q"), "--int4",
+                 "--block-size", "16"]) == 0
+    assert "MatMulNBits" in ops(tmp_path / "q")
+    assert main(["quantize", str(root / "onnx"), str(tmp_path / "r"), "--int4",
+                 "--block-size", "24"]) == 2
+    assert "not a power of two" in capsys.readouterr().err

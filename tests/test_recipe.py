@@ -74,3 +74,9 @@ def test_every_setting_has_help():
     rows = field_help()
     assert len(rows) > 40
     assert all(help_text for _, _, help_text in rows), [k for k, _, h in rows if not h]
+
+
+def test_packaged_recipes_load_by_name():
+    assert load_recipe("smollm2-distill").task == "causal-lm"
+    with pytest.raises(EdgeDistillError, match="drug-reviews-minilm, smollm2-distill"):
+        load_recipe("smollm3-distill")

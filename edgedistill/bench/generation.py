@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EdgeDistillError
-from .profiles import Profile, load_profile
-from .runner import SAMPLE_TEXT, check_model_dirs, memory_figures, run_worker, take_turns
+from .profiles import Profile, check_available, load_profile
+from .runner import (SAMPLE_TEXT, check_model_dirs, memory_figures, results, run_worker,
+                     take_turns)
 from .stats import Latency
 
 
@@ -76,10 +77,11 @@ def _check_prompt(model_dir: Path, prompt: list[int], s: GenerationSettings) -> 
 
 def _run_once(model_dir: Path, profile: Profile, s: GenerationSettings,
               prompt: list[int]) -> dict:
-    spec = {"model_dir": str(model_dir), "threads": profile.num_threads, "prompt_ids": prompt,
+    spec = {"model_dir": str(model_dir), "threads": profile.num_threads,
+            "providers": profile.execution_providers, "prompt_ids": prompt,
             "new_tokens": s.new_tokens, "warmup": s.warmup, "iterations": s.iterations}
-    return run_worker("edgedistill.bench.generation_worker", spec, model_dir,
-                      profile.num_threads, s.poll_interval_s)
+    return run_worker("edgedistill.bench.generation_worker", spec, model_dir, profile,
+                      s.poll_interval_s)
 
 
 def _summarise(model_dir: Path, runs: list[dict], profile: Profile, s: GenerationSettings,
@@ -122,6 +124,7 @@ def benchmark_generation(models: list[str | Path], profile: Profile | str = "cpu
     s = settings or GenerationSettings()
     _check_settings(s)
     profile = load_profile(profile) if isinstance(profile, str) else profile
+    check_available(profile)
     dirs = check_model_dirs(models)
     if prompt_ids is not None and len(prompt_ids) == 0:
         raise EdgeDistillError("prompt_ids: empty; pass at least one token id or leave it out")
@@ -129,9 +132,10 @@ def benchmark_generation(models: list[str | Path], profile: Profile | str = "cpu
                else _prompt_from_text(d, text or SAMPLE_TEXT, s.prompt_tokens) for d in dirs}
     for d in dirs:
         _check_prompt(d, prompts[d], s)
-    runs = take_turns(dirs, s.rounds, lambda d: _run_once(d, profile, s, prompts[d]),
-                      "generation benchmark", progress)
-    return [{"path": str(d), **_summarise(d, runs[d], profile, s, prompts[d])} for d in dirs]
+    runs, over = take_turns(dirs, s.rounds, lambda d: _run_once(d, profile, s, prompts[d]),
+                            "generation benchmark", progress)
+    return results(dirs, runs, over, profile,
+                   lambda d, r: _summarise(d, r, profile, s, prompts[d]))
 
 
 __all__ = ["GenerationSettings", "benchmark_generation"]

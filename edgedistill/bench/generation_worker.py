@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from edgedistill.bench.worker import high_water_mb, rss_mb, write_result
+from edgedistill.bench.worker import measured_load, write_result
 
 
 def _generate(lm, prompt, new_tokens: int, np) -> tuple[float, list[float], float]:
@@ -40,11 +40,7 @@ def main(spec_path: str, out_path: str) -> None:
 
     from edgedistill.lm_runtime import load_causal_lm
 
-    rss_before_load = rss_mb()
-    t0 = time.perf_counter()
-    lm = load_causal_lm(spec["model_dir"], threads=spec["threads"])
-    load_s = time.perf_counter() - t0
-    rss_after_load = rss_mb()
+    lm, load = measured_load(load_causal_lm, spec)
 
     prompt = np.asarray([spec["prompt_ids"]], dtype=np.int64)
     n = spec["new_tokens"]
@@ -60,14 +56,11 @@ def main(spec_path: str, out_path: str) -> None:
 
     write_result(out_path, {
         "backend": lm.backend,
-        "load_s": load_s,
+        **load,
         "first_ttft_s": first_ttft,
         "ttft_seconds": ttft,
         "step_seconds": steps,
         "total_seconds": totals,
-        "rss_before_load_mb": rss_before_load,
-        "rss_after_load_mb": rss_after_load,
-        "maxrss_mb": high_water_mb(),
         "imported": sorted({"torch", "transformers", "optimum"} & set(sys.modules)),
     })
 

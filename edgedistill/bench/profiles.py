@@ -16,10 +16,25 @@ from ..errors import EdgeDistillError
 
 @dataclass
 class Profile:
+    """Where a model is to run, and how a run on this host imitates it.
+
+    ``threads``: intra-op threads (0: every core this process may use). ``cpu_affinity``: pin
+    the benchmark's processes to that many cores (0: no pinning). ``memory_budget_mb``: a model
+    whose process grows past it is stopped and reported as over budget, as a phone's
+    low-memory killer would stop it (0: no budget). ``target``: the device the profile stands
+    for, named in the report next to the host it was measured on. ``mobile_artifact``: the
+    pipeline also writes the int8 student in ORT format for ONNX Runtime Mobile
+    (:mod:`edgedistill.mobile`).
+    """
+
     name: str
     description: str = ""
+    target: str = ""
     execution_providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     threads: int = 0
+    cpu_affinity: int = 0
+    memory_budget_mb: int = 0
+    mobile_artifact: bool = False
     quantization: dict = field(default_factory=dict)
 
     @property
@@ -50,6 +65,20 @@ def load_profile(name: str) -> Profile:
         return Profile(**raw)
     except TypeError as e:
         raise EdgeDistillError(f"{path}: invalid profile ({e})")
+
+
+def check_available(profile: Profile) -> None:
+    """Refuse a profile whose execution providers this host lacks (a GPU profile without a
+    GPU): its numbers would be the CPU's under another name."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    missing = [p for p in profile.execution_providers if p not in available]
+    if missing:
+        raise EdgeDistillError(
+            f"profile '{profile.name}' needs {', '.join(missing)}, which this host's "
+            f"onnxruntime lacks (it has {', '.join(available)}); nothing was measured: run it "
+            "where that device and onnxruntime build exist, or choose profile cpu")
 
 
 def host_isa() -> str:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import EdgeDistillError
 from ..runtime import size_on_disk_mb
-from .profiles import Profile, load_profile
+from .profiles import Profile, check_available, load_profile
 from .stats import Latency
 
 SAMPLE_TEXT = ("The medication helped with my pain within a week, although the first days brought "
@@ -46,12 +46,18 @@ class BenchSettings:
     poll_interval_s: float = 0.002
 
 
-class _PeakRss(threading.Thread):
-    """Poll a process's resident set size from outside until it exits."""
+class OverBudget(EdgeDistillError):
+    """A model's process grew past its profile's memory budget and was stopped."""
 
-    def __init__(self, pid: int, interval: float):
+
+class _PeakRss(threading.Thread):
+    """Poll a process's resident set size from outside until it exits; past ``budget_mb``
+    (0: none) kill it, as a phone's low-memory killer would, instead of letting it swap."""
+
+    def __init__(self, child: subprocess.Popen, interval: float, budget_mb: float = 0):
         super().__init__(daemon=True)
-        self.path, self.interval, self.peak_mb = f"/proc/{pid}/statm", interval, 0.0
+        self.child, self.budget_mb, self.over = child, budget_mb, False
+        self.path, self.interval, self.peak_mb = f"/proc/{child.pid}/statm", interval, 0.0
         self.page = os.sysconf("SC_PAGE_SIZE")
         self.stop = threading.Event()
 
@@ -63,6 +69,10 @@ class _PeakRss(threading.Thread):
             except (OSError, IndexError, ValueError):
                 return
             self.peak_mb = max(self.peak_mb, rss)
+            if self.budget_mb and rss > self.budget_mb:
+                self.over = True
+                self.child.kill()
+                return
             time.sleep(self.interval)
 
 
@@ -78,24 +88,31 @@ def check_model_dirs(models: list[str | Path]) -> list[Path]:
     return dirs
 
 
-def run_worker(module: str, spec: dict, model_dir: Path, threads: int,
+def run_worker(module: str, spec: dict, model_dir: Path, profile: Profile,
                poll_interval_s: float) -> dict:
-    """``python -m module SPEC OUT`` in a fresh process with OMP/MKL limited to ``threads``,
-    polling its resident memory from outside; the worker's JSON result plus ``polled_peak_mb``.
-    A failed worker becomes an error naming ``model_dir`` and the last line it printed."""
+    """``python -m module SPEC OUT`` in a fresh process under ``profile``'s constraints: OMP/MKL
+    threads, the cores it is pinned to, its memory budget (see :func:`constraints`). Its
+    resident memory is polled from outside; returns the worker's JSON result plus
+    ``polled_peak_mb``. A worker past the budget raises :class:`OverBudget`; any other failure
+    becomes an error naming ``model_dir`` and the last line the worker printed."""
+    threads, cores = profile.num_threads, pinned_cores(profile)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false")
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
         spec_path.write_text(json.dumps(spec))
         child = subprocess.Popen([sys.executable, "-m", module, str(spec_path), str(out_path)],
                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 text=True)
-        poll = _PeakRss(child.pid, poll_interval_s)
+                                 text=True, preexec_fn=pin)
+        poll = _PeakRss(child, poll_interval_s, profile.memory_budget_mb)
         poll.start()
         _, err = child.communicate()
         poll.stop.set()
         poll.join()
+        if poll.over:
+            raise OverBudget(f"{model_dir}: over the {profile.memory_budget_mb} MB memory budget "
+                             f"of profile '{profile.name}' (stopped at {poll.peak_mb:.0f} MB)")
         if child.returncode != 0 or not out_path.is_file():
             last = (err or "").strip().splitlines()[-1:] or ["no output"]
             raise EdgeDistillError(f"{model_dir}: benchmark process failed ({last[0][:200]})")
@@ -104,25 +121,68 @@ def run_worker(module: str, spec: dict, model_dir: Path, threads: int,
     return raw
 
 
+def pinned_cores(profile: Profile) -> list[int]:
+    """The host cores a profile's processes are pinned to: the first ``cpu_affinity`` of those
+    this process may use (all of them when the host has fewer), or none for no pinning."""
+    if not profile.cpu_affinity or not hasattr(os, "sched_getaffinity"):
+        return []
+    return sorted(os.sched_getaffinity(0))[:profile.cpu_affinity]
+
+
+def constraints(profile: Profile) -> dict:
+    """What a profile run on this host actually constrained, for the report: a profile that
+    asks for more cores than the host has runs on fewer, and says so."""
+    host = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = pinned_cores(profile)
+    record = {"target": profile.target or "this host", "host_cores": host,
+              "threads": profile.num_threads, "pinned_cores": cores,
+              "memory_budget_mb": profile.memory_budget_mb or None}
+    if profile.cpu_affinity and profile.cpu_affinity > host:
+        record["note"] = (f"profile asks for {profile.cpu_affinity} cores, this host has {host}: "
+                          "measured on fewer cores than the target has")
+    return record
+
+
 def take_turns(dirs: list[Path], rounds: int, run_one: Callable[[Path], dict], desc: str,
-               progress: bool) -> dict[Path, list[dict]]:
+               progress: bool) -> tuple[dict[Path, list[dict]], dict[Path, str]]:
     """``run_one(model)`` for every model, round after round (A B C A B C): a slow spell of a
     shared machine then falls on every model alike instead of on whichever happened to run in
-    it, which keeps the ratios between models steadier."""
+    it, which keeps the ratios between models steadier. A model over its memory budget drops
+    out of later rounds; returns the runs and, for such models, why they stopped."""
     runs: dict[Path, list[dict]] = {d: [] for d in dirs}
+    over: dict[Path, str] = {}
     with tqdm(total=rounds * len(dirs), desc=desc, disable=not progress) as bar:
         for _ in range(rounds):
             for d in dirs:
                 bar.set_postfix_str(d.name)
-                runs[d].append(run_one(d))
+                if d not in over:
+                    try:
+                        runs[d].append(run_one(d))
+                    except OverBudget as e:
+                        over[d] = str(e)
                 bar.update()
-    return runs
+    return runs, over
+
+
+def results(dirs: list[Path], runs: dict[Path, list[dict]], over: dict[Path, str],
+            profile: Profile, summarise: Callable[[Path, list[dict]], dict]) -> list[dict]:
+    """One result per model: its summary, or what is known of a model over its budget."""
+    out = []
+    for d in dirs:
+        common = {"path": str(d), "constraints": constraints(profile)}
+        if d in over:
+            out.append({**common, "profile": profile.name, "over_budget": over[d],
+                        "size_mb": size_on_disk_mb(d)})
+        else:
+            out.append({**common, **summarise(d, runs[d])})
+    return out
 
 
 def memory_figures(model_dir: Path, runs: list[dict]) -> dict:
     """Load time, memory and size over the runs of one model: peak RSS is the larger of the
     polled and the kernel's figure (polling can miss a short spike, VmHWM cannot)."""
     return {
+        "cores": runs[0].get("cores"),
         "load_s": statistics.median(r["load_s"] for r in runs),
         "peak_rss_mb": max(max(r["polled_peak_mb"], r["maxrss_mb"]) for r in runs),
         "peak_rss_polled_mb": max(r["polled_peak_mb"] for r in runs),
@@ -155,11 +215,11 @@ def _inputs(model_dir: Path, texts: list[str], s: BenchSettings) -> tuple[dict, 
 def _run_once(model_dir: Path, profile: Profile, s: BenchSettings, fixed: dict,
               real: list[dict]) -> dict:
     """One fresh worker process for one model; its raw timings and memory readings."""
-    spec = {"model_dir": str(model_dir), "threads": profile.num_threads, "warmup": s.warmup,
+    spec = {"model_dir": str(model_dir), "threads": profile.num_threads,
+            "providers": profile.execution_providers, "warmup": s.warmup,
             "iterations": s.iterations, "min_seconds": s.min_seconds,
             "fixed_input": fixed, "real_inputs": real}
-    return run_worker("edgedistill.bench.worker", spec, model_dir, profile.num_threads,
-                      s.poll_interval_s)
+    return run_worker("edgedistill.bench.worker", spec, model_dir, profile, s.poll_interval_s)
 
 
 def _summarise(model_dir: Path, runs: list[dict], profile: Profile, s: BenchSettings) -> dict:
@@ -196,11 +256,12 @@ def benchmark(models: list[str | Path], profile: Profile | str = "cpu",
     """
     s = settings or BenchSettings()
     profile = load_profile(profile) if isinstance(profile, str) else profile
+    check_available(profile)
     dirs = check_model_dirs(models)
     inputs = {d: _inputs(d, texts or [SAMPLE_TEXT], s) for d in dirs}
-    runs = take_turns(dirs, s.rounds, lambda d: _run_once(d, profile, s, *inputs[d]),
-                      "benchmark", progress)
-    return [{"path": str(d), **_summarise(d, runs[d], profile, s)} for d in dirs]
+    runs, over = take_turns(dirs, s.rounds, lambda d: _run_once(d, profile, s, *inputs[d]),
+                            "benchmark", progress)
+    return results(dirs, runs, over, profile, lambda d, r: _summarise(d, r, profile, s))
 
 
 def benchmark_model(model_dir: str | Path, profile: Profile | str = "cpu",

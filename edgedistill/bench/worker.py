@@ -27,8 +27,22 @@ def high_water_mb() -> float:
     return 0.0
 
 
+def measured_load(load, spec: dict):
+    """``load(model_dir, threads=, providers=)``; the model and the load's time and memory."""
+    before = rss_mb()
+    t0 = time.perf_counter()
+    model = load(spec["model_dir"], threads=spec["threads"], providers=spec["providers"])
+    return model, {"load_s": time.perf_counter() - t0, "rss_before_load_mb": before,
+                   "rss_after_load_mb": rss_mb()}
+
+
 def write_result(out_path: str, result: dict) -> None:
-    """Write the result whole or not at all: the parent treats a missing file as a failure."""
+    """Write the result whole or not at all: the parent treats a missing file as a failure.
+    The kernel's memory high-water mark and the cores the process ran on go with it (so
+    pinning is checked, not assumed)."""
+    result = {**result, "maxrss_mb": high_water_mb()}
+    if hasattr(os, "sched_getaffinity"):
+        result["cores"] = sorted(os.sched_getaffinity(0))
     tmp = out_path + ".part"
     with open(tmp, "w") as f:
         json.dump(result, f)
@@ -42,11 +56,7 @@ def main(spec_path: str, out_path: str) -> None:
 
     from edgedistill.runtime import load_predictor
 
-    rss_before_load = rss_mb()
-    t0 = time.perf_counter()
-    predictor = load_predictor(spec["model_dir"], threads=spec["threads"])
-    load_s = time.perf_counter() - t0
-    rss_after_load = rss_mb()
+    predictor, load = measured_load(load_predictor, spec)
 
     fixed = {k: np.asarray(v, dtype=np.int64) for k, v in spec["fixed_input"].items()}
     t0 = time.perf_counter()
@@ -72,18 +82,14 @@ def main(spec_path: str, out_path: str) -> None:
         predictor.logits(enc)
         real_times.append(time.perf_counter() - t0)
 
-    result = {
+    write_result(out_path, {
         "backend": predictor.backend,
-        "load_s": load_s,
+        **load,
         "first_inference_s": first_s,
         "fixed_seconds": times,
         "real_seconds": real_times,
         "real_lengths": [int(enc["input_ids"].shape[1]) for enc in real],
-        "rss_before_load_mb": rss_before_load,
-        "rss_after_load_mb": rss_after_load,
-        "maxrss_mb": high_water_mb(),
-    }
-    write_result(out_path, result)
+    })
 
 
 if __name__ == "__main__":
