@@ -5,7 +5,8 @@ of review text. Each mode runs in its own fresh process (so one mode's allocatio
 colour another's peak), taking turns over rounds:
 
 - ``plain``: the student alone, next-token loss (the baseline);
-- ``kd``: next-token loss + forward KL to the live teacher, chunked over tokens (1024 at a time);
+- ``kd``: next-token loss + forward KL to the live teacher, chunked over tokens (256 at a time,
+  the default);
 - ``kd-unchunked``: the same with one chunk holding every token (what chunking saves);
 - ``cached``: next-token loss + forward KL to the teacher's stored top-64 (no teacher in memory).
 
@@ -76,7 +77,7 @@ def one_mode(mode: str, steps: int, batch: int, length: int) -> dict:
         per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4,
         distil_loss="forward_kl", temperature=1.0, alpha_ce=1.0 if mode == "plain" else 0.5,
         alpha_distil=0.0 if mode == "plain" else 0.5, disable_tqdm=True,
-        kd_chunk_tokens=batch * length if mode == "kd-unchunked" else 1024)
+        kd_chunk_tokens=batch * length if mode == "kd-unchunked" else 256)
     trainer = DistillationTrainer(model=student, args=args, train_dataset=rows,
                                   data_collator=default_data_collator, teacher_model=teacher)
     times = []

@@ -166,7 +166,7 @@ def build_teacher_cache(teacher: torch.nn.Module, input_ids: torch.Tensor,
                         top_k: int = 64, temperature: float = 1.0, fingerprint: str | None = None,
                         batch_size: int = 8, shard_rows: int = 256, rank: int = 0,
                         world_size: int = 1, progress: bool = True,
-                        chunk_tokens: int = 1024) -> Path:
+                        chunk_tokens: int = 256) -> Path:
     """Run the teacher over ``input_ids`` (N, L) once and store its top-k per token.
 
     Writes ``folder/shard-XXXXX.safetensors`` (rows ``[i * shard_rows, (i + 1) * shard_rows)``:

@@ -9,10 +9,11 @@ from ``x_<=i``); choosing the positions (e.g. ``labels != -100`` shifted by one)
 
 Memory: a full-vocabulary distribution is ``positions x vocabulary`` floats (2048 tokens x 150k
 vocabulary = 1.2 GB in float32, several of them per loss). The masked positions are processed
-``chunk_tokens`` at a time, each chunk inside ``torch.utils.checkpoint`` (non-reentrant), so
-only one chunk's teacher logits, log-probabilities and loss intermediates are alive, in the
-forward pass and again when the chunk is recomputed in the backward pass. The log-softmax runs
-in float32 whatever the logits' dtype.
+``chunk_tokens`` at a time, and each chunk's gradient with respect to the student's logits is
+computed as soon as its loss is (:class:`_GradInForward`), so only one chunk's teacher logits,
+log-probabilities and loss intermediates are ever alive, and nothing is recomputed in the
+backward pass (activation checkpointing would run the teacher's head twice). The log-softmax
+runs in float32 whatever the logits' dtype.
 
 Sparse KD (:func:`sparse_token_kd`) compares *coarsened* distributions of ``k + 1`` bins: the
 teacher's top-k tokens plus one tail bin holding the rest of the mass, for both models
@@ -29,11 +30,11 @@ Recipe block (dense with a live teacher; ``cache_teacher: true`` switches to the
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import EdgeDistillError
 from .losses.token import get_token_loss
@@ -106,6 +107,39 @@ def _select(student_logits: torch.Tensor, flat_mask: torch.Tensor, n: int) -> to
     return student_logits[flat_mask.view(student_logits.shape[:2])]
 
 
+class _GradInForward(torch.autograd.Function):
+    """``sum_chunks chunk_loss(rows, *extra rows)`` over ``chunk_tokens`` rows of ``s`` at a time.
+
+    Each chunk's gradient with respect to its rows is taken right after its loss, inside the
+    forward pass, and written into one buffer the size of ``s``; the chunk's intermediates are
+    then freed. The backward pass only scales that buffer. The same idea as fused linear
+    cross-entropy kernels (e.g. Liger Kernel's): the memory of one chunk plus the gradient,
+    the compute of one forward and one local backward per chunk, no recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, s, chunk_loss, chunk_tokens, *extras):
+        grad = torch.empty_like(s) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=s.device)
+        start = 0
+        for rows, *parts in zip(s.split(chunk_tokens), *(e.split(chunk_tokens) for e in extras)):
+            with torch.enable_grad():
+                x = rows.detach().requires_grad_(grad is not None)
+                loss = chunk_loss(x, *parts)
+                if grad is not None:
+                    grad[start:start + len(rows)] = torch.autograd.grad(loss, x)[0]
+            total += loss.detach()
+            start += len(rows)
+        ctx.save_for_backward(grad)
+        ctx.num_extras = len(extras)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out.to(grad.dtype), None, None) + (None,) * (ctx.num_extras)
+
+
 # ------------------------------------------------------------------------------------ dense
 
 def _dense_chunk(s_logits, t_hidden, head, fn, temperature):
@@ -117,7 +151,7 @@ def _dense_chunk(s_logits, t_hidden, head, fn, temperature):
 
 def dense_token_kd(student_logits: torch.Tensor, teacher_hidden: torch.Tensor,
                    teacher_head: nn.Module, mask: torch.Tensor, loss: str = "forward_kl",
-                   temperature: float = 1.0, chunk_tokens: int = 1024, **options) -> torch.Tensor:
+                   temperature: float = 1.0, chunk_tokens: int = 256, **options) -> torch.Tensor:
     """Token-level KD against a live teacher, chunked; a scalar.
 
     ``student_logits`` (B, L, V) with grad; ``teacher_hidden`` (B, L, H) the teacher's final
@@ -152,10 +186,8 @@ def dense_token_kd(student_logits: torch.Tensor, teacher_hidden: torch.Tensor,
     # index_select makes a normal tensor even from an inference-mode one, usable in autograd
     t_sel = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(
         0, rows.to(teacher_hidden.device))
-    total = _zero(student_logits)
-    for s_chunk, t_chunk in zip(s_sel.split(chunk_tokens), t_sel.split(chunk_tokens)):
-        total = total + checkpoint(_dense_chunk, s_chunk, t_chunk, teacher_head, fn, temperature,
-                                   use_reentrant=False)
+    chunk_loss = partial(_dense_chunk, head=teacher_head, fn=fn, temperature=temperature)
+    total = _GradInForward.apply(s_sel, chunk_loss, chunk_tokens, t_sel)
     return total / n * temperature ** 2
 
 
@@ -163,7 +195,7 @@ def dense_token_kd(student_logits: torch.Tensor, teacher_hidden: torch.Tensor,
 
 @torch.inference_mode()
 def teacher_topk(teacher_hidden: torch.Tensor, teacher_head: nn.Module, k: int,
-                 temperature: float = 1.0, chunk_tokens: int = 1024
+                 temperature: float = 1.0, chunk_tokens: int = 256
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's top-k log-probabilities at temperature T, for a cache.
 
@@ -204,14 +236,14 @@ def _sparse_chunk(s_logits, t_logp, t_idx, fn, temperature):
 
 def sparse_token_kd(student_logits: torch.Tensor, topk_logprobs: torch.Tensor,
                     topk_indices: torch.Tensor, mask: torch.Tensor, loss: str = "forward_kl",
-                    temperature: float = 1.0, chunk_tokens: int = 1024, **options) -> torch.Tensor:
+                    temperature: float = 1.0, chunk_tokens: int = 256, **options) -> torch.Tensor:
     """Token-level KD against a cached teacher top-k, over ``k + 1`` coarsened bins; a scalar.
 
     ``topk_logprobs`` / ``topk_indices`` (B, L, k) as made by :func:`teacher_topk` (at this
     ``temperature``: the cache's temperature must match). The teacher's bins are its k
     log-probs plus the tail ``1 - sum``; the student's, its full-vocabulary log-softmax gathered
     at the same indices plus its own tail (:func:`coarsen`). Then as :func:`dense_token_kd`:
-    ``T^2 * sum / N`` over the masked positions, chunked and checkpointed. With k = the
+    ``T^2 * sum / N`` over the masked positions, chunked. With k = the
     vocabulary this equals the dense loss (the tails are ~0); with smaller k it is the
     divergence between the coarsened distributions, a lower bound of the full one (data
     processing inequality).
@@ -237,11 +269,8 @@ def sparse_token_kd(student_logits: torch.Tensor, topk_logprobs: torch.Tensor,
             f"{vocab} logits; token-level KD needs one shared vocabulary")
     t_logp = topk_logprobs.reshape(-1, k).to(student_logits.device).index_select(0, rows)
     s_sel = _select(student_logits, flat_mask, n)
-    total = _zero(student_logits)
-    for s_chunk, lp_chunk, idx_chunk in zip(s_sel.split(chunk_tokens), t_logp.split(chunk_tokens),
-                                            t_idx.split(chunk_tokens)):
-        total = total + checkpoint(_sparse_chunk, s_chunk, lp_chunk, idx_chunk, fn, temperature,
-                                   use_reentrant=False)
+    chunk_loss = partial(_sparse_chunk, fn=fn, temperature=temperature)
+    total = _GradInForward.apply(s_sel, chunk_loss, chunk_tokens, t_logp, t_idx)
     return total / n * temperature ** 2
 
 

@@ -44,7 +44,7 @@ class DistillationTrainingArguments(TrainingArguments):
         "generalized_jsd, skew_forward_kl, skew_reverse_kl).")})
     loss_options: Optional[dict] = field(default=None, metadata={"help": (
         "Settings of the logit loss, e.g. {'beta': 0.5} for generalized_jsd.")})
-    kd_chunk_tokens: int = field(default=1024, metadata={"help": (
+    kd_chunk_tokens: int = field(default=256, metadata={"help": (
         "Causal LMs: token positions whose full-vocabulary distributions are in memory at once "
         "in the distillation loss.")})
     matches: Optional[list[dict]] = field(default=None, metadata={"help": (
