@@ -140,10 +140,48 @@ class _GradInForward(torch.autograd.Function):
         return (grad * grad_out.to(grad.dtype), None, None) + (None,) * (ctx.num_extras)
 
 
+def _run(s_sel: torch.Tensor, divergence, extras: list[torch.Tensor], rows: torch.Tensor,
+         temperature: float, chunk_tokens: int, targets, kd_weight: float, ce_weight: float,
+         parts: dict | None) -> torch.Tensor:
+    """``(kd_weight * T^2 * sum of divergence + ce_weight * sum of next-token NLL) / N`` over the
+    selected rows, chunked (:class:`_GradInForward`).
+
+    With ``ce_weight`` the next-token cross-entropy against ``targets`` comes from the same
+    student log-softmax as the divergence (at T = 1; another T takes one more log-softmax of
+    the chunk), so a step pays for the vocabulary-wide softmax once instead of twice.
+    ``parts``, when given, receives the unweighted means ``distil`` (with T^2) and ``ce``.
+    """
+    n = rows.numel()
+    if ce_weight and targets is None:
+        raise EdgeDistillError("token KD: ce_weight needs the targets (the next tokens)")
+    flat_targets = (targets.reshape(-1).to(s_sel.device).index_select(0, rows)
+                    if targets is not None else torch.zeros(n, dtype=torch.long,
+                                                             device=s_sel.device))
+    if ce_weight and int(flat_targets.min()) < 0:
+        raise EdgeDistillError("token KD: a position in the mask has no target (-100); mask "
+                               "exactly the positions whose next token is known")
+    sums = {"distil": torch.zeros(()), "ce": torch.zeros(())}
+
+    def chunk_loss(x, target, *chunk_extras):
+        s_logp = F.log_softmax(x.float() / temperature, dim=-1)
+        kd = divergence(s_logp, *chunk_extras) * temperature ** 2
+        sums["distil"] += kd.detach().cpu()
+        if not ce_weight:
+            return kd_weight * kd
+        logp = s_logp if temperature == 1 else F.log_softmax(x.float(), dim=-1)
+        ce = -logp.gather(-1, target[:, None]).sum()
+        sums["ce"] += ce.detach().cpu()
+        return kd_weight * kd + ce_weight * ce
+
+    total = _GradInForward.apply(s_sel, chunk_loss, chunk_tokens, flat_targets, *extras)
+    if parts is not None:
+        parts.update({k: float(v) / n for k, v in sums.items()})
+    return total / n
+
+
 # ------------------------------------------------------------------------------------ dense
 
-def _dense_chunk(s_logits, t_hidden, head, fn, temperature):
-    s_logp = F.log_softmax(s_logits.float() / temperature, dim=-1)
+def _dense_divergence(s_logp, t_hidden, head, fn, temperature):
     with torch.no_grad():
         t_logp = F.log_softmax(head(t_hidden).float() / temperature, dim=-1)
     return fn(s_logp, t_logp).sum()
@@ -151,7 +189,10 @@ def _dense_chunk(s_logits, t_hidden, head, fn, temperature):
 
 def dense_token_kd(student_logits: torch.Tensor, teacher_hidden: torch.Tensor,
                    teacher_head: nn.Module, mask: torch.Tensor, loss: str = "forward_kl",
-                   temperature: float = 1.0, chunk_tokens: int = 256, **options) -> torch.Tensor:
+                   temperature: float = 1.0, chunk_tokens: int = 256, *,
+                   targets: torch.Tensor | None = None, kd_weight: float = 1.0,
+                   ce_weight: float = 0.0, parts: dict | None = None,
+                   **options) -> torch.Tensor:
     """Token-level KD against a live teacher, chunked; a scalar.
 
     ``student_logits`` (B, L, V) with grad; ``teacher_hidden`` (B, L, H) the teacher's final
@@ -160,7 +201,8 @@ def dense_token_kd(student_logits: torch.Tensor, teacher_hidden: torch.Tensor,
     the teacher's (B, L, V) logits never exist at once; ``mask`` (B, L) the positions that count.
     ``loss`` names a divergence of ``TOKEN_LOSSES`` and ``options`` its options (``beta``,
     ``alpha``). Returns ``T^2 * sum / N`` over the N masked positions; with none, a 0 still
-    connected to ``student_logits``.
+    connected to ``student_logits``. With ``targets`` (B, L) and ``ce_weight``, returns
+    ``kd_weight * that + ce_weight * next-token cross-entropy`` in one pass (see :func:`_run`).
 
     The masked student logits are gathered once (a copy of N x V unless every position counts);
     everything else of vocabulary size lives one chunk at a time.
@@ -186,9 +228,9 @@ def dense_token_kd(student_logits: torch.Tensor, teacher_hidden: torch.Tensor,
     # index_select makes a normal tensor even from an inference-mode one, usable in autograd
     t_sel = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(
         0, rows.to(teacher_hidden.device))
-    chunk_loss = partial(_dense_chunk, head=teacher_head, fn=fn, temperature=temperature)
-    total = _GradInForward.apply(s_sel, chunk_loss, chunk_tokens, t_sel)
-    return total / n * temperature ** 2
+    divergence = partial(_dense_divergence, head=teacher_head, fn=fn, temperature=temperature)
+    return _run(s_sel, divergence, [t_sel], rows, temperature, chunk_tokens, targets, kd_weight,
+                ce_weight, parts)
 
 
 # ----------------------------------------------------------------------------------- sparse
@@ -229,14 +271,16 @@ def teacher_topk(teacher_hidden: torch.Tensor, teacher_head: nn.Module, k: int,
     return torch.cat(values).reshape(*lead, k), torch.cat(indices).reshape(*lead, k)
 
 
-def _sparse_chunk(s_logits, t_logp, t_idx, fn, temperature):
-    s_logp = F.log_softmax(s_logits.float() / temperature, dim=-1)
+def _sparse_divergence(s_logp, t_logp, t_idx, fn):
     return fn(coarsen(s_logp, t_idx), add_tail_bin(t_logp)).sum()
 
 
 def sparse_token_kd(student_logits: torch.Tensor, topk_logprobs: torch.Tensor,
                     topk_indices: torch.Tensor, mask: torch.Tensor, loss: str = "forward_kl",
-                    temperature: float = 1.0, chunk_tokens: int = 256, **options) -> torch.Tensor:
+                    temperature: float = 1.0, chunk_tokens: int = 256, *,
+                    targets: torch.Tensor | None = None, kd_weight: float = 1.0,
+                    ce_weight: float = 0.0, parts: dict | None = None,
+                    **options) -> torch.Tensor:
     """Token-level KD against a cached teacher top-k, over ``k + 1`` coarsened bins; a scalar.
 
     ``topk_logprobs`` / ``topk_indices`` (B, L, k) as made by :func:`teacher_topk` (at this
@@ -269,9 +313,9 @@ def sparse_token_kd(student_logits: torch.Tensor, topk_logprobs: torch.Tensor,
             f"{vocab} logits; token-level KD needs one shared vocabulary")
     t_logp = topk_logprobs.reshape(-1, k).to(student_logits.device).index_select(0, rows)
     s_sel = _select(student_logits, flat_mask, n)
-    chunk_loss = partial(_sparse_chunk, fn=fn, temperature=temperature)
-    total = _GradInForward.apply(s_sel, chunk_loss, chunk_tokens, t_logp, t_idx)
-    return total / n * temperature ** 2
+    divergence = partial(_sparse_divergence, fn=fn)
+    return _run(s_sel, divergence, [t_logp, t_idx], rows, temperature, chunk_tokens, targets,
+                kd_weight, ce_weight, parts)
 
 
 __all__ = ["TAIL_FLOOR", "add_tail_bin", "coarsen", "dense_token_kd", "sparse_token_kd",

@@ -8,6 +8,7 @@ how the teacher is fine-tuned and how the labels-only baseline is trained.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -214,15 +215,20 @@ class DistillationTrainer(Trainer):
         return self._total(model, parts, logits, return_outputs)
 
     def _total(self, model, parts: dict[str, torch.Tensor], logits, return_outputs):
-        """Sum the weighted parts; stop on a non-finite loss; keep the parts for the log."""
+        """The sum of the weighted parts (see :meth:`_finish`)."""
         if not parts:
             raise EdgeDistillError("DistillationTrainer: batch has no labels and no teacher")
-        loss = sum(parts.values())
+        return self._finish(model, sum(parts.values()), parts, logits, return_outputs)
+
+    def _finish(self, model, loss, parts: dict, logits, return_outputs):
+        """Stop on a non-finite loss; keep the weighted parts (tensors or floats) for the log."""
+        parts = {k: float(v.detach()) if torch.is_tensor(v) else float(v)
+                 for k, v in parts.items()}
         if model.training and not torch.isfinite(loss):
             self._stop_on_non_finite(parts)
         if model.training:
             for k, v in parts.items():
-                self._loss_parts[k].append(float(v.detach()))
+                self._loss_parts[k].append(v)
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def _causal_loss(self, model, inputs, return_outputs):
@@ -242,30 +248,33 @@ class DistillationTrainer(Trainer):
         # position i predicts token i + 1
         s_logits, targets = logits[:, :-1], labels[:, 1:]
         mask = targets != -100
-        ce = F.cross_entropy(s_logits.reshape(-1, s_logits.size(-1)), targets.reshape(-1),
-                             ignore_index=-100)
         has_teacher = self.teacher is not None or topk[0] is not None
         if not model.training or not has_teacher or args.alpha_distil == 0:
+            ce = F.cross_entropy(s_logits.reshape(-1, s_logits.size(-1)), targets.reshape(-1),
+                                 ignore_index=-100)
             return self._total(model, {"ce": ce}, logits, return_outputs)
-        options = dict(args.loss_options or {})
+        # one pass over the vocabulary for both terms: the KD loss adds the cross-entropy from
+        # the same student log-softmax (see token_kd), instead of a second full softmax
+        weights = dict(targets=targets, kd_weight=args.alpha_distil, ce_weight=args.alpha_ce,
+                       parts={}, **(args.loss_options or {}))
         if topk[0] is not None:
-            kd = sparse_token_kd(s_logits, topk[0][:, :-1], topk[1][:, :-1], mask,
-                                 args.distil_loss, args.temperature, args.kd_chunk_tokens,
-                                 **options)
+            loss = sparse_token_kd(s_logits, topk[0][:, :-1], topk[1][:, :-1], mask,
+                                   args.distil_loss, args.temperature, args.kd_chunk_tokens,
+                                   **weights)
         else:
             with torch.inference_mode():
                 hidden = decoder_of(self.teacher)(**inputs).last_hidden_state
-            kd = dense_token_kd(s_logits, hidden[:, :-1], self.teacher.get_output_embeddings(),
-                                mask, args.distil_loss, args.temperature, args.kd_chunk_tokens,
-                                **options)
-        parts = {"ce": args.alpha_ce * ce, "distil": args.alpha_distil * kd}
-        return self._total(model, parts, logits, return_outputs)
+            loss = dense_token_kd(s_logits, hidden[:, :-1], self.teacher.get_output_embeddings(),
+                                  mask, args.distil_loss, args.temperature,
+                                  args.kd_chunk_tokens, **weights)
+        parts = weights["parts"]
+        logged = {"ce": args.alpha_ce * parts["ce"], "distil": args.alpha_distil * parts["distil"]}
+        return self._finish(model, loss, logged, logits, return_outputs)
 
-    def _stop_on_non_finite(self, parts: dict[str, torch.Tensor]) -> None:
+    def _stop_on_non_finite(self, parts: dict[str, float]) -> None:
         """Stop before a NaN / inf loss reaches the weights: the checkpoints saved so far stay
         good, and rerunning resumes from the last one."""
-        bad = ", ".join(f"{k}={float(v.detach())}" for k, v in parts.items()
-                        if not torch.isfinite(v))
+        bad = ", ".join(f"{k}={v}" for k, v in parts.items() if not math.isfinite(v))
         raise EdgeDistillError(
             f"training loss is not finite at step {self.state.global_step + 1} (epoch "
             f"{self.state.epoch or 0:.2f}; {bad}); stopped before updating the weights, the "

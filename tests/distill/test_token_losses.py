@@ -312,3 +312,30 @@ def test_sparse_rejects_a_cache_of_another_vocabulary():
         sparse_token_kd(logits[..., :5], values, indices, mask)
     with pytest.raises(EdgeDistillError, match="exceeds the vocabulary"):
         teacher_topk(hidden, head, V + 1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_cross_entropy_fused_into_the_kd_pass(temperature):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    hidden, head = torch.randn(2, 5, 4), nn.Linear(4, 11, bias=False).requires_grad_(False)
+    targets = torch.randint(0, 11, (2, 5))
+    targets[1, 3:] = -100  # positions without a next token
+    mask = targets != -100
+    parts = {}
+    fused = dense_token_kd(logits, hidden, head, mask, "forward_kl", temperature, 3,
+                           targets=targets, kd_weight=0.7, ce_weight=0.3, parts=parts)
+    (g_fused,) = torch.autograd.grad(fused, logits)
+    kd = dense_token_kd(logits, hidden, head, mask, "forward_kl", temperature, 3)
+    ce = F.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1), ignore_index=-100)
+    apart = 0.7 * kd + 0.3 * ce
+    (g_apart,) = torch.autograd.grad(apart, logits)
+    assert float(fused) == pytest.approx(float(apart), rel=1e-5)
+    assert torch.allclose(g_fused, g_apart, atol=1e-6)
+    assert parts["ce"] == pytest.approx(float(ce), rel=1e-5)
+    assert parts["distil"] == pytest.approx(float(kd), rel=1e-5)
+    with pytest.raises(EdgeDistillError, match="has no target"):
+        dense_token_kd(logits, hidden, head, torch.ones(2, 5, dtype=torch.bool), targets=targets,
+                       ce_weight=0.5)
