@@ -83,3 +83,13 @@ def test_token_loss_for_a_classifier_is_refused(tmp_path, tiny_teacher_dir, caps
                       "distill: {distil_loss: reverse_kl}\n")
     assert main(["run", str(recipe), "--output", str(tmp_path / "o")]) == 2
     assert "is a token-level loss for task: causal-lm" in capsys.readouterr().err
+
+
+def test_distill_cache_teacher_flag(tmp_path, tiny_llama_dir):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, tiny_llama_dir, cache="false")
+    assert main(["distill", str(recipe), "--output", str(out)]) == 0
+    assert not (out / "teacher-cache").exists()
+    assert main(["distill", str(recipe), "--output", str(out), "--cache-teacher"]) == 0
+    meta = json.loads((out / "teacher-cache" / "meta.json").read_text())
+    assert meta["top_k"] == 8 and (out / "distill" / "model").is_dir()
