@@ -274,14 +274,22 @@ def _plots(report: dict) -> dict[str, bytes]:
         pngs["quality_vs_latency.png"] = _png(fig)
     sized = [m for m in report["models"] if m.get("size_mb")]
     if sized:
-        fig, ax = plt.subplots(figsize=(6.4, 3.2))
-        ax.barh([m["name"] for m in sized], [m["size_mb"] for m in sized],
-                color=["tab:orange" if m["role"] == "teacher" else "tab:blue" for m in sized])
-        ax.invert_yaxis()
-        ax.set_xlabel("size on disk, MB")
-        ax.set_title("Model size")
-        for i, m in enumerate(sized):
-            ax.text(m["size_mb"], i, f" {m['size_mb']:.1f}", va="center", fontsize=9)
+        # size on disk beside peak memory: what a device must store and what it must hold
+        fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.2), sharey=True)
+        names = [m["name"] for m in sized]
+        colors = ["tab:orange" if m["role"] == "teacher" else "tab:blue" for m in sized]
+        for ax, key, label in ((axes[0], "size_mb", "size on disk, MB"),
+                               (axes[1], "peak_rss_mb", "peak memory (RSS), MB")):
+            values = [m.get(key) or 0 for m in sized]
+            ax.barh(names, values, color=colors)
+            ax.set_xlabel(label)
+            ax.margins(x=0.18)  # room for the value labels right of the longest bar
+            for i, (m, v) in enumerate(zip(sized, values)):
+                text = f" {v:.1f}" if m.get(key) else " over budget" if m.get("over_budget") else ""
+                ax.text(v, i, text, va="center", fontsize=9)
+        axes[0].invert_yaxis()
+        axes[0].set_title("Model size")
+        axes[1].set_title("Peak memory while running")
         pngs["size.png"] = _png(fig)
     return pngs
 

@@ -87,7 +87,7 @@ def test_phone_artifact_is_ort_format_with_its_operator_list(tiny_teacher_dir, t
 
 
 def test_report_says_what_the_profile_imitated():
-    from edgedistill.report import to_markdown
+    from edgedistill.report import _plots, to_markdown
 
     constraints = {"target": "arm64 phone", "host_cores": 2, "threads": 4, "pinned_cores": [0, 1],
                    "memory_budget_mb": 1024, "note": "profile asks for 4 cores, this host has 2"}
@@ -102,5 +102,9 @@ def test_report_says_what_the_profile_imitated():
               "quantization": {}}
     text = to_markdown(report)
     assert "stands for arm64 phone; measured on 2 host cores with 4 threads" in text
+    for m, size in zip(models, (90.0, 16.0)):
+        m.update(role="student", size_mb=size)
+    models[1]["peak_rss_mb"] = 120.0
+    assert set(_plots(report)) == {"quality_vs_latency.png", "size.png"}  # over budget drawn too
     assert "asks for 4 cores, this host has 2" in text
     assert "teacher: over the 1024 MB memory budget" in text
