@@ -32,6 +32,14 @@ CAUSAL_TASK = "text-generation-with-past"
 TASKS = {"ForSequenceClassification": "text-classification", "ForCausalLM": CAUSAL_TASK}
 
 
+def copy_sidecars(source: Path, target: Path) -> None:
+    """Copy :data:`SIDECAR_FILES` that ``source`` has and ``target`` lacks, so every model
+    folder the pipeline writes can be deployed (or benchmarked) on its own."""
+    for name in SIDECAR_FILES:
+        if (source / name).is_file() and not (target / name).is_file():
+            shutil.copy2(source / name, target / name)
+
+
 def infer_task(model_dir: Path) -> str:
     architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
     for arch in architectures:
@@ -65,9 +73,7 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int = 17,
     except (ValueError, KeyError, RuntimeError) as e:
         msg = str(e).splitlines()[0][:300]
         raise EdgeDistillError(f"{model_dir}: the ONNX exporter cannot export this model ({msg})")
-    for name in SIDECAR_FILES:
-        if (model_dir / name).is_file() and not (output_dir / name).is_file():
-            shutil.copy2(model_dir / name, output_dir / name)
+    copy_sidecars(model_dir, output_dir)
     if task == CAUSAL_TASK:
         return validate_causal_onnx(model_dir, output_dir, atol, texts, max_length)
     return validate_onnx(model_dir, output_dir, atol, texts, max_length)
@@ -97,27 +103,6 @@ def validate_onnx(model_dir: Path, onnx_dir: Path, atol: float,
     return record
 
 
-def causal_logits(session, encoding: dict[str, np.ndarray]) -> np.ndarray:
-    """Full-sequence logits of an exported causal LM run by onnxruntime with an empty KV cache.
-
-    The graph always takes ``past_key_values.*``; a first step feeds them with a zero-length
-    sequence axis. Position ids count the attended tokens, as transformers does for left pads.
-    """
-    input_ids = np.asarray(encoding["input_ids"], dtype=np.int64)
-    mask = np.asarray(encoding.get("attention_mask", np.ones_like(input_ids)), dtype=np.int64)
-    feed = {"input_ids": input_ids, "attention_mask": mask}
-    for inp in session.get_inputs():
-        if inp.name == "position_ids":
-            feed["position_ids"] = np.clip(mask.cumsum(-1) - 1, 0, None)
-        elif inp.name.startswith("past_key_values"):
-            # [batch, kv_heads, past_len, head_dim]: named axes other than the batch are empty
-            shape = [d if isinstance(d, int) else (len(input_ids) if i == 0 else 0)
-                     for i, d in enumerate(inp.shape)]
-            dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
-            feed[inp.name] = np.zeros(shape, dtype=dtype)
-    return session.run(["logits"], feed)[0]
-
-
 def validate_causal_onnx(model_dir: Path, onnx_dir: Path, atol: float,
                          texts: list[str] | None = None, max_length: int = 128,
                          new_tokens: int = 16) -> dict:
@@ -126,55 +111,42 @@ def validate_causal_onnx(model_dir: Path, onnx_dir: Path, atol: float,
     (a) logits over each full text (empty cache) within ``atol`` of PyTorch: the prompt pass;
     (b) ``new_tokens`` greedy tokens from the first text identical in PyTorch and ONNX: the
     decode passes, which read and extend the KV cache, so a broken cache shows here even when
-    (a) passes.
+    (a) passes. Both models run through :mod:`edgedistill.lm_runtime`, as evaluation and the
+    benchmark run them.
     """
-    import onnxruntime as ort
-    import torch
-    from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .lm_runtime import load_causal_lm
 
     model_dir, onnx_dir = Path(model_dir), Path(onnx_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = texts or ["This medicine worked well for me.", "Terrible side effects, I stopped."]
-    torch_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    session = ort.InferenceSession(str(onnx_dir / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
-    worst = 0.0
-    for text in texts:
-        enc = dict(tokenizer(text, truncation=True, max_length=max_length, return_tensors="np"))
-        with torch.inference_mode():
-            a = torch_model(**{k: torch.from_numpy(v) for k, v in enc.items()
-                               if k in ("input_ids", "attention_mask")}).logits.float().numpy()
-        worst = max(worst, float(np.abs(a - causal_logits(session, enc)).max()))
-    del session
+    torch_lm, onnx_lm = load_causal_lm(model_dir), load_causal_lm(onnx_dir)
+    encode = lambda text: np.asarray(  # noqa: E731
+        [tokenizer(text, truncation=True, max_length=max_length)["input_ids"]], dtype=np.int64)
+    worst = max(float(np.abs(torch_lm.logits(encode(t)) - onnx_lm.logits(encode(t))).max())
+                for t in texts)
     if worst > atol:
         raise EdgeDistillError(
             f"{onnx_dir}: ONNX logits differ from PyTorch by {worst:.2e} > atol {atol:.0e}; "
             "raise export.atol if that is acceptable or try another export.opset")
 
-    prompt = tokenizer(texts[0], truncation=True, max_length=max_length, return_tensors="pt")
-    prompt = {k: v for k, v in prompt.items() if k in ("input_ids", "attention_mask")}
-    n = prompt["input_ids"].shape[1]
-    greedy = dict(do_sample=False, max_new_tokens=new_tokens, num_beams=1,
-                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                  else tokenizer.eos_token_id)
-    with torch.inference_mode():
-        expected = torch_model.generate(**prompt, **greedy)[0, n:].tolist()
-        onnx_model = ORTModelForCausalLM.from_pretrained(onnx_dir, use_cache=True)
-        got = onnx_model.generate(**prompt, **greedy)[0, n:].tolist()
+    prompt = encode(texts[0])
+    expected = torch_lm.greedy(prompt, new_tokens)
+    got = onnx_lm.greedy(prompt, new_tokens)
     record = {"max_abs_diff": worst, "atol": atol, "samples": len(texts),
               "greedy_tokens_match": expected == got, "greedy_tokens": got[:8],
               "new_tokens": new_tokens}
     if expected != got:
         step = next((i for i, (x, y) in enumerate(zip(expected, got)) if x != y),
                     min(len(expected), len(got)))
-        with torch.inference_mode():  # a near-tie in PyTorch's own logits explains a flip
-            ids = torch.tensor([prompt["input_ids"][0].tolist() + expected[:step]])
-            top2 = torch_model(input_ids=ids).logits[0, -1].float().topk(2).values
+        # a near-tie in PyTorch's own logits explains a flip
+        last = torch_lm.logits(np.concatenate([prompt[0], expected[:step]])[None])[0, -1]
+        top2 = np.sort(last)[-2:]
         raise EdgeDistillError(
             f"{onnx_dir}: greedy generation differs from PyTorch at new token {step} "
             f"(PyTorch {expected[step:step + 4]}, ONNX {got[step:step + 4]}; PyTorch's top-2 "
-            f"logit gap there is {float(top2[0] - top2[1]):.1e}); a gap near the logit diff "
+            f"logit gap there is {float(top2[1] - top2[0]):.1e}); a gap near the logit diff "
             f"{worst:.1e} is a tie, so validate with another first text, otherwise the KV "
             "cache path is broken: try another export.opset")
     log.info("ONNX causal LM validated: max |diff| %.2e on %d texts, %d greedy tokens match",

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from .errors import EdgeDistillError
-from .export import SIDECAR_FILES
+from .export import copy_sidecars
 from .runtime import onnx_file
 
 NOT_CHECKED = "not analysed (onnxruntime ships no checker for it)"
@@ -74,9 +74,7 @@ def phone_artifact(onnx_dir: str | Path, output_dir: str | Path) -> dict:
                                f"({str(e).splitlines()[0][:200]})")
     usability = mobile_usability(model_file)
     (partial / "mobile_usability.json").write_text(json.dumps(usability, indent=2))
-    for name in SIDECAR_FILES:
-        if (onnx_dir / name).is_file():
-            shutil.copy2(onnx_dir / name, partial / name)
+    copy_sidecars(onnx_dir, partial)
     ort = next(partial.glob("*.ort"))
     config = next(partial.glob("*required_operators*.config"))
     operators = [line for line in config.read_text().splitlines()

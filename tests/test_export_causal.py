@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from edgedistill.errors import EdgeDistillError
-from edgedistill.export import causal_logits, export_onnx, validate_causal_onnx
+from edgedistill.export import export_onnx, validate_causal_onnx
+from edgedistill.lm_runtime import OnnxCausalLM, load_causal_lm
 from edgedistill.quantization import quantize, quantize_int4
 from edgedistill.runtime import onnx_file, size_on_disk_mb
 from tests.conftest import make_llama, make_llm_tokenizer, make_texts
@@ -36,7 +37,8 @@ def session(folder):
 def logits_on_texts(folder):
     """Full-sequence logits of 8 padded texts, the padded positions dropped."""
     enc = dict(make_llm_tokenizer()(make_texts(8, seed=3)[0], padding=True, return_tensors="np"))
-    return causal_logits(session(folder), enc)[enc["attention_mask"].astype(bool)]
+    logits = load_causal_lm(folder).logits(enc["input_ids"], enc["attention_mask"])
+    return logits[enc["attention_mask"].astype(bool)]
 
 
 def ops(folder):
@@ -73,7 +75,7 @@ def test_a_cached_step_gives_the_full_sequence_logits(causal):
             zip([o.name for o in sess.get_outputs()][1:], first[1:])}
     step = sess.run(["logits"], {"input_ids": ids[:, -1:], "position_ids": np.array([[n - 1]]),
                                  "attention_mask": np.ones((1, n), np.int64), **past})[0]
-    full = causal_logits(sess, {"input_ids": ids})
+    full = load_causal_lm(root / "onnx").logits(ids)
     assert np.abs(step[0, -1] - full[0, -1]).max() < 1e-4
 
 
@@ -141,17 +143,15 @@ def test_int4_refuses_a_quantized_model(causal, tmp_path):
 
 
 def test_greedy_mismatch_is_reported(causal, monkeypatch):
-    from optimum.onnxruntime import ORTModelForCausalLM
-
     root, _ = causal
-    generate = ORTModelForCausalLM.generate
+    greedy = OnnxCausalLM.greedy
 
     def last_token_off_by_one(self, *args, **kwargs):
-        out = generate(self, *args, **kwargs)
-        out[0, -1] = (out[0, -1] + 1) % self.config.vocab_size
+        out = greedy(self, *args, **kwargs)
+        out[-1] = (out[-1] + 1) % self.config["vocab_size"]
         return out
 
-    monkeypatch.setattr(ORTModelForCausalLM, "generate", last_token_off_by_one)
+    monkeypatch.setattr(OnnxCausalLM, "greedy", last_token_off_by_one)
     with pytest.raises(EdgeDistillError, match="greedy generation differs from PyTorch at "
                                                "new token 15.*top-2 logit gap"):
         validate_causal_onnx(root / "llama", root / "onnx", 1e-4, make_texts(2)[0])

@@ -145,7 +145,6 @@ class DistillationTrainer(Trainer):
             raise EdgeDistillError("class_weights: a causal LM has no classes; leave it unset")
         if args_.kd_chunk_tokens < 1:
             raise EdgeDistillError(f"kd_chunk_tokens: {args_.kd_chunk_tokens} must be >= 1")
-        self.token_loss = get_token_loss(args_.distil_loss, "distil_loss")
 
     def _check_compatible(self, student, teacher) -> None:
         """Fail before training when the two models cannot be compared at all."""

@@ -7,14 +7,13 @@ the exact settings that made it. int4 weight-only quantization (for causal LMs) 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import onnx
 
 from ..bench.profiles import host_isa, load_profile
 from ..errors import EdgeDistillError
-from ..export import SIDECAR_FILES
+from ..export import copy_sidecars
 from ..runtime import onnx_file
 from .int4 import quantize_int4  # noqa: F401  (re-exported: edgedistill.quantization.quantize_int4)
 
@@ -107,9 +106,7 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
         record.update(calibration=calibration, calibration_samples=len(dataset))
     quantizer.quantize(save_dir=output_dir, quantization_config=qconfig,
                        calibration_tensors_range=ranges)
-    for name in SIDECAR_FILES:
-        if (onnx_dir / name).is_file() and not (output_dir / name).is_file():
-            shutil.copy2(onnx_dir / name, output_dir / name)
+    copy_sidecars(onnx_dir, output_dir)
     return record
 
 

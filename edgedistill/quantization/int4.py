@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import onnx
 from onnx import numpy_helper
 
 from ..errors import EdgeDistillError
-from ..export import SIDECAR_FILES
+from ..export import copy_sidecars
 from ..runtime import onnx_file, size_on_disk_mb
 
 log = logging.getLogger(__name__)
@@ -86,9 +85,7 @@ def quantize_int4(onnx_dir: str | Path, output_dir: str | Path, block_size: int 
     large = sum(t.ByteSize() for t in model.graph.initializer) >= PROTOBUF_LIMIT
     onnx.save_model(model, str(output_dir / OUTPUT_NAME), save_as_external_data=large,
                     all_tensors_to_one_file=True, location=OUTPUT_NAME + "_data")
-    for name in SIDECAR_FILES:
-        if (onnx_dir / name).is_file() and not (output_dir / name).is_file():
-            shutil.copy2(onnx_dir / name, output_dir / name)
+    copy_sidecars(onnx_dir, output_dir)
     quantized = sum(node.op_type == "MatMulNBits" for node in model.graph.node)
     record = {"algorithm": algorithm, "bits": 4, "block_size": block_size,
               "accuracy_level": accuracy_level, "symmetric": symmetric,

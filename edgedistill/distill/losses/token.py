@@ -17,6 +17,8 @@ Recipe block (``distill.distil_loss`` names a key of :data:`TOKEN_LOSSES` for a 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Callable
 
@@ -162,11 +164,10 @@ TOKEN_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "skew_reverse_kl": skew_reverse_kl,
 }
 
-# the options each loss accepts, for one-line errors instead of a TypeError deep in training
-TOKEN_LOSS_OPTIONS: dict[str, tuple[str, ...]] = {
-    "forward_kl": (), "reverse_kl": (), "generalized_jsd": ("beta",),
-    "skew_forward_kl": ("alpha",), "skew_reverse_kl": ("alpha",),
-}
+
+def loss_options(fn: Callable[..., torch.Tensor]) -> tuple[str, ...]:
+    """The options a token loss takes: its parameters after ``(s_logp, t_logp)``."""
+    return tuple(inspect.signature(fn).parameters)[2:]
 
 
 def get_token_loss(name: str, where: str = "token_loss", **options) -> Callable[..., torch.Tensor]:
@@ -179,7 +180,7 @@ def get_token_loss(name: str, where: str = "token_loss", **options) -> Callable[
     from . import get_loss  # the package's lookup, for the same close-match wording
 
     fn = get_loss(name, TOKEN_LOSSES, where)
-    valid = TOKEN_LOSS_OPTIONS[name]
+    valid = loss_options(fn)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         takes = f"it takes {', '.join(valid)}" if valid else "it takes no options"
@@ -191,12 +192,7 @@ def get_token_loss(name: str, where: str = "token_loss", **options) -> Callable[
     except EdgeDistillError as e:
         raise EdgeDistillError(f"{where}: {e}") from None
 
-    def bound(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
-        return fn(s_logp, t_logp, **options)
-
-    bound.__name__ = name
-    bound.__doc__ = fn.__doc__
-    return bound
+    return functools.partial(fn, **options)
 
 
-__all__ = ["TOKEN_LOSSES", "TOKEN_LOSS_OPTIONS", "get_token_loss", *TOKEN_LOSSES]
+__all__ = ["TOKEN_LOSSES", "get_token_loss", "loss_options", *TOKEN_LOSSES]
