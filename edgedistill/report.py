@@ -272,6 +272,29 @@ def _plots(report: dict) -> dict[str, bytes]:
         ax.set_title("Quality against latency")
         ax.grid(alpha=0.3)
         pngs["quality_vs_latency.png"] = _png(fig)
+    timed = [m for m in report["models"] if (m.get("tpot_ms" if causal else "latency") or {})
+             .get("percentiles_ms")]
+    if timed:
+        # every model's whole latency distribution (as a cumulative curve): a p50 hides a long
+        # tail or two modes, which a device's users would feel
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        fraction = [i / 100 for i in range(101)]
+        for m in timed:
+            ms = m["tpot_ms" if causal else "latency"]["percentiles_ms"]
+            style = {"int8": "--", "int4": ":"}.get(m["precision"],
+                                                   "-" if m["backend"] == "pytorch" else "-.")
+            ax.plot(ms, fraction, drawstyle="steps-post", lw=2, label=m["name"], ls=style,
+                    color="tab:orange" if m["role"] == "teacher" else "tab:blue")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel(("time per generated token, ms" if causal else "latency per inference, ms")
+                      + " (log scale)")
+        ax.set_ylabel("fraction of runs at most this slow")
+        ax.set_title(f"Latency distribution, profile {timed[0].get('profile')}")
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+        pngs["latency_distribution.png"] = _png(fig)
     sized = [m for m in report["models"] if m.get("size_mb")]
     if sized:
         # size on disk beside peak memory: what a device must store and what it must hold
