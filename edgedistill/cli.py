@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="dynamic", choices=["dynamic", "static"])
     p.add_argument("--calibration-texts", help="static mode: a text file, one training text a line")
     p.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--no-fuse", dest="fuse", action="store_false", default=None,
+                   help="quantize the graph as exported, without onnxruntime's transformer fusions")
 
     p = sub.add_parser("bench", help="benchmark saved models, each in its own process")
     p.add_argument("models", nargs="+", help="model folders (PyTorch or ONNX)")
@@ -126,7 +128,7 @@ def _dispatch(args) -> int:
             texts = [line for line in lines if line.strip()]
         settings = quantize(args.onnx_dir, args.output, args.profile, args.preset,
                             mode=args.mode, calibration_texts=texts,
-                            calibration=args.calibration)
+                            calibration=args.calibration, fuse=args.fuse)
         console.print(f"quantized to {args.output} with {settings}")
     elif args.command == "bench":
         from .bench.runner import BenchSettings, benchmark

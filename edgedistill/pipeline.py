@@ -170,7 +170,7 @@ class Run:
         for key, value in positive.items():
             if value <= 0:
                 raise EdgeDistillError(f"{key}: {value} must be > 0")
-        resolve_preset(r.bench.profile, r.quantize.preset, r.quantize.per_channel)
+        resolve_preset(r.bench.profile, r.quantize.preset, r.quantize.per_channel, r.quantize.fuse)
         check_available(load_profile(r.bench.profile))
         self._check_task(r)
         check_remote_code(model_path, r.teacher.trust_remote_code, "teacher.trust_remote_code")
@@ -217,7 +217,7 @@ class Run:
         q, r = self.recipe.quantize, self.recipe
         record = quantize(onnx_dir, d / "student-int8", r.bench.profile, q.preset, q.per_channel,
                           q.mode, self._calibration_texts(), q.calibration, r.data.max_length,
-                          q.nodes_to_exclude, q.operators)
+                          q.nodes_to_exclude, q.operators, q.fuse)
         if q.int4:
             record["int4"] = quantize_int4(onnx_dir, d / "student-int4", q.int4_block_size,
                                            q.int4_accuracy_level)

@@ -125,6 +125,9 @@ class QuantizeConfig:
         None, "ONNX operator types to quantize; default: optimum's set (dynamic), MatMul (static).")
     preset: str = _f("auto", "auto (from the profile and host), avx512_vnni, avx2, arm64.")
     per_channel: Optional[bool] = _f(None, "Per-channel weights; None takes the profile's value.")
+    fuse: Optional[bool] = _f(None, "Fuse an encoder's graph (attention, layer norms, GELU) with "
+                                    "onnxruntime's transformer optimizer before int8; None takes "
+                                    "the profile's value (on).")
     int4: bool = _f(False, "Also write a 4-bit weight-only model (MatMulNBits), for decoders.")
     int4_block_size: int = _f(32, "Weights sharing one 4-bit scale (a power of two >= 16).")
     int4_accuracy_level: Optional[int] = _f(

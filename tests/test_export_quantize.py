@@ -30,8 +30,11 @@ def test_quantize_int8(exported):
     root, _ = exported
     settings = quantize(root / "onnx", root / "int8", profile="cpu")
     assert settings["preset"] in {"avx512_vnni", "avx512", "avx2", "arm64"}
+    # fused first (one attention per layer), so the attention runs as integer QAttention
+    assert settings["fused"]["Attention"] == 2 and settings["fused"]["SkipLayerNormalization"]
     ops = {n.op_type for n in onnx.load(str(onnx_file(root / "int8"))).graph.node}
-    assert "MatMulInteger" in ops or "DynamicQuantizeLinear" in ops
+    assert "MatMulInteger" in ops and "QAttention" in ops
+    assert not (root / "int8" / "fused.tmp").exists()
     assert size_on_disk_mb(root / "int8") < size_on_disk_mb(root / "onnx")
     tokenizer = make_tokenizer(root / "tok")
     enc = dict(tokenizer(make_texts(4)[0], padding=True, return_tensors="np"))
@@ -70,6 +73,33 @@ def test_presets():
         resolve_preset("cpu", "sse2")
     with pytest.raises(EdgeDistillError, match="profile 'cpuu' is unknown; did you mean 'cpu'"):
         resolve_preset("cpuu")
+
+
+def test_preset_options_and_unfused_quantization(exported, tmp_path):
+    """A profile's preset options reach onnxruntime's quantizer; fuse=False quantizes the graph
+    as exported."""
+    import json
+
+    import edgedistill.quantization as q
+
+    root, _ = exported
+    record = quantize(root / "onnx", tmp_path / "plain", fuse=False)
+    ops = {n.op_type for n in onnx.load(str(onnx_file(tmp_path / "plain"))).graph.node}
+    assert record["fused"] is None and "QAttention" not in ops and "MatMulInteger" in ops
+    profile = q.load_profile("cpu")
+    profile.quantization.update(reduce_range=True, weights="uint8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(q, "load_profile", lambda name: profile)
+        record = quantize(root / "onnx", tmp_path / "options")
+        saved = json.loads((tmp_path / "options" / "ort_config.json").read_text())["quantization"]
+        assert record["reduce_range"] is True and saved["reduce_range"] is True
+        assert saved["weights_dtype"] == "QUInt8"
+        profile.quantization.update(weights="int4")
+        with pytest.raises(EdgeDistillError, match="quantization.weights 'int4' is invalid"):
+            quantize(root / "onnx", tmp_path / "bad")
+        profile.quantization = {"preset": "auto", "reduce_rang": True}
+        with pytest.raises(EdgeDistillError, match="quantization.reduce_rang is unknown"):
+            quantize(root / "onnx", tmp_path / "bad")
 
 
 @pytest.mark.parametrize("calibration", ["minmax", "entropy", "percentile"])

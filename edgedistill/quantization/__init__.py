@@ -1,12 +1,18 @@
 """int8 quantization of an exported ONNX model with onnxruntime, via optimum's ORTQuantizer.
 
-The preset (instruction set, per-channel weights) comes from the hardware profile, so the same
-recipe quantizes for the machine it targets. The quantized folder keeps ``ort_config.json``,
-the exact settings that made it. int4 weight-only quantization (for causal LMs) is in ``int4``.
+The preset (instruction set, per-channel weights, reduce_range, activation and weight types,
+QDQ or QOperator) comes from the hardware profile, so the same recipe quantizes for the machine
+it targets. Before quantizing, encoder graphs are fused by onnxruntime's transformer optimizer
+(attention, layer norms, GELU), so dynamic quantization can use the fused integer attention
+(QAttention). The quantized folder keeps ``ort_config.json``, the exact settings that made it.
+int4 weight-only quantization (for causal LMs) is in ``int4``.
 """
 
 from __future__ import annotations
 
+import collections
+import json
+import shutil
 from pathlib import Path
 
 import onnx
@@ -23,20 +29,38 @@ QUANTIZED_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QL
                  "MatMulNBits", "QAttention", "DynamicQuantizeMatMul"}
 
 
+# What a profile's ``quantization`` block may set beyond ``preset`` and ``per_channel``, and the
+# values each takes. Left out, optimum's preset decides (e.g. reduce_range on for avx2, whose
+# u8 x s8 multiply-add can saturate 16-bit sums with full-range weights).
+PRESET_OPTIONS = {"reduce_range": (True, False), "format": ("QDQ", "QOperator"),
+                  "activations": ("uint8", "int8"), "weights": ("int8", "uint8"),
+                  "fuse": (True, False)}
+
+
 def resolve_preset(profile: str = "cpu", preset: str = "auto",
-                   per_channel: bool | None = None) -> dict:
-    """The concrete preset for ``profile``: 'auto' becomes the host's best instruction set."""
+                   per_channel: bool | None = None, fuse: bool | None = None) -> dict:
+    """The concrete preset for ``profile``: 'auto' becomes the host's best instruction set;
+    ``preset``, ``per_channel`` and ``fuse`` (not None) override the profile's."""
     settings = dict(load_profile(profile).quantization)
-    if preset != "auto":
-        settings["preset"] = preset
-    if per_channel is not None:
-        settings["per_channel"] = per_channel
+    overrides = {"preset": None if preset == "auto" else preset, "per_channel": per_channel,
+                 "fuse": fuse}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
     if settings.get("preset", "auto") == "auto":
         settings["preset"] = host_isa()
     if settings["preset"] not in PRESETS:
         raise EdgeDistillError(
             f"quantize.preset: '{settings['preset']}' is unknown; valid: auto, {', '.join(PRESETS)}")
+    for key, value in settings.items():
+        if key in PRESET_OPTIONS and value not in PRESET_OPTIONS[key]:
+            raise EdgeDistillError(
+                f"profile '{profile}': quantization.{key} '{value}' is invalid; valid: "
+                f"{', '.join(map(str, PRESET_OPTIONS[key]))}")
+        if key not in PRESET_OPTIONS and key not in ("preset", "per_channel"):
+            raise EdgeDistillError(
+                f"profile '{profile}': quantization.{key} is unknown; valid: preset, "
+                f"per_channel, {', '.join(PRESET_OPTIONS)}")
     settings.setdefault("per_channel", True)
+    settings.setdefault("fuse", True)
     return settings
 
 
@@ -61,7 +85,7 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
              preset: str = "auto", per_channel: bool | None = None, mode: str = "dynamic",
              calibration_texts: list[str] | None = None, calibration: str = "minmax",
              max_length: int = 128, nodes_to_exclude: list[str] | None = None,
-             operators: list[str] | None = None) -> dict:
+             operators: list[str] | None = None, fuse: bool | None = None) -> dict:
     """int8 quantization of the ONNX model in ``onnx_dir``.
 
     ``dynamic``: weights int8 ahead of time, activation ranges measured at run time.
@@ -73,6 +97,10 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
     mode and MatMul alone in static mode, where quantizing the Adds would also quantize the
     attention mask (values near -3.4e38, which no int8 scale and no calibration histogram can
     hold) and every residual sum.
+    ``fuse`` (None: the profile's, on by default) first fuses an encoder's graph with
+    onnxruntime's transformer optimizer (:func:`fuse_graph`); node names then are the fused
+    graph's. The profile's preset options (:data:`PRESET_OPTIONS`) apply on top of optimum's
+    preset.
     """
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
@@ -84,21 +112,25 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
     graph = fp32_graph(model_file)
     if mode not in ("dynamic", "static"):
         raise EdgeDistillError(f"quantize.mode: '{mode}' is unknown; valid: dynamic, static")
-    settings = resolve_preset(profile, preset, per_channel)
+    settings = resolve_preset(profile, preset, per_channel, fuse)
     make_config = getattr(AutoQuantizationConfig, settings["preset"])
     if operators is None and mode == "static":
         operators = ["MatMul"]
     qconfig = make_config(is_static=mode == "static", per_channel=settings["per_channel"],
                           nodes_to_exclude=list(nodes_to_exclude or []),
                           operators_to_quantize=operators)
-    quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name=model_file.name)
+    _apply_options(qconfig, settings, mode)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fused_dir = output_dir / "fused.tmp"
     record = {"mode": mode, "profile": profile, **settings,
-              "operators": list(qconfig.operators_to_quantize)}
+              "operators": list(qconfig.operators_to_quantize),
+              "fused": fuse_graph(onnx_dir, model_file, fused_dir) if settings["fuse"] else None}
+    source = fused_dir if record["fused"] else onnx_dir
+    quantizer = ORTQuantizer.from_pretrained(source, file_name=onnx_file(source).name)
     ranges = None
     if mode == "static":
         dataset = _calibration_set(onnx_dir, {i.name for i in graph.input}, calibration_texts,
                                    max_length)
-        output_dir.mkdir(parents=True, exist_ok=True)
         ranges = quantizer.fit(dataset=dataset, calibration_config=_calibration_config(
             calibration, dataset), operators_to_quantize=qconfig.operators_to_quantize,
             onnx_augmented_model_name=output_dir / "augmented.onnx.tmp")
@@ -106,8 +138,60 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
         record.update(calibration=calibration, calibration_samples=len(dataset))
     quantizer.quantize(save_dir=output_dir, quantization_config=qconfig,
                        calibration_tensors_range=ranges)
+    shutil.rmtree(fused_dir, ignore_errors=True)
     copy_sidecars(onnx_dir, output_dir)
     return record
+
+
+def _apply_options(qconfig, settings: dict, mode: str) -> None:
+    """The profile's preset options on top of optimum's preset configuration."""
+    from onnxruntime.quantization import QuantFormat, QuantType
+
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    if "reduce_range" in settings:
+        qconfig.reduce_range = settings["reduce_range"]
+    if "activations" in settings:
+        qconfig.activations_dtype = types[settings["activations"]]
+    if "weights" in settings:
+        qconfig.weights_dtype = types[settings["weights"]]
+    if "format" in settings and mode == "static":  # dynamic quantization has one format
+        qconfig.format = getattr(QuantFormat, settings["format"])
+
+
+# Decoders are left unfused: the fusions for them target GPUs, and a fused KV-cache graph was
+# not validated here (int4 is the decoders' CPU path).
+def fuse_graph(onnx_dir: Path, model_file: Path, out: Path) -> dict | None:
+    """Fuse an encoder's graph with onnxruntime's transformer optimizer (through optimum's
+    ORTOptimizer: attention, skip + layer norm, bias + GELU, embedding + layer norm) into
+    ``out``, then run onnxruntime's symbolic shape inference: the fused operators live in the
+    com.microsoft domain, which ONNX's own shape inference cannot see through, and the
+    quantizer needs every tensor's type. Returns the fused operator counts, or None when the
+    model type has no fusions (the graph is then quantized as exported)."""
+    from optimum.onnxruntime import ORTOptimizer
+    from optimum.onnxruntime.configuration import OptimizationConfig
+    from optimum.onnxruntime.utils import ORTConfigManager
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    config = json.loads((onnx_dir / "config.json").read_text())
+    decoder = any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
+    try:
+        ORTConfigManager.check_supported_model(config.get("model_type"))
+    except KeyError:
+        return None
+    if decoder:
+        return None
+    shutil.rmtree(out, ignore_errors=True)
+    optimizer = ORTOptimizer.from_pretrained(onnx_dir, file_names=[model_file.name])
+    # level 2: onnxruntime's basic and extended rewrites plus the transformer fusions; exact
+    # (level 3 would also swap GELU for its tanh approximation)
+    optimizer.optimize(save_dir=out, optimization_config=OptimizationConfig(
+        optimization_level=2, optimize_for_gpu=False))
+    fused_file = onnx_file(out)
+    model = SymbolicShapeInference.infer_shapes(onnx.load(str(fused_file)), auto_merge=True)
+    onnx.save(model, str(fused_file))
+    counts = collections.Counter(n.op_type for n in model.graph.node
+                                 if n.domain == "com.microsoft")
+    return dict(sorted(counts.items()))
 
 
 def _calibration_set(onnx_dir: Path, inputs: set[str], texts: list[str] | None,
