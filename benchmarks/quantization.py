@@ -22,6 +22,7 @@ from edgedistill.environment import environment
 from edgedistill.evaluation import evaluate
 from edgedistill.quantization import quantize
 from edgedistill.recipe import load_recipe
+from edgedistill.runtime import onnx_file
 
 HERE = Path(__file__).parent
 VARIANTS = {"dynamic": {"mode": "dynamic"},
@@ -39,7 +40,7 @@ def one_seed(seed: int, work: Path) -> dict:
     models = {"fp32": fp32}
     for name, settings in VARIANTS.items():
         out = work / f"seed-{seed}" / name
-        if not (out / "model_quantized.onnx").is_file():
+        if onnx_file(out) is None:
             quantize(fp32, out, calibration_texts=texts, max_length=recipe.data.max_length,
                      **settings)
         models[name] = out

@@ -109,6 +109,7 @@ def test_static_int8_calibrated_on_given_texts(exported, tmp_path, calibration):
     record = quantize(root / "onnx", tmp_path / "int8", mode="static", calibration=calibration,
                       calibration_texts=texts, max_length=32)
     assert record["calibration_samples"] == 16 and record["mode"] == "static"
+    assert record["fused"] is None  # QDQ has no fused-attention form: the exported graph
     ops = {n.op_type for n in onnx.load(str(onnx_file(tmp_path / "int8"))).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops  # QDQ format
     assert not list(tmp_path.glob("int8/*.tmp"))

@@ -98,8 +98,9 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
     attention mask (values near -3.4e38, which no int8 scale and no calibration histogram can
     hold) and every residual sum.
     ``fuse`` (None: the profile's, on by default) first fuses an encoder's graph with
-    onnxruntime's transformer optimizer (:func:`fuse_graph`); node names then are the fused
-    graph's. The profile's preset options (:data:`PRESET_OPTIONS`) apply on top of optimum's
+    onnxruntime's transformer optimizer (:func:`fuse_graph`) in dynamic mode; node names then
+    are the fused graph's. Static mode quantizes the graph as exported: onnxruntime's QDQ
+    quantizer has no form for the fused Attention, whose projections would stay fp32. The profile's preset options (:data:`PRESET_OPTIONS`) apply on top of optimum's
     preset.
     """
     from optimum.onnxruntime import ORTQuantizer
@@ -124,7 +125,8 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
     fused_dir = output_dir / "fused.tmp"
     record = {"mode": mode, "profile": profile, **settings,
               "operators": list(qconfig.operators_to_quantize),
-              "fused": fuse_graph(onnx_dir, model_file, fused_dir) if settings["fuse"] else None}
+              "fused": fuse_graph(onnx_dir, model_file, fused_dir)
+              if settings["fuse"] and mode == "dynamic" else None}
     source = fused_dir if record["fused"] else onnx_dir
     quantizer = ORTQuantizer.from_pretrained(source, file_name=onnx_file(source).name)
     ranges = None
