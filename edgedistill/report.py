@@ -180,6 +180,33 @@ def _budget_lines(report: dict) -> list[str]:
                      f"MLProgram {u['CoreML MLProgram']}, dynamic inputs "
                      f"{', '.join(u['dynamic_inputs']) or 'none'}; XNNPACK {u['XNNPACK']}")
     lines += [f"{m['name']}: {m['over_budget']}" for m in report["models"] if m.get("over_budget")]
+    return lines + _roofline_lines(report)
+
+
+def _roofline_lines(report: dict) -> list[str]:
+    """Each ONNX model's measured latency against the roofline of this host and, labelled an
+    estimate, its projection onto the profile's target device."""
+    rows = [m for m in report["models"] if m.get("roofline")]
+    if not rows:
+        return []
+    what = "first token (prefill)" if report.get("task") == "causal-lm" else "p50"
+    lines = [f"roofline (bench.roofline; operations and weight bytes from each ONNX graph, "
+             f"activations assumed cached): measured {what} against this host's measured "
+             f"peaks ({rows[0]['roofline']['host']['peaks_source']})"]
+    for m in rows:
+        r = m["roofline"]
+        line = (f"{m['name']}: {r['flops'] / 1e9:.2f} GFLOP, {r['bytes'] / 1e6:.1f} MB read; "
+                f"host bound {r['host']['bound_ms']:.2f} ms ({r['host']['limited_by']}-bound, "
+                f"{r['host']['compute']}), measured {r['measured_ms']:.2f} ms = "
+                f"{100 * r['host_efficiency']:.0f}% of the host's roofline")
+        if r["target"]["peaks_source"] != r["host"]["peaks_source"]:
+            line += (f"; ESTIMATE on the target: bound {r['target']['bound_ms']:.2f} ms "
+                     f"({r['target']['limited_by']}-bound), {r['estimated_target_ms']:.1f} ms "
+                     "at the host's efficiency")
+        lines.append(line)
+    target = rows[0]["roofline"]["target"]
+    if target["peaks_source"] != rows[0]["roofline"]["host"]["peaks_source"]:
+        lines.append(f"target peaks: {target['peaks_source']}")
     return lines
 
 

@@ -3,6 +3,7 @@
 import pytest
 
 from edgedistill.bench.profiles import Profile, list_profiles, load_profile
+from edgedistill.bench.roofline import estimate_target
 from edgedistill.bench.runner import BenchSettings, benchmark
 from edgedistill.cli import main
 from edgedistill.errors import EdgeDistillError
@@ -43,8 +44,9 @@ def test_pinning_and_memory_budget_are_enforced(tiny_teacher_dir, tmp_path):
     onnx_dir = tmp_path / "onnx"
     export_onnx(tiny_teacher_dir, onnx_dir)
     # onnxruntime alone stays near 100 MB; a PyTorch worker imports torch and transformers
+    speaker = {"int8_gops": 20.8, "fp32_gflops": 10.4, "bandwidth_gbs": 7.5, "source": "A53"}
     profile = Profile(name="tight", threads=1, cpu_affinity=1, memory_budget_mb=200,
-                      target="a 200 MB device")
+                      target="a 200 MB device", roofline=speaker)
     fits, over = benchmark([onnx_dir, tiny_teacher_dir], profile, ["good pain"], SETTINGS,
                            progress=False)
     assert fits["latency"]["p50_ms"] > 0 and fits["peak_rss_mb"] <= 200
@@ -52,6 +54,15 @@ def test_pinning_and_memory_budget_are_enforced(tiny_teacher_dir, tmp_path):
     assert "over the 200 MB memory budget of profile 'tight'" in over["over_budget"]
     assert "latency" not in over and over["size_mb"] > 0
     assert over["constraints"]["target"] == "a 200 MB device"
+    # the ONNX model's roofline: this host's measured peaks, then the target's (an estimate)
+    roof = fits["roofline"]
+    assert roof["flops"] > 0 and roof["host"]["bound_ms"] > 0
+    assert roof["measured_ms"] == fits["latency"]["p50_ms"]
+    assert 0 < roof["host_efficiency"] == pytest.approx(roof["host"]["bound_ms"] / roof["measured_ms"])
+    assert roof["target"]["peaks_source"] == "A53" and "estimate" in roof["label"]
+    assert roof["estimated_target_ms"] == pytest.approx(
+        roof["target"]["bound_ms"] / roof["host_efficiency"])
+    assert "roofline" not in over
 
 
 def test_a_profile_asking_for_more_cores_than_the_host_says_so(tiny_teacher_dir):
@@ -96,7 +107,13 @@ def test_report_says_what_the_profile_imitated():
                "over_budget": "over the 1024 MB memory budget"},
               {"name": "student-int8", "backend": "onnxruntime", "precision": "int8",
                "profile": "mobile-arm64", "constraints": constraints,
-               "latency": {"p50_ms": 3.0}, "metrics": {"macro_f1": 0.5}}]
+               "latency": {"p50_ms": 3.0}, "metrics": {"macro_f1": 0.5},
+               "roofline": {**estimate_target(
+                   {"flops": 2e9, "bytes": 4e6, "flops_by_compute": {"int8": 2e9, "fp32": 0}},
+                   3.0, {"int8_gops": 2000, "fp32_gflops": 200, "bandwidth_gbs": 20,
+                         "source": "host"},
+                   {"int8_gops": 665.6, "fp32_gflops": 166.4, "bandwidth_gbs": 51.2,
+                    "source": "4x A78"}), "flops": 2e9, "bytes": 4e6}}]
     report = {"name": "r", "created": "now", "models": models, "targets": [], "training": {},
               "environment": {"cpu": "x", "cpu_count": 2, "int8_isa": "avx2"},
               "quantization": {}}
@@ -108,3 +125,8 @@ def test_report_says_what_the_profile_imitated():
     assert set(_plots(report)) == {"quality_vs_latency.png", "size.png"}  # over budget drawn too
     assert "asks for 4 cores, this host has 2" in text
     assert "teacher: over the 1024 MB memory budget" in text
+    # host bound 1 ms of a measured 3 ms (33%); the target's 3.0 ms bound / 0.33 = 9.0 ms
+    assert ("student-int8: 2.00 GFLOP, 4.0 MB read; host bound 1.00 ms (compute-bound, int8), "
+            "measured 3.00 ms = 33% of the host's roofline; ESTIMATE on the target: bound "
+            "3.00 ms (compute-bound), 9.0 ms at the host's efficiency") in text
+    assert "target peaks: 4x A78" in text

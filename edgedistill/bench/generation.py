@@ -16,6 +16,7 @@ from ..errors import EdgeDistillError
 from .profiles import Profile, check_available, load_profile
 from .runner import (SAMPLE_TEXT, check_model_dirs, memory_figures, results, run_worker,
                      take_turns)
+from .roofline import roofline_estimate
 from .stats import Latency
 
 
@@ -91,6 +92,11 @@ def _summarise(model_dir: Path, runs: list[dict], profile: Profile, s: Generatio
     ttft = [t for r in runs for t in r["ttft_seconds"]]
     steps = [t for r in runs for g in r["step_seconds"] for t in g]
     tpot = Latency.from_seconds(steps)
+    # the prefill (the prompt's pass) is the part a roofline of the graph describes; a decode
+    # step's cost depends on the cache's length
+    roofline = {"roofline": roofline_estimate(model_dir, Latency.from_seconds(ttft).p50_ms,
+                                              profile, 1, len(prompt))
+                } if runs[0]["backend"] == "onnxruntime" else {}
     return {
         "backend": runs[0]["backend"],
         "profile": profile.name,
@@ -108,6 +114,7 @@ def _summarise(model_dir: Path, runs: list[dict], profile: Profile, s: Generatio
                               .p50_ms for r in runs],
         "first_ttft_ms": statistics.median(r["first_ttft_s"] for r in runs) * 1000,
         **memory_figures(model_dir, runs),
+        **roofline,
     }
 
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..errors import EdgeDistillError
 from ..runtime import size_on_disk_mb
 from .profiles import Profile, check_available, load_profile
+from .roofline import roofline_estimate
 from .stats import Latency
 
 SAMPLE_TEXT = ("The medication helped with my pain within a week, although the first days brought "
@@ -238,6 +239,9 @@ def _summarise(model_dir: Path, runs: list[dict], profile: Profile, s: BenchSett
         "first_inference_ms": statistics.median(r["first_inference_s"] for r in runs) * 1000,
         **memory_figures(model_dir, runs),
     }
+    if result["backend"] == "onnxruntime":  # a graph to count operations and bytes in
+        result["roofline"] = roofline_estimate(model_dir, result["latency"]["p50_ms"], profile,
+                                               s.batch_size, s.sequence_length)
     if real:
         lengths = runs[0]["real_lengths"]
         result["latency_real_lengths"] = Latency.from_seconds(real).to_dict()
