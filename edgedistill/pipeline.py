@@ -32,7 +32,7 @@ from .errors import EdgeDistillError
 from .evaluation import evaluate, evaluate_lm
 from .export import export_onnx
 from .mobile import phone_artifact
-from .quantization import quantize, quantize_int4, resolve_preset
+from .quantization import quantize, quantize_int4, resolve_preset, to_fp16
 from .recipe import Recipe, load_recipe, recipe_from_dict
 from .report import build_report, print_summary, write_report
 from .sources import check_remote_code, resolve_model
@@ -221,6 +221,8 @@ class Run:
         if q.int4:
             record["int4"] = quantize_int4(onnx_dir, d / "student-int4", q.int4_block_size,
                                            q.int4_accuracy_level)
+        if self._fp16:
+            record["fp16"] = to_fp16(onnx_dir, d / "student-fp16")
         if load_profile(r.bench.profile).mobile_artifact:
             record["mobile"] = phone_artifact(d / "student-int8", d / "student-int8-mobile")
         return record
@@ -265,7 +267,17 @@ class Run:
         if self.recipe.quantize.int4:
             models.append({"name": "student-int4", "role": "student", "backend": "onnxruntime",
                            "precision": "int4", "path": quantized / "student-int4"})
+        if self._fp16:
+            models.append({"name": "student-fp16", "role": "student", "backend": "onnxruntime",
+                           "precision": "fp16", "path": quantized / "student-fp16"})
         return models
+
+    @property
+    def _fp16(self) -> bool:
+        """The profile (a GPU's) asks for an fp16 student; built for encoders (a decoder's
+        fp16 KV-cache graph was not validated here)."""
+        preset = resolve_preset(self.recipe.bench.profile)
+        return bool(preset.get("fp16")) and not self.causal
 
     def _evaluate(self, models: list[dict]) -> dict:
         if self.causal:

@@ -3,7 +3,7 @@ import pytest
 
 from edgedistill.errors import EdgeDistillError
 from edgedistill.export import export_onnx
-from edgedistill.quantization import quantize, resolve_preset
+from edgedistill.quantization import quantize, resolve_preset, to_fp16
 from edgedistill.runtime import load_predictor, onnx_file, size_on_disk_mb
 from tests.conftest import make_bert, make_texts, make_tokenizer
 
@@ -142,3 +142,22 @@ def test_static_calibration_uses_the_data_it_is_given(exported, tmp_path):
     with pytest.raises(EdgeDistillError, match="calibration: 'kl' is unknown"):
         quantize(root / "onnx", tmp_path / "d", mode="static", calibration="kl",
                  calibration_texts=["good"])
+
+
+def test_fp16_for_a_gpu_profile(exported, tmp_path):
+    """The gpu-cuda profile's fp16 student: float16 weights, fp32 inputs and outputs as before,
+    and (run here on the CPU provider) logits close to fp32."""
+    root, _ = exported
+    assert resolve_preset("gpu-cuda")["fp16"] is True and not resolve_preset("cpu").get("fp16")
+    record = to_fp16(root / "onnx", tmp_path / "fp16")
+    assert record["precision"] == "fp16" and record["fp16_initializers"] > 0
+    assert record["fused"]["Attention"] == 2
+    assert (tmp_path / "fp16" / "tokenizer.json").is_file()
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    enc = dict(tokenizer(make_texts(4)[0], padding=True, return_tensors="np"))
+    fp32 = load_predictor(root / "onnx").logits(enc)
+    fp16 = load_predictor(tmp_path / "fp16").logits(enc)
+    assert fp16.dtype == fp32.dtype and abs(fp32 - fp16).max() < 0.02
+    quantize(root / "onnx", tmp_path / "int8")
+    with pytest.raises(EdgeDistillError, match="already quantized"):
+        to_fp16(tmp_path / "int8", tmp_path / "again")

@@ -34,7 +34,7 @@ QUANTIZED_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QL
 # u8 x s8 multiply-add can saturate 16-bit sums with full-range weights).
 PRESET_OPTIONS = {"reduce_range": (True, False), "format": ("QDQ", "QOperator"),
                   "activations": ("uint8", "int8"), "weights": ("int8", "uint8"),
-                  "fuse": (True, False)}
+                  "fuse": (True, False), "fp16": (True, False)}
 
 
 def resolve_preset(profile: str = "cpu", preset: str = "auto",
@@ -143,6 +143,30 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
     shutil.rmtree(fused_dir, ignore_errors=True)
     copy_sidecars(onnx_dir, output_dir)
     return record
+
+
+def to_fp16(onnx_dir: str | Path, output_dir: str | Path) -> dict:
+    """The fp16 model a GPU profile asks for: the graph fused for a GPU and its weights and
+    arithmetic in float16 (optimum's ORTOptimizer, onnxruntime's float16 converter), inputs and
+    outputs kept in their types so callers feed and read it as before. Built on any host;
+    fast only on a GPU (onnxruntime's CPU provider runs few fp16 kernels)."""
+    from optimum.onnxruntime import ORTOptimizer
+    from optimum.onnxruntime.configuration import OptimizationConfig
+
+    onnx_dir, output_dir = Path(onnx_dir), Path(output_dir)
+    model_file = onnx_file(onnx_dir)
+    if model_file is None:
+        raise EdgeDistillError(f"{onnx_dir}: no .onnx file to convert; run the export first")
+    fp32_graph(model_file)
+    ORTOptimizer.from_pretrained(onnx_dir, file_names=[model_file.name]).optimize(
+        save_dir=output_dir, optimization_config=OptimizationConfig(
+            optimization_level=2, optimize_for_gpu=True, fp16=True))
+    copy_sidecars(onnx_dir, output_dir)
+    graph = onnx.load(str(onnx_file(output_dir)), load_external_data=False).graph
+    halves = sum(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
+    return {"precision": "fp16", "fp16_initializers": halves,
+            "fused": dict(sorted(collections.Counter(
+                n.op_type for n in graph.node if n.domain == "com.microsoft").items()))}
 
 
 def _apply_options(qconfig, settings: dict, mode: str) -> None:
