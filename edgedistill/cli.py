@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="cpu")
     p.add_argument("--rounds", type=int, default=3, help="turns each model takes, interleaved")
     p.add_argument("--iterations", type=int, default=50)
-    p.add_argument("--sequence-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--sequence-length", type=int, help="default: the profile's input shape")
+    p.add_argument("--batch-size", type=int, help="default: the profile's input shape")
     p.add_argument("--json", help="also write the results to this file")
 
     p = sub.add_parser("report", help="rewrite report.md and report.html from a run's report.json")
@@ -131,10 +131,13 @@ def _dispatch(args) -> int:
                             calibration=args.calibration, fuse=args.fuse)
         console.print(f"quantized to {args.output} with {settings}")
     elif args.command == "bench":
+        from .bench.profiles import load_profile
         from .bench.runner import BenchSettings, benchmark
 
-        s = BenchSettings(iterations=args.iterations, sequence_length=args.sequence_length,
-                          batch_size=args.batch_size, rounds=args.rounds)
+        profile = load_profile(args.profile)
+        s = BenchSettings(iterations=args.iterations, rounds=args.rounds,
+                          sequence_length=args.sequence_length or profile.sequence_length,
+                          batch_size=args.batch_size or profile.batch_size)
         results = benchmark(args.models, args.profile, settings=s)
         for r in results:
             if "over_budget" in r:

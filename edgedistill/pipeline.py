@@ -71,6 +71,11 @@ class Run:
         self.records: dict[str, dict] = {}
         self._data: TaskData | None = None
         self.causal = recipe.task == "causal-lm"
+        # bench shapes left unset take the profile's input shape (filled in before the
+        # resolved recipe is written, so it shows what ran)
+        profile, b = load_profile(recipe.bench.profile), recipe.bench
+        b.batch_size = profile.batch_size if b.batch_size is None else b.batch_size
+        b.sequence_length = profile.sequence_length if b.sequence_length is None else b.sequence_length
 
     @property
     def data(self) -> TaskData:
@@ -375,5 +380,6 @@ def run(recipe: str | Path | Recipe | None = None, output_dir: str | Path | None
     except OSError as e:
         raise EdgeDistillError(f"{out}: output folder is not writable ({e.strerror}); "
                                "choose another with --output")
+    pipeline = Run(recipe, out, until)
     recipe.dump(out / "recipe.resolved.yaml")
-    return Run(recipe, out, until).run()
+    return pipeline.run()

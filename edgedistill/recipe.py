@@ -132,6 +132,9 @@ class QuantizeConfig:
     int4_block_size: int = _f(32, "Weights sharing one 4-bit scale (a power of two >= 16).")
     int4_accuracy_level: Optional[int] = _f(
         None, "MatMulNBits compute type: 4 = int8 (fastest on CPU), 0/None = the input's type.")
+    int4_algorithm: Literal["rtn", "gptq"] = _f(
+        "rtn", "int4 rounding: rtn (to nearest, seconds) or gptq (error-correcting, calibrated "
+               "on calibration_samples training texts, minutes).")
 
 
 @dataclass
@@ -147,8 +150,10 @@ class BenchConfig:
     warmup: int = _f(10, "Untimed runs before measuring.")
     iterations: int = _f(50, "Timed runs at least.")
     min_seconds: float = _f(2.0, "Timed seconds at least.")
-    batch_size: int = _f(1, "Batch size of the fixed-shape run.")
-    sequence_length: int = _f(128, "Sequence length of the fixed-shape run.")
+    batch_size: Optional[int] = _f(None, "Batch size of the fixed-shape run; None: the "
+                                         "profile's input shape.")
+    sequence_length: Optional[int] = _f(None, "Sequence length of the fixed-shape run (causal "
+                                              "LMs: prompt tokens); None: the profile's.")
     real_length_samples: int = _f(64, "Test texts timed one by one at their own length (0: skip).")
     rounds: int = _f(3, "Rounds in which every model runs once, in turn (A B C A B C ...).")
     new_tokens: int = _f(32, "Causal LMs: tokens generated per timed generation, after a prompt "

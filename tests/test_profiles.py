@@ -130,3 +130,18 @@ def test_report_says_what_the_profile_imitated():
             "measured 3.00 ms = 33% of the host's roofline; ESTIMATE on the target: bound "
             "3.00 ms (compute-bound), 9.0 ms at the host's efficiency") in text
     assert "target peaks: 4x A78" in text
+
+
+def test_bench_shape_comes_from_the_profile_unless_the_recipe_sets_it(tmp_path):
+    from edgedistill.pipeline import Run
+    from edgedistill.recipe import Recipe
+
+    recipe = Recipe()
+    recipe.bench.profile = "smart-speaker"
+    Run(recipe, tmp_path)
+    assert (recipe.bench.batch_size, recipe.bench.sequence_length) == (1, 32)
+    recipe = Recipe()
+    recipe.bench.profile, recipe.bench.sequence_length = "smart-speaker", 64
+    Run(recipe, tmp_path)
+    assert recipe.bench.sequence_length == 64
+    assert load_profile("cpu").sequence_length == 128

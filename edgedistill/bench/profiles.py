@@ -36,6 +36,9 @@ class Profile:
     memory_budget_mb: int = 0
     mobile_artifact: bool = False
     quantization: dict = field(default_factory=dict)
+    # the input shape benchmarked when a recipe or command does not set one
+    batch_size: int = 1
+    sequence_length: int = 128
     # the target device's peaks for a roofline projection (bench.roofline): int8_gops,
     # fp32_gflops, bandwidth_gbs and their source; no numbers: the target is this host
     roofline: dict = field(default_factory=dict)

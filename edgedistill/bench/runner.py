@@ -253,13 +253,15 @@ def benchmark(models: list[str | Path], profile: Profile | str = "cpu",
               texts: list[str] | None = None, settings: BenchSettings | None = None,
               progress: bool = True) -> list[dict]:
     """Latency (batch x sequence length, and real text lengths one by one), load time, first
-    inference, peak memory and size of each saved model (PyTorch or ONNX folder).
+    inference, peak memory and size of each saved model (PyTorch or ONNX folder). Without
+    ``settings``, the defaults at the profile's input shape.
 
     Models take turns, one fresh process each, for ``settings.rounds`` rounds (A B C A B C;
     see :func:`take_turns`).
     """
-    s = settings or BenchSettings()
     profile = load_profile(profile) if isinstance(profile, str) else profile
+    s = settings or BenchSettings(batch_size=profile.batch_size,
+                                  sequence_length=profile.sequence_length)
     check_available(profile)
     dirs = check_model_dirs(models)
     inputs = {d: _inputs(d, texts or [SAMPLE_TEXT], s) for d in dirs}
