@@ -94,7 +94,8 @@ class DistillationTrainer(Trainer):
     """Trainer that distils ``teacher_model`` into ``model``.
 
     Accepts ``tokenizer=`` as well as ``processing_class=``. The teacher runs in eval mode
-    without gradients and is never wrapped by DDP: it only produces targets. When the data
+    without gradients and is never wrapped by DDP: it only produces targets. Under FSDP2 it is
+    sharded over the processes like the student (:meth:`_shard_teacher_fsdp2`). When the data
     carry a ``teacher_logits`` column (see :func:`add_teacher_logits`), those are used instead
     of running the teacher for the logit loss.
     """
@@ -117,9 +118,13 @@ class DistillationTrainer(Trainer):
         if args_.matches and self.teacher is None:
             raise EdgeDistillError("matches need teacher_model: precomputed teacher_logits "
                                    "carry no hidden states or attention maps")
+        self.teacher_sharded = False
         if self.teacher is not None:
-            self.teacher.to(args_.device).eval()
             self.teacher.requires_grad_(False)
+            self.teacher_sharded = self._shard_teacher_fsdp2()
+            if not self.teacher_sharded:
+                self.teacher.to(args_.device)
+            self.teacher.eval()
             self._check_compatible(self.model, self.teacher)
             self.matches = resolve_matches(
                 args_.matches or [], self.model.config, self.teacher.config,
@@ -132,6 +137,59 @@ class DistillationTrainer(Trainer):
         self._loss_parts: dict[str, list[float]] = defaultdict(list)
         self._class_weights = (None if args_.class_weights is None else
                                torch.tensor(args_.class_weights, device=args_.device))
+
+    def _shard_teacher_fsdp2(self) -> bool:
+        """Under FSDP2, shard the teacher over the ranks like the student; return whether done.
+
+        The Trainer's accelerator shards only the model it trains. A teacher too large to sit
+        whole beside the student's shard is sharded here with the same plugin settings: each
+        transformer block, then the root (embeddings, final norm, head), each gathered only for
+        its own forward pass. It stays frozen (no gradients, no optimizer state) and outside
+        ``accelerator.prepare``: ``prepare_model(..., evaluation_mode=True)`` would not shard
+        it. Under DDP, FSDP1, DeepSpeed or one process the teacher stays a full copy per rank.
+        """
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if not self.is_fsdp_enabled or getattr(plugin, "fsdp_version", 1) != 2:
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                warnings.warn("the teacher is not sharded, every process holds a full copy: "
+                              "DistillationTrainer shards it under FSDP2 only (fsdp_version: 2;"
+                              " see docs/scale-out.md)")
+            return False
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from .student import find_blocks
+
+        kwargs = dict(mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+                      offload_policy=plugin.cpu_offload)
+        mesh = getattr(self.accelerator, "torch_device_mesh", None)
+        if mesh is not None:
+            kwargs["mesh"] = mesh[tuple(self.accelerator.parallelism_config.fsdp_dim_names)]
+        for block in find_blocks(self.teacher)[2]:
+            fully_shard(block, reshard_after_forward=True, **kwargs)
+        # A causal LM's head runs after the forward pass, chunk by chunk (token_kd): its unit,
+        # the root, stays gathered after the forward until _causal_loss reshards it.
+        fully_shard(self.teacher, reshard_after_forward=not self.causal, **kwargs)
+        return True
+
+    def _teacher_hidden(self, inputs: dict) -> torch.Tensor:
+        """The causal teacher's last hidden states (the input of its head)."""
+        decoder = decoder_of(self.teacher)
+        if not self.teacher_sharded:
+            with torch.inference_mode():
+                return decoder(**inputs).last_hidden_state
+        # FSDP2 gathers a unit in hooks around its module's forward, and the first forward must
+        # enter through the root: run the decoder through the teacher's own forward.
+        patched = "forward" in vars(self.teacher)
+        saved = self.teacher.forward
+        self.teacher.forward = lambda **kw: decoder(**kw)
+        try:
+            with torch.no_grad():
+                return self.teacher(**inputs).last_hidden_state
+        finally:
+            if patched:
+                self.teacher.forward = saved
+            else:
+                del self.teacher.forward
 
     def _check_causal_settings(self, args_) -> None:
         if args_.distil_loss not in TOKEN_LOSSES:
@@ -261,11 +319,15 @@ class DistillationTrainer(Trainer):
                                    args.distil_loss, args.temperature, args.kd_chunk_tokens,
                                    **weights)
         else:
-            with torch.inference_mode():
-                hidden = decoder_of(self.teacher)(**inputs).last_hidden_state
-            loss = dense_token_kd(s_logits, hidden[:, :-1], self.teacher.get_output_embeddings(),
-                                  mask, args.distil_loss, args.temperature,
-                                  args.kd_chunk_tokens, **weights)
+            try:
+                hidden = self._teacher_hidden(inputs)
+                loss = dense_token_kd(s_logits, hidden[:, :-1],
+                                      self.teacher.get_output_embeddings(), mask,
+                                      args.distil_loss, args.temperature, args.kd_chunk_tokens,
+                                      **weights)
+            finally:
+                if self.teacher_sharded:
+                    self.teacher.reshard()  # the root unit, gathered for the head
         parts = weights["parts"]
         logged = {"ce": args.alpha_ce * parts["ce"], "distil": args.alpha_distil * parts["distil"]}
         return self._finish(model, loss, logged, logits, return_outputs)
