@@ -124,7 +124,8 @@ def test_int4_lm_head_can_stay_float_or_go_to_4_bits(causal, tmp_path, bits, qua
     ({"block_size": 48}, "not a power of two"), ({"block_size": 8}, "not a power of two"),
     ({"accuracy_level": 5}, "accuracy_level: 5 is unknown"),
     ({"lm_head_bits": 16}, "lm_head_bits: 16 is unknown"),
-    ({"algorithm": "gptq"}, "'gptq' is not supported yet; valid: rtn")])
+    ({"algorithm": "awq"}, "'awq' is unknown; valid: rtn, gptq"),
+    ({"algorithm": "gptq"}, "gptq needs calibration texts")])
 def test_int4_rejects_bad_settings(causal, tmp_path, kwargs, message):
     root, _ = causal
     with pytest.raises(EdgeDistillError, match=message):
