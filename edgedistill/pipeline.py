@@ -40,6 +40,9 @@ from .training import distil_student, finetune_teacher, plan_student
 
 console = Console(stderr=True)
 STAGES = ("teacher", "distill", "export", "quantize", "evaluate", "bench")
+# what tuning reports about its search, apart from the chosen model's quantize record
+TUNING_KEYS = ("passed", "metric", "tolerable_loss", "max_trials", "baseline", "trials",
+               "chosen", "skipped", "ranking")
 MANIFEST = "manifest.json"
 
 
@@ -168,6 +171,7 @@ class Run:
                     "teacher.batch_size": r.teacher.batch_size,
                     "distill.batch_size": r.distill.batch_size,
                     "quantize.calibration_samples": r.quantize.calibration_samples,
+                    "quantize.max_trials": r.quantize.max_trials,
                     "evaluate.batch_size": r.evaluate.batch_size,
                     "data.max_length": r.data.max_length, "bench.rounds": r.bench.rounds,
                     "bench.iterations": r.bench.iterations, "bench.batch_size": r.bench.batch_size,
@@ -217,20 +221,58 @@ class Run:
         if not self.causal and (r.distill.cache_teacher or r.quantize.int4):
             raise EdgeDistillError("distill.cache_teacher and quantize.int4 are for task "
                                    "causal-lm; a classifier's logits are cached already")
+        loss = r.quantize.tolerable_loss
+        if loss is not None:
+            if self.causal:
+                raise EdgeDistillError("quantize.tolerable_loss: accuracy-aware tuning is for "
+                                       "classifiers (it judges on validation labels); remove it")
+            if not 0 < loss < 1:
+                raise EdgeDistillError(f"quantize.tolerable_loss: {loss} must be between 0 "
+                                       "and 1 (a relative loss: 0.01 is 1%)")
+            if r.quantize.nodes_to_exclude or r.quantize.operators:
+                raise EdgeDistillError("quantize.tolerable_loss: tuning chooses the settings "
+                                       "and the fp32 nodes itself; remove quantize."
+                                       "nodes_to_exclude / quantize.operators")
 
     def _quantize(self, onnx_dir: Path, d: Path) -> dict:
         q, r = self.recipe.quantize, self.recipe
-        record = quantize(onnx_dir, d / "student-int8", r.bench.profile, q.preset, q.per_channel,
-                          q.mode, self._calibration_texts(), q.calibration, r.data.max_length,
-                          q.nodes_to_exclude, q.operators, q.fuse)
+        texts = self._calibration_texts()
+
+        def int8() -> dict:
+            return quantize(onnx_dir, d / "student-int8", r.bench.profile, q.preset,
+                            q.per_channel, q.mode, texts, q.calibration, r.data.max_length,
+                            q.nodes_to_exclude, q.operators, q.fuse)
+
+        record = int8() if q.tolerable_loss is None else self._tune(onnx_dir, d, texts, int8)
         if q.int4:
-            record["int4"] = quantize_int4(onnx_dir, d / "student-int4", q.int4_block_size,
-                                           q.int4_accuracy_level)
+            record["int4"] = quantize_int4(
+                onnx_dir, d / "student-int4", q.int4_block_size, q.int4_accuracy_level,
+                algorithm=q.int4_algorithm, calibration_texts=texts,
+                calibration_samples=q.calibration_samples, max_length=r.data.max_length)
         if self._fp16:
             record["fp16"] = to_fp16(onnx_dir, d / "student-fp16")
         if load_profile(r.bench.profile).mobile_artifact:
             record["mobile"] = phone_artifact(d / "student-int8", d / "student-int8-mobile")
         return record
+
+    def _tune(self, onnx_dir: Path, d: Path, texts: list[str], int8: Callable[[], dict]) -> dict:
+        """Accuracy-aware int8 (:mod:`edgedistill.quantization.tuning`) judged on the validation
+        split. When no setting passes, the default int8 model goes on to evaluation and the
+        report, marked as not meeting the tolerance."""
+        from .quantization.tuning import tune
+
+        q, r, validation = self.recipe.quantize, self.recipe, self.data.validation
+        result = tune(onnx_dir, d / "student-int8", list(validation["text"]),
+                      list(validation["label"]), self.data.labels, q.tolerable_loss,
+                      q.max_trials, r.bench.profile, q.preset, q.per_channel,
+                      calibration_texts=texts, max_length=r.data.max_length)
+        summary = {k: result.pop(k) for k in TUNING_KEYS}
+        if not summary["passed"]:
+            console.print(f"[red]tuning: no int8 setting kept {summary['metric']} within "
+                          f"{q.tolerable_loss:.1%} of fp32 in {len(summary['trials'])} trials; "
+                          "student-int8 is the untuned default, marked as failing[/red]")
+            result = int8()
+        return {**result, "tuning": {**summary, "texts": len(validation)}}
 
     def _export(self, teacher_dir: Path, student_dir: Path) -> Callable[[Path], dict]:
         cfg = self.recipe.export
@@ -247,9 +289,11 @@ class Run:
         return work
 
     def _calibration_texts(self) -> list[str] | None:
-        """Training texts for static calibration (never the test split)."""
+        """Training texts (never the test split) for what calibrates: static int8, tuning (its
+        static trials), GPTQ."""
         q = self.recipe.quantize
-        if q.mode != "static":
+        gptq = q.int4 and q.int4_algorithm == "gptq"
+        if q.mode != "static" and q.tolerable_loss is None and not gptq:
             return None
         train = self.data.train.shuffle(seed=self.recipe.seed)
         return list(train.select(range(min(q.calibration_samples, len(train))))["text"])

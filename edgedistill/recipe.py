@@ -128,6 +128,11 @@ class QuantizeConfig:
     fuse: Optional[bool] = _f(None, "Fuse an encoder's graph (attention, layer norms, GELU) with "
                                     "onnxruntime's transformer optimizer before int8; None takes "
                                     "the profile's value (on).")
+    tolerable_loss: Optional[float] = _f(
+        None, "Accuracy-aware tuning: the fastest int8 setting whose validation macro-F1 stays "
+              "within this relative loss of fp32 (0.01 = 1%), trying settings and keeping "
+              "harmful nodes in fp32; None: quantize once with the settings above.")
+    max_trials: int = _f(10, "Accuracy-aware tuning: trials at most.")
     int4: bool = _f(False, "Also write a 4-bit weight-only model (MatMulNBits), for decoders.")
     int4_block_size: int = _f(32, "Weights sharing one 4-bit scale (a power of two >= 16).")
     int4_accuracy_level: Optional[int] = _f(

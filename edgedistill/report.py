@@ -210,6 +210,30 @@ def _roofline_lines(report: dict) -> list[str]:
     return lines
 
 
+TUNING_HEADERS = ("trial", "setting", "kept fp32", "metric", "relative loss", "agreement",
+                  "KL", "p50 ms (indicative)", "passed")
+
+
+def _tuning(report: dict) -> tuple[str, list[list[str]]] | None:
+    """Accuracy-aware tuning's verdict and one row per trial, or None without tuning."""
+    tuning = report.get("quantization", {}).get("tuning")
+    if not tuning:
+        return None
+    base = tuning["baseline"]
+    if tuning["passed"]:
+        verdict = (f"student-int8 is trial {tuning['chosen']}: {tuning['metric']} within "
+                   f"{tuning['tolerable_loss']:.1%} of fp32 ({base['metric']:.4f}) on "
+                   f"{tuning['texts']} validation texts")
+    else:
+        verdict = (f"NO setting kept {tuning['metric']} within {tuning['tolerable_loss']:.1%} "
+                   f"of fp32 ({base['metric']:.4f}) in {len(tuning['trials'])} trials: "
+                   "student-int8 is the untuned default and does not meet the tolerance")
+    rows = [[str(t["index"]), t["setting"], str(len(t["kept_fp32"])), f"{t['metric']:.4f}",
+             f"{t['relative_loss']:.2%}", f"{t['agreement']:.3f}", f"{t['kl']:.2e}",
+             f"{t['p50_ms']:.2f}", "yes" if t["passed"] else "no"] for t in tuning["trials"]]
+    return verdict, rows
+
+
 def _generation_lines(report: dict) -> list[tuple[int, str]]:
     """(depth, text): each prompt, then every model's greedy continuation of it."""
     models = [m for m in report["models"] if m.get("generated_text")]
@@ -234,6 +258,11 @@ def to_markdown(report: dict) -> str:
               for t in report["targets"]]
     if _budget_lines(report):
         lines += ["", "## Profile", ""] + [f"- {line}" for line in _budget_lines(report)]
+    if _tuning(report):
+        verdict, rows = _tuning(report)
+        lines += ["", "## Quantization tuning", "", verdict, "",
+                  "| " + " | ".join(TUNING_HEADERS) + " |", "|" + "---|" * len(TUNING_HEADERS)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "## Training", ""] + [f"- {line}" for line in _training_lines(report)]
     if _generation_lines(report):
         lines += ["", "## Generations", ""] + [f"{'  ' * depth}- {text}"
@@ -372,6 +401,13 @@ def to_html(report: dict, pngs: dict[str, bytes]) -> str:
     generations = "".join(f"<li style='margin-left:{2 * depth}em'>{e(text)}</li>"
                           for depth, text in _generation_lines(report))
     generations = f"<h2>Generations</h2><ul>{generations}</ul>" if generations else ""
+    tuning = ""
+    if _tuning(report):
+        verdict, rows = _tuning(report)
+        tuning = (f"<h2>Quantization tuning</h2><p>{e(verdict)}</p><table><tr>"
+                  + "".join(f"<th>{e(h)}</th>" for h in TUNING_HEADERS) + "</tr>"
+                  + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
+                            for r in rows) + "</table>")
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>edgedistill report: {e(report['name'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}}
@@ -386,6 +422,7 @@ padding:1em}}</style></head><body>
 <h2>Targets</h2><table><tr><th>target</th><th>measured</th><th>goal</th><th></th></tr>
 {targets}</table>
 <h2>Profile</h2><ul>{profile}</ul>
+{tuning}
 <h2>Training</h2><ul>{training}</ul>
 {generations}
 <div>{images}</div>

@@ -85,6 +85,37 @@ def test_run_end_to_end_then_skip_then_partial_rerun(recipe, tmp_path, capsys):
     assert record["mode"] == "static" and record["calibration_samples"] == 72  # 80 - 10%
 
 
+def test_tuned_quantization_and_a_tuning_that_finds_nothing(recipe, tmp_path, monkeypatch):
+    """quantize.tolerable_loss: the trials go into the report; when none passes, the default
+    int8 model is evaluated and benchmarked, and the report says it fails the tolerance."""
+    import edgedistill.quantization.tuning as tuning
+
+    out = tmp_path / "out"
+    loose = ["run", str(recipe), "--output", str(out), "--set", "quantize.tolerable_loss=0.5"]
+    assert main(loose) == 0
+    record = json.loads((out / "quantize" / "manifest.json").read_text())["record"]
+    assert record["tuning"]["passed"] and record["tuning"]["chosen"] == 1
+    assert record["tuning"]["texts"] == 8  # the validation split (10% of 80), not the test's
+    text = (out / "report.md").read_text()
+    assert "## Quantization tuning" in text and "student-int8 is trial 1" in text
+
+    def nothing_passes(*args, **kwargs):
+        return {"passed": False, "metric": "macro_f1", "tolerable_loss": 0.001, "max_trials": 1,
+                "baseline": {"metric": 0.5}, "trials": [
+                    {"index": 1, "setting": "dynamic-fused", "kept_fp32": [], "metric": 0.4,
+                     "relative_loss": 0.2, "agreement": 0.9, "kl": 0.01, "p50_ms": 1.0,
+                     "passed": False}], "chosen": None, "skipped": [], "ranking": None}
+
+    monkeypatch.setattr(tuning, "tune", nothing_passes)
+    assert main(loose[:-1] + ["quantize.tolerable_loss=0.001"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["quantization"]["tuning"]["passed"] is False
+    assert report["quantization"]["mode"] == "dynamic"  # the default int8, evaluated anyway
+    assert "student-int8" in [m["name"] for m in report["models"]]
+    assert "NO setting kept macro_f1 within 0.1%" in (out / "report.md").read_text()
+    assert main(loose[:-1] + ["quantize.tolerable_loss=2"]) == 2  # refused before any work
+
+
 def test_distill_command_stops_after_the_student(recipe, tmp_path):
     out = tmp_path / "out"
     assert main(["distill", str(recipe), "--output", str(out)]) == 0
