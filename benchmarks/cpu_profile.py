@@ -87,6 +87,7 @@ def main() -> None:
     quality = {name: evaluate(models[name], data.test, data.labels, 32, recipe.data.max_length)
                for name in ("student-onnx", "student-int8", "optimum-int8")}
     b = recipe.bench  # the default recipe's benchmark settings
+    b.fill_shape()
     settings = BenchSettings(b.warmup, b.iterations, b.min_seconds, b.batch_size,
                              b.sequence_length, b.real_length_samples, recipe.data.max_length,
                              rounds=b.rounds)

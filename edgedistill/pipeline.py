@@ -74,11 +74,7 @@ class Run:
         self.records: dict[str, dict] = {}
         self._data: TaskData | None = None
         self.causal = recipe.task == "causal-lm"
-        # bench shapes left unset take the profile's input shape (filled in before the
-        # resolved recipe is written, so it shows what ran)
-        profile, b = load_profile(recipe.bench.profile), recipe.bench
-        b.batch_size = profile.batch_size if b.batch_size is None else b.batch_size
-        b.sequence_length = profile.sequence_length if b.sequence_length is None else b.sequence_length
+        recipe.bench.fill_shape()  # before the resolved recipe is written: it shows what ran
 
     @property
     def data(self) -> TaskData:

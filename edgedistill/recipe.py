@@ -164,6 +164,15 @@ class BenchConfig:
     new_tokens: int = _f(32, "Causal LMs: tokens generated per timed generation, after a prompt "
                              "of sequence_length tokens.")
 
+    def fill_shape(self) -> None:
+        """Set an unset batch_size / sequence_length to the profile's input shape."""
+        from .bench.profiles import load_profile
+
+        profile = load_profile(self.profile)
+        self.batch_size = profile.batch_size if self.batch_size is None else self.batch_size
+        if self.sequence_length is None:
+            self.sequence_length = profile.sequence_length
+
 
 @dataclass
 class ReportConfig:
