@@ -131,3 +131,21 @@ def test_bad_settings_are_one_line_errors(tmp_path, kwargs, message):
     args = {"texts": ["good day", "bad day"], **kwargs}
     with pytest.raises(EdgeDistillError, match=message):
         tune(tmp_path / "onnx", tmp_path / "out", **args)
+
+
+def test_an_excluded_matmul_in_a_qdq_model_counts_as_fp32(plain_onnx, tmp_path):
+    """Q, K and V read one tensor: keeping Q in fp32 leaves that tensor dequantized for K and
+    V, so Q still reads a DequantizeLinear output; its own weight is what shows it was kept."""
+    import onnx
+
+    from edgedistill.quantization import quantize
+    from edgedistill.quantization.tuning import quantized_nodes
+
+    source = onnx.load(str(onnx_file(plain_onnx))).graph
+    query = next(n.name for n in source.node if "query" in n.name and n.op_type == "MatMul")
+    key = query.replace("query", "key")
+    record = quantize(plain_onnx, tmp_path / "q", mode="static", calibration_texts=TEXTS[:8],
+                      max_length=32, nodes_to_exclude=[query])
+    names = quantized_nodes(source, onnx.load(str(onnx_file(tmp_path / "q"))).graph,
+                            record["operators"], "static")
+    assert key in names and query not in names

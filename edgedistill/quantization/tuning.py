@@ -394,8 +394,13 @@ def quantized_nodes(source: onnx.GraphProto, quantized: onnx.GraphProto,
             # after it (ONNXModel.replace_gemm_with_matmul); nodes_to_exclude sees the MatMul
             name, op_type = f"{name}_MatMul", "MatMul"
         same = kept.get((name, op_type))
+        # in a QDQ model an excluded MatMul may still read a dequantized activation (one its
+        # quantized siblings share: Q, K and V read one tensor); its own second operand (the
+        # weight) is what says whether it was quantized
+        operands = same.input[1:2] if same is not None and op_type in ("MatMul", "Gemm") \
+            else (same.input if same is not None else [])
         if (same is None or any(i in new_weights for i in same.input)
-                or (op_type in operators and any(i in dequantized for i in same.input))):
+                or (op_type in operators and any(i in dequantized for i in operands))):
             names.append(name)
     return names
 
