@@ -27,7 +27,7 @@ class GenerationSettings:
     warmup: int = 1  # untimed generations per process (the first, cold one always runs)
     iterations: int = 5  # timed generations per process (per round)
     rounds: int = 3
-    poll_interval_s: float = 0.002
+    poll_interval_s: float = 0.001  # the parent reads the child's RSS every millisecond
 
 
 def _check_settings(s: GenerationSettings) -> None:

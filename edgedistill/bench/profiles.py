@@ -18,7 +18,9 @@ from ..errors import EdgeDistillError
 class Profile:
     """Where a model is to run, and how a run on this host imitates it.
 
-    ``threads``: intra-op threads (0: every core this process may use). ``cpu_affinity``: pin
+    ``threads``: intra-op threads (0: every core this process may use); there is one
+    inter-op thread, because onnxruntime runs these graphs node after node (sequential
+    execution), where more inter-op threads would sit idle. ``cpu_affinity``: pin
     the benchmark's processes to that many cores (0: no pinning). ``memory_budget_mb``: a model
     whose process grows past it is stopped and reported as over budget, as a phone's
     low-memory killer would stop it (0: no budget). ``target``: the device the profile stands

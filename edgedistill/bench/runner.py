@@ -44,7 +44,7 @@ class BenchSettings:
     real_length_samples: int = 64
     max_length: int = 128
     rounds: int = 3
-    poll_interval_s: float = 0.002
+    poll_interval_s: float = 0.001  # the parent reads the child's RSS every millisecond
 
 
 class OverBudget(EdgeDistillError):
