@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -17,7 +18,11 @@ LABELS = ["negative", "neutral", "positive"]
 def make_tokenizer(folder: Path) -> BertTokenizerFast:
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    # written whole, then renamed: the ranks of a DDP test write the same folder at once, and
+    # one reading the other's half-written file lost [UNK] (seen in CI)
+    tmp = folder / f"vocab.txt.{os.getpid()}.tmp"
+    tmp.write_text("\n".join(vocab) + "\n")
+    os.replace(tmp, folder / "vocab.txt")
     return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64)
 
 
