@@ -243,7 +243,11 @@ class DistillationTrainer(Trainer):
         parts: dict[str, torch.Tensor] = {}  # each part as it enters the total loss
         if labels is not None:
             weight = None if self._class_weights is None else self._class_weights.to(logits.dtype)
-            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), weight=weight)
+            if (labels != -100).any():
+                ce = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1),
+                                     weight=weight)
+            else:  # rows the teacher alone labels (label -100): cross-entropy's mean over no
+                ce = logits.sum() * 0.0  # rows is NaN, which would stop the run; add nothing
             # labels only (no teacher): plain (optionally class-weighted) cross-entropy
             has_teacher = self.teacher is not None or cached is not None
             parts["ce"] = args.alpha_ce * ce if has_teacher else ce

@@ -78,6 +78,24 @@ def test_compute_loss_is_the_weighted_sum(tmp_path):
                                         rel=1e-5)
 
 
+def test_a_batch_the_teacher_alone_labels_learns_from_the_teacher(tmp_path):
+    """Rows labelled -100 (teacher-labelled extra text) add no cross-entropy; a batch of only
+    such rows is the distillation loss alone, not NaN (which would stop training)."""
+    teacher = make_bert(num_layers=4)
+    student = make_student(teacher, num_layers=2)
+    trainer = _trainer(tmp_path, student, teacher, temperature=2.0, alpha_ce=0.5,
+                       alpha_distil=0.5)
+    inputs = {"input_ids": torch.tensor([[2, 6, 7, 8, 3], [2, 9, 10, 3, 0]]),
+              "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])}
+    student.eval()
+    with torch.no_grad():
+        kd = soft_cross_entropy(student(**inputs).logits, teacher(**inputs).logits, 2.0)
+    loss = trainer.compute_loss(student, {**inputs, "labels": torch.tensor([-100, -100])})
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(0.5 * kd.item(), rel=1e-5)
+    loss.backward()  # and it trains: the student's weights get gradients
+    assert student.classifier.weight.grad is not None
+
+
 def _pooled(hidden, mask):
     mask = mask.unsqueeze(-1).float()
     return (hidden * mask).sum(1) / mask.sum(1)
