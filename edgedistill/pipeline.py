@@ -75,6 +75,9 @@ class Run:
         self._data: TaskData | None = None
         self.causal = recipe.task == "causal-lm"
         recipe.bench.fill_shape()  # before the resolved recipe is written: it shows what ran
+        # the profile (a GPU's) asks for an fp16 student; built for encoders (a decoder's fp16
+        # KV-cache graph was not validated here)
+        self.fp16 = bool(resolve_preset(recipe.bench.profile).get("fp16")) and not self.causal
 
     @property
     def data(self) -> TaskData:
@@ -245,7 +248,7 @@ class Run:
                 onnx_dir, d / "student-int4", q.int4_block_size, q.int4_accuracy_level,
                 algorithm=q.int4_algorithm, calibration_texts=texts,
                 calibration_samples=q.calibration_samples, max_length=r.data.max_length)
-        if self._fp16:
+        if self.fp16:
             record["fp16"] = to_fp16(onnx_dir, d / "student-fp16")
         if load_profile(r.bench.profile).mobile_artifact:
             record["mobile"] = phone_artifact(d / "student-int8", d / "student-int8-mobile")
@@ -312,17 +315,10 @@ class Run:
         if self.recipe.quantize.int4:
             models.append({"name": "student-int4", "role": "student", "backend": "onnxruntime",
                            "precision": "int4", "path": quantized / "student-int4"})
-        if self._fp16:
+        if self.fp16:
             models.append({"name": "student-fp16", "role": "student", "backend": "onnxruntime",
                            "precision": "fp16", "path": quantized / "student-fp16"})
         return models
-
-    @property
-    def _fp16(self) -> bool:
-        """The profile (a GPU's) asks for an fp16 student; built for encoders (a decoder's
-        fp16 KV-cache graph was not validated here)."""
-        preset = resolve_preset(self.recipe.bench.profile)
-        return bool(preset.get("fp16")) and not self.causal
 
     def _evaluate(self, models: list[dict]) -> dict:
         if self.causal:

@@ -94,7 +94,8 @@ def _summarise(model_dir: Path, runs: list[dict], profile: Profile, s: Generatio
     tpot = Latency.from_seconds(steps)
     # the prefill (the prompt's pass) is the part a roofline of the graph describes; a decode
     # step's cost depends on the cache's length
-    roofline = {"roofline": roofline_estimate(model_dir, Latency.from_seconds(ttft).p50_ms,
+    first = Latency.from_seconds(ttft)
+    roofline = {"roofline": roofline_estimate(model_dir, first.p50_ms,
                                               profile, 1, len(prompt))
                 } if runs[0]["backend"] == "onnxruntime" else {}
     return {
@@ -105,7 +106,7 @@ def _summarise(model_dir: Path, runs: list[dict], profile: Profile, s: Generatio
         "new_tokens": s.new_tokens,
         "rounds": len(runs),
         "generations": len(ttft),
-        "ttft_ms": Latency.from_seconds(ttft).to_dict(),
+        "ttft_ms": first.to_dict(),
         "tpot_ms": tpot.to_dict(),
         "decode_tokens_per_s": 1000.0 / tpot.p50_ms,
         "tokens_per_s": statistics.median(s.new_tokens / t

@@ -165,8 +165,7 @@ def to_fp16(onnx_dir: str | Path, output_dir: str | Path) -> dict:
     graph = onnx.load(str(onnx_file(output_dir)), load_external_data=False).graph
     halves = sum(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
     return {"precision": "fp16", "fp16_initializers": halves,
-            "fused": dict(sorted(collections.Counter(
-                n.op_type for n in graph.node if n.domain == "com.microsoft").items()))}
+            "fused": _fused_ops(graph)}
 
 
 def _apply_options(qconfig, settings: dict, mode: str) -> None:
@@ -215,8 +214,12 @@ def fuse_graph(onnx_dir: Path, model_file: Path, out: Path) -> dict | None:
     fused_file = onnx_file(out)
     model = SymbolicShapeInference.infer_shapes(onnx.load(str(fused_file)), auto_merge=True)
     onnx.save(model, str(fused_file))
-    counts = collections.Counter(n.op_type for n in model.graph.node
-                                 if n.domain == "com.microsoft")
+    return _fused_ops(model.graph)
+
+
+def _fused_ops(graph: onnx.GraphProto) -> dict[str, int]:
+    """How many of each fused operator (onnxruntime's com.microsoft domain) ``graph`` holds."""
+    counts = collections.Counter(n.op_type for n in graph.node if n.domain == "com.microsoft")
     return dict(sorted(counts.items()))
 
 
