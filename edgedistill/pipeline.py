@@ -37,6 +37,7 @@ from .recipe import Recipe, load_recipe, recipe_from_dict
 from .report import build_report, print_summary, write_report
 from .sources import check_remote_code, resolve_model
 from .training import distil_student, finetune_teacher, plan_student
+from .transfer import check_transfer_settings
 
 console = Console(stderr=True)
 STAGES = ("teacher", "distill", "export", "quantize", "evaluate", "bench")
@@ -133,10 +134,12 @@ class Run:
             "teacher": self.fingerprints["teacher"], "data": train_cfg, "seed": r.seed,
             "student": asdict(r.student), "distill": asdict(r.distill),
             "student_files": _folder_signature(resolve_model(r.student.model))
-            if r.student.model else None,
+            if r.student.model else None, "transfer": self._transfer_inputs(data_cfg),
         }, lambda d: distil_student(teacher / "model", r.student, r.distill, self.data,
                                     r.data, d, r.seed, r.teacher.trust_remote_code,
-                                    cache_dir=self.out / "teacher-cache"))
+                                    cache_dir=self.out / "teacher-cache",
+                                    transfer=r.transfer if r.transfer.active else None,
+                                    transfer_cache=self.out / "transfer-cache"))
         if self.until == "distill":
             return None
         exported = self.stage("export", {
@@ -157,6 +160,20 @@ class Run:
         write_report(report, self.out, plots=r.report.plots)
         print_summary(report, console)
         return report
+
+    def _transfer_inputs(self, data_cfg: dict) -> dict | None:
+        """What the transfer set is made from: its settings, the files of its unlabelled
+        sources and the test split's settings (its texts are kept out of the set)."""
+        t = self.recipe.transfer
+        if not t.active:
+            return None
+        files = {}
+        for u in t.unlabelled:
+            path = Path(u.source).expanduser()
+            if u.source != "train" and path.exists():
+                files[u.source] = (_folder_signature(path) if path.is_dir() else
+                                   [path.stat().st_size, path.stat().st_mtime_ns])
+        return {"settings": asdict(t), "files": files, "data": data_cfg}
 
     def preflight(self, model_path: Path) -> None:
         """Fail on settings that would break a later stage before spending minutes on the
@@ -181,6 +198,8 @@ class Run:
         resolve_preset(r.bench.profile, r.quantize.preset, r.quantize.per_channel, r.quantize.fuse)
         check_available(load_profile(r.bench.profile))
         self._check_task(r)
+        check_transfer_settings(r.transfer, self.causal, r.distill.alpha_distil,
+                                r.distill.cache_teacher, r.data.max_length)
         check_remote_code(model_path, r.teacher.trust_remote_code, "teacher.trust_remote_code")
         if r.teacher.trust_remote_code:
             console.print(f"[yellow]warning: teacher.trust_remote_code is on: Python code from "

@@ -290,7 +290,22 @@ def _training_lines(report: dict) -> list[str]:
                      f"{distill.get('teacher_parameters', 0) / 1e6:.1f}M parameters, distilled "
                      f"in {distill.get('train_seconds', 0):.0f} s, "
                      f"{_validation_score(report, distill)}")
+    if distill.get("transfer"):
+        lines.append(_transfer_line(distill["transfer"]))
     return lines
+
+
+def _transfer_line(t: dict) -> str:
+    mix = ", ".join(f"{source} {n}" for source, n in t["sources"].items())
+    methods = t.get("methods")
+    how = f" (augmentation: {', '.join(f'{m} {n}' for m, n in methods.items())})" if methods else ""
+    gen = t.get("generations")
+    if gen:
+        how += (f" (teacher generations: {gen['sequences']} continuations of "
+                f"{gen['prompt_tokens']}-token prompts, {gen['mean_continuation_tokens']:.0f} "
+                f"tokens on average{', from the cache' if gen['cached'] else ''})")
+    return (f"transfer set: {t['size']} teacher-labelled rows beside {t['training_rows']} "
+            f"training rows; rows by source: {mix}{how}; teacher {t['teacher_seconds']:.0f} s")
 
 
 def _plots(report: dict) -> dict[str, bytes]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from datasets import Dataset
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, DataCollatorWithPadding, default_data_collator, set_seed)
 
@@ -24,8 +25,11 @@ from .distill.teacher_cache import (TeacherCacheDataset, build_teacher_cache, ca
                                     load_teacher_cache)
 from .distill.trainer import add_teacher_logits
 from .evaluation import classification_metrics
-from .recipe import DataConfig, DistillConfig, StudentConfig, TeacherConfig, TrainingConfig
+from .distill.generations import teacher_generations, with_generations
+from .recipe import (DataConfig, DistillConfig, GenerateConfig, StudentConfig, TeacherConfig,
+                     TrainingConfig, TransferConfig)
 from .sources import check_remote_code, resolve_model
+from .transfer import build_transfer_set, join_transfer, load_unlabelled
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +90,26 @@ def last_good_checkpoint(folder: Path) -> str | None:
 
 
 def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path,
-         teacher=None, cache_dir: Path | None = None, cache_top_k: int = 64) -> dict:
+         teacher=None, cache_dir: Path | None = None, cache_top_k: int = 64,
+         transfer: TransferConfig | None = None, transfer_cache: Path | None = None) -> dict:
+    extra = {}
     if data.labels:
         train = tokenize(data.train, tokenizer, data_cfg.max_length)
         validation = tokenize(data.validation, tokenizer, data_cfg.max_length)
         collator, metrics = DataCollatorWithPadding(tokenizer), _metrics_fn(data.labels)
-        if teacher is not None and args.alpha_distil > 0 and not args.matches:
+        logits = teacher is not None and args.alpha_distil > 0 and not args.matches
+        if logits:
             train = add_teacher_logits(train, teacher, collator)
             validation = add_teacher_logits(validation, teacher, collator)
+        if transfer is not None and transfer.active:
+            train, extra["transfer"] = classifier_transfer(
+                train, transfer, data, teacher, tokenizer, data_cfg.max_length, args.seed, logits)
     else:  # language modelling: fixed-length token blocks
-        train = lm_blocks(data.train, tokenizer, data_cfg.max_length)
+        if transfer is not None and transfer.active:
+            train, extra["transfer"] = lm_transfer(transfer, data, teacher, tokenizer,
+                                                   data_cfg.max_length, args.seed, transfer_cache)
+        else:
+            train = lm_blocks(data.train, tokenizer, data_cfg.max_length)
         validation = lm_blocks(data.validation, tokenizer, data_cfg.max_length)
         collator, metrics = default_data_collator, None
         if cache_dir is not None and teacher is not None and args.alpha_distil > 0:
@@ -117,7 +131,58 @@ def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path
     return {"train_seconds": result.metrics.get("train_runtime"),
             "train_loss": result.metrics.get("train_loss"),
             "validation": {k.removeprefix("eval_"): v for k, v in best.items()},
-            "log_history": trainer.state.log_history}
+            "log_history": trainer.state.log_history, **extra}
+
+
+def _evaluation_texts(data: TaskData) -> list[str]:
+    """Texts a transfer set must never contain: the validation and test splits'."""
+    return [*data.validation["text"], *data.test["text"]]
+
+
+def _unlabelled(cfg: TransferConfig, data: TaskData, seed: int) -> dict[str, list[str]]:
+    return {u.source: load_unlabelled(asdict(u), data.train, _evaluation_texts(data), seed=seed)
+            for u in cfg.unlabelled}
+
+
+def classifier_transfer(train, cfg: TransferConfig, data: TaskData, teacher, tokenizer,
+                        max_length: int, seed: int, logits: bool):
+    """The tokenized training split followed by the transfer set (augmented variants of the
+    training texts and unlabelled texts, labelled by the teacher), and the set's record."""
+    aug = cfg.augment
+    transfer, record = build_transfer_set(
+        list(data.train["text"]), teacher, tokenizer, factor=aug.factor, methods=aug.methods,
+        seed=seed if aug.seed is None else aug.seed, unlabelled=_unlabelled(cfg, data, seed),
+        exclude=_evaluation_texts(data), max_length=max_length, batch_size=cfg.batch_size,
+        logits=logits)
+    log.info("transfer set: %d rows %s", record["size"], record["sources"])
+    return join_transfer(train, transfer), {**record, "training_rows": len(train)}
+
+
+def lm_transfer(cfg: TransferConfig, data: TaskData, teacher, tokenizer, block_size: int,
+                seed: int, cache_dir: Path | None):
+    """A language model's training blocks with the unlabelled text packed in, followed by the
+    teacher's continuations of training-text prompts (sequence-level KD), and their record."""
+    unlabelled = _unlabelled(cfg, data, seed)
+    texts = [*data.train["text"], *(t for group in unlabelled.values() for t in group)]
+    blocks = lm_blocks(Dataset.from_dict({"text": texts}), tokenizer, block_size)
+    own = len(lm_blocks(data.train, tokenizer, block_size)) if unlabelled else len(blocks)
+    sources = {"unlabelled": len(blocks) - own} if unlabelled else {}
+    record = {"size": len(blocks) - own, "training_rows": own, "sources": sources,
+              "unlabelled_texts": {k: len(v) for k, v in unlabelled.items()},
+              "teacher_seconds": 0.0}
+    gen = cfg.generate
+    if not gen.prompts:
+        return blocks, record
+    generated, gen_record = teacher_generations(
+        teacher, tokenizer, list(data.train["text"]), prompts=gen.prompts,
+        prompt_tokens=gen.prompt_tokens, new_tokens=gen.new_tokens, temperature=gen.temperature,
+        top_p=gen.top_p, seed=seed if gen.seed is None else gen.seed, block_size=block_size,
+        batch_size=cfg.batch_size, cache_dir=cache_dir)
+    blocks = with_generations(blocks, generated)
+    record.update(size=record["size"] + len(generated), generations=gen_record,
+                  teacher_seconds=gen_record["teacher_seconds"])
+    record["sources"]["teacher generations"] = len(generated)
+    return blocks, record
 
 
 def _cached_teacher(train, teacher, tokenizer, args, data_cfg: DataConfig, cache_dir: Path,
@@ -193,11 +258,22 @@ def build_student(teacher, cfg: StudentConfig, causal: bool = False):
                         **cfg.config)
 
 
+def _on_policy_settings(gen: GenerateConfig) -> dict:
+    if not gen.prompts or not gen.lmbda:
+        return {}
+    return dict(lmbda=gen.lmbda, generation_temperature=gen.temperature,
+                generation_top_p=gen.top_p, generation_new_tokens=gen.new_tokens)
+
+
 def distil_student(teacher_dir: Path, student_cfg: StudentConfig, cfg: DistillConfig,
                    data: TaskData, data_cfg: DataConfig, out: Path, seed: int,
-                   trust_remote_code: bool = False, cache_dir: Path | None = None) -> dict:
+                   trust_remote_code: bool = False, cache_dir: Path | None = None,
+                   transfer: TransferConfig | None = None,
+                   transfer_cache: Path | None = None) -> dict:
     """Build the student and train it with DistillationTrainer. A causal LM with
-    ``cfg.cache_teacher`` trains from the teacher's top-k kept in ``cache_dir``."""
+    ``cfg.cache_teacher`` trains from the teacher's top-k kept in ``cache_dir``. ``transfer``
+    adds teacher-labelled inputs (edgedistill.transfer; a language model's teacher
+    generations are kept in ``transfer_cache``)."""
     set_seed(seed)
     causal = not data.labels
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=trust_remote_code)
@@ -206,10 +282,11 @@ def distil_student(teacher_dir: Path, student_cfg: StudentConfig, cfg: DistillCo
     args = _arguments(cfg, data, out, seed, causal, temperature=cfg.temperature,
                       alpha_ce=cfg.alpha_ce, alpha_distil=cfg.alpha_distil,
                       distil_loss=cfg.distil_loss, loss_options=dict(cfg.loss_options),
-                      matches=[asdict(m) for m in cfg.matches])
+                      matches=[asdict(m) for m in cfg.matches],
+                      **(_on_policy_settings(transfer.generate) if transfer else {}))
     cache = cache_dir if causal and cfg.cache_teacher else None
     record = _fit(student, tokenizer, args, data, data_cfg, out, teacher=teacher, cache_dir=cache,
-                  cache_top_k=cfg.cache_top_k)
+                  cache_top_k=cfg.cache_top_k, transfer=transfer, transfer_cache=transfer_cache)
     tokenizer.save_pretrained(out / "model")
     return {"teacher_layers": getattr(student.config, "edgedistill_teacher_layers", None),
             "parameters": sum(p.numel() for p in student.parameters()),

@@ -174,6 +174,53 @@ def check_augment_settings(factor, methods, prefix: str = "augment.") -> tuple[s
     return methods
 
 
+def check_transfer_settings(cfg, causal: bool, alpha_distil: float, cache_teacher: bool,
+                            max_length: int) -> None:
+    """Refuse a recipe's ``transfer`` block (a ``recipe.TransferConfig``) before any training
+    when it cannot work for the task: one line naming the setting and the fix."""
+    aug, gen = cfg.augment, cfg.generate
+    methods = check_augment_settings(aug.factor, aug.methods, "transfer.augment.")
+    if cfg.batch_size < 1:
+        raise EdgeDistillError(f"transfer.batch_size: {cfg.batch_size} must be >= 1")
+    for i, u in enumerate(cfg.unlabelled):
+        if u.source != "train" and not Path(u.source).expanduser().exists():
+            raise EdgeDistillError(f"transfer.unlabelled[{i}].source: {u.source or '(empty)'}: no "
+                                   "such file or folder; give a text file, a data file, a "
+                                   "save_to_disk folder or 'train'")
+        if u.max_samples is not None and u.max_samples < 1:
+            raise EdgeDistillError(f"transfer.unlabelled[{i}].max_samples: {u.max_samples} "
+                                   "must be >= 1")
+    if causal and aug.factor:
+        raise EdgeDistillError("transfer.augment.factor: augmentation is for classifiers; a "
+                               "language model learns from teacher generations "
+                               "(transfer.generate.prompts)")
+    if not causal and gen.prompts:
+        raise EdgeDistillError("transfer.generate.prompts: teacher generations are for task "
+                               "causal-lm; a classifier takes transfer.augment / unlabelled")
+    if not causal and cfg.active and alpha_distil <= 0:
+        raise EdgeDistillError("transfer: the transfer rows have only the teacher's soft "
+                               "targets, which distill.alpha_distil: 0 ignores; set it > 0")
+    if "substitute" in methods and aug.factor:
+        _wordnet()
+    if not gen.prompts:
+        return
+    for key in ("prompts", "prompt_tokens", "new_tokens"):
+        if getattr(gen, key) < 1:
+            raise EdgeDistillError(f"transfer.generate.{key}: {getattr(gen, key)} must be >= 1")
+    if gen.prompt_tokens + gen.new_tokens > max_length:
+        raise EdgeDistillError(f"transfer.generate.prompt_tokens + new_tokens: "
+                               f"{gen.prompt_tokens + gen.new_tokens} exceeds data.max_length "
+                               f"{max_length}, the length of a training row; lower them")
+    if gen.temperature < 0 or not 0 < gen.top_p <= 1:
+        raise EdgeDistillError(f"transfer.generate: temperature {gen.temperature} must be >= 0 "
+                               f"and top_p {gen.top_p} in (0, 1]")
+    if not 0 <= gen.lmbda <= 1:
+        raise EdgeDistillError(f"transfer.generate.lmbda: {gen.lmbda} must be between 0 and 1")
+    if gen.lmbda and cache_teacher:
+        raise EdgeDistillError("transfer.generate.lmbda: on-policy sequences are scored by the "
+                               "live teacher; set distill.cache_teacher: false (or lmbda: 0)")
+
+
 def augment(texts: Sequence[str], factor: int, seed: int = 0,
             methods: Sequence[str] = DEFAULT_METHODS, mask_token: str | None = "[MASK]",
             synonyms: Callable[[str], Sequence[str]] | None = None) -> list[Variant]:

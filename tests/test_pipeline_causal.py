@@ -93,3 +93,34 @@ def test_distill_cache_teacher_flag(tmp_path, tiny_llama_dir):
     assert main(["distill", str(recipe), "--output", str(out), "--cache-teacher"]) == 0
     meta = json.loads((out / "teacher-cache" / "meta.json").read_text())
     assert meta["top_k"] == 8 and (out / "distill" / "model").is_dir()
+
+
+def test_teacher_generations_join_the_training_rows(tmp_path, tiny_llama_dir):
+    recipe = write_recipe(tmp_path, tiny_llama_dir)
+    extra = tmp_path / "extra.txt"
+    extra.write_text("good dose\nbad week then good\n")
+    out = tmp_path / "out"
+    sets = ["--set", "transfer.generate={prompts: 6, prompt_tokens: 4, new_tokens: 8}",
+            "--set", f"transfer.unlabelled=[{{source: {extra}}}]"]
+    assert main(["distill", str(recipe), "--output", str(out), *sets]) == 0
+    t = json.loads((out / "distill" / "manifest.json").read_text())["record"]["transfer"]
+    assert t["sources"]["teacher generations"] == 6 and t["generations"]["cached"] is False
+    assert t["unlabelled_texts"] == {str(extra): 2}
+    assert len(list((out / "transfer-cache").glob("generations-*.safetensors"))) == 1
+    # the teacher cache covers the ordinary blocks and the generated rows alike
+    meta = json.loads((out / "teacher-cache" / "meta.json").read_text())
+    assert meta["rows"] == t["training_rows"] + t["size"]
+
+    # on-policy: the student continues the prompts in some batches, the live teacher scores them
+    assert main(["distill", str(recipe), "--output", str(tmp_path / "gkd"), *sets,
+                 "--set", "transfer.generate.lmbda=1.0",
+                 "--set", "distill.cache_teacher=false"]) == 0
+    log = json.loads((tmp_path / "gkd" / "distill" / "manifest.json").read_text())["record"]
+    assert max(h.get("on_policy_batches", 0) for h in log["log_history"]) > 0
+
+
+def test_on_policy_needs_the_live_teacher(tmp_path, tiny_llama_dir, capsys):
+    recipe = write_recipe(tmp_path, tiny_llama_dir)
+    assert main(["run", str(recipe), "--output", str(tmp_path / "out"), "--set",
+                 "transfer.generate={prompts: 6, prompt_tokens: 4, new_tokens: 8, lmbda: 0.5}"]) == 2
+    assert "set distill.cache_teacher: false" in capsys.readouterr().err

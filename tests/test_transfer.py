@@ -16,7 +16,7 @@ from edgedistill.distill.trainer import add_teacher_logits
 from edgedistill.errors import EdgeDistillError
 from edgedistill.transfer import (IGNORE_INDEX, augment, build_transfer_set, join_transfer,
                                   load_unlabelled, normalise)
-from tests.conftest import LABELS, make_bert, make_texts, make_tokenizer
+from tests.conftest import LABELS, make_bert, make_texts, make_tokenizer, write_tsv
 
 TEXTS = ["the dose helped my headache a lot. I sleep better now. No side effects at all.",
          "awful pain every day, worse than before",
@@ -239,10 +239,6 @@ def test_a_mixed_training_set_trains(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "F.cross_entropy over a batch whose labels are all -100 is 0/0 = nan, and the trainer stops "
-    "on a non-finite loss; DistillationTrainer.compute_loss should leave the CE out of such a "
-    "batch (proposed in the transfer-stage notes). Remove this mark with that fix."))
 def test_a_batch_of_teacher_only_rows_has_a_finite_loss(tmp_path):
     tokenizer = make_tokenizer(tmp_path / "tok")
     teacher = make_bert()
@@ -261,3 +257,85 @@ def test_transfer_set_from_a_teacher_folder_without_logits(tmp_path, tiny_teache
                                     factor=2, logits=False, methods=["shuffle", "crop"])
     assert "teacher_logits" not in ds.column_names and record["teacher_seconds"] == 0
     assert record["sources"] == {"augmented": 2}
+
+
+# --------------------------------------------------------------------------- in a recipe
+
+@pytest.fixture
+def transfer_recipe(tmp_path, tiny_teacher_dir):
+    from tests.test_pipeline import RECIPE
+    data = write_tsv(tmp_path / "data", 80, 30)
+    extra = tmp_path / "extra.txt"
+    path = tmp_path / "tiny.yaml"
+    path.write_text(RECIPE.format(data=data, teacher=tiny_teacher_dir))
+    return path, data, extra
+
+
+def _rows(path):
+    import csv
+    with open(path) as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_a_recipe_with_a_transfer_block_trains_on_it_and_reports_it(transfer_recipe, tmp_path):
+    from edgedistill.cli import main
+    recipe, data, extra = transfer_recipe
+    train_texts = [r["review"] for r in _rows(data / "train.tsv")]
+    test_texts = [r["review"] for r in _rows(data / "test.tsv")]
+    extra.write_text("\n".join(["fresh words never seen", "another unseen review here",
+                                train_texts[0], test_texts[0]]) + "\n")
+    out = tmp_path / "out"
+    sets = ["--set", "distill.matches=[]", "--set", "transfer.augment.factor=2",
+            "--set", f"transfer.unlabelled=[{{source: {extra}}}]"]
+    assert main(["distill", str(recipe), "--output", str(out), *sets]) == 0
+    record = json.loads((out / "distill" / "manifest.json").read_text())["record"]
+    t = record["transfer"]
+    assert t["training_rows"] == 72  # 80 rows less the 10% validation split
+    # the test text is removed while reading the file, the training text as a duplicate
+    assert t["sources"][f"unlabelled:{extra}"] == 2
+    assert t["sources"]["augmented"] == t["size"] - 2 > 72  # 2 variants of most of 72 texts
+    assert t["teacher_seconds"] > 0
+    steps = max(h.get("step", 0) for h in record["log_history"])
+    assert steps == 2 * -(-(72 + t["size"]) // 16)  # 2 epochs over training + transfer rows
+
+    def distill_mtime():
+        return (out / "distill" / "manifest.json").stat().st_mtime_ns
+
+    first = distill_mtime()
+    assert main(["distill", str(recipe), "--output", str(out), *sets]) == 0
+    assert distill_mtime() == first  # same recipe, same files: skipped
+    with open(extra, "a") as f:
+        f.write("one more unlabelled text\n")
+    assert main(["distill", str(recipe), "--output", str(out), *sets]) == 0
+    second = distill_mtime()
+    assert second != first  # the file changed: a new transfer set
+    record = json.loads((out / "distill" / "manifest.json").read_text())["record"]
+    assert record["transfer"]["sources"][f"unlabelled:{extra}"] == 3
+    # the test split decides what is kept out of the transfer set, so it is an input now
+    assert main(["distill", str(recipe), "--output", str(out), *sets,
+                 "--set", "data.max_test_samples=10"]) == 0
+    assert distill_mtime() != second
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("transfer.generate.prompts=4", "transfer.generate.prompts: teacher generations are for"),
+    ("transfer.augment.methods=[mask, paraphrase]", "transfer.augment.methods: ['paraphrase']"),
+    ("transfer.unlabelled=[{source: /nowhere.txt}]", "transfer.unlabelled[0].source: /nowhere"),
+])
+def test_a_transfer_block_that_cannot_work_is_refused_before_any_work(
+        transfer_recipe, tmp_path, capsys, setting, message):
+    from edgedistill.cli import main
+    recipe, _, _ = transfer_recipe
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "--output", str(out), "--set", "transfer.augment.factor=1",
+                 "--set", setting]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(out.glob("teacher*"))  # refused before the first stage
+
+
+def test_teacher_only_rows_need_the_distillation_loss(transfer_recipe, tmp_path, capsys):
+    from edgedistill.cli import main
+    recipe, _, _ = transfer_recipe
+    assert main(["run", str(recipe), "--output", str(tmp_path / "out"), "--set",
+                 "transfer.augment.factor=1", "--set", "distill.alpha_distil=0"]) == 2
+    assert "distill.alpha_distil: 0 ignores" in capsys.readouterr().err

@@ -9,6 +9,7 @@ how the teacher is fine-tuned and how the labels-only baseline is trained.
 from __future__ import annotations
 
 import math
+import random
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -20,10 +21,11 @@ from transformers import Trainer, TrainingArguments
 
 from ..errors import EdgeDistillError
 from .features import forward_with_features
+from .generations import PROMPT_LENGTH, eos_ids, pack_row, pad_id, sampling_config
 from .losses import LOGIT_LOSSES, get_loss
 from .losses.token import TOKEN_LOSSES, get_token_loss
 from .matching import PROJECTIONS, attach_projections, check_match_spec, resolve_matches
-from .teacher_cache import TOPK_INDICES, TOPK_LOGPROBS, decoder_of
+from .teacher_cache import TOPK_INDICES, TOPK_LOGPROBS, TeacherCacheDataset, decoder_of
 from .token_kd import dense_token_kd, sparse_token_kd
 
 TEACHER_LOGITS = "teacher_logits"
@@ -53,6 +55,17 @@ class DistillationTrainingArguments(TrainingArguments):
         "teacher_layer, options} (see edgedistill.distill.matching).")})
     class_weights: Optional[list[float]] = field(
         default=None, metadata={"help": "Per-class weights of the hard-label loss."})
+    lmbda: float = field(default=0.0, metadata={"help": (
+        "Causal LMs, on-policy share (GKD, Agarwal et al. 2024): the fraction of training "
+        "batches whose generated rows (prompt_length > 0) the student continues itself before "
+        "the live teacher scores them.")})
+    generation_temperature: float = field(default=1.0, metadata={"help": (
+        "On-policy batches: the student's sampling temperature (0: greedy).")})
+    generation_top_p: float = field(default=1.0, metadata={"help": (
+        "On-policy batches: nucleus sampling mass (1: off).")})
+    generation_new_tokens: int = field(default=96, metadata={"help": (
+        "On-policy batches: most tokens the student generates per prompt (also capped by the "
+        "row length).")})
     # transformers renamed this to eval_strategy; users (and many tutorials) still write it.
     evaluation_strategy: Optional[str] = field(
         default=None, metadata={"help": "Old name of eval_strategy, still accepted."})
@@ -88,6 +101,19 @@ def check_distill_settings(settings, prefix: str = "") -> None:
     for i, spec in enumerate(settings.matches or []):
         # a recipe holds MatchConfig dataclasses, training arguments plain dicts
         check_match_spec(asdict(spec) if is_dataclass(spec) else spec, f"{prefix}matches[{i}]")
+    # a recipe's distill block may not carry the on-policy fields: their defaults are "off"
+    lmbda = getattr(settings, "lmbda", 0.0)
+    if not 0 <= lmbda <= 1:
+        raise EdgeDistillError(f"{prefix}lmbda: {lmbda} must be in [0, 1] (0: off)")
+    if getattr(settings, "generation_temperature", 1.0) < 0:
+        raise EdgeDistillError(f"{prefix}generation_temperature: "
+                               f"{settings.generation_temperature} must be >= 0 (0: greedy)")
+    if not 0 < getattr(settings, "generation_top_p", 1.0) <= 1:
+        raise EdgeDistillError(f"{prefix}generation_top_p: {settings.generation_top_p} must be "
+                               "in (0, 1] (1: off)")
+    if getattr(settings, "generation_new_tokens", 1) < 1:
+        raise EdgeDistillError(f"{prefix}generation_new_tokens: "
+                               f"{settings.generation_new_tokens} must be >= 1")
 
 
 class DistillationTrainer(Trainer):
@@ -137,6 +163,11 @@ class DistillationTrainer(Trainer):
         self._loss_parts: dict[str, list[float]] = defaultdict(list)
         self._class_weights = (None if args_.class_weights is None else
                                torch.tensor(args_.class_weights, device=args_.device))
+        if args_.lmbda > 0:
+            self._check_on_policy()
+        # its own stream, so that the on-policy batches are the same in every run
+        self._on_policy_rng = random.Random(args_.seed)
+        self._on_policy_batches = 0
 
     def _shard_teacher_fsdp2(self) -> bool:
         """Under FSDP2, shard the teacher over the ranks like the student; return whether done.
@@ -204,6 +235,16 @@ class DistillationTrainer(Trainer):
         if args_.kd_chunk_tokens < 1:
             raise EdgeDistillError(f"kd_chunk_tokens: {args_.kd_chunk_tokens} must be >= 1")
 
+    def _check_on_policy(self) -> None:
+        if not self.causal:
+            raise EdgeDistillError("lmbda: on-policy batches are for causal LMs (the student "
+                                   "generates); set lmbda=0")
+        if self.teacher is None or isinstance(self.train_dataset, TeacherCacheDataset):
+            raise EdgeDistillError(
+                "lmbda: on-policy batches need the live teacher to score what the student "
+                "generates, and a teacher cache only holds its outputs on fixed rows; pass "
+                "teacher_model and no cache (distill.cache_teacher: false), or set lmbda=0")
+
     def _check_compatible(self, student, teacher) -> None:
         """Fail before training when the two models cannot be compared at all."""
         s_vocab, t_vocab = student.config.vocab_size, teacher.config.vocab_size
@@ -225,7 +266,7 @@ class DistillationTrainer(Trainer):
         # Keep a precomputed `teacher_logits` column: the Trainer drops columns the model's
         # forward() does not take.
         super()._set_signature_columns_if_needed()
-        for name in (TEACHER_LOGITS, TOPK_LOGPROBS, TOPK_INDICES):
+        for name in (TEACHER_LOGITS, TOPK_LOGPROBS, TOPK_INDICES, PROMPT_LENGTH):
             if name not in self._signature_columns:
                 self._signature_columns.append(name)
 
@@ -303,6 +344,15 @@ class DistillationTrainer(Trainer):
         """
         args = self.args
         inputs = dict(inputs)
+        prompt_length = inputs.pop(PROMPT_LENGTH, None)
+        if model.training and args.lmbda > 0 and self._on_policy_rng.random() < args.lmbda:
+            if inputs.get(TOPK_LOGPROBS) is not None:
+                raise EdgeDistillError(
+                    "lmbda: an on-policy batch carries cached teacher top-k, which cannot score "
+                    "the student's own tokens; train without the teacher cache or set lmbda=0")
+            if prompt_length is not None and bool((prompt_length > 0).any()):
+                inputs = self._on_policy(model, inputs, prompt_length)
+                self._on_policy_batches += 1
         labels = inputs.pop("labels")
         topk = inputs.pop(TOPK_LOGPROBS, None), inputs.pop(TOPK_INDICES, None)
         logits = model(**inputs).logits
@@ -336,6 +386,43 @@ class DistillationTrainer(Trainer):
         logged = {"ce": args.alpha_ce * parts["ce"], "distil": args.alpha_distil * parts["distil"]}
         return self._finish(model, loss, logged, logits, return_outputs)
 
+    def _on_policy(self, model, inputs: dict, prompt_length: torch.Tensor) -> dict:
+        """``inputs`` with each generated row's continuation sampled anew by the student.
+
+        GKD's on-policy step: the student continues the row's prompt (eval mode, no gradients)
+        and the row is rebuilt as :func:`~edgedistill.distill.generations.teacher_generations`
+        builds it; the loss then compares the student with the live teacher on those tokens.
+        Rows with ``prompt_length`` 0 (ordinary text) are left as they are.
+        """
+        args = self.args
+        student = self.accelerator.unwrap_model(model)
+        ids = inputs["input_ids"]
+        length = ids.shape[1]
+        pad, eos = pad_id(student, self.processing_class), eos_ids(student, self.processing_class)
+        rows = {k: inputs[k].clone() for k in ("input_ids", "attention_mask", "labels")}
+        student.eval()
+        try:
+            with torch.no_grad():
+                # one generate call per prompt length: prompts of one length need no padding
+                for p in sorted(set(prompt_length.tolist()) - {0}):
+                    new = min(args.generation_new_tokens, length - p)
+                    which = (prompt_length == p).nonzero().flatten().tolist()
+                    if new < 1:
+                        continue
+                    prompts = ids[which, :p]
+                    config = sampling_config(new, args.generation_temperature,
+                                             args.generation_top_p, pad, eos)
+                    out = student.generate(input_ids=prompts,
+                                           attention_mask=torch.ones_like(prompts),
+                                           generation_config=config, use_model_defaults=False)
+                    for i, seq in zip(which, out[:, p:].tolist()):
+                        row = pack_row(ids[i, :p].tolist(), seq, length, pad, eos)
+                        for k in rows:
+                            rows[k][i] = torch.tensor(row[k], dtype=rows[k].dtype)
+        finally:
+            student.train()
+        return {**inputs, **rows}
+
     def _stop_on_non_finite(self, parts: dict[str, float]) -> None:
         """Stop before a NaN / inf loss reaches the weights: the checkpoints saved so far stay
         good, and rerunning resumes from the last one."""
@@ -365,6 +452,8 @@ class DistillationTrainer(Trainer):
             for k, values in self._loss_parts.items():
                 logs[f"loss_{k}"] = round(sum(values) / len(values), 4)
             self._loss_parts.clear()
+        if "loss" in logs and self.args.lmbda > 0:
+            logs["on_policy_batches"] = self._on_policy_batches
         super().log(logs, *args, **kwargs)
 
 
