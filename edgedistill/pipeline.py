@@ -26,13 +26,14 @@ from .bench.runner import BenchSettings, benchmark
 from .data import TaskData, lm_blocks, load_task_data
 from .distill.losses.token import TOKEN_LOSSES
 from .distill.matching import resolve_matches
+from .distill.qat import fake_quant_matches_onnxruntime, int8_scheme
 from .distill.trainer import check_distill_settings
 from .environment import environment
 from .errors import EdgeDistillError
 from .evaluation import evaluate, evaluate_lm
 from .export import export_onnx
 from .mobile import phone_artifact
-from .quantization import quantize, quantize_int4, resolve_preset, to_fp16
+from .quantization import int8_config, quantize, quantize_int4, resolve_preset, to_fp16
 from .recipe import Recipe, load_recipe, recipe_from_dict
 from .report import build_report, print_summary, write_report
 from .sources import check_remote_code, resolve_model
@@ -79,6 +80,7 @@ class Run:
         # the profile (a GPU's) asks for an fp16 student; built for encoders (a decoder's fp16
         # KV-cache graph was not validated here)
         self.fp16 = bool(resolve_preset(recipe.bench.profile).get("fp16")) and not self.causal
+        self.qat_scheme = None  # set by preflight when distill.qat_epochs asks for it
 
     @property
     def data(self) -> TaskData:
@@ -135,11 +137,13 @@ class Run:
             "student": asdict(r.student), "distill": asdict(r.distill),
             "student_files": _folder_signature(resolve_model(r.student.model))
             if r.student.model else None, "transfer": self._transfer_inputs(data_cfg),
+            "qat_scheme": asdict(self.qat_scheme) if self.qat_scheme else None,
         }, lambda d: distil_student(teacher / "model", r.student, r.distill, self.data,
                                     r.data, d, r.seed, r.teacher.trust_remote_code,
                                     cache_dir=self.out / "teacher-cache",
                                     transfer=r.transfer if r.transfer.active else None,
-                                    transfer_cache=self.out / "transfer-cache"))
+                                    transfer_cache=self.out / "transfer-cache",
+                                    qat_scheme=self.qat_scheme))
         if self.until == "distill":
             return None
         exported = self.stage("export", {
@@ -149,7 +153,7 @@ class Run:
         quantized = self.stage("quantize", {
             "export": self.fingerprints["export"], "quantize": asdict(r.quantize),
             "profile": r.bench.profile,
-        }, lambda d: self._quantize(exported / "student", d))
+        }, lambda d: self._quantize(exported / "student", d, distilled / "model"))
         models = self._models(teacher / "model", distilled / "model", exported, quantized)
         upstream = {k: self.fingerprints[k] for k in ("teacher", "distill", "export", "quantize")}
         self.stage("evaluate", {**upstream, "data": data_cfg, "evaluate": asdict(r.evaluate)},
@@ -200,6 +204,7 @@ class Run:
         self._check_task(r)
         check_transfer_settings(r.transfer, self.causal, r.distill.alpha_distil,
                                 r.distill.cache_teacher, r.data.max_length)
+        self._check_qat(r)
         check_remote_code(model_path, r.teacher.trust_remote_code, "teacher.trust_remote_code")
         if r.teacher.trust_remote_code:
             console.print(f"[yellow]warning: teacher.trust_remote_code is on: Python code from "
@@ -252,7 +257,31 @@ class Run:
                                        "and the fp32 nodes itself; remove quantize."
                                        "nodes_to_exclude / quantize.operators")
 
-    def _quantize(self, onnx_dir: Path, d: Path) -> dict:
+    def _check_qat(self, r: Recipe) -> None:
+        """Quantization-aware distillation simulates the one int8 scheme the quantize stage
+        will apply; settings that leave that scheme open or make it another are refused."""
+        d, q = r.distill, r.quantize
+        if d.qat_epochs < 0 or (d.qat_learning_rate is not None and d.qat_learning_rate <= 0):
+            raise EdgeDistillError("distill.qat_epochs must be >= 0 and distill."
+                                   "qat_learning_rate > 0")
+        if not d.qat_epochs:
+            return
+        if self.causal:
+            raise EdgeDistillError("distill.qat_epochs: quantization-aware distillation is for "
+                                   "classifiers; a language model's int4 path calibrates with "
+                                   "GPTQ (quantize.int4_algorithm: gptq)")
+        if q.tolerable_loss is not None:
+            raise EdgeDistillError("distill.qat_epochs: accuracy-aware tuning may ship another "
+                                   "int8 scheme than the one trained for; remove "
+                                   "quantize.tolerable_loss or distill.qat_epochs")
+        if q.nodes_to_exclude or q.operators:
+            raise EdgeDistillError("distill.qat_epochs: the simulation rounds every Linear as "
+                                   "default int8 does; remove quantize.nodes_to_exclude / "
+                                   "quantize.operators")
+        self.qat_scheme = int8_scheme(int8_config(r.bench.profile, q.preset, q.per_channel,
+                                                  q.fuse, q.mode)[0])
+
+    def _quantize(self, onnx_dir: Path, d: Path, student_dir: Path) -> dict:
         q, r = self.recipe.quantize, self.recipe
         texts = self._calibration_texts()
 
@@ -262,6 +291,11 @@ class Run:
                             q.nodes_to_exclude, q.operators, q.fuse)
 
         record = int8() if q.tolerable_loss is None else self._tune(onnx_dir, d, texts, int8)
+        if self.qat_scheme:
+            # the int8-aware phase simulated this model's rounding: check that it did
+            record["qat_check"] = fake_quant_matches_onnxruntime(
+                student_dir, d / "student-int8", list(self.data.validation["text"])[:64],
+                self.qat_scheme, r.data.max_length)
         if q.int4:
             record["int4"] = quantize_int4(
                 onnx_dir, d / "student-int4", q.int4_block_size, q.int4_accuracy_level,

@@ -104,6 +104,11 @@ class DistillConfig(TrainingConfig):
     cache_teacher: bool = _f(False, "Causal LMs: run the teacher once and train from its stored "
                                     "top-k log-probabilities instead of running it every step.")
     cache_top_k: int = _f(64, "Teacher log-probabilities kept per token in the cache.")
+    qat_epochs: float = _f(0.0, "Classifiers: epochs of a last distillation phase through the "
+                                "int8 rounding the quantize stage will apply (fake "
+                                "quantization; 0: none).")
+    qat_learning_rate: Optional[float] = _f(None, "Peak learning rate of that phase; None: a "
+                                                  "tenth of learning_rate.")
 
 
 @dataclass

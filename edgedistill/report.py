@@ -292,7 +292,19 @@ def _training_lines(report: dict) -> list[str]:
                      f"{_validation_score(report, distill)}")
     if distill.get("transfer"):
         lines.append(_transfer_line(distill["transfer"]))
+    if distill.get("qat"):
+        lines.append(_qat_line(distill["qat"], report.get("quantization", {}).get("qat_check")))
     return lines
+
+
+def _qat_line(qat: dict, check: dict | None) -> str:
+    line = (f"int8-aware phase: {qat['epochs']:g} epochs through fake quantization at learning "
+            f"rate {qat['learning_rate']:.1e}, {_validation_score({}, qat)} as int8")
+    if check:
+        line += (f"; against the onnxruntime int8 model on {check['texts']} validation texts, "
+                 f"largest logit difference {check['fake_quant_max_abs_diff']:.2g} (float model: "
+                 f"{check['fp32_max_abs_diff']:.2g}), same class {check['fake_quant_agreement']:.0%}")
+    return line
 
 
 def _transfer_line(t: dict) -> str:

@@ -6,6 +6,8 @@ validation macro-F1, resume from the last checkpoint of an interrupted run).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -20,12 +22,13 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 
 from .data import TaskData, lm_blocks, tokenize
 from .distill import DistillationTrainer, DistillationTrainingArguments, make_student
+from .distill.generations import teacher_generations, with_generations
+from .distill.qat import attach_fake_quant, remove_fake_quant
 from .distill.student import check_same_tokenizer, select_layers, student_config
 from .distill.teacher_cache import (TeacherCacheDataset, build_teacher_cache, cache_fingerprint,
                                     load_teacher_cache)
 from .distill.trainer import add_teacher_logits
 from .evaluation import classification_metrics
-from .distill.generations import teacher_generations, with_generations
 from .recipe import (DataConfig, DistillConfig, GenerateConfig, StudentConfig, TeacherConfig,
                      TrainingConfig, TransferConfig)
 from .sources import check_remote_code, resolve_model
@@ -258,6 +261,25 @@ def build_student(teacher, cfg: StudentConfig, causal: bool = False):
                         **cfg.config)
 
 
+def _quantization_aware(student, tokenizer, args, cfg: DistillConfig, scheme, data: TaskData,
+                        data_cfg: DataConfig, out: Path, fit: dict) -> dict:
+    """The int8-aware phase: the distilled student trains on through fake quantization
+    (edgedistill.distill.qat) at a lower learning rate, keeps its best epoch by validation
+    macro-F1 *as int8*, and is saved as a plain float model over ``out / 'model'``."""
+    count = attach_fake_quant(student, scheme)
+    lr = cfg.qat_learning_rate if cfg.qat_learning_rate is not None else cfg.learning_rate / 10
+    qat_args = copy.deepcopy(args)  # not dataclasses.replace: that would rerun __post_init__
+    qat_args.num_train_epochs, qat_args.learning_rate = cfg.qat_epochs, lr
+    qat_args.output_dir = str(out / "qat" / "checkpoints")
+    record = _fit(student, tokenizer, qat_args, data, data_cfg, out / "qat", **fit)
+    remove_fake_quant(student)
+    student.save_pretrained(out / "model")
+    shutil.rmtree(out / "qat", ignore_errors=True)
+    record.pop("log_history", None)
+    return {"modules": count, "epochs": cfg.qat_epochs, "learning_rate": lr,
+            "scheme": dataclasses.asdict(scheme), **record}
+
+
 def _on_policy_settings(gen: GenerateConfig) -> dict:
     if not gen.prompts or not gen.lmbda:
         return {}
@@ -269,11 +291,13 @@ def distil_student(teacher_dir: Path, student_cfg: StudentConfig, cfg: DistillCo
                    data: TaskData, data_cfg: DataConfig, out: Path, seed: int,
                    trust_remote_code: bool = False, cache_dir: Path | None = None,
                    transfer: TransferConfig | None = None,
-                   transfer_cache: Path | None = None) -> dict:
+                   transfer_cache: Path | None = None, qat_scheme=None) -> dict:
     """Build the student and train it with DistillationTrainer. A causal LM with
     ``cfg.cache_teacher`` trains from the teacher's top-k kept in ``cache_dir``. ``transfer``
     adds teacher-labelled inputs (edgedistill.transfer; a language model's teacher
-    generations are kept in ``transfer_cache``)."""
+    generations are kept in ``transfer_cache``). With ``qat_scheme`` (an
+    edgedistill.distill.qat.Int8Scheme) a last phase of ``cfg.qat_epochs`` trains through the
+    int8 rounding; a stage killed during it resumes with that phase."""
     set_seed(seed)
     causal = not data.labels
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=trust_remote_code)
@@ -285,8 +309,20 @@ def distil_student(teacher_dir: Path, student_cfg: StudentConfig, cfg: DistillCo
                       matches=[asdict(m) for m in cfg.matches],
                       **(_on_policy_settings(transfer.generate) if transfer else {}))
     cache = cache_dir if causal and cfg.cache_teacher else None
-    record = _fit(student, tokenizer, args, data, data_cfg, out, teacher=teacher, cache_dir=cache,
-                  cache_top_k=cfg.cache_top_k, transfer=transfer, transfer_cache=transfer_cache)
+    fit = dict(teacher=teacher, cache_dir=cache, cache_top_k=cfg.cache_top_k, transfer=transfer,
+               transfer_cache=transfer_cache)
+    finished = out / "distilled.json"  # the float phase's record, once its model is saved
+    if qat_scheme is not None and finished.is_file():
+        log.warning("float distillation already finished; resuming with the int8-aware phase")
+        record = json.loads(finished.read_text())
+        student = load_model(out / "model", causal)
+    else:
+        record = _fit(student, tokenizer, args, data, data_cfg, out, **fit)
+    if qat_scheme is not None:
+        finished.write_text(json.dumps(record, default=str))
+        record["qat"] = _quantization_aware(student, tokenizer, args, cfg, qat_scheme, data,
+                                            data_cfg, out, fit)
+        finished.unlink()
     tokenizer.save_pretrained(out / "model")
     return {"teacher_layers": getattr(student.config, "edgedistill_teacher_layers", None),
             "parameters": sum(p.numel() for p in student.parameters()),

@@ -104,7 +104,6 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
     preset.
     """
     from optimum.onnxruntime import ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
     onnx_dir, output_dir = Path(onnx_dir), Path(output_dir)
     model_file = onnx_file(onnx_dir)
@@ -113,14 +112,8 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
     graph = fp32_graph(model_file)
     if mode not in ("dynamic", "static"):
         raise EdgeDistillError(f"quantize.mode: '{mode}' is unknown; valid: dynamic, static")
-    settings = resolve_preset(profile, preset, per_channel, fuse)
-    make_config = getattr(AutoQuantizationConfig, settings["preset"])
-    if operators is None and mode == "static":
-        operators = ["MatMul"]
-    qconfig = make_config(is_static=mode == "static", per_channel=settings["per_channel"],
-                          nodes_to_exclude=list(nodes_to_exclude or []),
-                          operators_to_quantize=operators)
-    _apply_options(qconfig, settings, mode)
+    qconfig, settings = int8_config(profile, preset, per_channel, fuse, mode, nodes_to_exclude,
+                                    operators)
     output_dir.mkdir(parents=True, exist_ok=True)
     fused_dir = output_dir / "fused.tmp"
     record = {"mode": mode, "profile": profile, **settings,
@@ -143,6 +136,25 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
     shutil.rmtree(fused_dir, ignore_errors=True)
     copy_sidecars(onnx_dir, output_dir)
     return record
+
+
+def int8_config(profile: str = "cpu", preset: str = "auto", per_channel: bool | None = None,
+                fuse: bool | None = None, mode: str = "dynamic",
+                nodes_to_exclude: list[str] | None = None, operators: list[str] | None = None):
+    """optimum's quantization configuration for these settings (the profile's preset and its
+    options applied), and the resolved preset: the one description of the int8 scheme, read
+    by :func:`quantize` and by quantization-aware distillation."""
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    settings = resolve_preset(profile, preset, per_channel, fuse)
+    make_config = getattr(AutoQuantizationConfig, settings["preset"])
+    if operators is None and mode == "static":
+        operators = ["MatMul"]
+    qconfig = make_config(is_static=mode == "static", per_channel=settings["per_channel"],
+                          nodes_to_exclude=list(nodes_to_exclude or []),
+                          operators_to_quantize=operators)
+    _apply_options(qconfig, settings, mode)
+    return qconfig, settings
 
 
 def to_fp16(onnx_dir: str | Path, output_dir: str | Path) -> dict:

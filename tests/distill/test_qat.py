@@ -1,0 +1,143 @@
+"""Quantization-aware distillation: the fake quantization computes what onnxruntime's int8
+model computes, comes off cleanly, trains, and runs as a recipe's last distillation phase."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edgedistill.cli import main
+from edgedistill.distill.qat import (attach_fake_quant, fake_quant_matches_onnxruntime,
+                                     int8_scheme, is_fake_quantized, remove_fake_quant)
+from edgedistill.errors import EdgeDistillError
+from edgedistill.export import export_onnx
+from edgedistill.quantization import int8_config, quantize
+from tests.conftest import make_bert, make_texts, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qat")
+    torch.manual_seed(0)
+    model = make_bert(num_layers=2, seed=3)
+    # wider weights than the initialisation gives, so that rounding shows in the logits
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8)
+    model.save_pretrained(d / "model")
+    make_tokenizer(d / "model")
+    export_onnx(d / "model", d / "onnx")
+    return d
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_fake_quantization_computes_what_the_int8_model_computes(exported, per_channel):
+    out = exported / f"int8-{per_channel}"
+    quantize(exported / "onnx", out, per_channel=per_channel)
+    scheme = int8_scheme(int8_config(per_channel=per_channel)[0])
+    texts, _ = make_texts(24)
+    check = fake_quant_matches_onnxruntime(exported / "model", out, texts, scheme, 32)
+    assert check["fp32_max_abs_diff"] > 1e-3  # the rounding is visible in float
+    if per_channel:
+        # the same integers as onnxruntime's: only float summation order differs
+        assert check["fake_quant_max_abs_diff"] < 1e-3 * check["fp32_max_abs_diff"]
+    else:
+        # per tensor, the fused QAttention shares one weight range over query, key and value;
+        # the simulation keeps one range per projection, so it is closer, not exact
+        assert check["fake_quant_max_abs_diff"] < 0.5 * check["fp32_max_abs_diff"]
+
+
+def test_fake_quantization_comes_off_without_a_trace_and_trains():
+    model = make_bert(num_layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scheme = int8_scheme(int8_config()[0])
+    n = attach_fake_quant(model, scheme)
+    assert n == sum(isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
+                    for m in model.modules())
+    assert is_fake_quantized(model)
+    with pytest.raises(EdgeDistillError, match="already fake-quantized"):
+        attach_fake_quant(model, scheme)
+    ids = torch.randint(5, model.config.vocab_size, (4, 12))
+    rounded = model(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(rounded, torch.tensor([0, 1, 2, 0]))
+    loss.backward()  # straight-through: gradients reach the float weights
+    query = model.bert.encoder.layer[0].attention.self.query
+    assert query.parametrizations.weight.original.grad.abs().sum() > 0
+    remove_fake_quant(model)
+    assert not is_fake_quantized(model)
+    assert set(model.state_dict()) == set(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert not torch.allclose(model(input_ids=ids).logits, rounded)  # float again
+
+
+def test_the_scheme_follows_the_quantization_settings():
+    avx2 = int8_scheme(int8_config(preset="avx2")[0])  # optimum's avx2 preset: uint8 weights
+    assert (avx2.weight_min, avx2.weight_max) == (0, 255)
+    qconfig = int8_config()[0]
+    qconfig.reduce_range = True  # a profile's 'reduce_range: true'
+    assert (int8_scheme(qconfig).weight_min, int8_scheme(qconfig).weight_max) == (-64, 64)
+    assert int8_scheme(int8_config(per_channel=False)[0]).per_channel is False
+    with pytest.raises(EdgeDistillError, match="set quantize.mode: dynamic"):
+        int8_scheme(int8_config(mode="static")[0])
+
+
+# --------------------------------------------------------------------------- in a recipe
+
+@pytest.fixture
+def recipe(tmp_path, tiny_teacher_dir):
+    from tests.conftest import write_tsv
+    from tests.test_pipeline import RECIPE
+    path = tmp_path / "tiny.yaml"
+    path.write_text(RECIPE.format(data=write_tsv(tmp_path / "data", 80, 30),
+                                  teacher=tiny_teacher_dir))
+    return path
+
+
+def test_a_recipe_with_an_int8_aware_phase(recipe, tmp_path):
+    out = tmp_path / "out"
+    sets = ["--set", "distill.qat_epochs=1", "--set", "distill.matches=[]",
+            "--set", "bench.rounds=1", "--set", "bench.real_length_samples=0"]
+    assert main(["run", str(recipe), "--output", str(out), *sets]) == 0
+    qat = json.loads((out / "distill" / "manifest.json").read_text())["record"]["qat"]
+    assert qat["modules"] > 0 and qat["learning_rate"] == pytest.approx(1e-4)
+    assert 0 <= qat["validation"]["macro_f1"] <= 1
+    # the saved student is a plain float model: no parametrization keys, nothing left over
+    keys = load_file(out / "distill" / "model" / "model.safetensors")
+    assert not any("parametrizations" in k for k in keys)
+    assert not (out / "distill" / "qat").exists()
+    check = json.loads((out / "quantize" / "manifest.json").read_text())["record"]["qat_check"]
+    assert check["fake_quant_max_abs_diff"] < check["fp32_max_abs_diff"]
+    assert "int8-aware phase: 1 epochs" in (out / "report.md").read_text()
+
+
+def test_a_killed_int8_aware_phase_resumes_after_the_float_phase(recipe, tmp_path, monkeypatch):
+    import edgedistill.training as training
+    out = tmp_path / "out"
+    sets = ["--set", "distill.qat_epochs=1", "--set", "distill.matches=[]"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_quantization_aware", killed)
+    assert main(["distill", str(recipe), "--output", str(out), *sets]) == 130
+    assert (out / "distill.partial" / "distilled.json").is_file()
+    monkeypatch.undo()
+    calls = []
+    real_fit = training._fit
+    monkeypatch.setattr(training, "_fit", lambda *a, **k: calls.append(a[5]) or real_fit(*a, **k))
+    assert main(["distill", str(recipe), "--output", str(out), *sets]) == 0
+    assert [p.name for p in calls] == ["qat"]  # the float phase was not run again
+    assert "qat" in json.loads((out / "distill" / "manifest.json").read_text())["record"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("quantize.tolerable_loss=0.01", "accuracy-aware tuning may ship another"),
+    ("quantize.mode=static", "set quantize.mode: dynamic"),
+    ("distill.qat_epochs=-1", "distill.qat_epochs must be >= 0"),
+])
+def test_settings_the_int8_aware_phase_cannot_serve_are_refused(recipe, tmp_path, capsys,
+                                                                 setting, message):
+    assert main(["run", str(recipe), "--output", str(tmp_path / "out"), "--set",
+                 "distill.qat_epochs=1", "--set", setting]) == 2
+    assert message in capsys.readouterr().err
