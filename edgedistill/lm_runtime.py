@@ -22,6 +22,8 @@ import numpy as np
 from .errors import EdgeDistillError
 from .runtime import backend_of, check_cpu_only, onnx_file, open_onnx_session
 
+# the settings file of a PyTorch model packed by Intel Neural Compressor (quantization.weight_only)
+WEIGHT_ONLY_SETTINGS = "weight_only.json"
 _ONNX_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                 "tensor(double)": np.float64}
 
@@ -101,6 +103,12 @@ class TorchCausalLM(CausalLM):
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
+        if (Path(folder) / WEIGHT_ONLY_SETTINGS).is_file():
+            # Intel Neural Compressor's packed weights: transformers alone cannot read them
+            from .quantization.weight_only import load_weight_only
+            self.model = load_weight_only(folder)
+            self.config = self.model.config.to_dict()
+            return
         try:
             self.model = AutoModelForCausalLM.from_pretrained(folder).eval()
         except ValueError as e:  # transformers' "Unrecognized configuration class ..."

@@ -34,6 +34,7 @@ from .evaluation import evaluate, evaluate_lm
 from .export import export_onnx
 from .mobile import phone_artifact
 from .quantization import int8_config, quantize, quantize_int4, resolve_preset, to_fp16
+from .quantization.weight_only import quantize_weight_only
 from .recipe import Recipe, load_recipe, recipe_from_dict
 from .report import build_report, print_summary, write_report
 from .sources import check_remote_code, resolve_model
@@ -241,9 +242,11 @@ class Run:
         if self.causal and r.quantize.mode == "static":
             raise EdgeDistillError("quantize.mode: static calibration of a decoder with a KV "
                                    "cache is not supported yet; use dynamic (or int4: true)")
-        if not self.causal and (r.distill.cache_teacher or r.quantize.int4):
-            raise EdgeDistillError("distill.cache_teacher and quantize.int4 are for task "
-                                   "causal-lm; a classifier's logits are cached already")
+        if not self.causal and (r.distill.cache_teacher or r.quantize.int4
+                                or r.quantize.pytorch_int4):
+            raise EdgeDistillError("distill.cache_teacher, quantize.int4 and quantize."
+                                   "pytorch_int4 are for task causal-lm; a classifier's "
+                                   "logits are cached already and its int8 path is quantize.mode")
         loss = r.quantize.tolerable_loss
         if loss is not None:
             if self.causal:
@@ -301,6 +304,11 @@ class Run:
                 onnx_dir, d / "student-int4", q.int4_block_size, q.int4_accuracy_level,
                 algorithm=q.int4_algorithm, calibration_texts=texts,
                 calibration_samples=q.calibration_samples, max_length=r.data.max_length)
+        if q.pytorch_int4:
+            record["pytorch_int4"] = quantize_weight_only(
+                student_dir, d / "student-int4-pytorch", q.pytorch_int4,
+                group_size=q.int4_block_size, calibration_texts=texts or (),
+                calibration_samples=q.calibration_samples, max_length=r.data.max_length)
         if self.fp16:
             record["fp16"] = to_fp16(onnx_dir, d / "student-fp16")
         if load_profile(r.bench.profile).mobile_artifact:
@@ -345,7 +353,8 @@ class Run:
         static trials), GPTQ."""
         q = self.recipe.quantize
         gptq = q.int4 and q.int4_algorithm == "gptq"
-        if q.mode != "static" and q.tolerable_loss is None and not gptq:
+        if (q.mode != "static" and q.tolerable_loss is None and not gptq
+                and q.pytorch_int4 in (None, "rtn")):
             return None
         train = self.data.train.shuffle(seed=self.recipe.seed)
         return list(train.select(range(min(q.calibration_samples, len(train))))["text"])
@@ -368,6 +377,10 @@ class Run:
         if self.recipe.quantize.int4:
             models.append({"name": "student-int4", "role": "student", "backend": "onnxruntime",
                            "precision": "int4", "path": quantized / "student-int4"})
+        if self.recipe.quantize.pytorch_int4:
+            models.append({"name": "student-int4-pytorch", "role": "student",
+                           "backend": "pytorch", "precision": "int4",
+                           "path": quantized / "student-int4-pytorch"})
         if self.fp16:
             models.append({"name": "student-fp16", "role": "student", "backend": "onnxruntime",
                            "precision": "fp16", "path": quantized / "student-fp16"})

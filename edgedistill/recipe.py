@@ -197,6 +197,10 @@ class QuantizeConfig:
     int4_block_size: int = _f(32, "Weights sharing one 4-bit scale (a power of two >= 16).")
     int4_accuracy_level: Optional[int] = _f(
         None, "MatMulNBits compute type: 4 = int8 (fastest on CPU), 0/None = the input's type.")
+    pytorch_int4: Optional[Literal["rtn", "gptq", "awq"]] = _f(
+        None, "Causal LMs: also a 4-bit weight-only PyTorch model rounded by Intel Neural "
+              "Compressor (rtn, gptq or awq; groups of int4_block_size), for targets that run "
+              "PyTorch: smaller, not faster on CPU.")
     int4_algorithm: Literal["rtn", "gptq"] = _f(
         "rtn", "int4 rounding: rtn (to nearest, seconds) or gptq (error-correcting, calibrated "
                "on calibration_samples training texts, minutes).")

@@ -17,7 +17,7 @@ student: {{num_layers: 2}}
 distill: {{distil_loss: {loss}, temperature: 1.0, epochs: 1, batch_size: 8,
           learning_rate: 1.0e-3, cache_teacher: {cache}, cache_top_k: 8}}
 export: {{export_teacher: false, atol: 1.0e-3}}
-quantize: {{int4: true, int4_block_size: 16}}
+quantize: {{int4: true, int4_block_size: 16, pytorch_int4: rtn}}
 evaluate: {{generations: 2, generation_tokens: 4}}
 bench: {{rounds: 1, warmup: 1, iterations: 2, sequence_length: 12, new_tokens: 4}}
 """
@@ -37,7 +37,8 @@ def test_causal_lm_run_end_to_end(tmp_path, tiny_llama_dir):
     report = json.loads((out / "report.json").read_text())
     assert report["task"] == "causal-lm"
     names = [m["name"] for m in report["models"]]
-    assert names == ["teacher", "student", "student-onnx", "student-int8", "student-int4"]
+    assert names == ["teacher", "student", "student-onnx", "student-int8", "student-int4",
+                     "student-int4-pytorch"]
     vocab = json.loads((tiny_llama_dir / "config.json").read_text())["vocab_size"]
     for m in report["models"]:
         # a random model over a vocabulary of V tokens sits near perplexity V, never far above
@@ -51,6 +52,11 @@ def test_causal_lm_run_end_to_end(tmp_path, tiny_llama_dir):
     assert by_name["student-onnx"]["metrics"]["perplexity"] == pytest.approx(
         by_name["student"]["metrics"]["perplexity"], rel=1e-3)
     assert by_name["student-int4"]["size_mb"] < by_name["student-onnx"]["size_mb"]
+    # Intel Neural Compressor's 4-bit PyTorch model: packed, loaded back, evaluated, timed
+    assert by_name["student-int4-pytorch"]["backend"] == "pytorch"
+    assert by_name["student-int4-pytorch"]["metrics"]["perplexity"] == pytest.approx(
+        by_name["student"]["metrics"]["perplexity"], rel=0.2)
+    assert report["quantization"]["pytorch_int4"]["quantized_layers"] > 0
     assert {t["target"] for t in report["targets"]} == {
         "student int4 perplexity / student fp32 perplexity",
         "student int4 decode tokens/s / teacher PyTorch fp32 decode tokens/s"}
