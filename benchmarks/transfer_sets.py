@@ -171,13 +171,22 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=HERE / "work" / "transfer")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args()
+    rows = []
+    for seed in args.seeds:  # results are rewritten after every seed: a cut-short run keeps them
+        if args.task == "classifier":
+            rows.append(classifier_seed(seed, args.work / "classifier", args.factor, args.epochs))
+        else:
+            rows.append(lm_seed(seed, args.work / "lm", args.prompts, args.lm_epochs))
+        write_results(args, rows)
+
+
+def write_results(args, rows: list[dict]) -> None:
     env = environment()
+    seeds = [r["seed"] for r in rows]
     if args.task == "classifier":
-        rows = [classifier_seed(s, args.work / "classifier", args.factor, args.epochs)
-                for s in args.seeds]
         variants, metrics = ["kd+transfer", "kd", "labels-only"], ["macro_f1", "accuracy"]
         head = [f"# Transfer set for the drug-review student (factor {args.factor}, "
-                f"{args.epochs:g} epochs), seeds {args.seeds}", "",
+                f"{args.epochs:g} epochs), seeds {seeds}", "",
                 "Same teacher checkpoint and student initialisation per seed; kd and "
                 "labels-only take as many optimizer steps (batch 16) as kd+transfer. Test split, "
                 "379 reviews.", ""]
@@ -185,10 +194,9 @@ def main() -> None:
                   _paired(rows, "kd+transfer", "kd", "macro_f1"),
                   _paired(rows, "kd", "labels-only", "macro_f1")]
     else:
-        rows = [lm_seed(s, args.work / "lm", args.prompts, args.lm_epochs) for s in args.seeds]
         variants, metrics = ["kd+generations", "lm"], ["perplexity"]
         head = [f"# Teacher generations for the SmolLM2 student ({args.prompts} prompts, "
-                f"{args.lm_epochs:g} epoch), seeds {args.seeds}", "",
+                f"{args.lm_epochs:g} epoch), seeds {seeds}", "",
                 "lm gets the kd+generations stage's whole wall-clock (generating, teacher cache, "
                 f"training) as plain LM steps. Perplexity on {rows[0]['test_tokens']} held-out "
                 "test tokens (lower is better).", ""]
