@@ -7,7 +7,6 @@ validation macro-F1, resume from the last checkpoint of an interrupted run).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import shutil
@@ -23,6 +22,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 from .data import TaskData, lm_blocks, tokenize
 from .distill import DistillationTrainer, DistillationTrainingArguments, make_student
 from .distill.generations import teacher_generations, with_generations
+from .distill.matching import PROJECTIONS
 from .distill.qat import attach_fake_quant, remove_fake_quant
 from .distill.student import check_same_tokenizer, select_layers, student_config
 from .distill.teacher_cache import (TeacherCacheDataset, build_teacher_cache, cache_fingerprint,
@@ -273,11 +273,13 @@ def _quantization_aware(student, tokenizer, args, cfg: DistillConfig, scheme, da
     qat_args.output_dir = str(out / "qat" / "checkpoints")
     record = _fit(student, tokenizer, qat_args, data, data_cfg, out / "qat", **fit)
     remove_fake_quant(student)
+    if hasattr(student, PROJECTIONS):  # feature-loss projections: training only, never saved
+        delattr(student, PROJECTIONS)
     student.save_pretrained(out / "model")
     shutil.rmtree(out / "qat", ignore_errors=True)
     record.pop("log_history", None)
     return {"modules": count, "epochs": cfg.qat_epochs, "learning_rate": lr,
-            "scheme": dataclasses.asdict(scheme), **record}
+            "scheme": asdict(scheme), **record}
 
 
 def _on_policy_settings(gen: GenerateConfig) -> dict:
