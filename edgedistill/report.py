@@ -316,6 +316,8 @@ def _transfer_line(t: dict) -> str:
         how += (f" (teacher generations: {gen['sequences']} continuations of "
                 f"{gen['prompt_tokens']}-token prompts, {gen['mean_continuation_tokens']:.0f} "
                 f"tokens on average{', from the cache' if gen['cached'] else ''})")
+    if t.get("paraphrase_seconds"):
+        how += f"; paraphrasing {t['paraphrase_seconds']:.0f} s"
     return (f"transfer set: {t['size']} teacher-labelled rows beside {t['training_rows']} "
             f"training rows; rows by source: {mix}{how}; teacher {t['teacher_seconds']:.0f} s")
 

@@ -32,7 +32,7 @@ from .evaluation import classification_metrics
 from .recipe import (DataConfig, DistillConfig, GenerateConfig, StudentConfig, TeacherConfig,
                      TrainingConfig, TransferConfig)
 from .sources import check_remote_code, resolve_model
-from .transfer import build_transfer_set, join_transfer, load_unlabelled
+from .transfer import build_transfer_set, join_transfer, load_unlabelled, paraphrase
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +151,17 @@ def classifier_transfer(train, cfg: TransferConfig, data: TaskData, teacher, tok
                         max_length: int, seed: int, logits: bool):
     """The tokenized training split followed by the transfer set (augmented variants of the
     training texts and unlabelled texts, labelled by the teacher), and the set's record."""
-    aug = cfg.augment
+    aug, texts = cfg.augment, list(data.train["text"])
+    seed = seed if aug.seed is None else aug.seed
+    paraphrased, seconds = paraphrase(texts, aug.paraphraser, aug.paraphrases, seed) \
+        if aug.paraphrases else ([], 0.0)
     transfer, record = build_transfer_set(
-        list(data.train["text"]), teacher, tokenizer, factor=aug.factor, methods=aug.methods,
-        seed=seed if aug.seed is None else aug.seed, unlabelled=_unlabelled(cfg, data, seed),
-        exclude=_evaluation_texts(data), max_length=max_length, batch_size=cfg.batch_size,
-        logits=logits)
+        texts, teacher, tokenizer, factor=aug.factor, methods=aug.methods, seed=seed,
+        unlabelled=_unlabelled(cfg, data, seed), exclude=_evaluation_texts(data),
+        max_length=max_length, batch_size=cfg.batch_size, logits=logits, paraphrased=paraphrased)
     log.info("transfer set: %d rows %s", record["size"], record["sources"])
-    return join_transfer(train, transfer), {**record, "training_rows": len(train)}
+    return join_transfer(train, transfer), {**record, "training_rows": len(train),
+                                            "paraphrase_seconds": round(seconds, 3)}
 
 
 def lm_transfer(cfg: TransferConfig, data: TaskData, teacher, tokenizer, block_size: int,

@@ -190,7 +190,9 @@ def check_transfer_settings(cfg, causal: bool, alpha_distil: float, cache_teache
         if u.max_samples is not None and u.max_samples < 1:
             raise EdgeDistillError(f"transfer.unlabelled[{i}].max_samples: {u.max_samples} "
                                    "must be >= 1")
-    if causal and aug.factor:
+    if aug.paraphrases < 0:
+        raise EdgeDistillError(f"transfer.augment.paraphrases: {aug.paraphrases} must be >= 0")
+    if causal and (aug.factor or aug.paraphrases):
         raise EdgeDistillError("transfer.augment.factor: augmentation is for classifiers; a "
                                "language model learns from teacher generations "
                                "(transfer.generate.prompts)")
@@ -202,6 +204,9 @@ def check_transfer_settings(cfg, causal: bool, alpha_distil: float, cache_teache
                                "targets, which distill.alpha_distil: 0 ignores; set it > 0")
     if "substitute" in methods and aug.factor:
         _wordnet()
+    if aug.paraphrases:
+        from .sources import resolve_model
+        resolve_model(aug.paraphraser)  # one line when it is neither local nor packaged
     if not gen.prompts:
         return
     for key in ("prompts", "prompt_tokens", "new_tokens"):
@@ -257,6 +262,70 @@ def augment(texts: Sequence[str], factor: int, seed: int = 0,
                     out.append(Variant(i, method, new))
                     break
     return out
+
+
+PARAPHRASE_PROMPT = ("Rewrite the following text in other words. Keep its meaning, its tone "
+                     "and its length. Reply with the rewritten text only.\n\n{text}")
+
+
+def paraphrase(texts: Sequence[str], model, variants: int = 1, seed: int = 0,
+               temperature: float = 0.8, top_p: float = 0.95, batch_size: int = 8,
+               max_new_tokens: int = 256) -> tuple[list[Variant], float]:
+    """``variants`` rewrites of each text by a causal LM (an instruction-tuned one: the
+    packaged SmolLM2-135M-Instruct by default in recipes), and the seconds it took.
+
+    Each text is put in :data:`PARAPHRASE_PROMPT`, through the model's chat template when it
+    has one, and continued by sampling (``temperature``, ``top_p``; each batch seeded from
+    ``seed``), for up to 1.5x the text's own length in tokens (at most ``max_new_tokens``).
+    The first paragraph of the reply is the variant; an empty one, or one equal to its source
+    or an earlier variant, is dropped. ``model`` is a model reference (hub id, folder, GGUF)
+    or a loaded (model, tokenizer) pair.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .distill.generations import batch_seed, eos_ids, pad_id, sampling_config
+    from .sources import resolve_model
+
+    if isinstance(model, tuple):
+        lm, tokenizer = model
+    else:
+        path = resolve_model(str(model))
+        lm, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    lm.eval()
+    tokenizer.padding_side = "left"  # continuations start right after each prompt
+    pad, eos = pad_id(lm, tokenizer), eos_ids(lm, tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = pad
+
+    def prompt(text):
+        message = PARAPHRASE_PROMPT.format(text=text)
+        if tokenizer.chat_template:
+            return tokenizer.apply_chat_template([{"role": "user", "content": message}],
+                                                 tokenize=False, add_generation_prompt=True)
+        return message + "\n\n"
+
+    jobs = [(i, t) for i, t in enumerate(texts) if t.strip() for _ in range(variants)]
+    out, seen = [], {i: {normalise(t)} for i, t in enumerate(texts)}
+    start = time.perf_counter()
+    with torch.no_grad(), torch.random.fork_rng():
+        for b in range(0, len(jobs), batch_size):
+            batch = jobs[b:b + batch_size]
+            enc = tokenizer([prompt(t) for _, t in batch], return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+            longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for _, t in batch)
+            config = sampling_config(min(max_new_tokens, max(8, int(1.5 * longest))),
+                                     temperature, top_p, pad, eos)
+            torch.manual_seed(batch_seed(seed, b // batch_size))
+            generated = lm.generate(**enc, generation_config=config, use_model_defaults=False)
+            replies = tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1]:],
+                                             skip_special_tokens=True)
+            for (i, _), reply in zip(batch, replies):
+                text = " ".join(reply.strip().split("\n\n")[0].split())
+                if text and normalise(text) not in seen[i]:
+                    seen[i].add(normalise(text))
+                    out.append(Variant(i, "paraphrase", text))
+    return out, time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------- unlabelled text
@@ -368,6 +437,7 @@ def build_transfer_set(texts: Sequence[str], teacher_dir_or_model, tokenizer, *,
                        exclude: Sequence[str] = (), max_length: int = 128,
                        batch_size: int = 64, logits: bool = True,
                        synonyms: Callable[[str], Sequence[str]] | None = None,
+                       paraphrased: Sequence[Variant] = (),
                        ) -> tuple[Dataset, dict]:
     """Augmented variants of the training ``texts`` plus ``unlabelled`` texts (a list, or a
     mapping of source name to list for the report's source mix), labelled by the teacher.
@@ -396,6 +466,8 @@ def build_transfer_set(texts: Sequence[str], teacher_dir_or_model, tokenizer, *,
                                "of its training text is already teacher-labelled; add the "
                                "unlabelled text to its training data instead")
     variants = augment(texts, factor, seed, methods, tokenizer.mask_token, synonyms)
+    skipped = factor * sum(1 for t in texts if t.split()) - len(variants)
+    variants += list(paraphrased)  # written beforehand by paraphrase()
     if not isinstance(unlabelled, Mapping):
         unlabelled = {"unlabelled": unlabelled}
     rows = [("augmented", v.method, v.text) for v in variants]
@@ -424,7 +496,7 @@ def build_transfer_set(texts: Sequence[str], teacher_dir_or_model, tokenizer, *,
     record = {"size": len(ds), "sources": dict(Counter(sources)),
               "methods": dict(Counter(m for m in methods_used if m)),
               "factor": factor, "seed": seed,
-              "skipped_variants": factor * sum(1 for t in texts if t.split()) - len(variants),
+              "skipped_variants": skipped,
               "dropped": dict(dropped), "teacher_seconds": round(seconds, 3)}
     return ds, record
 

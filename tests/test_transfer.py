@@ -259,6 +259,25 @@ def test_transfer_set_from_a_teacher_folder_without_logits(tmp_path, tiny_teache
     assert record["sources"] == {"augmented": 2}
 
 
+def test_paraphrases_come_from_a_causal_lm_seeded_and_join_the_transfer_set(tmp_path):
+    from edgedistill.transfer import paraphrase
+    from tests.conftest import make_llama, make_llm_tokenizer
+
+    lm, lm_tokenizer = make_llama(), make_llm_tokenizer()
+    texts = ["good dose helped", "bad week worse pain", "   "]
+    first, seconds = paraphrase(texts, (lm, lm_tokenizer), variants=2, seed=3, batch_size=2)
+    again, _ = paraphrase(texts, (lm, lm_tokenizer), variants=2, seed=3, batch_size=2)
+    other, _ = paraphrase(texts, (lm, lm_tokenizer), variants=2, seed=4, batch_size=2)
+    assert first == again and first != other and seconds > 0
+    assert {v.method for v in first} == {"paraphrase"} and {v.source for v in first} <= {0, 1}
+    assert all(normalise(v.text) != normalise(texts[v.source]) for v in first)
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    ds, record = build_transfer_set(texts[:2], make_bert(), tokenizer, max_length=32,
+                                    paraphrased=first)
+    assert record["methods"] == {"paraphrase": len(first)} == {"paraphrase": record["size"]}
+    assert record["skipped_variants"] == 0
+
+
 # --------------------------------------------------------------------------- in a recipe
 
 @pytest.fixture

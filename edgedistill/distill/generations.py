@@ -178,7 +178,8 @@ def _fingerprint(teacher, tokenizer, prompt_ids: torch.Tensor, settings: dict) -
     return h.hexdigest()[:16]
 
 
-def _batch_seed(seed: int, batch: int) -> int:
+def batch_seed(seed: int, batch: int) -> int:
+    """The torch seed of batch ``batch`` of a seeded generation: stable across runs."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{batch}".encode()).digest()[:8], "big") >> 1
 
 
@@ -196,7 +197,7 @@ def _generate(teacher, prompt_ids: torch.Tensor, config: GenerationConfig, seed:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             for b, start in enumerate(tqdm(starts, desc="teacher generations", unit="batch")):
                 ids = prompt_ids[start:start + batch_size].to(device)
-                torch.manual_seed(_batch_seed(seed, b))
+                torch.manual_seed(batch_seed(seed, b))
                 seq = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                        generation_config=config, use_model_defaults=False)
                 out += seq[:, ids.shape[1]:].cpu().tolist()
