@@ -20,10 +20,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import EdgeDistillError
-from .runtime import backend_of, check_cpu_only, onnx_file, open_onnx_session
+from .runtime import (WEIGHT_ONLY_SETTINGS, backend_of, check_cpu_only, onnx_file,
+                      open_onnx_session)
 
-# the settings file of a PyTorch model packed by Intel Neural Compressor (quantization.weight_only)
-WEIGHT_ONLY_SETTINGS = "weight_only.json"
 _ONNX_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                 "tensor(double)": np.float64}
 

@@ -13,6 +13,9 @@ import numpy as np
 
 from .errors import EdgeDistillError
 
+# the settings file of a PyTorch model packed by Intel Neural Compressor (quantization.weight_only)
+WEIGHT_ONLY_SETTINGS = "weight_only.json"
+
 
 def onnx_file(folder: Path) -> Path | None:
     """The ONNX file in ``folder`` (quantized models keep optimum's ``model_quantized.onnx``)."""

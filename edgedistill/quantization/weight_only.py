@@ -50,8 +50,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import EdgeDistillError
-from ..lm_runtime import WEIGHT_ONLY_SETTINGS as SETTINGS_FILE
-from ..runtime import size_on_disk_mb
+from ..runtime import WEIGHT_ONLY_SETTINGS as SETTINGS_FILE, size_on_disk_mb
 
 log = logging.getLogger(__name__)
 
