@@ -82,9 +82,12 @@ def _qparams(low: torch.Tensor, high: torch.Tensor, qmin: int, qmax: int, symmet
 
 def fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
     """What ``DynamicQuantizeLinear`` does to a Linear's input: uint8 over the tensor's own
-    range (the range itself gets no gradient, as in the integer model)."""
-    scale, zero = _qparams(x.detach().min(), x.detach().max(), 0, 255, False)
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 255)
+    range (the range itself gets no gradient, as in the integer model). The range is taken per
+    row of the batch: the int8 model is served one text at a time, so each text's range is
+    its own, never that of the other texts a training batch puts beside it."""
+    rows = x.detach().reshape(x.shape[0], -1)
+    scale, zero = _qparams(rows.amin(1), rows.amax(1), 0, 255, False)
+    return torch.fake_quantize_per_channel_affine(x, scale, zero, 0, 0, 255)
 
 
 class _FakeQuantWeight(nn.Module):

@@ -71,6 +71,15 @@ def test_fake_quantization_comes_off_without_a_trace_and_trains():
     assert not torch.allclose(model(input_ids=ids).logits, rounded)  # float again
 
 
+def test_a_text_is_rounded_by_its_own_range_whatever_its_batch():
+    from edgedistill.distill.qat import fake_quant_activation
+    small, large = torch.randn(1, 7, 16), 50 * torch.randn(1, 7, 16)
+    alone = fake_quant_activation(small)
+    assert not torch.equal(alone, small)  # rounded
+    # beside a text with a 50x range, a batch-wide range would round it far more coarsely
+    assert torch.equal(fake_quant_activation(torch.cat([small, large]))[:1], alone)
+
+
 def test_the_scheme_follows_the_quantization_settings():
     avx2 = int8_scheme(int8_config(preset="avx2")[0])  # optimum's avx2 preset: uint8 weights
     assert (avx2.weight_min, avx2.weight_max) == (0, 255)
