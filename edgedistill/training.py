@@ -92,9 +92,12 @@ def last_good_checkpoint(folder: Path) -> str | None:
     return None
 
 
-def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path,
-         teacher=None, cache_dir: Path | None = None, cache_top_k: int = 64,
-         transfer: TransferConfig | None = None, transfer_cache: Path | None = None) -> dict:
+def _datasets(tokenizer, args, data: TaskData, data_cfg: DataConfig, teacher=None,
+              cache_dir: Path | None = None, cache_top_k: int = 64,
+              transfer: TransferConfig | None = None, transfer_cache: Path | None = None):
+    """What a training run reads: train and validation sets (with the teacher's outputs where
+    they are computed ahead, and the transfer set), collator, metrics, the teacher the trainer
+    still has to run (None when a cache replaces it) and the transfer record."""
     extra = {}
     if data.labels:
         train = tokenize(data.train, tokenizer, data_cfg.max_length)
@@ -119,6 +122,15 @@ def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path
             train = _cached_teacher(train, teacher, tokenizer, args, data_cfg, cache_dir,
                                     cache_top_k)
             teacher = None  # the cache replaces it: training never runs the teacher
+    return train, validation, collator, metrics, teacher, extra
+
+
+def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path,
+         prepared: tuple | None = None, **datasets) -> dict:
+    """Train ``model`` on ``prepared`` (from :func:`_datasets`; built from ``datasets`` when
+    None) with best-epoch selection and resume from the last complete checkpoint."""
+    train, validation, collator, metrics, teacher, extra = (
+        prepared or _datasets(tokenizer, args, data, data_cfg, **datasets))
     trainer = DistillationTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=validation,
         processing_class=tokenizer, data_collator=collator,
@@ -265,7 +277,7 @@ def build_student(teacher, cfg: StudentConfig, causal: bool = False):
 
 
 def _quantization_aware(student, tokenizer, args, cfg: DistillConfig, scheme, data: TaskData,
-                        data_cfg: DataConfig, out: Path, fit: dict) -> dict:
+                        data_cfg: DataConfig, out: Path, prepared: tuple) -> dict:
     """The int8-aware phase: the distilled student trains on through fake quantization
     (edgedistill.distill.qat) at a lower learning rate, keeps its best epoch by validation
     macro-F1 *as int8*, and is saved as a plain float model over ``out / 'model'``."""
@@ -274,7 +286,8 @@ def _quantization_aware(student, tokenizer, args, cfg: DistillConfig, scheme, da
     qat_args = copy.deepcopy(args)  # not dataclasses.replace: that would rerun __post_init__
     qat_args.num_train_epochs, qat_args.learning_rate = cfg.qat_epochs, lr
     qat_args.output_dir = str(out / "qat" / "checkpoints")
-    record = _fit(student, tokenizer, qat_args, data, data_cfg, out / "qat", **fit)
+    # the float phase's sets: the teacher labels and the transfer set are not made twice
+    record = _fit(student, tokenizer, qat_args, data, data_cfg, out / "qat", prepared)
     remove_fake_quant(student)
     if hasattr(student, PROJECTIONS):  # feature-loss projections: training only, never saved
         delattr(student, PROJECTIONS)
@@ -314,19 +327,20 @@ def distil_student(teacher_dir: Path, student_cfg: StudentConfig, cfg: DistillCo
                       matches=[asdict(m) for m in cfg.matches],
                       **(_on_policy_settings(transfer.generate) if transfer else {}))
     cache = cache_dir if causal and cfg.cache_teacher else None
-    fit = dict(teacher=teacher, cache_dir=cache, cache_top_k=cfg.cache_top_k, transfer=transfer,
-               transfer_cache=transfer_cache)
+    prepared = _datasets(tokenizer, args, data, data_cfg, teacher=teacher, cache_dir=cache,
+                         cache_top_k=cfg.cache_top_k, transfer=transfer,
+                         transfer_cache=transfer_cache)
     finished = out / "distilled.json"  # the float phase's record, once its model is saved
     if qat_scheme is not None and finished.is_file():
         log.warning("float distillation already finished; resuming with the int8-aware phase")
         record = json.loads(finished.read_text())
         student = load_model(out / "model", causal)
     else:
-        record = _fit(student, tokenizer, args, data, data_cfg, out, **fit)
+        record = _fit(student, tokenizer, args, data, data_cfg, out, prepared)
     if qat_scheme is not None:
         finished.write_text(json.dumps(record, default=str))
         record["qat"] = _quantization_aware(student, tokenizer, args, cfg, qat_scheme, data,
-                                            data_cfg, out, fit)
+                                            data_cfg, out, prepared)
         finished.unlink()
     tokenizer.save_pretrained(out / "model")
     return {"teacher_layers": getattr(student.config, "edgedistill_teacher_layers", None),

@@ -209,16 +209,9 @@ def check_transfer_settings(cfg, causal: bool, alpha_distil: float, cache_teache
         resolve_model(aug.paraphraser)  # one line when it is neither local nor packaged
     if not gen.prompts:
         return
-    for key in ("prompts", "prompt_tokens", "new_tokens"):
-        if getattr(gen, key) < 1:
-            raise EdgeDistillError(f"transfer.generate.{key}: {getattr(gen, key)} must be >= 1")
-    if gen.prompt_tokens + gen.new_tokens > max_length:
-        raise EdgeDistillError(f"transfer.generate.prompt_tokens + new_tokens: "
-                               f"{gen.prompt_tokens + gen.new_tokens} exceeds data.max_length "
-                               f"{max_length}, the length of a training row; lower them")
-    if gen.temperature < 0 or not 0 < gen.top_p <= 1:
-        raise EdgeDistillError(f"transfer.generate: temperature {gen.temperature} must be >= 0 "
-                               f"and top_p {gen.top_p} in (0, 1]")
+    from .distill.generations import check_generation_settings
+    check_generation_settings(gen.prompts, gen.prompt_tokens, gen.new_tokens, gen.temperature,
+                              gen.top_p, max_length, cfg.batch_size)
     if not 0 <= gen.lmbda <= 1:
         raise EdgeDistillError(f"transfer.generate.lmbda: {gen.lmbda} must be between 0 and 1")
     if gen.lmbda and cache_teacher:

@@ -128,7 +128,8 @@ def with_generations(blocks: datasets.Dataset, generated: datasets.Dataset) -> d
 
 # -------------------------------------------------------------------------------- the work
 
-def _check(prompts, prompt_tokens, new_tokens, temperature, top_p, block_size, batch_size):
+def check_generation_settings(prompts, prompt_tokens, new_tokens, temperature, top_p,
+                              block_size, batch_size) -> None:
     for name, value in (("prompts", prompts), ("prompt_tokens", prompt_tokens),
                         ("new_tokens", new_tokens), ("batch_size", batch_size)):
         if not (isinstance(value, int) and value >= 1):
@@ -257,7 +258,8 @@ def teacher_generations(teacher, tokenizer, texts: Sequence[str], *, prompts: in
     ``cached`` is True and ``teacher_seconds`` is 0.0 (the time *this* call spent in the
     teacher), the rest as when the rows were made.
     """
-    _check(prompts, prompt_tokens, new_tokens, temperature, top_p, block_size, batch_size)
+    check_generation_settings(prompts, prompt_tokens, new_tokens, temperature, top_p,
+                              block_size, batch_size)
     prompt_ids = torch.tensor(_choose_prompts(tokenizer, texts, prompts, prompt_tokens, seed),
                               dtype=torch.int64)
     pad, eos = pad_id(teacher, tokenizer), eos_ids(teacher, tokenizer)

@@ -210,15 +210,15 @@ def fake_quant_matches_onnxruntime(model_dir, int8_dir, texts: list[str], scheme
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     session = open_onnx_session(onnx_file(int8_dir))
     names = {i.name for i in session.get_inputs()}
+    encoded = [tokenizer(t, truncation=True, max_length=max_length, return_tensors="pt")
+               for t in texts]
     fp32, fake, ort = [], [], []
     with torch.no_grad():
-        for text in texts:
-            enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+        for enc in encoded:
             ort.append(session.run(None, {k: v.numpy() for k, v in enc.items() if k in names})[0][0])
             fp32.append(model(**enc).logits[0].numpy())
         attach_fake_quant(model, scheme)
-        for text in texts:
-            enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+        for enc in encoded:
             fake.append(model(**enc).logits[0].numpy())
     fp32, fake, ort = (np.stack(a) for a in (fp32, fake, ort))
     same = lambda a: float(np.mean(a.argmax(-1) == ort.argmax(-1)))  # noqa: E731
