@@ -300,6 +300,11 @@ def _training_lines(report: dict) -> list[str]:
 def _qat_line(qat: dict, check: dict | None) -> str:
     line = (f"int8-aware phase: {qat['epochs']:g} epochs through fake quantization at learning "
             f"rate {qat['learning_rate']:.1e}, {_validation_score({}, qat)} as int8")
+    if "kept" in qat:
+        before = next(iter(qat["before"].values()))
+        line += (f" against {before:.3f} before it: "
+                 + ("its model is shipped" if qat["kept"] else
+                    "no better, so the float phase's model is shipped"))
     if check:
         line += (f"; against the onnxruntime int8 model on {check['texts']} validation texts, "
                  f"largest logit difference {check['fake_quant_max_abs_diff']:.2g} (float model: "

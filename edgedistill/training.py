@@ -129,12 +129,8 @@ def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path
          prepared: tuple | None = None, **datasets) -> dict:
     """Train ``model`` on ``prepared`` (from :func:`_datasets`; built from ``datasets`` when
     None) with best-epoch selection and resume from the last complete checkpoint."""
-    train, validation, collator, metrics, teacher, extra = (
-        prepared or _datasets(tokenizer, args, data, data_cfg, **datasets))
-    trainer = DistillationTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=validation,
-        processing_class=tokenizer, data_collator=collator,
-        compute_metrics=metrics, teacher_model=teacher)
+    prepared = prepared or _datasets(tokenizer, args, data, data_cfg, **datasets)
+    trainer = _trainer(model, tokenizer, args, prepared)
     last = last_good_checkpoint(out / "checkpoints")
     if last:
         log.warning("resuming training from %s", Path(last).name)
@@ -146,7 +142,15 @@ def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path
     return {"train_seconds": result.metrics.get("train_runtime"),
             "train_loss": result.metrics.get("train_loss"),
             "validation": {k.removeprefix("eval_"): v for k, v in best.items()},
-            "log_history": trainer.state.log_history, **extra}
+            "log_history": trainer.state.log_history, **prepared[-1]}
+
+
+def _trainer(model, tokenizer, args, prepared: tuple) -> DistillationTrainer:
+    train, validation, collator, metrics, teacher, _ = prepared
+    return DistillationTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=validation,
+        processing_class=tokenizer, data_collator=collator,
+        compute_metrics=metrics, teacher_model=teacher)
 
 
 def _evaluation_texts(data: TaskData) -> list[str]:
@@ -279,23 +283,33 @@ def build_student(teacher, cfg: StudentConfig, causal: bool = False):
 def _quantization_aware(student, tokenizer, args, cfg: DistillConfig, scheme, data: TaskData,
                         data_cfg: DataConfig, out: Path, prepared: tuple) -> dict:
     """The int8-aware phase: the distilled student trains on through fake quantization
-    (edgedistill.distill.qat) at a lower learning rate, keeps its best epoch by validation
-    macro-F1 *as int8*, and is saved as a plain float model over ``out / 'model'``."""
+    (edgedistill.distill.qat) at a lower learning rate and keeps its best epoch by validation
+    macro-F1 *as int8*. That epoch replaces the float phase's model in ``out / 'model'`` (as a
+    plain float model) only if it beats the float phase's model scored as int8 the same way:
+    the phase may lose accuracy on a small validation split, and must not ship that loss."""
     count = attach_fake_quant(student, scheme)
     lr = cfg.qat_learning_rate if cfg.qat_learning_rate is not None else cfg.learning_rate / 10
     qat_args = copy.deepcopy(args)  # not dataclasses.replace: that would rerun __post_init__
     qat_args.num_train_epochs, qat_args.learning_rate = cfg.qat_epochs, lr
     qat_args.output_dir = str(out / "qat" / "checkpoints")
+    metric = qat_args.metric_for_best_model
     # the float phase's sets: the teacher labels and the transfer set are not made twice
+    before = _trainer(student, tokenizer, qat_args, prepared).evaluate()[f"eval_{metric}"]
     record = _fit(student, tokenizer, qat_args, data, data_cfg, out / "qat", prepared)
     remove_fake_quant(student)
-    if hasattr(student, PROJECTIONS):  # feature-loss projections: training only, never saved
-        delattr(student, PROJECTIONS)
-    student.save_pretrained(out / "model")
+    kept = record["validation"][metric] > before
+    if kept:
+        if hasattr(student, PROJECTIONS):  # feature-loss projections: training only
+            delattr(student, PROJECTIONS)
+        student.save_pretrained(out / "model")
+    else:
+        log.warning("the int8-aware phase did not beat the float phase's model as int8 "
+                    "(validation %s %.4f vs %.4f): the float phase's model is kept",
+                    metric, record["validation"][metric], before)
     shutil.rmtree(out / "qat", ignore_errors=True)
     record.pop("log_history", None)
     return {"modules": count, "epochs": cfg.qat_epochs, "learning_rate": lr,
-            "scheme": asdict(scheme), **record}
+            "scheme": asdict(scheme), "before": {metric: before}, "kept": kept, **record}
 
 
 def _on_policy_settings(gen: GenerateConfig) -> dict:

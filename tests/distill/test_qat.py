@@ -111,6 +111,7 @@ def test_a_recipe_with_an_int8_aware_phase(recipe, tmp_path):
     qat = json.loads((out / "distill" / "manifest.json").read_text())["record"]["qat"]
     assert qat["modules"] > 0 and qat["learning_rate"] == pytest.approx(1e-4)
     assert 0 <= qat["validation"]["macro_f1"] <= 1
+    assert qat["kept"] == (qat["validation"]["macro_f1"] > qat["before"]["macro_f1"])
     # the saved student is a plain float model: no parametrization keys, nothing left over
     keys = load_file(out / "distill" / "model" / "model.safetensors")
     assert not any("parametrizations" in k for k in keys)
@@ -138,6 +139,33 @@ def test_a_killed_int8_aware_phase_resumes_after_the_float_phase(recipe, tmp_pat
     assert main(["distill", str(recipe), "--output", str(out), *sets]) == 0
     assert [p.name for p in calls] == ["qat"]  # the float phase was not run again
     assert "qat" in json.loads((out / "distill" / "manifest.json").read_text())["record"]
+
+
+def test_an_int8_aware_phase_that_does_not_beat_the_float_model_is_not_shipped(
+        recipe, tmp_path, monkeypatch):
+    import edgedistill.training as training
+    out = tmp_path / "out"
+    saved = {}
+    real_fit = training._fit
+
+    def fit(model, *args, **kwargs):
+        record = real_fit(model, *args, **kwargs)
+        if args[4].name == "distill.partial":  # the float phase: remember what it saved
+            saved.update(load_file(args[4] / "model" / "model.safetensors"))
+        else:  # the int8-aware phase: wreck its weights and score it below anything
+            for p in model.parameters():
+                p.data.add_(torch.randn_like(p) * 10)
+            record["validation"]["macro_f1"] = -1.0
+        return record
+
+    monkeypatch.setattr(training, "_fit", fit)
+    assert main(["distill", str(recipe), "--output", str(out),
+                 "--set", "distill.qat_epochs=1", "--set", "distill.matches=[]"]) == 0
+    qat = json.loads((out / "distill" / "manifest.json").read_text())["record"]["qat"]
+    assert qat["kept"] is False and qat["before"]["macro_f1"] >= 0
+    shipped = load_file(out / "distill" / "model" / "model.safetensors")
+    assert shipped.keys() == saved.keys()
+    assert all(torch.equal(shipped[k], saved[k]) for k in saved)
 
 
 @pytest.mark.parametrize("setting, message", [
