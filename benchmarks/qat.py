@@ -42,7 +42,11 @@ def one_seed(seed: int, work: Path, epochs: float, teacher_from: str | None) -> 
                      "int8_f1": models["student-int8"]["macro_f1"],
                      "fp32_accuracy": models["student"]["accuracy"],
                      "int8_accuracy": models["student-int8"]["accuracy"],
-                     "qat_check": report["quantization"].get("qat_check")}
+                     "qat_check": report["quantization"].get("qat_check"),
+                     # the phase's own record: validation as int8 before and after, and
+                     # whether its model replaced the float phase's
+                     "qat_phase": {k: v for k, v in report["training"]["distill"].get(
+                         "qat", {}).items() if k in ("before", "validation", "kept")}}
         print(f"seed {seed} {name}: fp32 {row[name]['fp32_f1']:.3f}, "
               f"int8 {row[name]['int8_f1']:.3f}", flush=True)
     return row
@@ -68,13 +72,16 @@ def main() -> None:
              "Default recipe; macro-F1 on the test split (379 reviews); differences in points "
              "(mean ± stdev over seeds).", "",
              "| seed | shipped fp32 | shipped int8 | qat fp32 | qat int8 | qat check: max logit "
-             "diff fake-quant / float vs int8 |", "|---|---|---|---|---|---|"]
+             "diff fake-quant / float vs int8 | phase: validation as int8 before → after "
+             "(model kept?) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        c = r["qat"]["qat_check"] or {}
+        c, phase = r["qat"]["qat_check"] or {}, r["qat"]["qat_phase"]
         lines.append(f"| {r['seed']} | {r['shipped']['fp32_f1']:.3f} | "
                      f"{r['shipped']['int8_f1']:.3f} | {r['qat']['fp32_f1']:.3f} | "
                      f"{r['qat']['int8_f1']:.3f} | {c.get('fake_quant_max_abs_diff', 0):.2g} / "
-                     f"{c.get('fp32_max_abs_diff', 0):.2g} |")
+                     f"{c.get('fp32_max_abs_diff', 0):.2g} | "
+                     f"{phase['before']['macro_f1']:.3f} → {phase['validation']['macro_f1']:.3f} "
+                     f"({'yes' if phase['kept'] else 'no'}) |")
     lines += ["",
               "- shipped: int8 - fp32, points: " + _stats(points(
                   lambda r: r["shipped"]["int8_f1"], lambda r: r["shipped"]["fp32_f1"])),
