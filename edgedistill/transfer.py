@@ -270,8 +270,10 @@ def paraphrase(texts: Sequence[str], model, variants: int = 1, seed: int = 0,
     Each text is put in :data:`PARAPHRASE_PROMPT`, through the model's chat template when it
     has one, and continued by sampling (``temperature``, ``top_p``; each batch seeded from
     ``seed``), for up to 1.5x the text's own length in tokens (at most ``max_new_tokens``).
-    The first paragraph of the reply is the variant; an empty one, or one equal to its source
-    or an earlier variant, is dropped. ``model`` is a model reference (hub id, folder, GGUF)
+    The reply's first paragraph (:func:`reply_text`) is the variant; an empty one, or one equal
+    to its source or an earlier variant, is dropped. A model this small also drifts: on 8 drug
+    reviews SmolLM2-135M-Instruct kept to the review in 6 and wrote something unrelated in 2,
+    which the teacher then labels like any other text. ``model`` is a model reference (hub id, folder, GGUF)
     or a loaded (model, tokenizer) pair.
     """
     import torch
@@ -314,11 +316,23 @@ def paraphrase(texts: Sequence[str], model, variants: int = 1, seed: int = 0,
             replies = tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1]:],
                                              skip_special_tokens=True)
             for (i, _), reply in zip(batch, replies):
-                text = " ".join(reply.strip().split("\n\n")[0].split())
+                text = reply_text(reply)
                 if text and normalise(text) not in seen[i]:
                     seen[i].add(normalise(text))
                     out.append(Variant(i, "paraphrase", text))
     return out, time.perf_counter() - start
+
+
+def reply_text(reply: str) -> str:
+    """The rewritten text in a paraphraser's reply: its first paragraph, after any lead-in
+    paragraphs ending in a colon ("Here's the rewritten text:", which SmolLM2-135M-Instruct
+    wrote before 2 of 8 drug reviews), on one line and without enclosing quotes."""
+    paragraphs = [" ".join(p.split()) for p in reply.strip().split("\n\n")]
+    body = [p for p in paragraphs if p and not p.endswith(":")]
+    if not body:
+        return ""
+    quoted = len(body[0]) > 1 and body[0][0] in '"\u201c' and body[0][-1] in '"\u201d'
+    return body[0][1:-1].strip() if quoted else body[0]
 
 
 # --------------------------------------------------------------------------- unlabelled text

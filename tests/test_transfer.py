@@ -15,7 +15,7 @@ from edgedistill.distill.losses import soft_cross_entropy
 from edgedistill.distill.trainer import add_teacher_logits
 from edgedistill.errors import EdgeDistillError
 from edgedistill.transfer import (IGNORE_INDEX, augment, build_transfer_set, join_transfer,
-                                  load_unlabelled, normalise)
+                                  load_unlabelled, normalise, reply_text)
 from tests.conftest import LABELS, make_bert, make_texts, make_tokenizer, write_tsv
 
 TEXTS = ["the dose helped my headache a lot. I sleep better now. No side effects at all.",
@@ -257,6 +257,19 @@ def test_transfer_set_from_a_teacher_folder_without_logits(tmp_path, tiny_teache
                                     factor=2, logits=False, methods=["shuffle", "crop"])
     assert "teacher_logits" not in ds.column_names and record["teacher_seconds"] == 0
     assert record["sources"] == {"augmented": 2}
+
+
+@pytest.mark.parametrize("reply, text", [
+    ("Works well.\n\nI hope this helps!", "Works well."),
+    # lead-ins SmolLM2-135M-Instruct wrote before the rewrite itself
+    ("Here's the rewritten text:\n\nIt  works\nwell.", "It works well."),
+    ("To rephrase the text, I'll keep its tone. Here's the revised text:\n\n\"Works.\"",
+     "Works."),
+    ("Here's the rewritten text:", ""),
+    ('"Great" drug, no side effects', '"Great" drug, no side effects'),
+])
+def test_the_rewrite_is_taken_from_the_reply(reply, text):
+    assert reply_text(reply) == text
 
 
 def test_paraphrases_come_from_a_causal_lm_seeded_and_join_the_transfer_set(tmp_path):
