@@ -184,11 +184,14 @@ class QuantizeConfig:
     mode: Literal["dynamic", "static"] = _f(
         "dynamic", "dynamic: activation ranges at run time; static: calibrated ahead (QDQ).")
     calibration: Literal["minmax", "entropy", "percentile"] = _f(
-        "minmax", "How static mode reads activation ranges from the calibration texts.")
+        "percentile", "How static mode reads activation ranges from the calibration texts "
+                      "(percentile: the best macro-F1 and p50 of the three on the default task).")
     calibration_samples: int = _f(128, "Training texts used to calibrate (static mode).")
     nodes_to_exclude: list[str] = _f([], "ONNX node names kept in fp32.")
     operators: Optional[list[str]] = _f(
-        None, "ONNX operator types to quantize; default: optimum's set (dynamic), MatMul (static).")
+        None, "ONNX operator types to quantize; default: optimum's set (dynamic), MatMul and "
+              "the fused Attention (static; the attention's input range is measured at run "
+              "time).")
     preset: str = _f("auto", "auto (from the profile and host), avx512_vnni, avx2, arm64.")
     per_channel: Optional[bool] = _f(None, "Per-channel weights; None takes the profile's value.")
     fuse: Optional[bool] = _f(None, "Fuse an encoder's graph (attention, layer norms, GELU) with "

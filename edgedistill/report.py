@@ -294,7 +294,25 @@ def _training_lines(report: dict) -> list[str]:
         lines.append(_transfer_line(distill["transfer"]))
     if distill.get("qat"):
         lines.append(_qat_line(distill["qat"], report.get("quantization", {}).get("qat_check")))
+    if report.get("quantization", {}).get("mode"):
+        lines.append(_int8_line(report["quantization"]))
     return lines
+
+
+def _int8_line(q: dict) -> str:
+    """How student-int8 was made: mode, calibration, preset, and the fusions it started from."""
+    how = (f"static (ranges from {q['calibration']} calibration on {q['calibration_samples']} "
+           "training texts)" if q["mode"] == "static" else "dynamic (ranges measured per call)")
+    line = (f"int8: {how}, preset {q['preset']}, "
+            f"{'per-channel' if q['per_channel'] else 'per-tensor'} weights")
+    if q.get("fused"):
+        line += "; graph fused first (" + ", ".join(f"{op} {n}" for op, n in q["fused"].items())
+        line += ")"
+    if q.get("dynamic_operators"):
+        line += f"; {', '.join(q['dynamic_operators'])} quantized dynamically (no static form)"
+    if q.get("nodes_to_exclude"):
+        line += f"; {len(q['nodes_to_exclude'])} nodes kept fp32"
+    return line
 
 
 def _qat_line(qat: dict, check: dict | None) -> str:

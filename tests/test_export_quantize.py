@@ -1,3 +1,5 @@
+import collections
+import json
 import onnx
 import pytest
 
@@ -109,15 +111,31 @@ def test_static_int8_calibrated_on_given_texts(exported, tmp_path, calibration):
     record = quantize(root / "onnx", tmp_path / "int8", mode="static", calibration=calibration,
                       calibration_texts=texts, max_length=32)
     assert record["calibration_samples"] == 16 and record["mode"] == "static"
-    assert record["fused"] is None  # QDQ has no fused-attention form: the exported graph
-    ops = {n.op_type for n in onnx.load(str(onnx_file(tmp_path / "int8"))).graph.node}
-    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops  # QDQ format
+    # the fused graph: MatMuls static (QDQ), the fused attention made QAttention by a dynamic
+    # pass (onnxruntime's static quantizers have no form for it)
+    assert record["fused"]["Attention"] == 2 and record["dynamic_operators"] == ["Attention"]
+    ops = collections.Counter(
+        n.op_type for n in onnx.load(str(onnx_file(tmp_path / "int8"))).graph.node)
+    assert ops["QuantizeLinear"] and ops["DequantizeLinear"]  # QDQ format
+    assert ops["QAttention"] == 2 and not ops["Attention"] and not ops["DynamicQuantizeMatMul"]
     assert not list(tmp_path.glob("int8/*.tmp"))
+    assert [p.name for p in tmp_path.glob("int8/*.onnx")] == [onnx_file(tmp_path / "int8").name]
+    saved = json.loads((tmp_path / "int8" / "ort_config.json").read_text())["quantization"]
+    assert saved["is_static"] is True  # the static pass's settings, not the attention pass's
     tokenizer = make_tokenizer(tmp_path / "tok")
     enc = dict(tokenizer(make_texts(4)[0], padding=True, return_tensors="np"))
     fp32 = load_predictor(root / "onnx").logits(enc)
     int8 = load_predictor(tmp_path / "int8").logits(enc)
     assert abs(fp32 - int8).max() < 0.2
+
+
+def test_static_int8_of_the_exported_graph_when_fusion_is_off(exported, tmp_path):
+    root, _ = exported
+    record = quantize(root / "onnx", tmp_path / "int8", mode="static", fuse=False,
+                      calibration_texts=make_texts(8, seed=2)[0], max_length=32)
+    assert record["fused"] is None and record["dynamic_operators"] == []
+    ops = {n.op_type for n in onnx.load(str(onnx_file(tmp_path / "int8"))).graph.node}
+    assert "DequantizeLinear" in ops and not ops & {"Attention", "QAttention"}
 
 
 def test_static_calibration_uses_the_data_it_is_given(exported, tmp_path):

@@ -83,6 +83,8 @@ def test_run_end_to_end_then_skip_then_partial_rerun(recipe, tmp_path, capsys):
     assert fourth["export"] == third["export"] and fourth["quantize"] != third["quantize"]
     record = json.loads((out / "quantize" / "manifest.json").read_text())["record"]
     assert record["mode"] == "static" and record["calibration_samples"] == 72  # 80 - 10%
+    assert ("int8: static (ranges from percentile calibration on 72 training texts)"
+            in (out / "report.md").read_text())
 
 
 def test_tuned_quantization_and_a_tuning_that_finds_nothing(recipe, tmp_path, monkeypatch):
