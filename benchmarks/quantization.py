@@ -2,9 +2,11 @@
 
 For each seed whose default-recipe run exists in ``work/seed-N`` (made by drug_reviews.py):
 quantize the exported fp32 student dynamically and statically (minmax, entropy, percentile
-calibration on 128 training texts), evaluate every variant on the 379 test reviews against the
-fp32 ONNX student, and time them side by side (interleaved rounds, each model in its own
-process) on the first seed. Writes results/quantization.{json,md}.
+calibration on 128 training texts; the fused graph, its attention made QAttention by a dynamic
+pass), and statically on the unfused graph (``static-minmax-unfused``, static mode before the
+fused graph was used), evaluate every variant on the 379 test reviews against the fp32 ONNX
+student, and time them side by side (interleaved rounds, each model in its own process) on the
+first seed. Writes results/quantization.{json,md}.
 
     python benchmarks/quantization.py --seeds 42 43 44
 """
@@ -28,7 +30,8 @@ HERE = Path(__file__).parent
 VARIANTS = {"dynamic": {"mode": "dynamic"},
             "static-minmax": {"mode": "static", "calibration": "minmax"},
             "static-entropy": {"mode": "static", "calibration": "entropy"},
-            "static-percentile": {"mode": "static", "calibration": "percentile"}}
+            "static-percentile": {"mode": "static", "calibration": "percentile"},
+            "static-minmax-unfused": {"mode": "static", "calibration": "minmax", "fuse": False}}
 
 
 def one_seed(seed: int, work: Path) -> dict:
@@ -83,8 +86,9 @@ def main() -> None:
     env = result["environment"]
     lines = [f"# Static vs dynamic int8, distilled 2-layer student, seeds {args.seeds}", "",
              f"{env['cpu']}, {env['cpu_count']} cores, onnxruntime "
-             f"{env['libraries'].get('onnxruntime')}. Static: QDQ, MatMul only, 128 training "
-             "texts. Latency: seed {0}, batch 1, sequence 128, interleaved rounds, each model "
+             f"{env['libraries'].get('onnxruntime')}. Static: 128 training texts; QDQ MatMuls "
+             "of the fused graph, its fused attention made QAttention by a dynamic pass "
+             "(`-unfused`: QDQ MatMuls of the exported graph). Latency: seed {0}, batch 1, sequence 128, interleaved rounds, each model "
              "in its own process.".format(args.seeds[0]), "",
              "| model | macro-F1 (mean) | F1 / fp32 (mean, worst seed) | accuracy | p50 ms | "
              "p50 / dynamic | p50 ms at real lengths | size MB |",
