@@ -102,6 +102,11 @@ def lm_seed(seed: int, work: Path, prompts: int, epochs: float) -> dict:
     first = work / f"seed-{seed}" / "kd+generations"
     kd_sets = [f"seed={seed}", f"distill.epochs={epochs}",
                f"transfer.generate.prompts={prompts}"]
+    # A rerun must pay the generations and the teacher cache again: read from an earlier run's
+    # caches they would drop out of the stage's seconds, the plain LM's budget. (A stage that is
+    # skipped as unchanged keeps the seconds of the run that made it.)
+    for cache in ("transfer-cache", "teacher-cache"):
+        shutil.rmtree(first / cache, ignore_errors=True)
     kd = _distill(name, first, kd_sets, None)
     steps = _steps(kd["record"])
     # the whole stage's seconds (generations, teacher cache, training) spent on plain LM steps
