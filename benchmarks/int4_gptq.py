@@ -11,13 +11,17 @@ MatMulNBits settings (block size 32, asymmetric, lm_head in 8 bits, the recipe's
 - ``ort-gptq-as-shipped-N``: onnxruntime's GPTQ exactly as it ships, without the two fixes
   ``quantize_int4`` applies (see ``edgedistill.quantization.int4._exact_gptq``).
 
+- ``inc-rtn``, ``inc-gptq-N``, ``inc-awq-N``: the PyTorch backend (Intel Neural Compressor's
+  weight-only algorithms through ``quantize_weight_only``, 4 bits, groups of 32, asymmetric, the
+  lm_head left float), run on the student's PyTorch weights and evaluated through PyTorch.
+
 Every model's perplexity on the recipe's held-out test blocks (as the pipeline's evaluation
 prepares them), next-token agreement with fp32, and the quantization wall-clock. Each int4
 model is evaluated twice: as written (accuracy level 4: int8 activations inside MatMulNBits)
 and with the accuracy level unset (float compute), which isolates the weights' rounding.
 Models go to ``work/int4/`` and are reused. Writes results/int4_gptq.{json,md}.
 
-    python benchmarks/int4_gptq.py --samples 32 128
+    python benchmarks/int4_gptq.py --samples 32 128 --inc rtn gptq awq
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from edgedistill.environment import environment
 from edgedistill.evaluation import evaluate_lm
 from edgedistill.export import export_onnx
 from edgedistill.quantization import int4, quantize_int4
+from edgedistill.quantization.weight_only import quantize_weight_only
 from edgedistill.recipe import load_recipe
 from edgedistill.runtime import onnx_file, size_on_disk_mb
 
@@ -67,6 +72,18 @@ def quantized(fp32: Path, out: Path, **kwargs) -> tuple[dict, float]:
     return json.loads((out / "quantize_config.json").read_text()), json.loads(timing.read_text())
 
 
+def inc_quantized(out: Path, algorithm: str, texts: list[str], max_length: int) -> dict:
+    """INC's weight-only model in ``out`` (made unless there) and its record."""
+    record_file = out / "benchmark-record.json"
+    if not record_file.is_file():
+        print(f"quantizing {out.name} ...", flush=True)
+        record = quantize_weight_only(STUDENT, out, algorithm, bits=4, group_size=32,
+                                      calibration_texts=texts, max_length=max_length,
+                                      calibration_samples=max(1, len(texts)))
+        record_file.write_text(json.dumps(record))
+    return json.loads(record_file.read_text())
+
+
 def float_compute(folder: Path, out: Path) -> Path:
     """A copy of the int4 model in ``folder`` with MatMulNBits' accuracy level unset."""
     if onnx_file(out) is None:
@@ -89,6 +106,9 @@ def main() -> None:
                         help="calibration texts per GPTQ run")
     parser.add_argument("--as-shipped", type=int, default=32,
                         help="calibration texts for onnxruntime's unfixed GPTQ (0: skip)")
+    parser.add_argument("--inc", nargs="*", default=["rtn", "gptq", "awq"],
+                        choices=["rtn", "gptq", "awq"],
+                        help="Intel Neural Compressor's PyTorch weight-only algorithms to add")
     parser.add_argument("--work", type=Path, default=HERE / "work" / "int4")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args()
@@ -143,6 +163,20 @@ def main() -> None:
         print(f"{name}: perplexity {metrics['perplexity']:.2f} (float compute "
               f"{exact['perplexity']:.2f}), {seconds:.0f} s", flush=True)
 
+    n = args.samples[0]
+    for algorithm in args.inc:
+        name = "inc-rtn" if algorithm == "rtn" else f"inc-{algorithm}-{n}"
+        record = inc_quantized(args.work / name, algorithm, [] if algorithm == "rtn" else
+                               texts(n), recipe.data.max_length)
+        metrics = evaluate_lm(args.work / name, blocks, batch, reference["predictions"])
+        rows[name] = {"perplexity": metrics["perplexity"], "perplexity_float_compute": None,
+                      "next_token_agreement": metrics["next_token_agreement"],
+                      "quantize_seconds": record["seconds"], "size_mb": record["size_mb"],
+                      "calibration_samples": record.get("calibration_texts") or None,
+                      "calibration_tokens": None, "record": record}
+        print(f"{name}: perplexity {metrics['perplexity']:.2f}, {record['seconds']:.0f} s",
+              flush=True)
+
     rtn = rows["rtn"]["perplexity"]
     for r in rows.values():
         r["perplexity_vs_rtn"] = r["perplexity"] / rtn
@@ -167,8 +201,8 @@ def main() -> None:
              "perplexity, float compute | next-token agreement with fp32 | quantize s | "
              "size MB |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        cal = ("" if r["calibration_samples"] is None
-               else f"{r['calibration_samples']} ({r['calibration_tokens']})")
+        cal = ("" if r["calibration_samples"] is None else f"{r['calibration_samples']}"
+               + (f" ({r['calibration_tokens']})" if r["calibration_tokens"] else ""))
         exact = "" if r["perplexity_float_compute"] is None \
             else f"{r['perplexity_float_compute']:.2f}"
         secs = "" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.0f}"
@@ -179,6 +213,12 @@ def main() -> None:
               "applies. Its error propagation reads the zero triangle of the inverse-Hessian "
               "factor, so it rounds to nearest (its weights equal RTN's up to float rounding of "
               "the scales), and it then re-quantizes that result on a new grid when packing.",
+              "", "`inc-*`: Intel Neural Compressor's PyTorch weight-only algorithms on the "
+              "student's PyTorch weights (4 bits, groups of 32, asymmetric, the lm_head left "
+              "float and tied to the embeddings, hence the smaller file), evaluated through "
+              "PyTorch; quantize s is INC's own time (calibration included, loading and saving "
+              "not). INC has no CPU int4 kernel: its layers unpack to float on the first call, "
+              "so these models run at fp32 speed; they save download and disk, not time.",
               "", "Quantize s: wall-clock of `quantize_int4` (load, quantize, save). GPTQ's is "
               "mostly onnxruntime's driver, which runs the whole model once per distinct MatMul "
               "input (33 here) per calibration text, then inverts one Hessian per weight.", "",
