@@ -20,19 +20,19 @@ What it writes (``out_dir``): INC's Hugging Face layout (``config.json`` with a 
 settings, INC's version and what was quantized. ``load_weight_only`` reads it back through INC
 (``transformers``' own ``from_pretrained`` cannot: it takes the config for an AutoGPTQ model).
 
-Compared with the onnxruntime MatMulNBits path (``int4.py``), on the SmolLM2 student (perplexity
-on 99 test blocks of 128 tokens; fp32 105.5, 226.5 MB): the same kind of rounding (4-bit
-asymmetric groups of 32) gives the same accuracy, RTN 114.6 here against 114.9 there; GPTQ
-106.3 and AWQ 108.6 here. The file is smaller, 129.8 MB against 164.5 MB, because the lm_head
-stays float and tied to the input embedding (which both paths keep in float), where
-``int4.py`` stores an extra 8-bit copy of it for its kernels. INC can quantize the head
-(``quant_lm_head``), but its Hugging Face format refuses a quantized head, and on a CPU it
-would not be faster (next point). Speed is where they differ: MatMulNBits multiplies the
-packed weights directly, which is why int4 decodes faster on onnxruntime. INC's CPU module
-(``INCWeightOnlyLinear``) has no such kernel: its first call unpacks each layer back to a float
-weight (4 s for the student) and keeps it, so it then runs at fp32 speed (34-39 ms per token
-against 34 for fp32) with fp32 memory plus the packed copy. On a PyTorch target the gain is the
-size of the download and of the file, not speed or RAM.
+Compared with the onnxruntime MatMulNBits path (``int4.py``), on the SmolLM2 student
+(perplexity on 99 test blocks of 128 tokens; fp32 105.5, 226.5 MB): the same kind of rounding
+(4-bit asymmetric groups of 32) gives the same accuracy, RTN 114.6 here against 114.9 there;
+GPTQ 106.6 here against 106.7 there, AWQ 108.8 (benchmarks/results/int4_gptq.md). The file is
+smaller, 129.8 MB against 164.5 MB, because the lm_head stays float and tied to the input
+embedding (which both paths keep in float), where ``int4.py`` stores an extra 8-bit copy of it
+for its kernels. INC can quantize the head (``quant_lm_head``), but its Hugging Face format
+refuses a quantized head, and on a CPU it would not be faster (next point). Speed is where they
+differ: MatMulNBits multiplies the packed weights directly, which is why int4 decodes faster on
+onnxruntime. INC's CPU module (``INCWeightOnlyLinear``) has no such kernel: its first call
+unpacks each layer back to a float weight (4 s for the student) and keeps it, so it then runs
+at fp32 speed (34-39 ms per token against 34 for fp32) with fp32 memory plus the packed copy.
+On a PyTorch target the gain is the size of the download and of the file, not speed or RAM.
 """
 
 from __future__ import annotations
