@@ -88,7 +88,8 @@ def main() -> None:
              f"{env['cpu']}, {env['cpu_count']} cores, onnxruntime "
              f"{env['libraries'].get('onnxruntime')}. Static: 128 training texts; QDQ MatMuls "
              "of the fused graph, its fused attention made QAttention by a dynamic pass "
-             "(`-unfused`: QDQ MatMuls of the exported graph). Latency: seed {0}, batch 1, sequence 128, interleaved rounds, each model "
+             "(`-unfused`: QDQ MatMuls of the exported graph). Latency: seed {0}, batch 1, "
+             "sequence 128, interleaved rounds, each model "
              "in its own process.".format(args.seeds[0]), "",
              "| model | macro-F1 (mean) | F1 / fp32 (mean, worst seed) | accuracy | p50 ms | "
              "p50 / dynamic | p50 ms at real lengths | size MB |",
