@@ -133,6 +133,30 @@ def test_bad_settings_are_one_line_errors(tmp_path, kwargs, message):
         tune(tmp_path / "onnx", tmp_path / "out", **args)
 
 
+def test_the_nodes_static_int8_quantizes_on_the_fused_graph(plain_onnx, tmp_path):
+    """Static mode's attention pass rewrites the pooler's Gemm as a float MatMul + Add: not a
+    quantized node. The fused attention is one, and excluding it keeps it fp32."""
+    import onnx
+
+    from edgedistill.quantization import fuse_graph, quantize
+    from edgedistill.quantization.tuning import quantized_nodes
+
+    fuse_graph(plain_onnx, onnx_file(plain_onnx), tmp_path / "fused")
+    source = onnx.load(str(onnx_file(tmp_path / "fused"))).graph
+
+    def names(folder, exclude=()):
+        record = quantize(plain_onnx, tmp_path / folder, mode="static", max_length=32,
+                          calibration_texts=TEXTS[:8], nodes_to_exclude=list(exclude))
+        return quantized_nodes(source, onnx.load(str(onnx_file(tmp_path / folder))).graph,
+                               record["operators"], "static")
+
+    quantized = names("q")
+    types = {n.name: n.op_type for n in source.node}
+    assert {types[n] for n in quantized} == {"MatMul", "Attention"}
+    attention = next(n for n in quantized if types[n] == "Attention")
+    assert attention not in names("kept", [attention])
+
+
 def test_an_excluded_matmul_in_a_qdq_model_counts_as_fp32(plain_onnx, tmp_path):
     """Q, K and V read one tensor: keeping Q in fp32 leaves that tensor dequantized for K and
     V, so Q still reads a DequantizeLinear output; its own weight is what shows it was kept."""

@@ -386,9 +386,11 @@ def quantized_nodes(source: onnx.GraphProto, quantized: onnx.GraphProto,
     names = []
     for node in source.node:
         name, op_type = node.name, node.op_type
-        if mode == "dynamic" and op_type == "Gemm":
-            # onnxruntime's dynamic quantizer first rewrites each Gemm as MatMul + Add named
-            # after it (ONNXModel.replace_gemm_with_matmul); nodes_to_exclude sees the MatMul
+        if op_type == "Gemm" and (mode == "dynamic" or (name, op_type) not in kept):
+            # onnxruntime's dynamic quantizer (dynamic mode, and static mode's pass for the
+            # fused attention) first rewrites each Gemm with a constant weight as MatMul + Add
+            # named after it (ONNXModel.replace_gemm_with_matmul); nodes_to_exclude sees the
+            # MatMul, which is then quantized or not like any other
             name, op_type = f"{name}_MatMul", "MatMul"
         same = kept.get((name, op_type))
         # in a QDQ model an excluded MatMul may still read a dequantized activation (one its
