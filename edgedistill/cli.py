@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="auto", help="auto, avx512_vnni, avx512, avx2, arm64")
     p.add_argument("--mode", default="dynamic", choices=["dynamic", "static"])
     p.add_argument("--calibration-texts", help="static mode: a text file, one training text a line")
-    p.add_argument("--calibration", default="percentile", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--calibration", default="percentile",
+                   choices=["minmax", "entropy", "percentile"])
     p.add_argument("--no-fuse", dest="fuse", action="store_false", default=None,
                    help="quantize the graph as exported, without onnxruntime's transformer fusions")
 
