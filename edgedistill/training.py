@@ -126,10 +126,11 @@ def _datasets(tokenizer, args, data: TaskData, data_cfg: DataConfig, teacher=Non
 
 
 def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path,
-         prepared: tuple | None = None, **datasets) -> dict:
-    """Train ``model`` on ``prepared`` (from :func:`_datasets`; built from ``datasets`` when
-    None) with best-epoch selection and resume from the last complete checkpoint."""
-    prepared = prepared or _datasets(tokenizer, args, data, data_cfg, **datasets)
+         prepared: tuple | None = None) -> dict:
+    """Train ``model`` on ``prepared`` (from :func:`_datasets`; the plain training and
+    validation sets when None) with best-epoch selection and resume from the last complete
+    checkpoint."""
+    prepared = prepared or _datasets(tokenizer, args, data, data_cfg)
     trainer = _trainer(model, tokenizer, args, prepared)
     last = last_good_checkpoint(out / "checkpoints")
     if last:

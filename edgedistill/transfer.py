@@ -273,8 +273,8 @@ def paraphrase(texts: Sequence[str], model, variants: int = 1, seed: int = 0,
     The reply's first paragraph (:func:`reply_text`) is the variant; an empty one, or one equal
     to its source or an earlier variant, is dropped. A model this small also drifts: on 8 drug
     reviews SmolLM2-135M-Instruct kept to the review in 6 and wrote something unrelated in 2,
-    which the teacher then labels like any other text. ``model`` is a model reference (hub id, folder, GGUF)
-    or a loaded (model, tokenizer) pair.
+    which the teacher then labels like any other text. ``model`` is a model reference (hub
+    id, folder, GGUF) or a loaded (model, tokenizer) pair.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -317,8 +317,9 @@ def paraphrase(texts: Sequence[str], model, variants: int = 1, seed: int = 0,
                                              skip_special_tokens=True)
             for (i, _), reply in zip(batch, replies):
                 text = reply_text(reply)
-                if text and normalise(text) not in seen[i]:
-                    seen[i].add(normalise(text))
+                key = normalise(text)
+                if text and key not in seen[i]:
+                    seen[i].add(key)
                     out.append(Variant(i, "paraphrase", text))
     return out, time.perf_counter() - start
 

@@ -148,7 +148,7 @@ def test_the_nodes_static_int8_quantizes_on_the_fused_graph(plain_onnx, tmp_path
         record = quantize(plain_onnx, tmp_path / folder, mode="static", max_length=32,
                           calibration_texts=TEXTS[:8], nodes_to_exclude=list(exclude))
         return quantized_nodes(source, onnx.load(str(onnx_file(tmp_path / folder))).graph,
-                               record["operators"], "static")
+                               record["operators"])
 
     quantized = names("q")
     types = {n.name: n.op_type for n in source.node}
@@ -171,5 +171,5 @@ def test_an_excluded_matmul_in_a_qdq_model_counts_as_fp32(plain_onnx, tmp_path):
     record = quantize(plain_onnx, tmp_path / "q", mode="static", calibration_texts=TEXTS[:8],
                       max_length=32, nodes_to_exclude=[query], fuse=False)
     names = quantized_nodes(source, onnx.load(str(onnx_file(tmp_path / "q"))).graph,
-                            record["operators"], "static")
+                            record["operators"])
     assert key in names and query not in names

@@ -133,7 +133,9 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
     if mode == "dynamic":
         quantizer.quantize(save_dir=output_dir, quantization_config=qconfig)
     else:
-        dynamic_ops = [o for o in qconfig.operators_to_quantize if o in DYNAMIC_ONLY]
+        # only a fused graph has operators without a static form
+        dynamic_ops = [o for o in qconfig.operators_to_quantize
+                       if o in DYNAMIC_ONLY and record["fused"]]
         qconfig.operators_to_quantize = [o for o in qconfig.operators_to_quantize
                                          if o not in DYNAMIC_ONLY]
         dataset = _calibration_set(onnx_dir, {i.name for i in graph.input}, calibration_texts,
@@ -143,13 +145,13 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, profile: str = "cpu",
             onnx_augmented_model_name=output_dir / "augmented.onnx.tmp")
         (output_dir / "augmented.onnx.tmp").unlink(missing_ok=True)
         record.update(calibration=calibration, calibration_samples=len(dataset))
-        staged = output_dir / "static.tmp" if dynamic_ops and record["fused"] else output_dir
+        staged = output_dir / "static.tmp" if dynamic_ops else output_dir
         quantizer.quantize(save_dir=staged, quantization_config=qconfig,
                            calibration_tensors_range=ranges)
-        if staged != output_dir:
+        if dynamic_ops:
             _dynamic_pass(staged, output_dir, dynamic_ops, profile, preset, per_channel,
                           nodes_to_exclude)
-        record["dynamic_operators"] = dynamic_ops if record["fused"] else []
+        record["dynamic_operators"] = dynamic_ops
     shutil.rmtree(fused_dir, ignore_errors=True)
     copy_sidecars(onnx_dir, output_dir)
     return record

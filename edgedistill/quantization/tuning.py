@@ -340,8 +340,7 @@ class _Trials:
         base_model = self.work / f"trial-{index}"
         source = self._source_graph(self.records[index]["fused"] is not None)
         operators = self.records[index]["operators"]
-        mode = SETTINGS[base]["mode"]
-        candidates = quantized_nodes(source, _graph(base_model), operators, mode)
+        candidates = quantized_nodes(source, _graph(base_model), operators)
         full_kl = _mean_kl(self.fp32_ranking_logits, self.logits(base_model, self.ranking_batches))
         harms = []
         for i, node in enumerate(candidates):
@@ -349,7 +348,7 @@ class _Trials:
             quantize(self.onnx_dir, folder, **SETTINGS[base], **self.options,
                      nodes_to_exclude=[node])
             # a name the quantizer did not take would make every fallback trial a no-op
-            if node in quantized_nodes(source, _graph(folder), operators, mode):
+            if node in quantized_nodes(source, _graph(folder), operators):
                 raise RuntimeError(f"tune: excluding node '{node}' left it quantized")
             kl = _mean_kl(self.fp32_ranking_logits, self.logits(folder, self.ranking_batches))
             harms.append({"node": node, "harm": full_kl - kl})
@@ -368,7 +367,7 @@ class _Trials:
 
 
 def quantized_nodes(source: onnx.GraphProto, quantized: onnx.GraphProto,
-                    operators: list[str], mode: str) -> list[str]:
+                    operators: list[str]) -> list[str]:
     """The ``source`` nodes the quantizer made integer, in graph order, each under the name
     ``nodes_to_exclude`` takes. Made integer: replaced (no node of that name and type is left:
     MatMul -> MatMulInteger, Attention -> QAttention), kept but fed a new (quantized) weight
@@ -386,7 +385,7 @@ def quantized_nodes(source: onnx.GraphProto, quantized: onnx.GraphProto,
     names = []
     for node in source.node:
         name, op_type = node.name, node.op_type
-        if op_type == "Gemm" and (mode == "dynamic" or (name, op_type) not in kept):
+        if op_type == "Gemm" and (name, op_type) not in kept:
             # onnxruntime's dynamic quantizer (dynamic mode, and static mode's pass for the
             # fused attention) first rewrites each Gemm with a constant weight as MatMul + Add
             # named after it (ONNXModel.replace_gemm_with_matmul); nodes_to_exclude sees the
