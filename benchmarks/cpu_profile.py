@@ -26,12 +26,12 @@ from pathlib import Path
 
 from edgedistill.bench.runner import BenchSettings, benchmark
 from edgedistill.data import load_task_data
-from edgedistill.environment import environment
+from edgedistill.host import environment
 from edgedistill.evaluation import evaluate
 from edgedistill.export import export_onnx
 from edgedistill.quantization import quantize
 from edgedistill.recipe import load_recipe
-from edgedistill.runtime import onnx_file
+from edgedistill.artifacts import onnx_file
 
 HERE = Path(__file__).parent
 # (numerator, denominator) of the latency ratios tracked across repeats

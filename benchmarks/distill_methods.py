@@ -25,17 +25,18 @@ import torch
 
 from edgedistill.data import load_task_data
 from edgedistill.distill import DistillationTrainer, DistillationTrainingArguments
-from edgedistill.environment import environment
+from edgedistill.distill.training import distill_student, finetune_teacher
 from edgedistill.evaluation import evaluate
+from edgedistill.host import environment
 from edgedistill.recipe import load_recipe
 from edgedistill.sources import resolve_model
-from edgedistill.training import distil_student, finetune_teacher
+from edgedistill.tasks import get_task
 
 HERE = Path(__file__).parent
 HIDDEN = "{loss: hidden_mse, strategy: uniform, weight: 5}"
 ATTENTION = "{loss: attention_kl, strategy: uniform, weight: 1.5}"
 METHODS = {  # name -> recipe overrides
-    "labels only": ["distill.alpha_ce=1", "distill.alpha_distil=0"],
+    "labels only": ["distill.alpha_ce=1", "distill.alpha_distill=0"],
     "logits": [],
     "logits + hidden": [f"distill.matches=[{HIDDEN}]"],
     "logits + hidden + attention": [f"distill.matches=[{HIDDEN}, {ATTENTION}]"],
@@ -56,8 +57,8 @@ def teacher_for(seed: int, work: Path) -> Path:
     recipe = load_recipe(None, [f"seed={seed}"])
     data = load_task_data(recipe.data, seed)
     folder = work / f"seed-{seed}" / "teacher"
-    finetune_teacher(resolve_model(recipe.teacher.model), recipe.teacher, data, recipe.data,
-                     folder, seed)
+    finetune_teacher(get_task(recipe.task), resolve_model(recipe.teacher.model), recipe.teacher,
+                     data, recipe.data, folder, seed)
     return folder / "model"
 
 
@@ -70,7 +71,8 @@ def one_run(seed: int, method: str, work: Path, teacher: Path) -> dict:
     recipe = load_recipe(None, [f"seed={seed}", *METHODS[method]])
     data = load_task_data(recipe.data, seed)
     start = time.perf_counter()
-    record = distil_student(teacher, recipe.student, recipe.distill, data, recipe.data, out, seed)
+    record = distill_student(get_task(recipe.task), teacher, recipe.student, recipe.distill, data,
+                            recipe.data, out, seed)
     seconds = time.perf_counter() - start
     metrics = evaluate(out / "model", data.test, data.labels, 32, recipe.data.max_length)
     row = {"seed": seed, "method": method, "accuracy": metrics["accuracy"],
@@ -87,12 +89,15 @@ def step_times(seed: int, teacher_dir: Path, methods: list[str], steps: int = 12
     side by side: the methods take turns for ``rounds`` rounds on the same batches, so a
     shared machine's drift hits them all alike. 'logits' reads precomputed teacher logits, as
     the pipeline does."""
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorWithPadding)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+    )
 
     from edgedistill.data import tokenize
     from edgedistill.distill.trainer import add_teacher_logits
-    from edgedistill.training import build_student
+    from edgedistill.distill.training import build_student
 
     recipe = load_recipe(None, [f"seed={seed}"])
     data = load_task_data(recipe.data, seed)
@@ -106,11 +111,11 @@ def step_times(seed: int, teacher_dir: Path, methods: list[str], steps: int = 12
     for method in methods:
         cfg = load_recipe(None, [f"seed={seed}", *METHODS[method]])
         student = build_student(teacher, cfg.student).train()
-        uses_teacher = cfg.distill.alpha_distil > 0 or cfg.distill.matches
+        uses_teacher = cfg.distill.alpha_distill > 0 or cfg.distill.matches
         args = DistillationTrainingArguments(
             output_dir=str(HERE / "work" / "timing"), report_to="none", use_cpu=True,
             temperature=cfg.distill.temperature, alpha_ce=cfg.distill.alpha_ce,
-            alpha_distil=cfg.distill.alpha_distil,
+            alpha_distill=cfg.distill.alpha_distill,
             matches=[asdict(m) for m in cfg.distill.matches])
         trainer = DistillationTrainer(model=student, args=args,
                                       teacher_model=teacher if uses_teacher else None)
@@ -165,7 +170,7 @@ def to_markdown(result: dict) -> str:
              f"seeds {result['seeds']}", "",
              f"{env['cpu']}, {env['cpu_count']} cores, torch {env['libraries'].get('torch')}. "
              "Same student (teacher blocks 0 and 5), data, 8 epochs, lr 2e-4, batch 16, "
-             "alpha_ce = alpha_distil = 0.5 (labels only: 1 / 0); 379 test rows; PyTorch fp32.",
+             "alpha_ce = alpha_distill = 0.5 (labels only: 1 / 0); 379 test rows; PyTorch fp32.",
              "",
              "| method | accuracy | macro-F1 | macro-F1 minus logits-only, per seed | "
              "time per step vs labels only |", "|---|---|---|---|---|"]

@@ -17,13 +17,12 @@ import shutil
 import statistics
 from pathlib import Path
 
-from edgedistill.environment import environment
+from edgedistill.host import environment
 from edgedistill.pipeline import run
 from edgedistill.recipe import load_recipe
-from edgedistill.report import TARGETS
 
 HERE = Path(__file__).parent
-LABELS_ONLY = ["distill.alpha_distil=0", "distill.alpha_ce=1", "distill.matches=[]"]
+LABELS_ONLY = ["distill.alpha_distill=0", "distill.alpha_ce=1", "distill.matches=[]"]
 
 
 def by_name(report: dict) -> dict:
@@ -80,7 +79,7 @@ def to_markdown(result: dict) -> str:
                 "labels_only_student_int8_accuracy"):
         lines.append(f"| {key} | {fmt(s[key])} |")
     lines += ["", "| target | goal | measured, mean ± stdev over seeds |", "|---|---|---|"]
-    goals = {name: f"{op} {goal}" for name, _, op, goal in TARGETS}
+    goals = {t.label: t.goal for t in load_recipe().report.targets}
     for name, d in s["targets"].items():
         lines.append(f"| {name} | {goals.get(name, '')} | {fmt(d)} |")
     lines += ["", "Per run p50 (ms):", ""]

@@ -38,13 +38,13 @@ import numpy as np
 import onnx
 
 from edgedistill.data import lm_blocks, load_task_data
-from edgedistill.environment import environment
+from edgedistill.host import environment
 from edgedistill.evaluation import evaluate_lm
 from edgedistill.export import export_onnx
 from edgedistill.quantization import int4, quantize_int4
 from edgedistill.quantization.weight_only import quantize_weight_only
 from edgedistill.recipe import load_recipe
-from edgedistill.runtime import onnx_file, size_on_disk_mb
+from edgedistill.artifacts import onnx_file, size_on_disk_mb
 
 HERE = Path(__file__).parent
 RECIPE = "smollm2-distill"

@@ -3,7 +3,7 @@
 Each variant trains the 8-of-30-layer student of the packaged ``smollm2-distill`` recipe with
 the recipe's data, epochs, batch and learning rate, changing only the loss:
 
-- ``lm``: next-token cross-entropy alone (alpha_ce 1, alpha_distil 0; no teacher);
+- ``lm``: next-token cross-entropy alone (alpha_ce 1, alpha_distill 0; no teacher);
 - ``kd-forward``: the recipe as shipped (0.5 LM + 0.5 forward KL to the teacher's cached top-64);
 - others given as ``name=key=value,key=value`` recipe overrides on the command line.
 
@@ -12,7 +12,7 @@ variant's training wall-clock (the equal-steps comparison is not an equal-time o
 ``work/llm/<variant>`` and are reused when unchanged. Writes results/llm_distill.{json,md}.
 
     python benchmarks/llm_distill.py
-    python benchmarks/llm_distill.py --extra "kd-jsd=distill.distil_loss=generalized_jsd"
+    python benchmarks/llm_distill.py --extra "kd-jsd=distill.distill_loss=generalized_jsd"
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgedistill.environment import environment
+from edgedistill.host import environment
 from edgedistill.evaluation import evaluate_lm
 from edgedistill.pipeline import run
 from edgedistill.recipe import load_recipe
@@ -31,7 +31,7 @@ from edgedistill.recipe import load_recipe
 HERE = Path(__file__).parent
 RECIPE = "smollm2-distill"
 VARIANTS = {
-    "lm": ["distill.alpha_ce=1.0", "distill.alpha_distil=0.0", "distill.cache_teacher=false"],
+    "lm": ["distill.alpha_ce=1.0", "distill.alpha_distill=0.0", "distill.cache_teacher=false"],
     "kd-forward": [],
 }
 

@@ -75,8 +75,8 @@ def one_mode(mode: str, steps: int, batch: int, length: int) -> dict:
     args = DistillationTrainingArguments(
         output_dir="/tmp/llm-kd-step", report_to="none", use_cpu=True, save_strategy="no",
         per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4,
-        distil_loss="forward_kl", temperature=1.0, alpha_ce=1.0 if mode == "plain" else 0.5,
-        alpha_distil=0.0 if mode == "plain" else 0.5, disable_tqdm=True,
+        distill_loss="forward_kl", temperature=1.0, alpha_ce=1.0 if mode == "plain" else 0.5,
+        alpha_distill=0.0 if mode == "plain" else 0.5, disable_tqdm=True,
         kd_chunk_tokens=batch * length if mode == "kd-unchunked" else 256)
     trainer = DistillationTrainer(model=student, args=args, train_dataset=rows,
                                   data_collator=default_data_collator, teacher_model=teacher)
@@ -131,7 +131,7 @@ def main() -> None:
         "kd step time / plain step time":
             (summary["kd"]["median_step_s"] / plain["median_step_s"], "(no goal)"),
     }
-    from edgedistill.environment import environment
+    from edgedistill.host import environment
 
     result = {"settings": vars(args) | {"results": str(args.results)}, "modes": summary,
               "teacher_weights_mb": teacher_mb, "ratios": {k: v[0] for k, v in goals.items()},

@@ -18,7 +18,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from edgedistill.environment import environment
+from edgedistill.host import environment
 from edgedistill.pipeline import run
 
 HERE = Path(__file__).parent

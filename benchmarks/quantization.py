@@ -20,11 +20,11 @@ from pathlib import Path
 
 from edgedistill.bench.runner import BenchSettings, benchmark
 from edgedistill.data import load_task_data
-from edgedistill.environment import environment
+from edgedistill.host import environment
 from edgedistill.evaluation import evaluate
 from edgedistill.quantization import quantize
 from edgedistill.recipe import load_recipe
-from edgedistill.runtime import onnx_file
+from edgedistill.artifacts import onnx_file
 
 HERE = Path(__file__).parent
 VARIANTS = {"dynamic": {"mode": "dynamic"},

@@ -26,7 +26,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))  # tests.conftest builds the tiny models
 
 from edgedistill import DistillationTrainer, DistillationTrainingArguments, make_student  # noqa: E402
-from edgedistill.environment import environment  # noqa: E402
+from edgedistill.host import environment  # noqa: E402
 from tests.conftest import LABELS, make_bert, make_texts, make_tokenizer  # noqa: E402
 
 MATCHES = [{"loss": "hidden_mse", "strategy": "uniform", "weight": 1.0},

@@ -40,14 +40,14 @@ from pathlib import Path
 import numpy as np
 
 from edgedistill.data import lm_blocks, load_task_data
-from edgedistill.environment import environment
+from edgedistill.host import environment
 from edgedistill.evaluation import evaluate, evaluate_lm
 from edgedistill.pipeline import run
 from edgedistill.recipe import load_recipe
 
 HERE = Path(__file__).parent
-LABELS_ONLY = ["distill.alpha_distil=0", "distill.alpha_ce=1"]
-PLAIN_LM = ["distill.alpha_ce=1.0", "distill.alpha_distil=0.0", "distill.cache_teacher=false"]
+LABELS_ONLY = ["distill.alpha_distill=0", "distill.alpha_ce=1"]
+PLAIN_LM = ["distill.alpha_ce=1.0", "distill.alpha_distill=0.0", "distill.cache_teacher=false"]
 
 
 def _distill(recipe: str | None, out: Path, overrides: list[str], teacher_from: Path | None):

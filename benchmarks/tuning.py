@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from edgedistill.data import load_task_data
-from edgedistill.environment import environment
+from edgedistill.host import environment
 from edgedistill.evaluation import evaluate
 from edgedistill.quantization.tuning import tune
 from edgedistill.recipe import load_recipe
@@ -35,7 +35,7 @@ def one(seed: int, tolerance: float, work: Path) -> dict:
     calibration = list(data.train.shuffle(seed=seed).select(range(128))["text"])
     start = time.perf_counter()
     result = tune(fp32, out, list(data.validation["text"]), list(data.validation["label"]),
-                  data.labels, tolerance, calibration_texts=calibration,
+                  data.labels, tolerable_loss=tolerance, calibration_texts=calibration,
                   max_length=recipe.data.max_length)
     seconds = time.perf_counter() - start
     test = {"fp32": evaluate(fp32, data.test, data.labels, 32, recipe.data.max_length)}

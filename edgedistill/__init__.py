@@ -6,15 +6,16 @@ an ONNX model) does not pay for importing torch and transformers.
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _API = {
     "DistillationTrainer": "distill", "DistillationTrainingArguments": "distill",
     "make_student": "distill", "EdgeDistillError": "errors", "evaluate": "evaluation",
     "export_onnx": "export", "quantize": "quantization", "quantize_int4": "quantization",
     "benchmark": "bench", "benchmark_generation": "bench", "evaluate_lm": "evaluation",
-    "load_causal_lm": "lm_runtime", "Recipe": "recipe",
-    "load_recipe": "recipe", "run": "pipeline",
+    "load_causal_lm": "runtime.causal_lm", "Recipe": "recipe",
+    "load_recipe": "recipe", "run": "pipeline", "register_loss": "distill.losses",
+    "register_task": "tasks", "resolve_target": "profiles",
 }
 __all__ = sorted(_API)
 

@@ -127,19 +127,19 @@ def _dispatch(args) -> int:
         if args.calibration_texts:
             lines = Path(args.calibration_texts).read_text(encoding="utf-8").splitlines()
             texts = [line for line in lines if line.strip()]
-        settings = quantize(args.onnx_dir, args.output, args.profile, args.preset,
-                            mode=args.mode, calibration_texts=texts,
+        settings = quantize(args.onnx_dir, args.output, profile=args.profile,
+                            calibration_texts=texts, preset=args.preset, mode=args.mode,
                             calibration=args.calibration, fuse=args.fuse)
         console.print(f"quantized to {args.output} with {settings}")
     elif args.command == "bench":
-        from .bench.profiles import load_profile
         from .bench.runner import BenchSettings, benchmark
+        from .profiles import resolve_target
 
-        profile = load_profile(args.profile)
+        target = resolve_target(args.profile)
         s = BenchSettings(iterations=args.iterations, rounds=args.rounds,
-                          sequence_length=args.sequence_length or profile.sequence_length,
-                          batch_size=args.batch_size or profile.batch_size)
-        results = benchmark(args.models, args.profile, settings=s)
+                          sequence_length=args.sequence_length or target.sequence_length,
+                          batch_size=args.batch_size or target.batch_size)
+        results = benchmark(args.models, target, settings=s)
         for r in results:
             if "over_budget" in r:
                 console.print(f"{r['path']}: [red]{r['over_budget']}[/red]")
@@ -148,9 +148,9 @@ def _dispatch(args) -> int:
             console.print(f"{r['path']}: p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, "
                           f"peak RSS {r['peak_rss_mb']:.0f} MB, size {r['size_mb']:.1f} MB")
         if args.json:
-            tmp = Path(args.json + ".part")
-            tmp.write_text(json.dumps(results, indent=2))
-            tmp.replace(args.json)
+            from .artifacts import write_atomic
+
+            write_atomic(args.json, json.dumps(results, indent=2))
     elif args.command == "report":
         from .report import print_summary, write_report
 
@@ -159,17 +159,24 @@ def _dispatch(args) -> int:
             report = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise EdgeDistillError(f"{path}: cannot read the run's report ({e}); run the recipe first")
+        if "view" not in report:  # written before reports carried their task's view
+            from dataclasses import asdict
+
+            from .tasks import get_task
+
+            report["view"] = asdict(get_task(report.get("task", "classification")).report)
         write_report(report, args.run_dir, plots=report["recipe"]["report"]["plots"])
         print_summary(report, console)
     elif args.command == "profiles":
-        from .bench.profiles import list_profiles
+        from .profiles import list_profiles, resolve_target
 
         for p in list_profiles():
-            budget = f", memory budget {p.memory_budget_mb} MB" if p.memory_budget_mb else ""
-            pinned = f", pinned to {p.cpu_affinity} cores" if p.cpu_affinity else ""
-            console.print(f"[bold]{p.name}[/bold]: {p.description}\n  target: "
-                          f"{p.target or 'this host'}; threads {p.num_threads}{pinned}{budget}; "
-                          f"{', '.join(p.execution_providers)}")
+            t = resolve_target(p)
+            budget = f", memory budget {t.memory_budget_mb} MB" if t.memory_budget_mb else ""
+            pinned = f", pinned to {t.cpu_affinity} cores" if t.cpu_affinity else ""
+            console.print(f"[bold]{t.name}[/bold]: {p.description}\n  target: "
+                          f"{t.device or 'this host'}; threads {t.threads}{pinned}{budget}; "
+                          f"{', '.join(t.providers)}")
     elif args.command == "settings":
         from .recipe import field_help
 

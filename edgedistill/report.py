@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import collections
+import dataclasses
 import datetime as dt
 import html
 import io
@@ -13,69 +15,41 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .environment import environment
-
-# Goals of the default recipe (issue #2): (name, measured-from, comparison, goal)
-TARGETS = (
-    ("student int8 macro-F1 / teacher macro-F1", "f1_ratio", ">=", 0.97),
-    ("speed-up of student int8 over teacher PyTorch fp32 (p50)", "speedup_torch", ">=", 10.0),
-    ("speed-up of student int8 over teacher ONNX fp32 (p50)", "speedup_onnx", ">=", 4.0),
-    ("student int8 size / student ONNX fp32 size", "size_ratio", "<=", 0.30),
-)
+from .artifacts import write_atomic
+from .host import environment
 
 
-# Goals of the causal-LM recipe (issue #4) that one run can check
-LM_TARGETS = (
-    ("student int4 perplexity / student fp32 perplexity", "int4_ppl_ratio", "<=", 1.05),
-    ("student int4 decode tokens/s / teacher PyTorch fp32 decode tokens/s", "decode_speedup",
-     ">=", 4.0),
-)
+def _measured(rows: dict, path: str):
+    """The number at ``model.key...`` of the report rows, or None where this run has none."""
+    model, *keys = path.split(".")
+    node = rows.get(model)
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, (int, float)) and not isinstance(node, bool) else None
 
 
-def _by_name(models: list[dict]) -> dict:
-    return {m["name"]: m for m in models}
-
-
-def _judge(values: dict, targets) -> list[dict]:
+def judge_targets(targets, models: list[dict]) -> list[dict]:
+    """The recipe's ``report.targets`` judged on the report rows. A target whose value or
+    denominator this run did not measure (a model not run, a value missing, a zero
+    denominator) is left out rather than marked missed."""
+    rows = {m["name"]: m for m in models}
     out = []
-    for name, key, op, goal in targets:
-        if key in values:
-            v = values[key]
-            out.append({"target": name, "measured": round(v, 4), "goal": f"{op} {goal}",
-                        "met": v >= goal if op == ">=" else v <= goal})
+    for t in targets:
+        value = _measured(rows, t.value)
+        if t.per is not None:
+            per = _measured(rows, t.per)
+            value = value / per if value is not None and per else None
+        if value is None:
+            continue
+        met = value >= t.at_least if t.at_least is not None else value <= t.at_most
+        out.append({"target": t.label, "measured": round(value, 4), "goal": t.goal, "met": met})
     return out
 
 
-def check_lm_targets(models: list[dict]) -> list[dict]:
-    m = _by_name(models)
-    ppl = lambda n: m[n].get("metrics", {}).get("perplexity") if n in m else None  # noqa: E731
-    speed = lambda n: m[n].get("decode_tokens_per_s") if n in m else None  # noqa: E731
-    values = {}
-    if ppl("student-int4") and ppl("student"):
-        values["int4_ppl_ratio"] = ppl("student-int4") / ppl("student")
-    if speed("student-int4") and speed("teacher"):
-        values["decode_speedup"] = speed("student-int4") / speed("teacher")
-    return _judge(values, LM_TARGETS)
-
-
-def check_targets(models: list[dict]) -> list[dict]:
-    m = _by_name(models)
-    p50 = lambda n: m[n]["latency"]["p50_ms"] if n in m and m[n].get("latency") else None  # noqa: E731
-    f1 = lambda n: m[n]["metrics"]["macro_f1"] if n in m and m[n].get("metrics") else None  # noqa: E731
-    values = {}
-    if f1("student-int8") is not None and f1("teacher"):
-        values["f1_ratio"] = f1("student-int8") / f1("teacher")
-    if p50("student-int8"):
-        if p50("teacher"):
-            values["speedup_torch"] = p50("teacher") / p50("student-int8")
-        if p50("teacher-onnx"):
-            values["speedup_onnx"] = p50("teacher-onnx") / p50("student-int8")
-    if "student-int8" in m and "student-onnx" in m:
-        values["size_ratio"] = m["student-int8"]["size_mb"] / m["student-onnx"]["size_mb"]
-    return _judge(values, TARGETS)
-
-
-def build_report(recipe, models: list[dict], records: dict) -> dict:
+def build_report(recipe, models: list[dict], records: dict, view) -> dict:
+    """The report of a run: a row per model (its evaluation and benchmark records), the
+    recipe's targets judged, training and quantization records, and ``view`` (the task's
+    :class:`~edgedistill.tasks.base.ReportView`), kept so the report is drawn from this dict."""
     evaluation = records.get("evaluate", {}).get("models", {})
     bench = records.get("bench", {}).get("models", {})
     rows = []
@@ -89,21 +63,44 @@ def build_report(recipe, models: list[dict], records: dict) -> dict:
         rows.append(row)
     training = {stage: {k: v for k, v in records.get(stage, {}).items() if k != "log_history"}
                 for stage in ("teacher", "distill")}
-    causal = recipe.task == "causal-lm"
     return {
         "name": recipe.name,
         "task": recipe.task,
+        "view": dataclasses.asdict(view),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "models": rows,
-        "targets": check_lm_targets(rows) if causal else check_targets(rows),
+        "targets": judge_targets(recipe.report.targets, rows),
         "training": training,
+        "warnings": training_warnings(training),
         "export_validation": records.get("export", {}),
         "quantization": records.get("quantize", {}),
         "test_rows": records.get("evaluate", {}).get("test_rows"),
         "test_tokens": records.get("evaluate", {}).get("test_tokens"),
+        "dropped_rows": records.get("evaluate", {}).get("dropped_rows") or {},
         "environment": environment(),
         "recipe": recipe.to_dict(),
     }
+
+
+def training_warnings(training: dict) -> list[str]:
+    """What the training records say about the teacher that a user should act on: still
+    learning when its fine-tuning stopped, or beaten on validation by its own student (both on
+    the metric that chose the best epoch)."""
+    teacher, student = training.get("teacher", {}), training.get("distill", {})
+    t_sel, s_sel = teacher.get("selection"), student.get("selection")
+    out = []
+    if t_sel and t_sel["last_epoch_improved"]:
+        values = ", ".join(f"{v:.3f}" for v in t_sel["per_epoch"][-3:])
+        out.append(f"the teacher's validation {t_sel['metric']} still improved in its last "
+                   f"epoch (last epochs: {values}): it may be under-fit; raise teacher.epochs")
+    if t_sel and s_sel and t_sel["metric"] == s_sel["metric"]:
+        metric = t_sel["metric"]
+        t, s = teacher["validation"].get(metric), student["validation"].get(metric)
+        if t is not None and s is not None and (s > t if t_sel["greater_is_better"] else s < t):
+            out.append(f"the student beat its teacher on validation ({metric} {s:.3f} against "
+                       f"{t:.3f}): the teacher may be too weak to learn from; fine-tune it "
+                       "longer or start from a stronger model")
+    return out
 
 
 # ------------------------------------------------------------------------------ writing
@@ -112,49 +109,36 @@ def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _columns(report: dict) -> list[tuple[str, object]]:
-    """(header, cell(model row) -> str) of the results table, by task."""
-    met = lambda key, digits=3: lambda m: _fmt(m.get("metrics", {}).get(key), digits)  # noqa: E731
-    lat = lambda key, field="latency": lambda m: _fmt(m.get(field, {}).get(key), 2)  # noqa: E731
-    first = [("model", lambda m: m["name"]), ("backend", lambda m: m["backend"]),
-             ("precision", lambda m: m["precision"])]
-    memory = [("peak RSS MB", lambda m: _fmt(m.get("peak_rss_mb"), 0)),
-              ("size MB", lambda m: _fmt(m.get("size_mb"), 1))]
-    if report.get("task") == "causal-lm":
-        return first + [("perplexity", met("perplexity", 2)),
-                        ("next-token agreement", met("next_token_agreement")),
-                        ("first token p50 ms", lat("p50_ms", "ttft_ms")),
-                        ("ms / token p50", lat("p50_ms", "tpot_ms")),
-                        ("decode tokens/s", lambda m: _fmt(m.get("decode_tokens_per_s"), 1))
-                        ] + memory
-    return first + [("accuracy", met("accuracy")), ("macro-F1", met("macro_f1")),
-                    ("agreement", met("agreement")), ("p50 ms", lat("p50_ms")),
-                    ("p99 ms", lat("p99_ms")),
-                    ("p50 ms real lengths", lat("p50_ms", "latency_real_lengths"))] + memory
+def _value(row: dict, path: str):
+    """The value at a dotted ``path`` of a model row (``latency.p50_ms``), or None."""
+    for key in path.split("."):
+        row = row.get(key) if isinstance(row, dict) else None
+    return row
 
 
 def _headers(report: dict) -> list[str]:
-    return [h for h, _ in _columns(report)]
+    columns = [c["header"] for c in report["view"]["columns"]]
+    return ["model", "backend", "precision", *columns, "peak RSS MB", "size MB"]
 
 
 def _table_rows(report: dict) -> list[list[str]]:
-    columns = _columns(report)
-    return [[cell(m) for _, cell in columns] for m in report["models"]]
+    columns = report["view"]["columns"]
+    return [[m["name"], m["backend"], m["precision"],
+             *(_fmt(_value(m, c["path"]), c["digits"]) for c in columns),
+             _fmt(m.get("peak_rss_mb"), 0), _fmt(m.get("size_mb"), 1)]
+            for m in report["models"]]
 
 
 def _setting_line(report: dict) -> str:
     """What was measured, in one sentence above the table."""
-    if report.get("task") == "causal-lm":
-        bench = next((m for m in report["models"] if m.get("tpot_ms")), {})
-        return (f"Perplexity on {report.get('test_tokens')} held-out test tokens. Generation: "
-                f"prompt of {bench.get('prompt_tokens')} tokens, then {bench.get('new_tokens')} "
-                f"greedy tokens with a KV cache, batch 1, {bench.get('threads')} threads, "
-                f"profile `{bench.get('profile')}`; each model in its own process.")
-    bench = next((m for m in report["models"] if m.get("latency")), {})
-    return (f"Test split: {report.get('test_rows')} rows. Latency: batch "
-            f"{bench.get('batch_size')}, sequence {bench.get('sequence_length')}, "
-            f"{bench.get('threads')} threads, profile `{bench.get('profile')}`; each model in "
-            "its own process.")
+    view = report["view"]
+    bench = next((m for m in report["models"] if m.get(view["timing"])), {})
+    fields = collections.defaultdict(lambda: None, {**bench, **report})
+    line = view["setting"].format_map(fields)
+    if report.get("dropped_rows"):  # data.drop_empty: say what the numbers leave out
+        line += (" Left out for an empty text or label cell: " + ", ".join(
+            f"{n} rows of split '{split}'" for split, n in report["dropped_rows"].items()) + ".")
+    return line
 
 
 def _budget_lines(report: dict) -> list[str]:
@@ -189,7 +173,7 @@ def _roofline_lines(report: dict) -> list[str]:
     rows = [m for m in report["models"] if m.get("roofline")]
     if not rows:
         return []
-    what = "first token (prefill)" if report.get("task") == "causal-lm" else "p50"
+    what = report["view"]["roofline_measure"]
     lines = [f"roofline (bench.roofline; operations and weight bytes from each ONNX graph, "
              f"activations assumed cached): measured {what} against this host's measured "
              f"peaks ({rows[0]['roofline']['host']['peaks_source']})"]
@@ -253,6 +237,8 @@ def to_markdown(report: dict) -> str:
              "", _setting_line(report), "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in _table_rows(report)]
+    if report.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'NO'} |"
               for t in report["targets"]]
@@ -272,10 +258,10 @@ def to_markdown(report: dict) -> str:
 
 
 def _validation_score(report: dict, record: dict) -> str:
-    validation = record.get("validation", {})
-    if report.get("task") == "causal-lm":
-        return f"validation perplexity {math.exp(validation.get('loss', float('nan'))):.2f}"
-    return f"validation macro-F1 {validation.get('macro_f1', 0):.3f}"
+    values = collections.defaultdict(lambda: float("nan"), record.get("validation", {}))
+    if "loss" in values:  # a language model's best epoch is kept by loss: say its perplexity
+        values["perplexity"] = math.exp(values["loss"])
+    return report["view"]["validation"].format_map(values)
 
 
 def _training_lines(report: dict) -> list[str]:
@@ -293,7 +279,8 @@ def _training_lines(report: dict) -> list[str]:
     if distill.get("transfer"):
         lines.append(_transfer_line(distill["transfer"]))
     if distill.get("qat"):
-        lines.append(_qat_line(distill["qat"], report.get("quantization", {}).get("qat_check")))
+        lines.append(_qat_line(report, distill["qat"],
+                               report.get("quantization", {}).get("qat_check")))
     if report.get("quantization", {}).get("mode"):
         lines.append(_int8_line(report["quantization"]))
     return lines
@@ -315,9 +302,9 @@ def _int8_line(q: dict) -> str:
     return line
 
 
-def _qat_line(qat: dict, check: dict | None) -> str:
+def _qat_line(report: dict, qat: dict, check: dict | None) -> str:
     line = (f"int8-aware phase: {qat['epochs']:g} epochs through fake quantization at learning "
-            f"rate {qat['learning_rate']:.1e}, {_validation_score({}, qat)} as int8")
+            f"rate {qat['learning_rate']:.1e}, {_validation_score(report, qat)} as int8")
     if "kept" in qat:
         before = next(iter(qat["before"].values()))
         line += (f" against {before:.3f} before it: "
@@ -352,51 +339,46 @@ def _plots(report: dict) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
 
-    causal = report.get("task") == "causal-lm"
-    speed = (lambda m: m.get("tpot_ms", {}).get("p50_ms")) if causal else (  # noqa: E731
-        lambda m: m.get("latency", {}).get("p50_ms"))
-    quality = "perplexity" if causal else "macro_f1"
-    models = [m for m in report["models"] if speed(m) and m.get("metrics", {}).get(quality)]
+    view = report["view"]
+    timing, better = view["timing"], "higher" if view["higher_is_better"] else "lower"
+    models = [m for m in report["models"]
+              if _value(m, f"{timing}.p50_ms") and _value(m, view["quality"])]
     pngs = {}
     if models:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         # A legend, not text labels: an ONNX model often sits on top of its PyTorch twin.
         markers = {"pytorch": "o", "onnxruntime": "s"}
         for m in models:
-            x, y = speed(m), m["metrics"][quality]
+            x, y = _value(m, f"{timing}.p50_ms"), _value(m, view["quality"])
             filled = m["precision"] == "fp32"
             color = "tab:orange" if m["role"] == "teacher" else "tab:blue"
             marker = "D" if m["precision"] == "int4" else markers.get(m["backend"], "^")
             ax.scatter(x, y, s=70, marker=marker, label=m["name"],
                        color=color if filled else "white", edgecolors=color, linewidths=2)
-        ax.legend(fontsize=8, loc="upper right" if causal else "lower right")
+        ax.legend(fontsize=8, loc="lower right" if view["higher_is_better"] else "upper right")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(ScalarFormatter())
-        ax.set_xlabel(("p50 time per generated token, ms" if causal else "p50 latency, ms")
-                      + " (log scale, lower is better)")
-        ax.set_ylabel("perplexity on held-out text (lower is better)" if causal
-                      else "macro-F1 on the test split")
+        ax.set_xlabel(f"p50 {view['speed_label']} (log scale, lower is better)")
+        ax.set_ylabel(f"{view['quality_label']} ({better} is better)")
         ax.set_title("Quality against latency")
         ax.grid(alpha=0.3)
         pngs["quality_vs_latency.png"] = _png(fig)
-    timed = [m for m in report["models"] if (m.get("tpot_ms" if causal else "latency") or {})
-             .get("percentiles_ms")]
+    timed = [m for m in report["models"] if _value(m, f"{timing}.percentiles_ms")]
     if timed:
         # every model's whole latency distribution (as a cumulative curve): a p50 hides a long
         # tail or two modes, which a device's users would feel
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         fraction = [i / 100 for i in range(101)]
         for m in timed:
-            ms = m["tpot_ms" if causal else "latency"]["percentiles_ms"]
+            ms = m[timing]["percentiles_ms"]
             style = {"int8": "--", "int4": ":"}.get(m["precision"],
                                                    "-" if m["backend"] == "pytorch" else "-.")
             ax.plot(ms, fraction, drawstyle="steps-post", lw=2, label=m["name"], ls=style,
                     color="tab:orange" if m["role"] == "teacher" else "tab:blue")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.set_xlabel(("time per generated token, ms" if causal else "latency per inference, ms")
-                      + " (log scale)")
+        ax.set_xlabel(f"{view['speed_label']} (log scale)")
         ax.set_ylabel("fraction of runs at most this slow")
         ax.set_title(f"Latency distribution, profile {timed[0].get('profile')}")
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
@@ -450,6 +432,8 @@ def to_html(report: dict, pngs: dict[str, bytes]) -> str:
     env = e(json.dumps(report["environment"], indent=2))
     training = "".join(f"<li>{e(line)}</li>" for line in _training_lines(report))
     profile = "".join(f"<li>{e(line)}</li>" for line in _budget_lines(report))
+    warnings = "".join(f"<li>{e(w)}</li>" for w in report.get("warnings", []))
+    warnings = f"<h2>Warnings</h2><ul>{warnings}</ul>" if warnings else ""
     generations = "".join(f"<li style='margin-left:{2 * depth}em'>{e(text)}</li>"
                           for depth, text in _generation_lines(report))
     generations = f"<h2>Generations</h2><ul>{generations}</ul>" if generations else ""
@@ -471,6 +455,7 @@ padding:1em}}</style></head><body>
 <p>{e(report['created'])} &middot; {e(report['environment']['cpu'])}</p>
 <p>{e(_setting_line(report))}</p>
 <table><tr>{head}</tr>{body}</table>
+{warnings}
 <h2>Targets</h2><table><tr><th>target</th><th>measured</th><th>goal</th><th></th></tr>
 {targets}</table>
 <h2>Profile</h2><ul>{profile}</ul>
@@ -481,21 +466,15 @@ padding:1em}}</style></head><body>
 <h2>Environment</h2><pre>{env}</pre></body></html>"""
 
 
-def _write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
-    tmp.replace(path)
-
-
 def write_report(report: dict, out: str | Path, plots: bool = True) -> Path:
     out = Path(out)
     pngs = _plots(report) if plots else {}
     for name, data in pngs.items():
         (out / "plots").mkdir(exist_ok=True)
-        _write(out / "plots" / name, data)
-    _write(out / "report.md", to_markdown(report))
-    _write(out / "report.html", to_html(report, pngs))
-    _write(out / "report.json", json.dumps(report, indent=2, default=str))
+        write_atomic(out / "plots" / name, data)
+    write_atomic(out / "report.md", to_markdown(report))
+    write_atomic(out / "report.html", to_html(report, pngs))
+    write_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
     return out / "report.json"
 
 
@@ -507,6 +486,8 @@ def print_summary(report: dict, console: Console | None = None) -> None:
     for r in _table_rows(report):
         table.add_row(*r)
     console.print(table)
+    for w in report.get("warnings", []):
+        console.print(f"  [yellow]warning[/yellow]  {w}")
     for t in report["targets"]:
         mark = "[green]met[/green]" if t["met"] else "[red]missed[/red]"
         console.print(f"  {mark}  {t['target']}: {t['measured']} (goal {t['goal']})")

@@ -15,6 +15,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from .artifacts import publish_folder
 from .errors import EdgeDistillError
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def gguf_to_folder(gguf: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)  # written in full, then renamed: a killed conversion is redone
+    publish_folder(partial, target)  # written in full, then renamed: a killed conversion is redone
     return target
 
 

@@ -4,9 +4,9 @@ import shutil
 import pytest
 
 from edgedistill.bench.generation import GenerationSettings, _run_once, benchmark_generation
-from edgedistill.bench.profiles import load_profile
+from edgedistill.profiles import resolve_target
 from edgedistill.errors import EdgeDistillError
-from edgedistill.runtime import size_on_disk_mb
+from edgedistill.artifacts import size_on_disk_mb
 
 from .conftest import make_llama, make_llm_tokenizer
 
@@ -45,7 +45,7 @@ def test_generation_benchmark_torch_and_onnx(llm_dirs):
 
 def test_onnx_worker_loads_no_torch(llm_dirs):
     settings = GenerationSettings(**{**SMALL, "iterations": 1})
-    raw = _run_once(llm_dirs[1], load_profile("cpu"), settings, [2, 5, 9, 7])
+    raw = _run_once(llm_dirs[1], resolve_target("cpu"), settings, [2, 5, 9, 7])
     assert raw["backend"] == "onnxruntime" and raw["imported"] == []
     assert len(raw["step_seconds"]) == 1 and len(raw["step_seconds"][0]) == 4
 

@@ -27,7 +27,7 @@ CASES = {
     "missing_data": ("data:\n  source: ./no/data\n", "no such file, folder"),
     "missing_label_column": ("data:\n  label_column: stars\n", "column 'stars' is missing"),
     "unknown_profile": ("bench:\n  profile: phone\n", "profile 'phone' is unknown"),
-    "unknown_loss": ("distill:\n  distil_loss: kl\n", "unknown loss 'kl'"),
+    "unknown_loss": ("distill:\n  distill_loss: kl\n", "unknown loss 'kl'"),
     "too_long": ("data:\n  max_length: 4096\n", "exceeds the teacher's 64 positions"),
     "bad_layers": ("student:\n  num_layers: 9\n", "student.num_layers: 9 must be between"),
     "match_key_typo": ("distill:\n  matches: [{lose: hidden_mse}]\n",

@@ -93,3 +93,19 @@ def test_unlabelled_data_needs_no_label_column(tmp_path):
                           labelled=False)
     assert data.labels == [] and data.train.column_names == ["text"]
     assert len(data.train) == 3 and len(data.validation) == 1 and data.test["text"] == ["held out"]
+
+
+def test_an_empty_label_or_text_is_an_error_or_dropped_and_counted(tmp_path):
+    """An empty label cell must never become a class named 'None'."""
+    folder = write_tsv(tmp_path / "data", 40, 10)
+    train = (folder / "train.tsv").read_text().splitlines()
+    train[3] = train[3].split("\t")[0] + "\t"          # data row 3: no label
+    train[7] = "\t" + train[7].split("\t")[1]           # data row 7: no text
+    (folder / "train.tsv").write_text("\n".join(train) + "\n")
+    with pytest.raises(EdgeDistillError, match=r"2 of 40 rows of split 'train' have an empty "
+                                               r"'review' or 'rating' cell \(the first is data "
+                                               r"row 3\); .* data.drop_empty: true"):
+        load_task_data(DataConfig(source=str(folder)))
+    data = load_task_data(DataConfig(source=str(folder), drop_empty=True))
+    assert data.labels == LABELS and data.dropped == {"train": 2}
+    assert len(data.train) + len(data.validation) == 38

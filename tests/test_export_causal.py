@@ -10,9 +10,9 @@ import torch
 
 from edgedistill.errors import EdgeDistillError
 from edgedistill.export import export_onnx, validate_causal_onnx
-from edgedistill.lm_runtime import OnnxCausalLM, load_causal_lm
+from edgedistill.runtime.causal_lm import OnnxCausalLM, load_causal_lm
 from edgedistill.quantization import quantize, quantize_int4
-from edgedistill.runtime import onnx_file, size_on_disk_mb
+from edgedistill.artifacts import onnx_file, size_on_disk_mb
 from tests.conftest import make_llama, make_llm_tokenizer, make_texts
 
 

@@ -5,8 +5,11 @@ import pytest
 
 from edgedistill.errors import EdgeDistillError
 from edgedistill.export import export_onnx
-from edgedistill.quantization import quantize, resolve_preset, to_fp16
-from edgedistill.runtime import load_predictor, onnx_file, size_on_disk_mb
+from edgedistill.profiles import Profile, resolve_target
+from edgedistill.quantization import quantize, to_fp16
+from edgedistill.recipe import QuantizeConfig
+from edgedistill.runtime.classifier import load_predictor
+from edgedistill.artifacts import onnx_file, size_on_disk_mb
 from tests.conftest import make_bert, make_texts, make_tokenizer
 
 
@@ -69,12 +72,13 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_presets():
-    assert resolve_preset("cpu", "avx2")["preset"] == "avx2"
-    assert resolve_preset("cpu", per_channel=False)["per_channel"] is False
+    cpu = resolve_target("cpu")
+    assert cpu.int8_for(QuantizeConfig(preset="avx2"))["preset"] == "avx2"
+    assert cpu.int8_for(QuantizeConfig(per_channel=False))["per_channel"] is False
     with pytest.raises(EdgeDistillError, match="unknown"):
-        resolve_preset("cpu", "sse2")
+        cpu.int8_for(QuantizeConfig(preset="sse2"))
     with pytest.raises(EdgeDistillError, match="profile 'cpuu' is unknown; did you mean 'cpu'"):
-        resolve_preset("cpuu")
+        resolve_target("cpuu")
 
 
 def test_preset_options_and_unfused_quantization(exported, tmp_path):
@@ -82,26 +86,22 @@ def test_preset_options_and_unfused_quantization(exported, tmp_path):
     as exported."""
     import json
 
-    import edgedistill.quantization as q
-
     root, _ = exported
     record = quantize(root / "onnx", tmp_path / "plain", fuse=False)
     ops = {n.op_type for n in onnx.load(str(onnx_file(tmp_path / "plain"))).graph.node}
     assert record["fused"] is None and "QAttention" not in ops and "MatMulInteger" in ops
-    profile = q.load_profile("cpu")
-    profile.quantization.update(reduce_range=True, weights="uint8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(q, "load_profile", lambda name: profile)
-        record = quantize(root / "onnx", tmp_path / "options")
-        saved = json.loads((tmp_path / "options" / "ort_config.json").read_text())["quantization"]
-        assert record["reduce_range"] is True and saved["reduce_range"] is True
-        assert saved["weights_dtype"] == "QUInt8"
-        profile.quantization.update(weights="int4")
-        with pytest.raises(EdgeDistillError, match="quantization.weights 'int4' is invalid"):
-            quantize(root / "onnx", tmp_path / "bad")
-        profile.quantization = {"preset": "auto", "reduce_rang": True}
-        with pytest.raises(EdgeDistillError, match="quantization.reduce_rang is unknown"):
-            quantize(root / "onnx", tmp_path / "bad")
+    profile = Profile(name="cpu", quantization={"preset": "auto", "reduce_range": True,
+                                                "weights": "uint8"})
+    record = quantize(root / "onnx", tmp_path / "options", profile=profile)
+    saved = json.loads((tmp_path / "options" / "ort_config.json").read_text())["quantization"]
+    assert record["reduce_range"] is True and saved["reduce_range"] is True
+    assert saved["weights_dtype"] == "QUInt8"
+    profile.quantization.update(weights="int4")
+    with pytest.raises(EdgeDistillError, match="quantization.weights 'int4' is invalid"):
+        quantize(root / "onnx", tmp_path / "bad", profile=profile)
+    profile.quantization = {"preset": "auto", "reduce_rang": True}
+    with pytest.raises(EdgeDistillError, match="quantization.reduce_rang is unknown"):
+        quantize(root / "onnx", tmp_path / "bad", profile=profile)
 
 
 @pytest.mark.parametrize("calibration", ["minmax", "entropy", "percentile"])
@@ -166,7 +166,7 @@ def test_fp16_for_a_gpu_profile(exported, tmp_path):
     """The gpu-cuda profile's fp16 student: float16 weights, fp32 inputs and outputs as before,
     and (run here on the CPU provider) logits close to fp32."""
     root, _ = exported
-    assert resolve_preset("gpu-cuda")["fp16"] is True and not resolve_preset("cpu").get("fp16")
+    assert resolve_target("gpu-cuda").fp16 and not resolve_target("cpu").fp16
     record = to_fp16(root / "onnx", tmp_path / "fp16")
     assert record["precision"] == "fp16" and record["fp16_initializers"] > 0
     assert record["fused"]["Attention"] == 2

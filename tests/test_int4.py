@@ -10,10 +10,10 @@ import onnx
 import pytest
 
 from edgedistill.errors import EdgeDistillError
-from edgedistill.export import copy_sidecars
+from edgedistill.artifacts import copy_sidecars
 from edgedistill.quantization import int4, quantize_int4
 from edgedistill.recipe import load_recipe
-from edgedistill.runtime import onnx_file
+from edgedistill.artifacts import onnx_file
 from tests.conftest import make_texts
 from tests.test_export_causal import causal, logits_on_texts, ops, session  # noqa: F401
 

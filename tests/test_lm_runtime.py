@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edgedistill.errors import EdgeDistillError
-from edgedistill.lm_runtime import load_causal_lm
+from edgedistill.runtime.causal_lm import load_causal_lm
 
 from .conftest import make_llama, make_llm_tokenizer
 
@@ -90,7 +90,7 @@ def test_greedy_stops_at_eos_and_quantized_file_names(llm_dirs, tmp_path):
 
 
 def test_onnx_path_imports_neither_torch_nor_transformers(llm_dirs):
-    code = ("import sys; from edgedistill.lm_runtime import load_causal_lm; "
+    code = ("import sys; from edgedistill.runtime.causal_lm import load_causal_lm; "
             f"load_causal_lm({str(llm_dirs[1])!r}).greedy({PROMPT}, 3); "
             "print(sorted({'torch', 'transformers', 'optimum'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

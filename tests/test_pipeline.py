@@ -19,6 +19,13 @@ distill: {{epochs: 2, batch_size: 16, learning_rate: 1.0e-3,
                     {{loss: minilm_relation, weight: 0.5}}]}}
 bench: {{iterations: 5, min_seconds: 0.05, warmup: 1, real_length_samples: 4,
          sequence_length: 32, rounds: 1}}
+report:
+  targets:
+    - {{name: int8 keeps F1, value: student-int8.metrics.macro_f1,
+       per: teacher.metrics.macro_f1, at_least: 0.5}}
+    - {{value: teacher.latency.p50_ms, per: student-int8.latency.p50_ms, at_least: 1.0}}
+    - {{value: student-int8.size_mb, per: student-onnx.size_mb, at_most: 0.5}}
+    - {{value: student-fp16.size_mb, at_most: 1}}
 """
 
 
@@ -47,7 +54,10 @@ def test_run_end_to_end_then_skip_then_partial_rerun(recipe, tmp_path, capsys):
     student = next(m for m in report["models"] if m["name"] == "student")
     assert student["metrics"]["agreement"] is not None
     assert report["training"]["distill"]["teacher_layers"] == [0, 3]
-    assert len(report["targets"]) == 4
+    # the recipe's own targets, one per line; student-fp16 was not made (cpu profile): skipped
+    assert [t["goal"] for t in report["targets"]] == [">= 0.5", ">= 1.0", "<= 0.5"]
+    assert report["targets"][0]["target"] == "int8 keeps F1"
+    assert report["targets"][2]["met"] is True  # int8 weights: about a quarter of fp32
     assert (out / "report.html").is_file() and (out / "plots" / "size.png").is_file()
     # the run's name is text, never a path, and it is escaped in the HTML
     assert "&lt;b&gt;tiny&lt;/b&gt;" in (out / "report.html").read_text()
@@ -90,7 +100,7 @@ def test_run_end_to_end_then_skip_then_partial_rerun(recipe, tmp_path, capsys):
 def test_tuned_quantization_and_a_tuning_that_finds_nothing(recipe, tmp_path, monkeypatch):
     """quantize.tolerable_loss: the trials go into the report; when none passes, the default
     int8 model is evaluated and benchmarked, and the report says it fails the tolerance."""
-    import edgedistill.quantization.tuning as tuning
+    import edgedistill.tasks.classification as classification
 
     out = tmp_path / "out"
     loose = ["run", str(recipe), "--output", str(out), "--set", "quantize.tolerable_loss=0.5"]
@@ -108,7 +118,7 @@ def test_tuned_quantization_and_a_tuning_that_finds_nothing(recipe, tmp_path, mo
                      "relative_loss": 0.2, "agreement": 0.9, "kl": 0.01, "p50_ms": 1.0,
                      "passed": False}], "chosen": None, "skipped": [], "ranking": None}
 
-    monkeypatch.setattr(tuning, "tune", nothing_passes)
+    monkeypatch.setattr(classification, "tune", nothing_passes)
     assert main(loose[:-1] + ["quantize.tolerable_loss=0.001"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["quantization"]["tuning"]["passed"] is False
@@ -123,6 +133,31 @@ def test_distill_command_stops_after_the_student(recipe, tmp_path):
     assert main(["distill", str(recipe), "--output", str(out)]) == 0
     assert (out / "distill" / "model" / "model.safetensors").is_file()
     assert not (out / "export").exists() and not (out / "report.json").exists()
+
+
+def test_a_task_registered_outside_the_package_runs_and_an_unknown_one_is_refused(
+        recipe, tmp_path, capsys, monkeypatch):
+    """A third task is one Task subclass and one register_task call; the pipeline asks it."""
+    from edgedistill import tasks
+    from edgedistill.tasks.classification import ClassificationTask
+
+    asked = []
+
+    class TopicTask(ClassificationTask):
+        name = "topic"
+
+        def check(self, r):
+            asked.append(r.task)
+            super().check(r)
+
+    monkeypatch.setattr(tasks, "TASKS", dict(tasks.TASKS))  # undone after the test
+    tasks.register_task(TopicTask())
+    out = tmp_path / "out"
+    assert main(["distill", str(recipe), "--output", str(out), "--set", "task=topic"]) == 0
+    assert asked == ["topic"] and (out / "distill" / "model" / "config.json").is_file()
+    assert main(["run", str(recipe), "--output", str(tmp_path / "o2"), "--set", "task=topik"]) == 2
+    assert "task: 'topik' is unknown; did you mean 'topic'?" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
 
 
 def test_a_narrower_random_student_is_saved_without_its_projections(recipe, tmp_path):

@@ -14,12 +14,19 @@ task: causal-lm
 data: {{source: {data}, max_length: 16}}
 teacher: {{model: {teacher}, finetune: false}}
 student: {{num_layers: 2}}
-distill: {{distil_loss: {loss}, temperature: 1.0, epochs: 1, batch_size: 8,
+distill: {{distill_loss: {loss}, temperature: 1.0, epochs: 1, batch_size: 8,
           learning_rate: 1.0e-3, cache_teacher: {cache}, cache_top_k: 8}}
 export: {{export_teacher: false, atol: 1.0e-3}}
 quantize: {{int4: true, int4_block_size: 16, pytorch_int4: rtn}}
 evaluate: {{generations: 2, generation_tokens: 4}}
 bench: {{rounds: 1, warmup: 1, iterations: 2, sequence_length: 12, new_tokens: 4}}
+report:
+  targets:
+    - {{name: student int4 perplexity / student fp32 perplexity,
+       value: student-int4.metrics.perplexity, per: student.metrics.perplexity, at_most: 1.05}}
+    - {{name: student int4 decode tokens/s / teacher PyTorch fp32 decode tokens/s,
+       value: student-int4.decode_tokens_per_s, per: teacher.decode_tokens_per_s,
+       at_least: 4.0}}
 """
 
 
@@ -67,9 +74,9 @@ def test_causal_lm_run_end_to_end(tmp_path, tiny_llama_dir):
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["distill.distil_loss=soft_cross_entropy"], "task causal-lm takes one of"),
+    (["distill.distill_loss=soft_cross_entropy"], "task causal-lm takes one of"),
     (["quantize.mode=static"], "static calibration of a decoder"),
-    (["distill.loss_options={beta: 2}", "distill.distil_loss=generalized_jsd"], "beta"),
+    (["distill.loss_options={beta: 2}", "distill.distill_loss=generalized_jsd"], "beta"),
 ])
 def test_causal_lm_recipe_mistakes_fail_before_training(tmp_path, tiny_llama_dir, capsys, sets,
                                                           message):
@@ -86,7 +93,7 @@ def test_token_loss_for_a_classifier_is_refused(tmp_path, tiny_teacher_dir, caps
     data = write_tsv(tmp_path / "data", 40, 10)
     recipe = tmp_path / "c.yaml"
     recipe.write_text(f"data: {{source: {data}}}\nteacher: {{model: {tiny_teacher_dir}}}\n"
-                      "distill: {distil_loss: reverse_kl}\n")
+                      "distill: {distill_loss: reverse_kl}\n")
     assert main(["run", str(recipe), "--output", str(tmp_path / "o")]) == 2
     assert "is a token-level loss for task: causal-lm" in capsys.readouterr().err
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from edgedistill.bench.profiles import Profile, list_profiles, load_profile
+from edgedistill.profiles import Profile, list_profiles, load_profile
 from edgedistill.bench.roofline import estimate_target
 from edgedistill.bench.runner import BenchSettings, benchmark
 from edgedistill.cli import main
@@ -98,7 +98,10 @@ def test_phone_artifact_is_ort_format_with_its_operator_list(tiny_teacher_dir, t
 
 
 def test_report_says_what_the_profile_imitated():
+    from dataclasses import asdict
+
     from edgedistill.report import _plots, to_markdown
+    from edgedistill.tasks import get_task
 
     constraints = {"target": "arm64 phone", "host_cores": 2, "threads": 4, "pinned_cores": [0, 1],
                    "memory_budget_mb": 1024, "note": "profile asks for 4 cores, this host has 2"}
@@ -114,7 +117,9 @@ def test_report_says_what_the_profile_imitated():
                          "source": "host"},
                    {"int8_gops": 665.6, "fp32_gflops": 166.4, "bandwidth_gbs": 51.2,
                     "source": "4x A78"}), "flops": 2e9, "bytes": 4e6}}]
+    view = asdict(get_task("classification").report)
     report = {"name": "r", "created": "now", "models": models, "targets": [], "training": {},
+              "view": view,
               "environment": {"cpu": "x", "cpu_count": 2, "int8_isa": "avx2"},
               "quantization": {}}
     text = to_markdown(report)

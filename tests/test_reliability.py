@@ -14,7 +14,7 @@ import pytest
 
 from edgedistill.cli import main
 from edgedistill.distill import losses
-from edgedistill.training import last_good_checkpoint
+from edgedistill.distill.training import last_good_checkpoint
 from tests.conftest import write_tsv
 
 RECIPE = """
@@ -120,7 +120,7 @@ def test_non_finite_loss_stops_names_the_step_and_resumes(recipe, tmp_path, monk
     assert main(["distill", str(recipe), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     # 360 training rows: 23 steps an epoch; the 31st loss call is step 30 (one was validation)
-    assert "training loss is not finite at step 30" in err and "distil=nan" in err
+    assert "training loss is not finite at step 30" in err and "distill=nan" in err
     assert (out / "teacher" / "manifest.json").is_file()
     assert not (out / "distill").exists()
     assert last_good_checkpoint(out / "distill.partial" / "checkpoints").endswith("checkpoint-23")

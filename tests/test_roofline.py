@@ -6,7 +6,7 @@ import json
 import pytest
 
 from edgedistill.bench import roofline
-from edgedistill.bench.profiles import load_profile
+from edgedistill.profiles import load_profile, resolve_target
 from edgedistill.bench.roofline import (at_host_efficiency, efficiency, estimate_target,
                                         graph_cost, host_peaks, profile_peaks, project)
 from edgedistill.errors import EdgeDistillError
@@ -145,15 +145,15 @@ def test_profiles_give_target_peaks_or_the_host():
     for name in ("mobile-arm64", "smart-speaker", "gpu-cuda"):
         peaks = load_profile(name).roofline
         assert all(peaks[k] > 0 for k in ("int8_gops", "fp32_gflops", "bandwidth_gbs"))
-        assert "theoretical" in peaks["source"] and profile_peaks(load_profile(name)) == peaks
+        assert "theoretical" in peaks["source"] and profile_peaks(resolve_target(name)) == peaks
     assert "H100" in load_profile("gpu-cuda").roofline["source"]
     assert not {"int8_gops", "fp32_gflops"} & set(load_profile("cpu").roofline)
 
 
 def test_cpu_profile_peaks_are_the_host_measured(monkeypatch):
     monkeypatch.setattr(roofline, "host_peaks", lambda threads: {"measured_with": threads})
-    cpu = load_profile("cpu")
-    assert profile_peaks(cpu) == {"measured_with": cpu.num_threads}
+    cpu = resolve_target("cpu")
+    assert profile_peaks(cpu) == {"measured_with": cpu.threads}
 
 
 def test_host_peaks_are_measured_once_and_cached(tmp_path, monkeypatch):

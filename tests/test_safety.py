@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import edgedistill
-from edgedistill.bench.profiles import load_profile
+from edgedistill.profiles import load_profile
 from edgedistill.errors import EdgeDistillError
 from edgedistill.sources import PACKAGED_MODELS, _package_dir, resolve_model
 

@@ -12,9 +12,9 @@ from transformers import DataCollatorWithPadding
 from edgedistill import DistillationTrainer, DistillationTrainingArguments, make_student
 from edgedistill.data import tokenize
 from edgedistill.distill.losses import soft_cross_entropy
-from edgedistill.distill.trainer import add_teacher_logits
+from edgedistill.distill.teacher_outputs import add_teacher_logits
 from edgedistill.errors import EdgeDistillError
-from edgedistill.transfer import (IGNORE_INDEX, augment, build_transfer_set, join_transfer,
+from edgedistill.distill.transfer import (IGNORE_INDEX, augment, build_transfer_set, join_transfer,
                                   load_unlabelled, normalise, reply_text)
 from tests.conftest import LABELS, make_bert, make_texts, make_tokenizer, write_tsv
 
@@ -193,7 +193,7 @@ def _trainer(tmp_path, student, tokenizer, train=None, **kw):
 
 
 def test_ce_ignores_teacher_only_rows(tmp_path):
-    """loss = alpha_ce * CE over the labelled rows + alpha_distil * KD over every row."""
+    """loss = alpha_ce * CE over the labelled rows + alpha_distill * KD over every row."""
     tokenizer = make_tokenizer(tmp_path / "tok")
     teacher = make_bert()
     texts, train = _labelled(tokenizer, teacher, 4)
@@ -205,7 +205,7 @@ def test_ce_ignores_teacher_only_rows(tmp_path):
         student.classifier.weight.normal_()  # make the student differ from the teacher
     student.eval()
     trainer = _trainer(tmp_path, student, tokenizer, temperature=2.0, alpha_ce=0.3,
-                       alpha_distil=0.7)
+                       alpha_distill=0.7)
     batch = DataCollatorWithPadding(tokenizer)(
         [{k: v for k, v in row.items()} for row in mixed])
     loss = trainer.compute_loss(student, batch)
@@ -245,7 +245,7 @@ def test_a_batch_of_teacher_only_rows_has_a_finite_loss(tmp_path):
     texts, train = _labelled(tokenizer, teacher, 4)
     transfer, _ = build_transfer_set(texts, teacher, tokenizer, factor=1, max_length=32)
     student = make_student(teacher, num_layers=2)
-    trainer = _trainer(tmp_path, student, tokenizer, alpha_ce=0.5, alpha_distil=0.5)
+    trainer = _trainer(tmp_path, student, tokenizer, alpha_ce=0.5, alpha_distill=0.5)
     only = join_transfer(train, transfer).select(range(4, 8))
     batch = DataCollatorWithPadding(tokenizer)([dict(row) for row in only])
     assert torch.isfinite(trainer.compute_loss(student, batch))
@@ -273,7 +273,7 @@ def test_the_rewrite_is_taken_from_the_reply(reply, text):
 
 
 def test_paraphrases_come_from_a_causal_lm_seeded_and_join_the_transfer_set(tmp_path):
-    from edgedistill.transfer import paraphrase
+    from edgedistill.distill.transfer import paraphrase
     from tests.conftest import make_llama, make_llm_tokenizer
 
     lm, lm_tokenizer = make_llama(), make_llm_tokenizer()
@@ -369,5 +369,5 @@ def test_teacher_only_rows_need_the_distillation_loss(transfer_recipe, tmp_path,
     from edgedistill.cli import main
     recipe, _, _ = transfer_recipe
     assert main(["run", str(recipe), "--output", str(tmp_path / "out"), "--set",
-                 "transfer.augment.factor=1", "--set", "distill.alpha_distil=0"]) == 2
-    assert "distill.alpha_distil: 0 ignores" in capsys.readouterr().err
+                 "transfer.augment.factor=1", "--set", "distill.alpha_distill=0"]) == 2
+    assert "distill.alpha_distill: 0 ignores" in capsys.readouterr().err

@@ -9,7 +9,8 @@ import torch
 from edgedistill.errors import EdgeDistillError
 from edgedistill.export import export_onnx
 from edgedistill.quantization.tuning import FALLBACK_GROUPS, SETTINGS, OrtInt8Config, tune
-from edgedistill.runtime import load_predictor, onnx_file
+from edgedistill.runtime.classifier import load_predictor
+from edgedistill.artifacts import onnx_file
 from tests.conftest import LABELS, make_bert, make_texts, make_tokenizer
 
 TEXTS, TEXT_LABELS = make_texts(50, seed=1)
@@ -123,7 +124,7 @@ def test_the_default_tuning_space_is_expanded_by_inc():
 @pytest.mark.parametrize("kwargs, message", [
     ({"tolerable_loss": 0}, r"tolerable_loss: 0 must be in \(0, 1\)"),
     ({"tolerable_loss": 1.5}, r"tolerable_loss: 1.5 must be in \(0, 1\)"),
-    ({"max_trials": 0}, "max_trials: 0 must be >= 1"),
+    ({"max_trials": 0}, "max_trials: 0 must be > 0"),
     ({"texts": []}, "no texts"),
     ({"labels": ["good"]}, "1 labels for 2 texts"),
 ])

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EdgeDistillError
-from .profiles import Profile, check_available, load_profile
-from .runner import (SAMPLE_TEXT, check_model_dirs, memory_figures, results, run_worker,
-                     take_turns)
+from ..profiles import Target, check_available, resolve_target
 from .roofline import roofline_estimate
+from .runner import SAMPLE_TEXT, check_model_dirs, memory_figures, results, run_worker, take_turns
 from .stats import Latency
 
 
@@ -76,16 +75,16 @@ def _check_prompt(model_dir: Path, prompt: list[int], s: GenerationSettings) -> 
                                f"vocabulary of {model_dir}; pass ids of this model's tokenizer")
 
 
-def _run_once(model_dir: Path, profile: Profile, s: GenerationSettings,
+def _run_once(model_dir: Path, profile: Target, s: GenerationSettings,
               prompt: list[int]) -> dict:
-    spec = {"model_dir": str(model_dir), "threads": profile.num_threads,
-            "providers": profile.execution_providers, "prompt_ids": prompt,
+    spec = {"model_dir": str(model_dir), "threads": profile.threads,
+            "providers": list(profile.providers), "prompt_ids": prompt,
             "new_tokens": s.new_tokens, "warmup": s.warmup, "iterations": s.iterations}
     return run_worker("edgedistill.bench.generation_worker", spec, model_dir, profile,
                       s.poll_interval_s)
 
 
-def _summarise(model_dir: Path, runs: list[dict], profile: Profile, s: GenerationSettings,
+def _summarise(model_dir: Path, runs: list[dict], profile: Target, s: GenerationSettings,
                prompt: list[int]) -> dict:
     """Pool every timed generation of every round; keep each round's p50 time per token to
     show the drift between rounds."""
@@ -101,7 +100,7 @@ def _summarise(model_dir: Path, runs: list[dict], profile: Profile, s: Generatio
     return {
         "backend": runs[0]["backend"],
         "profile": profile.name,
-        "threads": profile.num_threads,
+        "threads": profile.threads,
         "prompt_tokens": len(prompt),
         "new_tokens": s.new_tokens,
         "rounds": len(runs),
@@ -119,7 +118,7 @@ def _summarise(model_dir: Path, runs: list[dict], profile: Profile, s: Generatio
     }
 
 
-def benchmark_generation(models: list[str | Path], profile: Profile | str = "cpu",
+def benchmark_generation(models: list[str | Path], profile: Target | str = "cpu",
                          prompt_ids: list[int] | None = None,
                          settings: GenerationSettings | None = None,
                          text: str | None = None, progress: bool = True) -> list[dict]:
@@ -131,7 +130,7 @@ def benchmark_generation(models: list[str | Path], profile: Profile | str = "cpu
     """
     s = settings or GenerationSettings()
     _check_settings(s)
-    profile = load_profile(profile) if isinstance(profile, str) else profile
+    profile = resolve_target(profile)
     check_available(profile)
     dirs = check_model_dirs(models)
     if prompt_ids is not None and len(prompt_ids) == 0:

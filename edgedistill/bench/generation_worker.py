@@ -2,7 +2,7 @@
 ``python -m edgedistill.bench.generation_worker SPEC OUT``.
 
 The spec carries the prompt as token ids, so this process never imports a tokenizer, and an
-ONNX model runs on onnxruntime alone (see :mod:`edgedistill.lm_runtime`): its memory is what a
+ONNX model runs on onnxruntime alone (see :mod:`edgedistill.runtime.causal_lm`): its memory is what a
 deployment would use.
 """
 
@@ -38,7 +38,7 @@ def main(spec_path: str, out_path: str) -> None:
         spec = json.load(f)
     import numpy as np
 
-    from edgedistill.lm_runtime import load_causal_lm
+    from ..runtime.causal_lm import load_causal_lm
 
     lm, load = measured_load(load_causal_lm, spec)
 

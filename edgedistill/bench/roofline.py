@@ -27,7 +27,10 @@ import os
 import time
 from pathlib import Path
 
+from ..artifacts import onnx_file, write_atomic
 from ..errors import EdgeDistillError
+from ..host import cpu_model
+from ..sources import cache_dir
 
 # Operators that multiply an activation by a weight, and the index of their weight input. The
 # weight is an initializer (perhaps behind DequantizeLinear / Transpose); an operator whose
@@ -159,8 +162,6 @@ def graph_cost(model: str | Path, batch_size: int = 1, sequence_length: int = 12
 
 def _model_file(model: Path) -> Path:
     if model.is_dir():
-        from ..runtime import onnx_file
-
         found = onnx_file(model)
         if found is None:
             raise EdgeDistillError(f"{model}: no .onnx file; export the model first")
@@ -290,10 +291,7 @@ def host_peaks(threads: int, refresh: bool = False) -> dict:
     """
     import onnxruntime
 
-    from ..environment import _cpu_model
-    from ..sources import cache_dir
-
-    key = f"{_cpu_model()} | {threads} threads | onnxruntime {onnxruntime.__version__}"
+    key = f"{cpu_model()} | {threads} threads | onnxruntime {onnxruntime.__version__}"
     path = cache_dir() / "host_peaks.json"
     try:
         cached = json.loads(path.read_text())
@@ -317,9 +315,7 @@ def host_peaks(threads: int, refresh: bool = False) -> dict:
              # figures are low (measure again with refresh=True when the host is quiet)
              "load_per_core": round(os.getloadavg()[0] / (os.cpu_count() or 1), 2)}
     cached[key] = peaks
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # a concurrent run reads old or new,
-    tmp.write_text(json.dumps(cached, indent=2) + "\n")      # never half a file
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(cached, indent=2) + "\n")  # a concurrent run reads old or new
     return peaks
 
 
@@ -411,7 +407,7 @@ def profile_peaks(profile) -> dict:
     block = dict(getattr(profile, "roofline", None) or {})
     if any(key in block for key in (*PEAK_KEYS.values(), "bandwidth_gbs")):
         return block
-    return host_peaks(profile.num_threads)
+    return host_peaks(profile.threads)
 
 
 # ------------------------------------------------------------------------------ projection
@@ -483,7 +479,7 @@ def roofline_estimate(model_dir: Path, measured_ms: float, profile, batch_size: 
     """:func:`estimate_target` for the ONNX model in ``model_dir`` measured at
     ``measured_ms`` on this host under ``profile`` (whose target's peaks it projects onto)."""
     cost = graph_cost(model_dir, batch_size, sequence_length)
-    record = estimate_target(cost, measured_ms, host_peaks(profile.num_threads),
+    record = estimate_target(cost, measured_ms, host_peaks(profile.threads),
                              profile_peaks(profile))
     return {**record, "flops": cost["flops"], "bytes": cost["bytes"],
             "precision": cost["precision"]}

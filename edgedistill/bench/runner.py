@@ -24,9 +24,9 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from ..artifacts import size_on_disk_mb
 from ..errors import EdgeDistillError
-from ..runtime import size_on_disk_mb
-from .profiles import Profile, check_available, load_profile
+from ..profiles import Target, check_available, resolve_target
 from .roofline import roofline_estimate
 from .stats import Latency
 
@@ -89,14 +89,14 @@ def check_model_dirs(models: list[str | Path]) -> list[Path]:
     return dirs
 
 
-def run_worker(module: str, spec: dict, model_dir: Path, profile: Profile,
+def run_worker(module: str, spec: dict, model_dir: Path, profile: Target,
                poll_interval_s: float) -> dict:
     """``python -m module SPEC OUT`` in a fresh process under ``profile``'s constraints: OMP/MKL
     threads, the cores it is pinned to, its memory budget (see :func:`constraints`). Its
     resident memory is polled from outside; returns the worker's JSON result plus
     ``polled_peak_mb``. A worker past the budget raises :class:`OverBudget`; any other failure
     becomes an error naming ``model_dir`` and the last line the worker printed."""
-    threads, cores = profile.num_threads, pinned_cores(profile)
+    threads, cores = profile.threads, pinned_cores(profile)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false")
     pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
@@ -122,7 +122,7 @@ def run_worker(module: str, spec: dict, model_dir: Path, profile: Profile,
     return raw
 
 
-def pinned_cores(profile: Profile) -> list[int]:
+def pinned_cores(profile: Target) -> list[int]:
     """The host cores a profile's processes are pinned to: the first ``cpu_affinity`` of those
     this process may use (all of them when the host has fewer), or none for no pinning."""
     if not profile.cpu_affinity or not hasattr(os, "sched_getaffinity"):
@@ -130,13 +130,13 @@ def pinned_cores(profile: Profile) -> list[int]:
     return sorted(os.sched_getaffinity(0))[:profile.cpu_affinity]
 
 
-def constraints(profile: Profile) -> dict:
+def constraints(profile: Target) -> dict:
     """What a profile run on this host actually constrained, for the report: a profile that
     asks for more cores than the host has runs on fewer, and says so."""
     host = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = pinned_cores(profile)
-    record = {"target": profile.target or "this host", "host_cores": host,
-              "threads": profile.num_threads, "pinned_cores": cores,
+    record = {"target": profile.device or "this host", "host_cores": host,
+              "threads": profile.threads, "pinned_cores": cores,
               "memory_budget_mb": profile.memory_budget_mb or None}
     if profile.cpu_affinity and profile.cpu_affinity > host:
         record["note"] = (f"profile asks for {profile.cpu_affinity} cores, this host has {host}: "
@@ -166,7 +166,7 @@ def take_turns(dirs: list[Path], rounds: int, run_one: Callable[[Path], dict], d
 
 
 def results(dirs: list[Path], runs: dict[Path, list[dict]], over: dict[Path, str],
-            profile: Profile, summarise: Callable[[Path, list[dict]], dict]) -> list[dict]:
+            profile: Target, summarise: Callable[[Path, list[dict]], dict]) -> list[dict]:
     """One result per model: its summary, or what is known of a model over its budget."""
     out = []
     for d in dirs:
@@ -213,24 +213,24 @@ def _inputs(model_dir: Path, texts: list[str], s: BenchSettings) -> tuple[dict, 
     return as_lists(fixed), [as_lists(e) for e in real]
 
 
-def _run_once(model_dir: Path, profile: Profile, s: BenchSettings, fixed: dict,
+def _run_once(model_dir: Path, profile: Target, s: BenchSettings, fixed: dict,
               real: list[dict]) -> dict:
     """One fresh worker process for one model; its raw timings and memory readings."""
-    spec = {"model_dir": str(model_dir), "threads": profile.num_threads,
-            "providers": profile.execution_providers, "warmup": s.warmup,
+    spec = {"model_dir": str(model_dir), "threads": profile.threads,
+            "providers": list(profile.providers), "warmup": s.warmup,
             "iterations": s.iterations, "min_seconds": s.min_seconds,
             "fixed_input": fixed, "real_inputs": real}
     return run_worker("edgedistill.bench.worker", spec, model_dir, profile, s.poll_interval_s)
 
 
-def _summarise(model_dir: Path, runs: list[dict], profile: Profile, s: BenchSettings) -> dict:
+def _summarise(model_dir: Path, runs: list[dict], profile: Target, s: BenchSettings) -> dict:
     """Pool the timed runs of every round; keep each round's p50 to show the drift."""
     fixed = [t for r in runs for t in r["fixed_seconds"]]
     real = [t for r in runs for t in r["real_seconds"]]
     result = {
         "backend": runs[0]["backend"],
         "profile": profile.name,
-        "threads": profile.num_threads,
+        "threads": profile.threads,
         "batch_size": s.batch_size,
         "sequence_length": s.sequence_length,
         "rounds": len(runs),
@@ -249,7 +249,7 @@ def _summarise(model_dir: Path, runs: list[dict], profile: Profile, s: BenchSett
     return result
 
 
-def benchmark(models: list[str | Path], profile: Profile | str = "cpu",
+def benchmark(models: list[str | Path], profile: Target | str = "cpu",
               texts: list[str] | None = None, settings: BenchSettings | None = None,
               progress: bool = True) -> list[dict]:
     """Latency (batch x sequence length, and real text lengths one by one), load time, first
@@ -259,7 +259,7 @@ def benchmark(models: list[str | Path], profile: Profile | str = "cpu",
     Models take turns, one fresh process each, for ``settings.rounds`` rounds (A B C A B C;
     see :func:`take_turns`).
     """
-    profile = load_profile(profile) if isinstance(profile, str) else profile
+    profile = resolve_target(profile)
     s = settings or BenchSettings(batch_size=profile.batch_size,
                                   sequence_length=profile.sequence_length)
     check_available(profile)
@@ -270,7 +270,7 @@ def benchmark(models: list[str | Path], profile: Profile | str = "cpu",
     return results(dirs, runs, over, profile, lambda d, r: _summarise(d, r, profile, s))
 
 
-def benchmark_model(model_dir: str | Path, profile: Profile | str = "cpu",
+def benchmark_model(model_dir: str | Path, profile: Target | str = "cpu",
                     texts: list[str] | None = None,
                     settings: BenchSettings | None = None) -> dict:
     """:func:`benchmark` for a single model."""

@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+from edgedistill.artifacts import write_atomic
+
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
@@ -43,10 +45,7 @@ def write_result(out_path: str, result: dict) -> None:
     result = {**result, "maxrss_mb": high_water_mb()}
     if hasattr(os, "sched_getaffinity"):
         result["cores"] = sorted(os.sched_getaffinity(0))
-    tmp = out_path + ".part"
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, out_path)
+    write_atomic(out_path, json.dumps(result))
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -54,7 +53,7 @@ def main(spec_path: str, out_path: str) -> None:
         spec = json.load(f)
     import numpy as np
 
-    from edgedistill.runtime import load_predictor
+    from ..runtime.classifier import load_predictor
 
     predictor, load = measured_load(load_predictor, spec)
 

@@ -1,6 +1,10 @@
-"""Distillation: losses, layer matching, student construction and the Trainer subclass."""
+"""Distillation: losses, layer matching, student construction and the Trainer subclasses
+(``DistillationTrainer`` builds the one for the model's kind; the causal LM's registers itself
+by being imported here)."""
 
+from .causal_trainer import CausalLMDistillationTrainer
 from .student import make_student
 from .trainer import DistillationTrainer, DistillationTrainingArguments
 
-__all__ = ["DistillationTrainer", "DistillationTrainingArguments", "make_student"]
+__all__ = ["CausalLMDistillationTrainer", "DistillationTrainer", "DistillationTrainingArguments",
+           "make_student"]

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..artifacts import onnx_file
 from ..errors import EdgeDistillError
+from ..runtime.session import open_onnx_session
 
 # Modules the ONNX export leaves out (feature-loss projections, edgedistill.distill.matching)
 SKIP_PREFIX = "distill_projections"
@@ -203,8 +205,6 @@ def fake_quant_matches_onnxruntime(model_dir, int8_dir, texts: list[str], scheme
     the same predicted class, over ``texts`` one at a time (as the int8 model is served)."""
     import numpy as np
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from ..runtime import open_onnx_session, onnx_file
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()

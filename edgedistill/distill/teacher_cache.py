@@ -23,7 +23,7 @@ resumes from them.
 
 Recipe block::
 
-    distill: {distil_loss: forward_kl, temperature: 1.0, cache_teacher: true, cache_top_k: 64}
+    distill: {distill_loss: forward_kl, temperature: 1.0, cache_teacher: true, cache_top_k: 64}
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ student put arbitrary mass outside the top-k).
 
 Recipe block (dense with a live teacher; ``cache_teacher: true`` switches to the sparse path)::
 
-    distill: {distil_loss: forward_kl, temperature: 1.0}
+    distill: {distill_loss: forward_kl, temperature: 1.0}
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def _run(s_sel: torch.Tensor, divergence, extras: list[torch.Tensor], rows: torc
     With ``ce_weight`` the next-token cross-entropy against ``targets`` comes from the same
     student log-softmax as the divergence (at T = 1; another T takes one more log-softmax of
     the chunk), so a step pays for the vocabulary-wide softmax once instead of twice.
-    ``parts``, when given, receives the unweighted means ``distil`` (with T^2) and ``ce``.
+    ``parts``, when given, receives the unweighted means ``distill`` (with T^2) and ``ce``.
     """
     n = rows.numel()
     if ce_weight and targets is None:
@@ -160,12 +160,12 @@ def _run(s_sel: torch.Tensor, divergence, extras: list[torch.Tensor], rows: torc
     if ce_weight and int(flat_targets.min()) < 0:
         raise EdgeDistillError("token KD: a position in the mask has no target (-100); mask "
                                "exactly the positions whose next token is known")
-    sums = {"distil": torch.zeros(()), "ce": torch.zeros(())}
+    sums = {"distill": torch.zeros(()), "ce": torch.zeros(())}
 
     def chunk_loss(x, target, *chunk_extras):
         s_logp = F.log_softmax(x.float() / temperature, dim=-1)
         kd = divergence(s_logp, *chunk_extras) * temperature ** 2
-        sums["distil"] += kd.detach().cpu()
+        sums["distill"] += kd.detach().cpu()
         if not ce_weight:
             return kd_weight * kd
         logp = s_logp if temperature == 1 else F.log_softmax(x.float(), dim=-1)

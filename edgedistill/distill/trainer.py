@@ -9,7 +9,6 @@ how the teacher is fine-tuned and how the labels-only baseline is trained.
 from __future__ import annotations
 
 import math
-import random
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -20,29 +19,29 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from ..errors import EdgeDistillError
+from ..recipe import DistillConfig, check_limits
 from .features import forward_with_features
-from .generations import PROMPT_LENGTH, eos_ids, pack_row, pad_id, sampling_config
 from .losses import LOGIT_LOSSES, get_loss
 from .losses.token import TOKEN_LOSSES, get_token_loss
 from .matching import PROJECTIONS, attach_projections, check_match_spec, resolve_matches
-from .teacher_cache import TOPK_INDICES, TOPK_LOGPROBS, TeacherCacheDataset, decoder_of
-from .token_kd import dense_token_kd, sparse_token_kd
-
-TEACHER_LOGITS = "teacher_logits"
+from .student import find_blocks
+from .teacher_cache import TOPK_INDICES, TOPK_LOGPROBS
+from .teacher_generations import PROMPT_LENGTH
+from .teacher_outputs import TEACHER_LOGITS
 
 
 @dataclass
 class DistillationTrainingArguments(TrainingArguments):
     """TrainingArguments plus the distillation settings.
 
-    ``loss = alpha_ce * CE(student, labels) + alpha_distil * L_logit(student, teacher; T)
+    ``loss = alpha_ce * CE(student, labels) + alpha_distill * L_logit(student, teacher; T)
     + sum over matches of weight * L_match(student feature, teacher feature)``.
     """
 
     temperature: float = field(default=2.0, metadata={"help": "Soft-target temperature T."})
     alpha_ce: float = field(default=0.5, metadata={"help": "Weight of the hard-label loss."})
-    alpha_distil: float = field(default=0.5, metadata={"help": "Weight of the soft-target loss."})
-    distil_loss: str = field(default="soft_cross_entropy", metadata={"help": (
+    alpha_distill: float = field(default=0.5, metadata={"help": "Weight of the soft-target loss."})
+    distill_loss: str = field(default="soft_cross_entropy", metadata={"help": (
         "Logit loss name; causal LMs take a token-level loss (forward_kl, reverse_kl, "
         "generalized_jsd, skew_forward_kl, skew_reverse_kl).")})
     loss_options: Optional[dict] = field(default=None, metadata={"help": (
@@ -69,11 +68,22 @@ class DistillationTrainingArguments(TrainingArguments):
     # transformers renamed this to eval_strategy; users (and many tutorials) still write it.
     evaluation_strategy: Optional[str] = field(
         default=None, metadata={"help": "Old name of eval_strategy, still accepted."})
+    # edgedistill's own names spelt "distil" before 0.2, still accepted with a warning
+    alpha_distil: Optional[float] = field(
+        default=None, metadata={"help": "Old name of alpha_distill, still accepted."})
+    distil_loss: Optional[str] = field(
+        default=None, metadata={"help": "Old name of distill_loss, still accepted."})
 
     def __post_init__(self):
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
             self.evaluation_strategy = None
+        for old, new in (("alpha_distil", "alpha_distill"), ("distil_loss", "distill_loss")):
+            if getattr(self, old) is not None:
+                warnings.warn(f"DistillationTrainingArguments: {old} is the old name of {new}; "
+                              f"write {new}=", FutureWarning, stacklevel=3)
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
         if self.fp16 and not torch.cuda.is_available():
             warnings.warn("fp16=True needs a CUDA GPU and none is present; training in fp32")
             self.fp16 = False
@@ -85,18 +95,14 @@ def check_distill_settings(settings, prefix: str = "") -> None:
     """Validate the distillation fields of ``settings`` (training arguments or a recipe's
     ``distill`` block) as far as possible without models; ``prefix`` names where they came
     from in the error."""
-    if settings.temperature <= 0:
-        raise EdgeDistillError(f"{prefix}temperature: {settings.temperature} must be > 0")
-    for name in ("alpha_ce", "alpha_distil"):
-        if getattr(settings, name) < 0:
-            raise EdgeDistillError(f"{prefix}{name}: {getattr(settings, name)} must be >= 0")
-    if settings.distil_loss in TOKEN_LOSSES:  # checks the options' names and ranges too
-        get_token_loss(settings.distil_loss, f"{prefix}distil_loss",
+    check_limits(DistillConfig, settings, prefix)  # temperature, alpha_ce, alpha_distill, ...
+    if settings.distill_loss in TOKEN_LOSSES:  # checks the options' names and ranges too
+        get_token_loss(settings.distill_loss, f"{prefix}distill_loss",
                        **(settings.loss_options or {}))
     else:
-        get_loss(settings.distil_loss, {**LOGIT_LOSSES, **TOKEN_LOSSES}, f"{prefix}distil_loss")
+        get_loss(settings.distill_loss, {**LOGIT_LOSSES, **TOKEN_LOSSES}, f"{prefix}distill_loss")
         if settings.loss_options:
-            raise EdgeDistillError(f"{prefix}loss_options: {settings.distil_loss} takes no "
+            raise EdgeDistillError(f"{prefix}loss_options: {settings.distill_loss} takes no "
                                    "options; they are for the token-level losses of causal LMs")
     for i, spec in enumerate(settings.matches or []):
         # a recipe holds MatchConfig dataclasses, training arguments plain dicts
@@ -114,6 +120,42 @@ def check_distill_settings(settings, prefix: str = "") -> None:
     if getattr(settings, "generation_new_tokens", 1) < 1:
         raise EdgeDistillError(f"{prefix}generation_new_tokens: "
                                f"{settings.generation_new_tokens} must be >= 1")
+
+
+def check_classifier_settings(settings, prefix: str = "") -> None:
+    """What distilling a classifier refuses, on training arguments or a recipe's ``distill``
+    block (the task's preflight and the trainer both call this: one place for the rules)."""
+    if settings.distill_loss in TOKEN_LOSSES:
+        raise EdgeDistillError(
+            f"{prefix}distill_loss: '{settings.distill_loss}' is a token-level loss for task: "
+            f"causal-lm; a classifier takes one of {', '.join(LOGIT_LOSSES)}")
+    get_loss(settings.distill_loss, LOGIT_LOSSES, f"{prefix}distill_loss")
+    if getattr(settings, "lmbda", 0.0) > 0:
+        raise EdgeDistillError(f"{prefix}lmbda: on-policy batches are for causal LMs (the "
+                               "student generates); set lmbda=0")
+
+
+def check_causal_lm_settings(settings, prefix: str = "") -> None:
+    """What distilling a causal LM refuses, as :func:`check_classifier_settings`."""
+    if settings.distill_loss not in TOKEN_LOSSES:
+        raise EdgeDistillError(
+            f"{prefix}distill_loss: '{settings.distill_loss}' compares classifier outputs; a "
+            f"causal LM takes a token-level loss (task causal-lm takes one of "
+            f"{', '.join(TOKEN_LOSSES)})")
+    if settings.matches:
+        raise EdgeDistillError(f"{prefix}matches: feature and relation losses are not "
+                               "supported for causal LMs yet; remove distill.matches")
+    # training arguments hold the weights (None: off), a recipe block the rule ("none": off)
+    if settings.class_weights not in (None, "none"):
+        raise EdgeDistillError(f"{prefix}class_weights: a causal LM has no classes; leave it "
+                               "unset")
+    if getattr(settings, "kd_chunk_tokens", 1) < 1:
+        raise EdgeDistillError(f"{prefix}kd_chunk_tokens: {settings.kd_chunk_tokens} must be "
+                               ">= 1")
+
+
+# trainers for other kinds of model than classifiers, registered by subclassing (see __new__)
+_KINDS: list[type] = []
 
 
 class DistillationTrainer(Trainer):
@@ -135,11 +177,7 @@ class DistillationTrainer(Trainer):
             raise EdgeDistillError(
                 "DistillationTrainer: pass args=DistillationTrainingArguments(...)")
         self.teacher = teacher_model
-        self.causal = is_causal_lm(self.model)
-        if self.causal:
-            self._check_causal_settings(args_)
-        else:
-            self.logit_loss = get_loss(args_.distil_loss, LOGIT_LOSSES, "distil_loss")
+        self._check_settings(args_)
         self.matches = []
         if args_.matches and self.teacher is None:
             raise EdgeDistillError("matches need teacher_model: precomputed teacher_logits "
@@ -163,11 +201,29 @@ class DistillationTrainer(Trainer):
         self._loss_parts: dict[str, list[float]] = defaultdict(list)
         self._class_weights = (None if args_.class_weights is None else
                                torch.tensor(args_.class_weights, device=args_.device))
-        if args_.lmbda > 0:
-            self._check_on_policy()
-        # its own stream, so that the on-policy batches are the same in every run
-        self._on_policy_rng = random.Random(args_.seed)
-        self._on_policy_batches = 0
+
+    def __new__(cls, *args, **kwargs):
+        """The entry point for every model kind: ``DistillationTrainer(model=...)`` builds the
+        trainer of the model's kind (a causal LM's: :mod:`.causal_trainer`), so user scripts
+        and the pipeline name one class."""
+        if cls is DistillationTrainer:
+            model = kwargs.get("model", args[0] if args else None)
+            cls = next((kind for kind in _KINDS if kind.handles(model)), cls)
+        return super().__new__(cls)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "handles" in vars(cls):  # a trainer for another kind of model
+            _KINDS.append(cls)
+
+    # A causal LM's head runs after its forward pass, chunk by chunk, so its trainer keeps the
+    # FSDP2 root unit (embeddings, final norm, head) gathered after the forward.
+    reshard_teacher_root = True
+
+    def _check_settings(self, args_) -> None:
+        """Refuse settings this kind of model cannot train with (the base: classifiers)."""
+        check_classifier_settings(args_)
+        self.logit_loss = get_loss(args_.distill_loss, LOGIT_LOSSES, "distill_loss")
 
     def _shard_teacher_fsdp2(self) -> bool:
         """Under FSDP2, shard the teacher over the ranks like the student; return whether done.
@@ -188,8 +244,6 @@ class DistillationTrainer(Trainer):
             return False
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        from .student import find_blocks
-
         kwargs = dict(mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
                       offload_policy=plugin.cpu_offload)
         mesh = getattr(self.accelerator, "torch_device_mesh", None)
@@ -197,53 +251,8 @@ class DistillationTrainer(Trainer):
             kwargs["mesh"] = mesh[tuple(self.accelerator.parallelism_config.fsdp_dim_names)]
         for block in find_blocks(self.teacher)[2]:
             fully_shard(block, reshard_after_forward=True, **kwargs)
-        # A causal LM's head runs after the forward pass, chunk by chunk (token_kd): its unit,
-        # the root, stays gathered after the forward until _causal_loss reshards it.
-        fully_shard(self.teacher, reshard_after_forward=not self.causal, **kwargs)
+        fully_shard(self.teacher, reshard_after_forward=self.reshard_teacher_root, **kwargs)
         return True
-
-    def _teacher_hidden(self, inputs: dict) -> torch.Tensor:
-        """The causal teacher's last hidden states (the input of its head)."""
-        decoder = decoder_of(self.teacher)
-        if not self.teacher_sharded:
-            with torch.inference_mode():
-                return decoder(**inputs).last_hidden_state
-        # FSDP2 gathers a unit in hooks around its module's forward, and the first forward must
-        # enter through the root: run the decoder through the teacher's own forward.
-        patched = "forward" in vars(self.teacher)
-        saved = self.teacher.forward
-        self.teacher.forward = lambda **kw: decoder(**kw)
-        try:
-            with torch.no_grad():
-                return self.teacher(**inputs).last_hidden_state
-        finally:
-            if patched:
-                self.teacher.forward = saved
-            else:
-                del self.teacher.forward
-
-    def _check_causal_settings(self, args_) -> None:
-        if args_.distil_loss not in TOKEN_LOSSES:
-            raise EdgeDistillError(
-                f"distil_loss: '{args_.distil_loss}' compares classifier outputs; a causal LM "
-                f"takes a token-level loss: {', '.join(TOKEN_LOSSES)}")
-        if args_.matches:
-            raise EdgeDistillError("matches: feature and relation losses are not supported for "
-                                   "causal LMs yet; remove distill.matches")
-        if args_.class_weights is not None:
-            raise EdgeDistillError("class_weights: a causal LM has no classes; leave it unset")
-        if args_.kd_chunk_tokens < 1:
-            raise EdgeDistillError(f"kd_chunk_tokens: {args_.kd_chunk_tokens} must be >= 1")
-
-    def _check_on_policy(self) -> None:
-        if not self.causal:
-            raise EdgeDistillError("lmbda: on-policy batches are for causal LMs (the student "
-                                   "generates); set lmbda=0")
-        if self.teacher is None or isinstance(self.train_dataset, TeacherCacheDataset):
-            raise EdgeDistillError(
-                "lmbda: on-policy batches need the live teacher to score what the student "
-                "generates, and a teacher cache only holds its outputs on fixed rows; pass "
-                "teacher_model and no cache (distill.cache_teacher: false), or set lmbda=0")
 
     def _check_compatible(self, student, teacher) -> None:
         """Fail before training when the two models cannot be compared at all."""
@@ -253,14 +262,14 @@ class DistillationTrainer(Trainer):
                 f"teacher and student vocabularies differ (teacher {t_vocab} tokens, student "
                 f"{s_vocab}); both read the same token ids, so the student needs the teacher's "
                 "tokenizer")
-        if self.args.alpha_distil > 0:
+        if self.args.alpha_distill > 0:
             s_what, s_size = _output_space(student)
             t_what, t_size = _output_space(teacher)
             if (s_what, s_size) != (t_what, t_size):
                 raise EdgeDistillError(
                     f"teacher and student outputs differ (teacher: {t_what} {t_size}, student: "
                     f"{s_what} {s_size}); a logit loss needs the same output space: build the "
-                    "student from the teacher (make_student) or set alpha_distil=0")
+                    "student from the teacher (make_student) or set alpha_distill=0")
 
     def _set_signature_columns_if_needed(self):
         # Keep a precomputed `teacher_logits` column: the Trainer drops columns the model's
@@ -271,8 +280,6 @@ class DistillationTrainer(Trainer):
                 self._signature_columns.append(name)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.causal:
-            return self._causal_loss(model, inputs, return_outputs)
         args = self.args
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
@@ -294,15 +301,15 @@ class DistillationTrainer(Trainer):
             parts["ce"] = args.alpha_ce * ce if has_teacher else ce
 
         t_logits, t_features = cached, {}
-        if self.teacher is not None and (self.matches or (cached is None and args.alpha_distil > 0)):
+        if self.teacher is not None and (self.matches or (cached is None and args.alpha_distill > 0)):
             # no_grad, not inference_mode: the teacher's outputs enter the student's autograd
             # graph as constants, which inference tensors are not allowed to do.
             with torch.no_grad():
                 t_out, t_features = forward_with_features(
                     self.teacher, inputs, {(m.feature, m.teacher_layer) for m in self.matches})
             t_logits = t_out.logits if cached is None else cached
-        if t_logits is not None and args.alpha_distil > 0:
-            parts["distil"] = args.alpha_distil * self.logit_loss(
+        if t_logits is not None and args.alpha_distill > 0:
+            parts["distill"] = args.alpha_distill * self.logit_loss(
                 logits, t_logits.to(logits.dtype), args.temperature)
         projections = getattr(student, PROJECTIONS, {})
         mask = inputs.get("attention_mask")
@@ -333,96 +340,6 @@ class DistillationTrainer(Trainer):
                 self._loss_parts[k].append(v)
         return (loss, {"logits": logits}) if return_outputs else loss
 
-    def _causal_loss(self, model, inputs, return_outputs):
-        """Next-token cross-entropy plus a token-level divergence from the teacher.
-
-        The teacher's distribution comes from its stored top-k (a batch from a teacher cache)
-        or from running its decoder under inference_mode; its logits are then formed chunk by
-        chunk inside the loss (see token_kd), never for the whole batch at once. In evaluation
-        the loss is the plain next-token cross-entropy, so ``eval_loss`` is the log of the
-        validation perplexity whatever the distillation settings.
-        """
-        args = self.args
-        inputs = dict(inputs)
-        prompt_length = inputs.pop(PROMPT_LENGTH, None)
-        if model.training and args.lmbda > 0 and self._on_policy_rng.random() < args.lmbda:
-            if inputs.get(TOPK_LOGPROBS) is not None:
-                raise EdgeDistillError(
-                    "lmbda: an on-policy batch carries cached teacher top-k, which cannot score "
-                    "the student's own tokens; train without the teacher cache or set lmbda=0")
-            if prompt_length is not None and bool((prompt_length > 0).any()):
-                inputs = self._on_policy(model, inputs, prompt_length)
-                self._on_policy_batches += 1
-        labels = inputs.pop("labels")
-        topk = inputs.pop(TOPK_LOGPROBS, None), inputs.pop(TOPK_INDICES, None)
-        logits = model(**inputs).logits
-        # position i predicts token i + 1
-        s_logits, targets = logits[:, :-1], labels[:, 1:]
-        mask = targets != -100
-        has_teacher = self.teacher is not None or topk[0] is not None
-        if not model.training or not has_teacher or args.alpha_distil == 0:
-            ce = F.cross_entropy(s_logits.reshape(-1, s_logits.size(-1)), targets.reshape(-1),
-                                 ignore_index=-100)
-            return self._total(model, {"ce": ce}, logits, return_outputs)
-        # one pass over the vocabulary for both terms: the KD loss adds the cross-entropy from
-        # the same student log-softmax (see token_kd), instead of a second full softmax
-        weights = dict(targets=targets, kd_weight=args.alpha_distil, ce_weight=args.alpha_ce,
-                       parts={}, **(args.loss_options or {}))
-        if topk[0] is not None:
-            loss = sparse_token_kd(s_logits, topk[0][:, :-1], topk[1][:, :-1], mask,
-                                   args.distil_loss, args.temperature, args.kd_chunk_tokens,
-                                   **weights)
-        else:
-            try:
-                hidden = self._teacher_hidden(inputs)
-                loss = dense_token_kd(s_logits, hidden[:, :-1],
-                                      self.teacher.get_output_embeddings(), mask,
-                                      args.distil_loss, args.temperature, args.kd_chunk_tokens,
-                                      **weights)
-            finally:
-                if self.teacher_sharded:
-                    self.teacher.reshard()  # the root unit, gathered for the head
-        parts = weights["parts"]
-        logged = {"ce": args.alpha_ce * parts["ce"], "distil": args.alpha_distil * parts["distil"]}
-        return self._finish(model, loss, logged, logits, return_outputs)
-
-    def _on_policy(self, model, inputs: dict, prompt_length: torch.Tensor) -> dict:
-        """``inputs`` with each generated row's continuation sampled anew by the student.
-
-        GKD's on-policy step: the student continues the row's prompt (eval mode, no gradients)
-        and the row is rebuilt as :func:`~edgedistill.distill.generations.teacher_generations`
-        builds it; the loss then compares the student with the live teacher on those tokens.
-        Rows with ``prompt_length`` 0 (ordinary text) are left as they are.
-        """
-        args = self.args
-        student = self.accelerator.unwrap_model(model)
-        ids = inputs["input_ids"]
-        length = ids.shape[1]
-        pad, eos = pad_id(student, self.processing_class), eos_ids(student, self.processing_class)
-        rows = {k: inputs[k].clone() for k in ("input_ids", "attention_mask", "labels")}
-        student.eval()
-        try:
-            with torch.no_grad():
-                # one generate call per prompt length: prompts of one length need no padding
-                for p in sorted(set(prompt_length.tolist()) - {0}):
-                    new = min(args.generation_new_tokens, length - p)
-                    which = (prompt_length == p).nonzero().flatten().tolist()
-                    if new < 1:
-                        continue
-                    prompts = ids[which, :p]
-                    config = sampling_config(new, args.generation_temperature,
-                                             args.generation_top_p, pad, eos)
-                    out = student.generate(input_ids=prompts,
-                                           attention_mask=torch.ones_like(prompts),
-                                           generation_config=config, use_model_defaults=False)
-                    for i, seq in zip(which, out[:, p:].tolist()):
-                        row = pack_row(ids[i, :p].tolist(), seq, length, pad, eos)
-                        for k in rows:
-                            rows[k][i] = torch.tensor(row[k], dtype=rows[k].dtype)
-        finally:
-            student.train()
-        return {**inputs, **rows}
-
     def _stop_on_non_finite(self, parts: dict[str, float]) -> None:
         """Stop before a NaN / inf loss reaches the weights: the checkpoints saved so far stay
         good, and rerunning resumes from the last one."""
@@ -452,38 +369,7 @@ class DistillationTrainer(Trainer):
             for k, values in self._loss_parts.items():
                 logs[f"loss_{k}"] = round(sum(values) / len(values), 4)
             self._loss_parts.clear()
-        if "loss" in logs and self.args.lmbda > 0:
-            logs["on_policy_batches"] = self._on_policy_batches
         super().log(logs, *args, **kwargs)
-
-
-def add_teacher_logits(dataset, teacher, collator, batch_size: int = 64):
-    """Return ``dataset`` with a ``teacher_logits`` column, computed once.
-
-    The teacher is frozen and in eval mode, so its logits for an example are the same in every
-    epoch; computing them once instead of in every training step cut the default recipe's
-    distillation from 228 s to 160 s (the teacher's forward pass is most of a 2-layer
-    student's step). Feature losses still need the live teacher's hidden states.
-    """
-    from torch.utils.data import DataLoader
-
-    device = next(teacher.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False)
-    rows = []
-    teacher.eval()
-    with torch.inference_mode():
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            rows += teacher(**batch).logits.float().cpu().tolist()
-    return dataset.add_column(TEACHER_LOGITS, rows)
-
-
-def is_causal_lm(model) -> bool:
-    """Whether ``model`` (possibly wrapped by DDP) is a transformers causal language model."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    model = getattr(model, "module", model)
-    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def _output_space(model) -> tuple[str, int]:

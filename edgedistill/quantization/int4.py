@@ -24,9 +24,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..artifacts import copy_sidecars, onnx_file, size_on_disk_mb
 from ..errors import EdgeDistillError
-from ..export import copy_sidecars
-from ..runtime import onnx_file, size_on_disk_mb
+from ..runtime.causal_lm import OnnxCausalLM
+from .graph import fp32_graph
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,6 @@ def quantize_int4(onnx_dir: str | Path, output_dir: str | Path, block_size: int 
     Returns the settings and what they did: MatMuls quantized out of all, sizes, what the
     lm_head became and, for GPTQ, the calibration texts and tokens used.
     """
-    from . import fp32_graph
-
     onnx_dir, output_dir = Path(onnx_dir), Path(output_dir)
     if algorithm not in ALGORITHMS:
         raise EdgeDistillError(f"quantize.int4_algorithm: '{algorithm}' is unknown; "
@@ -151,8 +150,10 @@ def _blockwise(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bo
                accuracy_level: int | None, exclude: list[str]) -> onnx.ModelProto:
     """onnxruntime's blockwise round-to-nearest quantizer (its C++ kernel) on every MatMul
     with a constant weight, except ``exclude``."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                  MatMulNBitsQuantizer)
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     # the module logs every node it looks at, at INFO, through a handler it installs itself
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
@@ -168,12 +169,10 @@ def _blockwise(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bo
 class _CalibrationReader:
     """onnxruntime's ``CalibrationDataReader`` protocol over one feed per text: the tokens of
     the text (no padding, which would enter GPTQ's statistics) with an empty KV cache, built
-    by ``lm_runtime`` exactly as evaluation and generation feed the model."""
+    by :mod:`edgedistill.runtime.causal_lm` exactly as evaluation and generation feed the model."""
 
     def __init__(self, onnx_dir: Path, texts: list[str], max_length: int):
         from transformers import AutoTokenizer
-
-        from ..lm_runtime import OnnxCausalLM
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
@@ -206,8 +205,10 @@ def _gptq(model: onnx.ModelProto, reader: _CalibrationReader, block_size: int, s
     """onnxruntime's GPTQ on every MatMul with a constant weight, except ``exclude``, in 4 bits:
     its driver (calibration, Hessians, MatMulNBits nodes) with the two numeric steps of
     ``_exact_gptq`` in place of its own."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (GPTQWeightOnlyQuantConfig,
-                                                                  MatMulNBitsQuantizer)
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        GPTQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     class Quantizer(MatMulNBitsQuantizer):
         # onnxruntime drops ``nodes_to_exclude`` on its GPTQ path (only RTN reads it); a node

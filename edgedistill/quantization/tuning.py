@@ -15,6 +15,7 @@ harmful nodes of the best-scoring setting in fp32, in growing groups (:data:`FAL
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,9 +33,14 @@ from neural_compressor.common.base_tuning import Evaluator, TuningConfig, init_t
 from neural_compressor.common.tuning_param import TuningParam
 from neural_compressor.common.utils import DEFAULT_WHITE_LIST
 
+from ..artifacts import onnx_file
 from ..errors import EdgeDistillError
 from ..evaluation import classification_metrics
-from ..runtime import onnx_file, open_onnx_session
+from ..profiles import Profile, Target, resolve_target
+from ..recipe import QuantizeConfig
+from ..runtime.session import open_onnx_session
+from .graph import fuse_graph
+from .int8 import quantize, settle
 
 # The base settings, fastest first as measured on the default task (benchmarks/results/
 # quantization.md, batch 1 x 128: static percentile 3.99 ms, static minmax 4.09, dynamic fused
@@ -88,10 +94,10 @@ class OrtInt8Config(BaseConfig):
 
 def tune(onnx_dir: str | Path, output_dir: str | Path, texts: list[str],
          labels: list | None = None, label_names: list[str] | None = None,
-         tolerable_loss: float = 0.01, max_trials: int = 10, profile: str = "cpu",
-         preset: str = "auto", per_channel: bool | None = None,
+         config: QuantizeConfig | None = None, profile: str | Profile | Target = "cpu", *,
          calibration_texts: list[str] | None = None, max_length: int = 128,
-         batch_size: int = 32, config_set: list[OrtInt8Config] | None = None) -> dict:
+         batch_size: int = 32, config_set: list[OrtInt8Config] | None = None,
+         **settings) -> dict:
     """Quantize the fp32 ONNX classifier in ``onnx_dir`` with the fastest setting that keeps
     its metric within ``tolerable_loss`` (relative) of fp32's on ``texts``, into ``output_dir``.
 
@@ -100,6 +106,9 @@ def tune(onnx_dir: str | Path, output_dir: str | Path, texts: list[str],
     predicted class the int8 model keeps (fp32 scores 1.0, so 0.01 allows 1 in 100 to flip).
     Every trial also reports agreement and the mean KL(fp32 || int8) of the class probabilities.
     Use validation or training texts, never the test split the model is reported on.
+    ``config`` is the recipe's quantize block (its ``tolerable_loss``, 0.01 when unset, and
+    ``max_trials``; its preset and per-channel choice for every trial); keyword ``settings``
+    are its fields for SDK users (``tune(..., tolerable_loss=0.02)``).
 
     Returns ``passed``, ``baseline`` (fp32), ``trials`` (one row each: index, setting,
     kept_fp32, metric, relative_loss, agreement, kl, p50_ms, passed), ``chosen`` (the index of
@@ -109,11 +118,10 @@ def tune(onnx_dir: str | Path, output_dir: str | Path, texts: list[str],
     meeting the tolerance.
     """
     onnx_dir, output_dir = Path(onnx_dir), Path(output_dir)
-    if not 0 < tolerable_loss < 1:
-        raise EdgeDistillError(f"quantize.tolerable_loss: {tolerable_loss} must be in (0, 1), "
-                               "e.g. 0.01 for a 1% relative loss")
-    if max_trials < 1:
-        raise EdgeDistillError(f"quantize.max_trials: {max_trials} must be >= 1")
+    config, target = settle(config, settings), resolve_target(profile)
+    if config.tolerable_loss is None:
+        config = dataclasses.replace(config, tolerable_loss=0.01)
+    tolerable_loss, max_trials = config.tolerable_loss, config.max_trials
     if not texts:
         raise EdgeDistillError("tune: no texts to measure the metric on; pass validation texts "
                                "(never the test split)")
@@ -122,8 +130,8 @@ def tune(onnx_dir: str | Path, output_dir: str | Path, texts: list[str],
                                "pass one label per text, or none")
     if onnx_file(onnx_dir) is None:
         raise EdgeDistillError(f"{onnx_dir}: no .onnx file to quantize; run the export first")
-    config = json.loads((onnx_dir / "config.json").read_text())
-    if any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
+    architectures = json.loads((onnx_dir / "config.json").read_text()).get("architectures")
+    if any(a.endswith("ForCausalLM") for a in architectures or []):
         raise EdgeDistillError(f"{onnx_dir}: tuning measures classifiers; quantize a causal LM "
                                "with quantize_int4 (quantize.int4) instead")
     if config_set is None:
@@ -137,8 +145,8 @@ def tune(onnx_dir: str | Path, output_dir: str | Path, texts: list[str],
     inc_level = inc_logger.level
     inc_logger.setLevel(logging.WARNING)  # INC prints a table per trial; our rows say the same
     try:
-        session = _Trials(onnx_dir, work, texts, labels, label_names, profile, preset,
-                          per_channel, calibration_texts, max_length, batch_size)
+        session = _Trials(onnx_dir, work, texts, labels, label_names, config, target,
+                          calibration_texts, max_length, batch_size)
         record = session.run(config_set, tolerable_loss, max_trials)
         if record["chosen"] is not None:
             _move_into_place(work / f"trial-{record['chosen']}", output_dir, work)
@@ -152,13 +160,14 @@ class _Trials:
     """The state one tuning run shares between INC's loop and the glue: the tokenized texts,
     the fp32 outputs, each trial's model and row, and the node ranking (made once, lazily)."""
 
-    def __init__(self, onnx_dir, work, texts, labels, label_names, profile, preset, per_channel,
+    def __init__(self, onnx_dir, work, texts, labels, label_names, config, target,
                  calibration_texts, max_length, batch_size):
         from transformers import AutoTokenizer
 
         self.onnx_dir, self.work = onnx_dir, work
-        self.options = {"profile": profile, "preset": preset, "per_channel": per_channel,
-                        "calibration_texts": calibration_texts, "max_length": max_length}
+        # every trial quantizes with the run's block and target, its own setting on top
+        self.config, self.target = config, target
+        self.options = {"calibration_texts": calibration_texts, "max_length": max_length}
         self.tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
         self.max_length, self.batch_size = max_length, batch_size
         self.batches = self._encode(texts)
@@ -184,8 +193,6 @@ class _Trials:
     def run(self, config_set, tolerable_loss: float, max_trials: int) -> dict:
         """INC's tuning loop, as its own ``autotune`` writes it for PyTorch: baseline first, then
         one config at a time from the ConfigLoader until the TuningMonitor says stop."""
-        from . import quantize
-
         tuning_config = TuningConfig(config_set=config_set, tolerable_loss=tolerable_loss,
                                      max_trials=max_trials)
         loader, tuning_logger, monitor = init_tuning(tuning_config)
@@ -209,8 +216,9 @@ class _Trials:
             folder = self.work / f"trial-{index}"
             tuning_logger.trial_start(trial_index=index)
             setting, kept = plan
-            self.records[index] = {**quantize(self.onnx_dir, folder, **SETTINGS[setting],
-                                              **self.options, nodes_to_exclude=kept),
+            self.records[index] = {**quantize(self.onnx_dir, folder, self.config, self.target,
+                                              **SETTINGS[setting], **self.options,
+                                              nodes_to_exclude=kept),
                                    "nodes_to_exclude": kept}
             metric = evaluator.evaluate(folder)
             monitor.add_trial_result(index, metric, config)
@@ -334,8 +342,6 @@ class _Trials:
         ones ``nodes_to_exclude`` takes in every mode (the fused graph's when fused), and it
         measures each node's effect on the output; a per-tensor error (onnxruntime's
         qdq_loss_debug, for QDQ models only) says little about the logits."""
-        from . import quantize
-
         index = next(r["index"] for r in self.rows if r["setting"] == base and not r["kept_fp32"])
         base_model = self.work / f"trial-{index}"
         source = self._source_graph(self.records[index]["fused"] is not None)
@@ -345,8 +351,8 @@ class _Trials:
         harms = []
         for i, node in enumerate(candidates):
             folder = self.work / f"rank-{i}"
-            quantize(self.onnx_dir, folder, **SETTINGS[base], **self.options,
-                     nodes_to_exclude=[node])
+            quantize(self.onnx_dir, folder, self.config, self.target, **SETTINGS[base],
+                     **self.options, nodes_to_exclude=[node])
             # a name the quantizer did not take would make every fallback trial a no-op
             if node in quantized_nodes(source, _graph(folder), operators):
                 raise RuntimeError(f"tune: excluding node '{node}' left it quantized")
@@ -359,8 +365,6 @@ class _Trials:
     def _source_graph(self, fused: bool) -> onnx.GraphProto:
         """The graph a setting quantized: the exported one, or the fused one (made again here:
         the fusion is deterministic, so its node names are the same)."""
-        from . import fuse_graph
-
         if fused and fuse_graph(self.onnx_dir, onnx_file(self.onnx_dir), self.work / "fused"):
             return _graph(self.work / "fused")
         return _graph(self.onnx_dir)

@@ -37,9 +37,7 @@ On a PyTorch target the gain is the size of the download and of the file, not sp
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import io
 import json
 import logging
 import re
@@ -49,8 +47,11 @@ from itertools import islice
 from pathlib import Path
 from typing import Sequence
 
+from ..artifacts import WEIGHT_ONLY_SETTINGS as SETTINGS_FILE
+from ..artifacts import publish_folder, size_on_disk_mb
 from ..errors import EdgeDistillError
-from ..runtime import WEIGHT_ONLY_SETTINGS as SETTINGS_FILE, size_on_disk_mb
+from ..runtime.weight_only import load_weight_only
+from ..runtime.weight_only import quiet_inc as _quiet_inc
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +166,7 @@ def quantize_weight_only(model_dir: str | Path, out_dir: str | Path, algorithm: 
             "source": str(model_dir), "neural_compressor": neural_compressor.__version__,
             "torch": torch.__version__, "transformers": _version("transformers")}
         _write_settings(partial, settings)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        partial.rename(out_dir)
+        publish_folder(partial, out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -178,23 +177,6 @@ def quantize_weight_only(model_dir: str | Path, out_dir: str | Path, algorithm: 
             "group_size": group_size, "quantized_layers": len(quantized),
             "size_mb": settings["size_mb"], "seconds": settings["seconds"],
             "calibration_texts": len(batches)}
-
-
-def load_weight_only(out_dir: str | Path):
-    """The model ``quantize_weight_only`` wrote to ``out_dir``, in eval mode on the CPU: a
-    transformers causal LM (``model(input_ids).logits``, ``model.generate``) whose Linear
-    layers are INC's packed weight-only modules. The first forward call unpacks them (seconds
-    on a 100M-parameter model): warm up before timing."""
-    folder = Path(out_dir)
-    if not (folder / SETTINGS_FILE).is_file():
-        raise EdgeDistillError(f"{folder}: no {SETTINGS_FILE}, so not a weight-only model "
-                               "from edgedistill; make one with quantize_weight_only")
-    from neural_compressor.torch.quantization import load
-
-    # INC prints progress to stdout as well as logging it
-    with _quiet_inc(), contextlib.redirect_stdout(io.StringIO()):
-        model = load(str(folder), format="huggingface", device="cpu")
-    return model.eval()
 
 
 def _check_settings(algorithm, bits, group_size, max_length, calibration_samples) -> None:
@@ -349,22 +331,6 @@ def _version(package: str) -> str:
     from importlib.metadata import version
 
     return version(package)
-
-
-@contextlib.contextmanager
-def _quiet_inc():
-    """INC logs every layer at INFO, and WARNINGs about its own defaults (the lm_head config
-    it sets twice); what matters is summarised in our log line and weight_only.json."""
-    from neural_compressor.common.utils.logger import Logger
-
-    # INC configures its logger (level from $LOGLEVEL) when first used: make that happen now
-    inc_log = Logger().get_logger()
-    level = inc_log.level
-    inc_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        inc_log.setLevel(level)
 
 
 __all__ = ["ALGORITHMS", "load_weight_only", "quantize_weight_only"]

@@ -9,7 +9,7 @@ from transformers import default_data_collator
 
 from edgedistill import DistillationTrainer, DistillationTrainingArguments, make_student
 from edgedistill.data import lm_blocks
-from edgedistill.distill.generations import PROMPT_LENGTH, teacher_generations, with_generations
+from edgedistill.distill.teacher_generations import PROMPT_LENGTH, teacher_generations, with_generations
 from edgedistill.distill.teacher_cache import (TOPK_INDICES, TOPK_LOGPROBS, TeacherCacheDataset,
                                                build_teacher_cache, cache_fingerprint,
                                                load_teacher_cache)
@@ -164,7 +164,7 @@ def train_data(teacher, tok, texts):
 
 def args(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True,
-                distil_loss="forward_kl", temperature=1.0, per_device_train_batch_size=8,
+                distill_loss="forward_kl", temperature=1.0, per_device_train_batch_size=8,
                 learning_rate=1e-3, logging_steps=1, save_strategy="no", max_steps=4, seed=3)
     return DistillationTrainingArguments(**{**base, **kw})
 

@@ -13,6 +13,7 @@ from edgedistill.distill.qat import (attach_fake_quant, fake_quant_matches_onnxr
 from edgedistill.errors import EdgeDistillError
 from edgedistill.export import export_onnx
 from edgedistill.quantization import int8_config, quantize
+from edgedistill.recipe import QuantizeConfig
 from tests.conftest import make_bert, make_texts, make_tokenizer
 
 
@@ -35,7 +36,7 @@ def exported(tmp_path_factory):
 def test_fake_quantization_computes_what_the_int8_model_computes(exported, per_channel):
     out = exported / f"int8-{per_channel}"
     quantize(exported / "onnx", out, per_channel=per_channel)
-    scheme = int8_scheme(int8_config(per_channel=per_channel)[0])
+    scheme = int8_scheme(int8_config(QuantizeConfig(per_channel=per_channel))[0])
     texts, _ = make_texts(24)
     check = fake_quant_matches_onnxruntime(exported / "model", out, texts, scheme, 32)
     assert check["fp32_max_abs_diff"] > 1e-3  # the rounding is visible in float
@@ -81,14 +82,14 @@ def test_a_text_is_rounded_by_its_own_range_whatever_its_batch():
 
 
 def test_the_scheme_follows_the_quantization_settings():
-    avx2 = int8_scheme(int8_config(preset="avx2")[0])  # optimum's avx2 preset: uint8 weights
+    avx2 = int8_scheme(int8_config(QuantizeConfig(preset="avx2"))[0])  # optimum's avx2 preset: uint8 weights
     assert (avx2.weight_min, avx2.weight_max) == (0, 255)
     qconfig = int8_config()[0]
     qconfig.reduce_range = True  # a profile's 'reduce_range: true'
     assert (int8_scheme(qconfig).weight_min, int8_scheme(qconfig).weight_max) == (-64, 64)
-    assert int8_scheme(int8_config(per_channel=False)[0]).per_channel is False
+    assert int8_scheme(int8_config(QuantizeConfig(per_channel=False))[0]).per_channel is False
     with pytest.raises(EdgeDistillError, match="set quantize.mode: dynamic"):
-        int8_scheme(int8_config(mode="static")[0])
+        int8_scheme(int8_config(QuantizeConfig(mode="static"))[0])
 
 
 # --------------------------------------------------------------------------- in a recipe
@@ -122,7 +123,7 @@ def test_a_recipe_with_an_int8_aware_phase(recipe, tmp_path):
 
 
 def test_a_killed_int8_aware_phase_resumes_after_the_float_phase(recipe, tmp_path, monkeypatch):
-    import edgedistill.training as training
+    import edgedistill.distill.training as training
     out = tmp_path / "out"
     sets = ["--set", "distill.qat_epochs=1", "--set", "distill.matches=[]"]
 
@@ -135,7 +136,7 @@ def test_a_killed_int8_aware_phase_resumes_after_the_float_phase(recipe, tmp_pat
     monkeypatch.undo()
     calls = []
     real_fit = training._fit
-    monkeypatch.setattr(training, "_fit", lambda *a, **k: calls.append(a[5]) or real_fit(*a, **k))
+    monkeypatch.setattr(training, "_fit", lambda *a, **k: calls.append(a[3]) or real_fit(*a, **k))
     assert main(["distill", str(recipe), "--output", str(out), *sets]) == 0
     assert [p.name for p in calls] == ["qat"]  # the float phase was not run again
     assert "qat" in json.loads((out / "distill" / "manifest.json").read_text())["record"]
@@ -143,15 +144,15 @@ def test_a_killed_int8_aware_phase_resumes_after_the_float_phase(recipe, tmp_pat
 
 def test_an_int8_aware_phase_that_does_not_beat_the_float_model_is_not_shipped(
         recipe, tmp_path, monkeypatch):
-    import edgedistill.training as training
+    import edgedistill.distill.training as training
     out = tmp_path / "out"
     saved = {}
     real_fit = training._fit
 
     def fit(model, *args, **kwargs):
         record = real_fit(model, *args, **kwargs)
-        if args[4].name == "distill.partial":  # the float phase: remember what it saved
-            saved.update(load_file(args[4] / "model" / "model.safetensors"))
+        if args[2].name == "distill.partial":  # the float phase: remember what it saved
+            saved.update(load_file(args[2] / "model" / "model.safetensors"))
         else:  # the int8-aware phase: wreck its weights and score it below anything
             for p in model.parameters():
                 p.data.add_(torch.randn_like(p) * 10)
@@ -171,7 +172,7 @@ def test_an_int8_aware_phase_that_does_not_beat_the_float_model_is_not_shipped(
 @pytest.mark.parametrize("setting, message", [
     ("quantize.tolerable_loss=0.01", "accuracy-aware tuning may ship another"),
     ("quantize.mode=static", "set quantize.mode: dynamic"),
-    ("distill.qat_epochs=-1", "distill.qat_epochs must be >= 0"),
+    ("distill.qat_epochs=-1", "distill.qat_epochs: -1.0 must be >= 0"),
 ])
 def test_settings_the_int8_aware_phase_cannot_serve_are_refused(recipe, tmp_path, capsys,
                                                                  setting, message):

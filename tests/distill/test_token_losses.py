@@ -335,7 +335,7 @@ def test_cross_entropy_fused_into_the_kd_pass(temperature):
     assert float(fused) == pytest.approx(float(apart), rel=1e-5)
     assert torch.allclose(g_fused, g_apart, atol=1e-6)
     assert parts["ce"] == pytest.approx(float(ce), rel=1e-5)
-    assert parts["distil"] == pytest.approx(float(kd), rel=1e-5)
+    assert parts["distill"] == pytest.approx(float(kd), rel=1e-5)
     with pytest.raises(EdgeDistillError, match="has no target"):
         dense_token_kd(logits, hidden, head, torch.ones(2, 5, dtype=torch.bool), targets=targets,
                        ce_weight=0.5)

@@ -9,7 +9,7 @@ from edgedistill import DistillationTrainer, DistillationTrainingArguments, make
 from safetensors.torch import load_file
 
 from edgedistill.distill.losses import MATCH_LOSSES, hidden_mse, rkd_distance, soft_cross_entropy
-from edgedistill.distill.trainer import add_teacher_logits
+from edgedistill.distill.teacher_outputs import add_teacher_logits
 from edgedistill.errors import EdgeDistillError
 from tests.conftest import LABELS, make_bert, make_texts, make_tokenizer
 
@@ -31,14 +31,14 @@ def test_issue_snippet_runs_as_written(tmp_path, monkeypatch):
             per_device_train_batch_size=16, per_device_eval_batch_size=64, warmup_steps=500,
             weight_decay=0.01, learning_rate=2e-5, evaluation_strategy="steps", eval_steps=1000,
             save_steps=1000, logging_dir="./logs", logging_steps=10, temperature=2.0,
-            alpha_ce=0.5, alpha_distil=0.5, fp16=True, report_to="none")
+            alpha_ce=0.5, alpha_distill=0.5, fp16=True, report_to="none")
     assert args.eval_strategy == "steps" and not args.fp16
     trainer = DistillationTrainer(model=student_model, args=args, train_dataset=train_dataset,
         eval_dataset=eval_dataset, tokenizer=tokenizer, teacher_model=teacher_model)
     trainer.train(); trainer.save_model("./student_model")
     assert os.path.isfile("student_model/model.safetensors")
     assert "eval_loss" in trainer.evaluate()
-    logged = [h for h in trainer.state.log_history if "loss_distil" in h]
+    logged = [h for h in trainer.state.log_history if "loss_distill" in h]
     assert logged and "loss_ce" in logged[0]
 
 
@@ -55,7 +55,7 @@ def test_compute_loss_is_the_weighted_sum(tmp_path):
     with torch.no_grad():  # make the student differ from the teacher's head
         student.classifier.weight.normal_()
     trainer = _trainer(tmp_path, student, teacher, temperature=3.0, alpha_ce=0.3,
-                       alpha_distil=0.7, matches=[
+                       alpha_distill=0.7, matches=[
                            {"loss": "hidden_mse", "strategy": "uniform", "weight": 0.5},
                            {"loss": "rkd_distance", "weight": 0.2}])
     batch = {"input_ids": torch.tensor([[2, 6, 7, 8, 3], [2, 9, 10, 3, 0]]),
@@ -84,7 +84,7 @@ def test_a_batch_the_teacher_alone_labels_learns_from_the_teacher(tmp_path):
     teacher = make_bert(num_layers=4)
     student = make_student(teacher, num_layers=2)
     trainer = _trainer(tmp_path, student, teacher, temperature=2.0, alpha_ce=0.5,
-                       alpha_distil=0.5)
+                       alpha_distill=0.5)
     inputs = {"input_ids": torch.tensor([[2, 6, 7, 8, 3], [2, 9, 10, 3, 0]]),
               "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])}
     student.eval()
@@ -117,7 +117,7 @@ def test_incompatible_models_fail_before_training(tmp_path):
     with pytest.raises(EdgeDistillError, match="outputs differ"):
         _trainer(tmp_path, make_bert(num_labels=2), make_bert(num_labels=3))
     with pytest.raises(EdgeDistillError, match="vocabularies differ"):
-        _trainer(tmp_path, make_bert(vocab_size=50), make_bert(), alpha_distil=0.0)
+        _trainer(tmp_path, make_bert(vocab_size=50), make_bert(), alpha_distill=0.0)
     with pytest.raises(EdgeDistillError, match=r"matches\[0\]: 'attention_kl' compares"):
         _trainer(tmp_path, make_student(make_bert(), num_layers=2, init="random",
                                         hidden_size=16, num_attention_heads=2),
@@ -128,7 +128,7 @@ def test_bad_arguments_are_clear(tmp_path):
     with pytest.raises(EdgeDistillError, match="temperature"):
         DistillationTrainingArguments(output_dir=str(tmp_path), temperature=0)
     with pytest.raises(EdgeDistillError, match="did you mean"):
-        DistillationTrainingArguments(output_dir=str(tmp_path), distil_loss="soft_crossentropy")
+        DistillationTrainingArguments(output_dir=str(tmp_path), distill_loss="soft_crossentropy")
 
 
 def test_precomputed_teacher_logits_match_the_live_teacher(tmp_path):
@@ -152,7 +152,7 @@ def test_precomputed_teacher_logits_match_the_live_teacher(tmp_path):
     run = DistillationTrainer(model=student, args=args, train_dataset=cached,
                               data_collator=collator)
     run.train()
-    assert any("loss_distil" in h for h in run.state.log_history)
+    assert any("loss_distill" in h for h in run.state.log_history)
 
 
 def test_matches_without_a_live_teacher_are_refused(tmp_path):
@@ -172,7 +172,7 @@ def test_each_match_loss_teaches_a_random_student(tmp_path, name):
     torch.manual_seed(1)
     student = make_student(teacher, num_layers=2, init="random", hidden_size=16,
                            intermediate_size=32)
-    trainer = _trainer(tmp_path, student, teacher, alpha_ce=0.0, alpha_distil=0.0, matches=[
+    trainer = _trainer(tmp_path, student, teacher, alpha_ce=0.0, alpha_distill=0.0, matches=[
         {"loss": name, "strategy": "uniform" if name.startswith(("hidden", "attention")) else None,
          "options": MATCH_OPTIONS.get(name, {})}])
     texts, _ = make_texts(16, seed=3)

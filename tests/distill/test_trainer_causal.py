@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from transformers import default_data_collator
 
 from edgedistill import DistillationTrainer, DistillationTrainingArguments, make_student
+from edgedistill.distill import CausalLMDistillationTrainer
 from edgedistill.distill.losses.token import forward_kl
 from edgedistill.distill.teacher_cache import TeacherCacheDataset, decoder_of
 from edgedistill.distill.token_kd import teacher_topk
@@ -22,7 +23,7 @@ def blocks(n=32, length=12, vocab=24, seed=0):
 
 def args(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True,
-                distil_loss="forward_kl", temperature=1.0, per_device_train_batch_size=8,
+                distill_loss="forward_kl", temperature=1.0, per_device_train_batch_size=8,
                 prediction_loss_only=True, learning_rate=1e-2, logging_steps=1, save_strategy="no")
     return DistillationTrainingArguments(**{**base, **kw})
 
@@ -35,8 +36,10 @@ def test_loss_is_ce_plus_forward_kl_of_shifted_positions(tmp_path):
     teacher = make_llama(num_layers=4)
     student = make_student(teacher, num_layers=2)
     trainer = DistillationTrainer(model=student, teacher_model=teacher,
-                                  args=args(tmp_path, alpha_ce=0.3, alpha_distil=0.7,
+                                  args=args(tmp_path, alpha_ce=0.3, alpha_distill=0.7,
                                             kd_chunk_tokens=5))
+    # the one entry point builds the trainer of the model's kind
+    assert type(trainer) is CausalLMDistillationTrainer and trainer.reshard_teacher_root is False
     inputs = batch(blocks(4))
     student.train()
     loss = trainer.compute_loss(student, inputs)
@@ -74,7 +77,7 @@ def test_training_from_a_cache_never_runs_the_teacher_and_learns(tmp_path):
     student = make_student(teacher, num_layers=2)
     trainer = DistillationTrainer(model=student, args=args(tmp_path, num_train_epochs=4,
                                                            learning_rate=3e-3, alpha_ce=0.0,
-                                                           alpha_distil=1.0),
+                                                           alpha_distill=1.0),
                                   train_dataset=train, data_collator=default_data_collator)
 
     def kd_to_teacher():
@@ -86,12 +89,12 @@ def test_training_from_a_cache_never_runs_the_teacher_and_learns(tmp_path):
     before = kd_to_teacher()
     trainer.train()
     assert kd_to_teacher() < 0.7 * before
-    logged = [h for h in trainer.state.log_history if "loss_distil" in h]
-    assert logged and logged[-1]["loss_distil"] < logged[0]["loss_distil"]
+    logged = [h for h in trainer.state.log_history if "loss_distill" in h]
+    assert logged and logged[-1]["loss_distill"] < logged[0]["loss_distill"]
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(distil_loss="soft_cross_entropy"), "a causal LM takes a token-level loss"),
+    (dict(distill_loss="soft_cross_entropy"), "a causal LM takes a token-level loss"),
     (dict(matches=[{"loss": "hidden_mse"}]), "not supported for causal LMs"),
     (dict(kd_chunk_tokens=0), "kd_chunk_tokens"),
 ])

@@ -37,7 +37,7 @@ def main(out: str, per_device: int) -> None:
         optim="sgd", learning_rate=0.5, warmup_steps=0, weight_decay=0.0, save_strategy="no",
         logging_steps=1, report_to="none", use_cpu=True, seed=0,
         ddp_backend="gloo" if "LOCAL_RANK" in os.environ else None,  # set by torchrun
-        temperature=2.0, alpha_ce=0.5, alpha_distil=0.5)
+        temperature=2.0, alpha_ce=0.5, alpha_distill=0.5)
     trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher,
                                   train_dataset=data, tokenizer=tokenizer)
     trainer.train()

@@ -65,7 +65,7 @@ def bert_run(out: Path):
     # fixed length: the same padding whether a batch is split over ranks or not
     data = data.map(lambda b: tokenizer(b["text"], padding="max_length", max_length=24),
                     batched=True, remove_columns=["text"])
-    settings = dict(learning_rate=0.5, temperature=2.0, alpha_ce=0.5, alpha_distil=0.5)
+    settings = dict(learning_rate=0.5, temperature=2.0, alpha_ce=0.5, alpha_distill=0.5)
     return teacher, student, data, dict(tokenizer=tokenizer), "BertLayer", settings
 
 
@@ -81,8 +81,8 @@ def llama_run(out: Path):
     # every position labelled: each rank's token mean covers as many tokens as the other's
     data = [{"input_ids": r, "attention_mask": [1] * len(r), "labels": r} for r in ids]
     # the teacher's distribution alone: the student learns only what the sharded teacher says
-    settings = dict(learning_rate=0.1, distil_loss="forward_kl", temperature=1.0,
-                    alpha_ce=0.0, alpha_distil=1.0, kd_chunk_tokens=16)
+    settings = dict(learning_rate=0.1, distill_loss="forward_kl", temperature=1.0,
+                    alpha_ce=0.0, alpha_distill=1.0, kd_chunk_tokens=16)
     return (teacher, student, data, dict(data_collator=default_data_collator),
             "LlamaDecoderLayer", settings)
 

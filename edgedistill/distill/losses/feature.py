@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .registry import register_loss
+
 
 def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Mean of ``values`` (batch, length) over the positions where ``mask`` is 1."""
@@ -23,6 +25,7 @@ def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Ten
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+@register_loss("hidden_mse", kind="match", features="hidden", same_width=True)
 def hidden_mse(student: torch.Tensor, teacher: torch.Tensor,
                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean squared error between hidden states of matched layers, averaged over the width and
@@ -40,6 +43,7 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor,
     return masked_mean(per_position, mask)
 
 
+@register_loss("hidden_cosine", kind="match", features="hidden", same_width=True)
 def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor,
                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``1 - cos(h_s, h_t)`` per position, averaged over unmasked positions (DistilBERT's cosine
@@ -60,10 +64,11 @@ def _per_query(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tens
     return masked_mean(values.mean(1), mask)
 
 
+@register_loss("attention_mse", kind="match", features="attention", same_heads=True)
 def attention_mse(student: torch.Tensor, teacher: torch.Tensor,
                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean squared error between attention maps, ``mean_{h,i,j} (A_s - A_t)^2`` over heads
-    ``h``, unmasked queries ``i`` and all keys ``j`` (TinyBERT's attention loss, Jiao et al.
+    ``h``, unmasked queries ``i`` and unmasked keys ``j`` (TinyBERT's attention loss, Jiao et al.
     2020; it compares scores before softmax, which transformers does not return, so this
     compares the probabilities). Needs the same number of heads in both models.
 
@@ -73,9 +78,16 @@ def attention_mse(student: torch.Tensor, teacher: torch.Tensor,
           matches:
             - {loss: attention_mse, strategy: uniform, weight: 1.0}
     """
-    return _per_query((student - teacher.to(student.dtype)).pow(2).mean(-1), mask)
+    squared = (student - teacher.to(student.dtype)).pow(2)
+    if mask is None:
+        return _per_query(squared.mean(-1), mask)
+    # average over real keys only: a sequence's loss must not shrink as the batch's padded
+    # length grows (TextBrewer's att_mse_loss masks keys the same way)
+    keys = mask[:, None, None, :].to(squared.dtype)
+    return _per_query((squared * keys).sum(-1) / keys.sum(-1).clamp_min(1.0), mask)
 
 
+@register_loss("attention_kl", kind="match", features="attention", same_heads=True)
 def attention_kl(student: torch.Tensor, teacher: torch.Tensor,
                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``KL(A_t[h, i, :] || A_s[h, i, :])`` for each head and unmasked query row, averaged

@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .registry import register_loss
 
+
+@register_loss("soft_cross_entropy", kind="logit")
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                        temperature: float = 1.0) -> torch.Tensor:
     """Cross-entropy of the student against the teacher's softened distribution.
@@ -21,7 +24,7 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
     Recipe block::
 
-        distill: {distil_loss: soft_cross_entropy, temperature: 2.0, alpha_distil: 0.5}
+        distill: {distill_loss: soft_cross_entropy, temperature: 2.0, alpha_distill: 0.5}
     """
     t = temperature
     p_teacher = F.softmax(teacher_logits / t, dim=-1)
@@ -29,6 +32,7 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return -(p_teacher * log_p_student).sum(-1).mean() * t * t
 
 
+@register_loss("kl_divergence", kind="logit")
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                   temperature: float = 1.0, reverse: bool = False) -> torch.Tensor:
     """KL divergence between softened distributions, scaled by ``T^2``.
@@ -38,7 +42,7 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
     Recipe block::
 
-        distill: {distil_loss: kl_divergence, temperature: 2.0}
+        distill: {distill_loss: kl_divergence, temperature: 2.0}
     """
     t = temperature
     log_s = F.log_softmax(student_logits / t, dim=-1)
@@ -48,17 +52,19 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * t * t
 
 
+@register_loss("reverse_kl_divergence", kind="logit")
 def reverse_kl_divergence(student_logits, teacher_logits, temperature: float = 1.0):
-    """``KL(p_s || p_t)``; see :func:`kl_divergence`. Recipe: ``distil_loss: reverse_kl_divergence``."""
+    """``KL(p_s || p_t)``; see :func:`kl_divergence`. Recipe: ``distill_loss: reverse_kl_divergence``."""
     return kl_divergence(student_logits, teacher_logits, temperature, reverse=True)
 
 
+@register_loss("logit_mse", kind="logit")
 def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
               temperature: float = 1.0) -> torch.Tensor:
     """Mean squared error between raw logits (Ba & Caruana 2014); temperature is unused.
 
     Recipe block::
 
-        distill: {distil_loss: logit_mse}
+        distill: {distill_loss: logit_mse}
     """
     return F.mse_loss(student_logits, teacher_logits.to(student_logits.dtype))

@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from .feature import masked_mean
+from .registry import register_loss
 
 
 def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
     return torch.cdist(x, x, p=2)
 
 
+@register_loss("rkd_distance", kind="match", features=("pooled", "cls"))
 def rkd_distance(student: torch.Tensor, teacher: torch.Tensor,
                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """RKD distance loss (Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019).
@@ -50,6 +52,7 @@ def rkd_distance(student: torch.Tensor, teacher: torch.Tensor,
     return F.smooth_l1_loss(normalised(student), target)
 
 
+@register_loss("rkd_angle", kind="match", features=("pooled", "cls"))
 def rkd_angle(student: torch.Tensor, teacher: torch.Tensor,
               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """RKD angle loss (Park et al., CVPR 2019).
@@ -80,6 +83,7 @@ def _row_normalised_gram(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x @ x.t(), p=2, dim=1)
 
 
+@register_loss("similarity_preserving", kind="match", features=("pooled", "cls"))
 def similarity_preserving(student: torch.Tensor, teacher: torch.Tensor,
                           mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Similarity-preserving loss (Tung & Mori, "Similarity-Preserving Knowledge Distillation",
@@ -114,6 +118,7 @@ def _relation_profiles(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(torch.where(eye, mean.expand_as(r), r) - mean, p=2, dim=1)
 
 
+@register_loss("contrastive_relation", kind="match", features=("pooled", "cls"))
 def contrastive_relation(student: torch.Tensor, teacher: torch.Tensor,
                          mask: Optional[torch.Tensor] = None,
                          tau: float = 0.1) -> torch.Tensor:
@@ -141,6 +146,7 @@ def contrastive_relation(student: torch.Tensor, teacher: torch.Tensor,
     return F.cross_entropy(logits, torch.arange(len(student), device=student.device))
 
 
+@register_loss("minilm_relation", kind="match", features="qkv")
 def minilm_relation(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
                     mask: Optional[torch.Tensor] = None,
                     relation_heads: int = 12) -> torch.Tensor:

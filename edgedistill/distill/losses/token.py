@@ -10,9 +10,10 @@ Zero probabilities (``-inf`` log-probabilities) are allowed: a bin where the fir
 a KL has no mass contributes exactly 0 (``0 log 0 = 0``), in the value and in the gradient, so a
 coarsened tail bin with ~0 mass never produces NaN.
 
-Recipe block (``distill.distil_loss`` names a key of :data:`TOKEN_LOSSES` for a causal LM)::
+Each registers itself as a ``token`` loss (:mod:`.registry`); ``distill.distill_loss`` names one
+for a causal LM::
 
-    distill: {distil_loss: generalized_jsd, loss_options: {beta: 0.5}, temperature: 1.0}
+    distill: {distill_loss: generalized_jsd, loss_options: {beta: 0.5}, temperature: 1.0}
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Callable
 import torch
 
 from ...errors import EdgeDistillError
+from .registry import TOKEN_LOSSES, get_loss, register_loss
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -65,6 +67,7 @@ def _check_range(loss: str, name: str, value, low: float, high: float, high_open
     return float(value)
 
 
+@register_loss("forward_kl", kind="token")
 def forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
     """Forward KL ``KL(p_t || p_s) = sum_c p_t (log p_t - log p_s)``, per position.
 
@@ -74,11 +77,12 @@ def forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
 
     Recipe block::
 
-        distill: {distil_loss: forward_kl, temperature: 1.0}
+        distill: {distill_loss: forward_kl, temperature: 1.0}
     """
     return _kl(t_logp, s_logp)
 
 
+@register_loss("reverse_kl", kind="token")
 def reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
     """Reverse KL ``KL(p_s || p_t) = sum_c p_s (log p_s - log p_t)``, per position.
 
@@ -88,11 +92,12 @@ def reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
 
     Recipe block::
 
-        distill: {distil_loss: reverse_kl, temperature: 1.0}
+        distill: {distill_loss: reverse_kl, temperature: 1.0}
     """
     return _kl(s_logp, t_logp)
 
 
+@register_loss("generalized_jsd", kind="token")
 def generalized_jsd(s_logp: torch.Tensor, t_logp: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
     """Generalised Jensen-Shannon divergence of GKD, per position.
 
@@ -108,7 +113,7 @@ def generalized_jsd(s_logp: torch.Tensor, t_logp: torch.Tensor, beta: float = 0.
 
     Recipe block::
 
-        distill: {distil_loss: generalized_jsd, loss_options: {beta: 0.5}}
+        distill: {distill_loss: generalized_jsd, loss_options: {beta: 0.5}}
     """
     beta = _check_range("generalized_jsd", "beta", beta, 0.0, 1.0, False,
                         "0 = forward KL, 1 = reverse KL, 0.5 = symmetric JSD")
@@ -120,6 +125,7 @@ def generalized_jsd(s_logp: torch.Tensor, t_logp: torch.Tensor, beta: float = 0.
     return beta * _kl(t_logp, log_m) + (1.0 - beta) * _kl(s_logp, log_m)
 
 
+@register_loss("skew_forward_kl", kind="token")
 def skew_forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
     """Skew forward KL ``KL(p_t || alpha p_t + (1 - alpha) p_s)``, per position.
 
@@ -130,7 +136,7 @@ def skew_forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, alpha: float = 0
 
     Recipe block::
 
-        distill: {distil_loss: skew_forward_kl, loss_options: {alpha: 0.1}}
+        distill: {distill_loss: skew_forward_kl, loss_options: {alpha: 0.1}}
     """
     alpha = _check_range("skew_forward_kl", "alpha", alpha, 0.0, 1.0, True,
                          "the teacher's share in the mixture; 0 = forward KL")
@@ -139,6 +145,7 @@ def skew_forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, alpha: float = 0
     return _kl(t_logp, _mix(t_logp, s_logp, alpha))
 
 
+@register_loss("skew_reverse_kl", kind="token")
 def skew_reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
     """Skew reverse KL ``KL(p_s || alpha p_s + (1 - alpha) p_t)``, per position.
 
@@ -147,22 +154,13 @@ def skew_reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, alpha: float = 0
 
     Recipe block::
 
-        distill: {distil_loss: skew_reverse_kl, loss_options: {alpha: 0.1}}
+        distill: {distill_loss: skew_reverse_kl, loss_options: {alpha: 0.1}}
     """
     alpha = _check_range("skew_reverse_kl", "alpha", alpha, 0.0, 1.0, True,
                          "the student's share in the mixture; 0 = reverse KL")
     if alpha == 0.0:
         return reverse_kl(s_logp, t_logp)
     return _kl(s_logp, _mix(s_logp, t_logp, alpha))
-
-
-TOKEN_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "generalized_jsd": generalized_jsd,
-    "skew_forward_kl": skew_forward_kl,
-    "skew_reverse_kl": skew_reverse_kl,
-}
 
 
 def loss_options(fn: Callable[..., torch.Tensor]) -> tuple[str, ...]:
@@ -177,8 +175,6 @@ def get_token_loss(name: str, where: str = "token_loss", **options) -> Callable[
     an unknown option or an out-of-range value raises it naming ``where``. Without options the
     registry's function is returned as is; with options, a function of ``(s_logp, t_logp)``.
     """
-    from . import get_loss  # the package's lookup, for the same close-match wording
-
     fn = get_loss(name, TOKEN_LOSSES, where)
     valid = loss_options(fn)
     unknown = sorted(set(options) - set(valid))

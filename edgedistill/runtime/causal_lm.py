@@ -19,9 +19,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import EdgeDistillError
-from .runtime import (WEIGHT_ONLY_SETTINGS, backend_of, check_cpu_only, onnx_file,
-                      open_onnx_session)
+from ..artifacts import WEIGHT_ONLY_SETTINGS, backend_of, onnx_file
+from ..errors import EdgeDistillError
+from .session import check_cpu_only, open_onnx_session
+from .weight_only import load_weight_only
 
 _ONNX_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                 "tensor(double)": np.float64}
@@ -104,7 +105,6 @@ class TorchCausalLM(CausalLM):
         self.torch = torch
         if (Path(folder) / WEIGHT_ONLY_SETTINGS).is_file():
             # Intel Neural Compressor's packed weights: transformers alone cannot read them
-            from .quantization.weight_only import load_weight_only
             self.model = load_weight_only(folder)
             self.config = self.model.config.to_dict()
             return

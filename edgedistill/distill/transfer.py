@@ -29,10 +29,27 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
-from datasets import (ClassLabel, Dataset, DatasetDict, Value, concatenate_datasets,
-                      load_dataset, load_from_disk)
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    Value,
+    concatenate_datasets,
+    load_dataset,
+    load_from_disk,
+)
 
-from .errors import EdgeDistillError
+from ..data import tokenize
+from ..errors import EdgeDistillError
+from ..sources import resolve_model
+from .teacher_generations import (
+    batch_seed,
+    check_generation_settings,
+    eos_ids,
+    pad_id,
+    sampling_config,
+)
+from .teacher_outputs import add_teacher_logits, is_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -174,49 +191,25 @@ def check_augment_settings(factor, methods, prefix: str = "augment.") -> tuple[s
     return methods
 
 
-def check_transfer_settings(cfg, causal: bool, alpha_distil: float, cache_teacher: bool,
-                            max_length: int) -> None:
+def check_transfer_settings(cfg, max_length: int) -> None:
     """Refuse a recipe's ``transfer`` block (a ``recipe.TransferConfig``) before any training
-    when it cannot work for the task: one line naming the setting and the fix."""
+    when it cannot work: one line naming the setting and the fix. Ranges are the recipe
+    fields' limits, checked when the recipe was read; what only one task takes (augmentation,
+    teacher generations) its task's preflight checks."""
     aug, gen = cfg.augment, cfg.generate
     methods = check_augment_settings(aug.factor, aug.methods, "transfer.augment.")
-    if cfg.batch_size < 1:
-        raise EdgeDistillError(f"transfer.batch_size: {cfg.batch_size} must be >= 1")
     for i, u in enumerate(cfg.unlabelled):
         if u.source != "train" and not Path(u.source).expanduser().exists():
             raise EdgeDistillError(f"transfer.unlabelled[{i}].source: {u.source or '(empty)'}: no "
                                    "such file or folder; give a text file, a data file, a "
                                    "save_to_disk folder or 'train'")
-        if u.max_samples is not None and u.max_samples < 1:
-            raise EdgeDistillError(f"transfer.unlabelled[{i}].max_samples: {u.max_samples} "
-                                   "must be >= 1")
-    if aug.paraphrases < 0:
-        raise EdgeDistillError(f"transfer.augment.paraphrases: {aug.paraphrases} must be >= 0")
-    if causal and (aug.factor or aug.paraphrases):
-        raise EdgeDistillError("transfer.augment.factor: augmentation is for classifiers; a "
-                               "language model learns from teacher generations "
-                               "(transfer.generate.prompts)")
-    if not causal and gen.prompts:
-        raise EdgeDistillError("transfer.generate.prompts: teacher generations are for task "
-                               "causal-lm; a classifier takes transfer.augment / unlabelled")
-    if not causal and cfg.active and alpha_distil <= 0:
-        raise EdgeDistillError("transfer: the transfer rows have only the teacher's soft "
-                               "targets, which distill.alpha_distil: 0 ignores; set it > 0")
     if "substitute" in methods and aug.factor:
         _wordnet()
     if aug.paraphrases:
-        from .sources import resolve_model
         resolve_model(aug.paraphraser)  # one line when it is neither local nor packaged
-    if not gen.prompts:
-        return
-    from .distill.generations import check_generation_settings
-    check_generation_settings(gen.prompts, gen.prompt_tokens, gen.new_tokens, gen.temperature,
-                              gen.top_p, max_length, cfg.batch_size)
-    if not 0 <= gen.lmbda <= 1:
-        raise EdgeDistillError(f"transfer.generate.lmbda: {gen.lmbda} must be between 0 and 1")
-    if gen.lmbda and cache_teacher:
-        raise EdgeDistillError("transfer.generate.lmbda: on-policy sequences are scored by the "
-                               "live teacher; set distill.cache_teacher: false (or lmbda: 0)")
+    if gen.prompts:
+        check_generation_settings(gen.prompts, gen.prompt_tokens, gen.new_tokens,
+                                  gen.temperature, gen.top_p, max_length, cfg.batch_size)
 
 
 def augment(texts: Sequence[str], factor: int, seed: int = 0,
@@ -279,8 +272,6 @@ def paraphrase(texts: Sequence[str], model, variants: int = 1, seed: int = 0,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .distill.generations import batch_seed, eos_ids, pad_id, sampling_config
-    from .sources import resolve_model
 
     if isinstance(model, tuple):
         lm, tokenizer = model
@@ -465,8 +456,6 @@ def build_transfer_set(texts: Sequence[str], teacher_dir_or_model, tokenizer, *,
     """
     from transformers import DataCollatorWithPadding
 
-    from .data import tokenize
-    from .distill.trainer import add_teacher_logits, is_causal_lm
 
     teacher = _teacher(teacher_dir_or_model)
     if is_causal_lm(teacher):

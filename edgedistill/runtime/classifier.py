@@ -11,39 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgeDistillError
-
-# the settings file of a PyTorch model packed by Intel Neural Compressor (quantization.weight_only)
-WEIGHT_ONLY_SETTINGS = "weight_only.json"
-
-
-def onnx_file(folder: Path) -> Path | None:
-    """The ONNX file in ``folder`` (quantized models keep optimum's ``model_quantized.onnx``)."""
-    files = sorted(Path(folder).glob("*.onnx"))
-    return files[0] if files else None
-
-
-def backend_of(folder: Path) -> str:
-    return "onnxruntime" if onnx_file(folder) is not None else "pytorch"
-
-
-def open_onnx_session(path: Path, threads: int | None = None,
-                      providers: list[str] | None = None):
-    """An onnxruntime session on ``threads`` intra-op threads (one inter-op thread: these
-    graphs run sequentially), with a load failure worded as a user-fixable error."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(path), options,
-                                    providers=providers or ["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
-        raise EdgeDistillError(
-            f"{path}: onnxruntime cannot load this model ({str(e).splitlines()[0][:200]}); "
-            "re-export it with `edgedistill export`")
+from ..artifacts import backend_of, onnx_file
+from ..errors import EdgeDistillError
+from .session import check_cpu_only, open_onnx_session
 
 
 class Predictor:
@@ -104,23 +74,3 @@ def load_predictor(folder: str | Path, threads: int | None = None,
     if not (folder / "config.json").is_file():
         raise EdgeDistillError(f"{folder}: neither an ONNX model nor a saved PyTorch model")
     return TorchPredictor(folder, threads)
-
-
-def check_cpu_only(folder: Path, providers: list[str] | None) -> None:
-    """PyTorch models run on the CPU here: refuse a profile that asks for another device
-    rather than label CPU numbers as that device's."""
-    other = [p for p in providers or [] if p != "CPUExecutionProvider"]
-    if other:
-        raise EdgeDistillError(f"{folder}: a PyTorch model runs on the CPU here; profiles with "
-                               f"{', '.join(other)} measure ONNX models only")
-
-
-def size_on_disk_mb(folder: str | Path) -> float:
-    """Size of the weights a device has to ship (model files, not tokenizer or configs)."""
-    folder = Path(folder)
-    onnx = onnx_file(folder)
-    if onnx is not None:  # the graph and its external weights, if it has any
-        files = [onnx, *folder.glob(onnx.name + "_data")]
-    else:
-        files = [*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")]
-    return sum(f.stat().st_size for f in files) / 1e6

@@ -16,22 +16,38 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, DataCollatorWithPadding, default_data_collator, set_seed)
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    default_data_collator,
+    set_seed,
+)
 
-from .data import TaskData, lm_blocks, tokenize
-from .distill import DistillationTrainer, DistillationTrainingArguments, make_student
-from .distill.generations import teacher_generations, with_generations
-from .distill.matching import PROJECTIONS
-from .distill.qat import attach_fake_quant, remove_fake_quant
-from .distill.student import check_same_tokenizer, select_layers, student_config
-from .distill.teacher_cache import (TeacherCacheDataset, build_teacher_cache, cache_fingerprint,
-                                    load_teacher_cache)
-from .distill.trainer import add_teacher_logits
-from .evaluation import classification_metrics
-from .recipe import (DataConfig, DistillConfig, GenerateConfig, StudentConfig, TeacherConfig,
-                     TrainingConfig, TransferConfig)
-from .sources import check_remote_code, resolve_model
+from ..data import TaskData, lm_blocks, tokenize
+from ..evaluation import classification_metrics
+from ..recipe import (
+    DataConfig,
+    DistillConfig,
+    GenerateConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainingConfig,
+    TransferConfig,
+)
+from ..sources import check_remote_code, resolve_model
+from .matching import PROJECTIONS
+from .qat import attach_fake_quant, remove_fake_quant
+from .student import check_same_tokenizer, make_student, select_layers, student_config
+from .teacher_cache import (
+    TeacherCacheDataset,
+    build_teacher_cache,
+    cache_fingerprint,
+    load_teacher_cache,
+)
+from .teacher_generations import teacher_generations, with_generations
+from .teacher_outputs import add_teacher_logits
+from .trainer import DistillationTrainer, DistillationTrainingArguments
 from .transfer import build_transfer_set, join_transfer, load_unlabelled, paraphrase
 
 log = logging.getLogger(__name__)
@@ -45,15 +61,10 @@ def class_weights(data: TaskData, how: str) -> list[float] | None:
     return (counts.sum() / (len(counts) * np.maximum(counts, 1.0))).tolist()
 
 
-def _arguments(cfg: TrainingConfig, data: TaskData, out: Path, seed: int, causal: bool = False,
+def _arguments(task, cfg: TrainingConfig, data: TaskData, out: Path, seed: int,
                **distill) -> DistillationTrainingArguments:
-    # A classifier keeps its best epoch by validation macro-F1, a language model by validation
-    # loss (the log of its perplexity); a language model's evaluation returns the loss alone,
-    # since gathering batch x length x vocabulary logits would not fit in memory.
-    selection = (dict(metric_for_best_model="loss", greater_is_better=False,
-                      prediction_loss_only=True, per_device_eval_batch_size=cfg.batch_size)
-                 if causal else dict(metric_for_best_model="macro_f1", per_device_eval_batch_size=64,
-                                     class_weights=class_weights(data, cfg.class_weights)))
+    """Training arguments shared by every training stage; the task says how the best epoch is
+    chosen (``task.selection``)."""
     return DistillationTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
@@ -61,7 +72,7 @@ def _arguments(cfg: TrainingConfig, data: TaskData, out: Path, seed: int, causal
         save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
         logging_strategy="epoch", report_to="none", seed=seed, data_seed=seed,
         dataloader_pin_memory=False, save_safetensors=True, disable_tqdm=False,
-        **selection, **distill)
+        **task.selection(cfg, data), **distill)
 
 
 def _metrics_fn(labels: list[str]):
@@ -92,50 +103,55 @@ def last_good_checkpoint(folder: Path) -> str | None:
     return None
 
 
-def _datasets(tokenizer, args, data: TaskData, data_cfg: DataConfig, teacher=None,
-              cache_dir: Path | None = None, cache_top_k: int = 64,
-              transfer: TransferConfig | None = None, transfer_cache: Path | None = None):
-    """What a training run reads: train and validation sets (with the teacher's outputs where
-    they are computed ahead, and the transfer set), collator, metrics, the teacher the trainer
-    still has to run (None when a cache replaces it) and the transfer record."""
+def classifier_sets(tokenizer, args, data: TaskData, data_cfg: DataConfig, teacher=None,
+                    cache_dir: Path | None = None, cache_top_k: int = 64,
+                    transfer: TransferConfig | None = None, transfer_cache: Path | None = None):
+    """A classifier's training and validation sets (the teacher's logits added once when only
+    logits are distilled), collator, metrics, the teacher the trainer still runs, and the
+    transfer record. ``cache_dir``, ``cache_top_k`` and ``transfer_cache`` serve language models
+    only; the signature is the one every task's ``training_sets`` has."""
     extra = {}
-    if data.labels:
-        train = tokenize(data.train, tokenizer, data_cfg.max_length)
-        validation = tokenize(data.validation, tokenizer, data_cfg.max_length)
-        collator, metrics = DataCollatorWithPadding(tokenizer), _metrics_fn(data.labels)
-        logits = teacher is not None and args.alpha_distil > 0 and not args.matches
-        if logits:
-            train = add_teacher_logits(train, teacher, collator)
-            validation = add_teacher_logits(validation, teacher, collator)
-        if transfer is not None and transfer.active:
-            train, extra["transfer"] = classifier_transfer(
-                train, transfer, data, teacher, tokenizer, data_cfg.max_length, args.seed, logits)
-    else:  # language modelling: fixed-length token blocks
-        if transfer is not None and transfer.active:
-            train, extra["transfer"] = lm_transfer(transfer, data, teacher, tokenizer,
-                                                   data_cfg.max_length, args.seed, transfer_cache)
-        else:
-            train = lm_blocks(data.train, tokenizer, data_cfg.max_length)
-        validation = lm_blocks(data.validation, tokenizer, data_cfg.max_length)
-        collator, metrics = default_data_collator, None
-        if cache_dir is not None and teacher is not None and args.alpha_distil > 0:
-            train = _cached_teacher(train, teacher, tokenizer, args, data_cfg, cache_dir,
-                                    cache_top_k)
-            teacher = None  # the cache replaces it: training never runs the teacher
+    train = tokenize(data.train, tokenizer, data_cfg.max_length)
+    validation = tokenize(data.validation, tokenizer, data_cfg.max_length)
+    collator, metrics = DataCollatorWithPadding(tokenizer), _metrics_fn(data.labels)
+    logits = teacher is not None and args.alpha_distill > 0 and not args.matches
+    if logits:
+        train = add_teacher_logits(train, teacher, collator)
+        validation = add_teacher_logits(validation, teacher, collator)
+    if transfer is not None and transfer.active:
+        train, extra["transfer"] = classifier_transfer(
+            train, transfer, data, teacher, tokenizer, data_cfg.max_length, args.seed, logits)
     return train, validation, collator, metrics, teacher, extra
 
 
-def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path,
-         prepared: tuple | None = None) -> dict:
-    """Train ``model`` on ``prepared`` (from :func:`_datasets`; the plain training and
-    validation sets when None) with best-epoch selection and resume from the last complete
-    checkpoint."""
-    prepared = prepared or _datasets(tokenizer, args, data, data_cfg)
+def lm_sets(tokenizer, args, data: TaskData, data_cfg: DataConfig, teacher=None,
+            cache_dir: Path | None = None, cache_top_k: int = 64,
+            transfer: TransferConfig | None = None, transfer_cache: Path | None = None):
+    """A language model's fixed-length token blocks for training (with the transfer set's
+    text and teacher generations, and the teacher's cached top-k when ``cache_dir`` is given:
+    the trainer then never runs the teacher) and validation, as :func:`classifier_sets`."""
+    extra = {}
+    if transfer is not None and transfer.active:
+        train, extra["transfer"] = lm_transfer(transfer, data, teacher, tokenizer,
+                                               data_cfg.max_length, args.seed, transfer_cache)
+    else:
+        train = lm_blocks(data.train, tokenizer, data_cfg.max_length)
+    validation = lm_blocks(data.validation, tokenizer, data_cfg.max_length)
+    if cache_dir is not None and teacher is not None and args.alpha_distill > 0:
+        train = _cached_teacher(train, teacher, tokenizer, args, data_cfg, cache_dir, cache_top_k)
+        teacher = None  # the cache replaces it: training never runs the teacher
+    return train, validation, default_data_collator, None, teacher, extra
+
+
+def _fit(model, tokenizer, args, out: Path, prepared: tuple) -> dict:
+    """Train ``model`` on ``prepared`` (a task's ``training_sets``) with best-epoch selection
+    and resume from the last complete checkpoint."""
     trainer = _trainer(model, tokenizer, args, prepared)
     last = last_good_checkpoint(out / "checkpoints")
     if last:
         log.warning("resuming training from %s", Path(last).name)
     result = trainer.train(resume_from_checkpoint=last)
+    selection = _selection(trainer.state.log_history, args)  # before evaluate() adds a row
     best = trainer.evaluate()
     trainer.save_model(str(out / "model"))
     # Checkpoints only serve a resume; the finished stage keeps the best model alone.
@@ -143,7 +159,19 @@ def _fit(model, tokenizer, args, data: TaskData, data_cfg: DataConfig, out: Path
     return {"train_seconds": result.metrics.get("train_runtime"),
             "train_loss": result.metrics.get("train_loss"),
             "validation": {k.removeprefix("eval_"): v for k, v in best.items()},
-            "log_history": trainer.state.log_history, **prepared[-1]}
+            "selection": selection, "log_history": trainer.state.log_history, **prepared[-1]}
+
+
+def _selection(history: list[dict], args) -> dict:
+    """The metric that chose the best epoch, its value after each epoch, and whether the last
+    epoch still improved it: then training stopped while the model was still learning (the
+    report flags an under-fit teacher)."""
+    metric = args.metric_for_best_model
+    values = [h[f"eval_{metric}"] for h in history if f"eval_{metric}" in h]
+    sign = 1 if args.greater_is_better else -1
+    improved = len(values) >= 2 and sign * values[-1] > sign * max(values[:-1], key=lambda v: sign * v)
+    return {"metric": metric, "greater_is_better": bool(args.greater_is_better),
+            "per_epoch": values, "last_epoch_improved": improved}
 
 
 def _trainer(model, tokenizer, args, prepared: tuple) -> DistillationTrainer:
@@ -225,28 +253,19 @@ def _cached_teacher(train, teacher, tokenizer, args, data_cfg: DataConfig, cache
     return TeacherCacheDataset(train, logprobs, indices)
 
 
-def load_model(path: Path, causal: bool, trust_remote_code: bool = False, **kwargs):
-    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
-    return auto.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-
-
-def finetune_teacher(model_path: Path, cfg: TeacherConfig, data: TaskData, data_cfg: DataConfig,
-                     out: Path, seed: int) -> dict:
-    """Fit the teacher on the task: a classifier (pretrained body, new head) on the labels, a
-    language model on the training text."""
+def finetune_teacher(task, model_path: Path, cfg: TeacherConfig, data: TaskData,
+                     data_cfg: DataConfig, out: Path, seed: int) -> dict:
+    """Fit the teacher on the task (``task.new_head`` says what head it gets: a classifier a
+    fresh one for the labels, a language model none)."""
     set_seed(seed)
-    causal = not data.labels
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
-    head = {} if causal else dict(
-        num_labels=len(data.labels), id2label=dict(enumerate(data.labels)),
-        label2id={n: i for i, n in enumerate(data.labels)}, ignore_mismatched_sizes=True)
-    model = load_model(model_path, causal, cfg.trust_remote_code, **head)
+    model = task.load_model(model_path, cfg.trust_remote_code, **task.new_head(data.labels))
     if not cfg.finetune:
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
         return {"finetuned": False}
-    args = _arguments(cfg, data, out, seed, causal)
-    record = _fit(model, tokenizer, args, data, data_cfg, out)
+    args = _arguments(task, cfg, data, out, seed)
+    record = _fit(model, tokenizer, args, out, task.training_sets(tokenizer, args, data, data_cfg))
     tokenizer.save_pretrained(out / "model")
     return {"finetuned": True, **record}
 
@@ -270,19 +289,16 @@ def plan_student(teacher_path: Path, teacher_config, cfg: StudentConfig,
     return student_config(teacher_config, cfg.num_layers, cfg.init, **cfg.config), None
 
 
-def build_student(teacher, cfg: StudentConfig, causal: bool = False):
+def build_student(task, teacher, cfg: StudentConfig):
     """The student a recipe asks for: another pretrained model, or one made from the teacher."""
     if cfg.model:
-        config = teacher.config
-        head = {} if causal else dict(num_labels=config.num_labels, id2label=config.id2label,
-                                      label2id=config.label2id, ignore_mismatched_sizes=True)
-        return load_model(resolve_model(cfg.model), causal, **head)
+        return task.load_model(resolve_model(cfg.model), **task.student_head(teacher.config))
     return make_student(teacher, cfg.layers, cfg.num_layers, cfg.layer_ids, cfg.init,
                         **cfg.config)
 
 
-def _quantization_aware(student, tokenizer, args, cfg: DistillConfig, scheme, data: TaskData,
-                        data_cfg: DataConfig, out: Path, prepared: tuple) -> dict:
+def _quantization_aware(student, tokenizer, args, cfg: DistillConfig, scheme, out: Path,
+                        prepared: tuple) -> dict:
     """The int8-aware phase: the distilled student trains on through fake quantization
     (edgedistill.distill.qat) at a lower learning rate and keeps its best epoch by validation
     macro-F1 *as int8*. That epoch replaces the float phase's model in ``out / 'model'`` (as a
@@ -296,7 +312,7 @@ def _quantization_aware(student, tokenizer, args, cfg: DistillConfig, scheme, da
     metric = qat_args.metric_for_best_model
     # the float phase's sets: the teacher labels and the transfer set are not made twice
     before = _trainer(student, tokenizer, qat_args, prepared).evaluate()[f"eval_{metric}"]
-    record = _fit(student, tokenizer, qat_args, data, data_cfg, out / "qat", prepared)
+    record = _fit(student, tokenizer, qat_args, out / "qat", prepared)
     remove_fake_quant(student)
     kept = record["validation"][metric] > before
     if kept:
@@ -320,7 +336,7 @@ def _on_policy_settings(gen: GenerateConfig) -> dict:
                 generation_top_p=gen.top_p, generation_new_tokens=gen.new_tokens)
 
 
-def distil_student(teacher_dir: Path, student_cfg: StudentConfig, cfg: DistillConfig,
+def distill_student(task, teacher_dir: Path, student_cfg: StudentConfig, cfg: DistillConfig,
                    data: TaskData, data_cfg: DataConfig, out: Path, seed: int,
                    trust_remote_code: bool = False, cache_dir: Path | None = None,
                    transfer: TransferConfig | None = None,
@@ -332,30 +348,30 @@ def distil_student(teacher_dir: Path, student_cfg: StudentConfig, cfg: DistillCo
     edgedistill.distill.qat.Int8Scheme) a last phase of ``cfg.qat_epochs`` trains through the
     int8 rounding; a stage killed during it resumes with that phase."""
     set_seed(seed)
-    causal = not data.labels
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=trust_remote_code)
-    teacher = load_model(teacher_dir, causal, trust_remote_code).eval()
-    student = build_student(teacher, student_cfg, causal)
-    args = _arguments(cfg, data, out, seed, causal, temperature=cfg.temperature,
-                      alpha_ce=cfg.alpha_ce, alpha_distil=cfg.alpha_distil,
-                      distil_loss=cfg.distil_loss, loss_options=dict(cfg.loss_options),
+    teacher = task.load_model(teacher_dir, trust_remote_code).eval()
+    student = build_student(task, teacher, student_cfg)
+    args = _arguments(task, cfg, data, out, seed, temperature=cfg.temperature,
+                      alpha_ce=cfg.alpha_ce, alpha_distill=cfg.alpha_distill,
+                      distill_loss=cfg.distill_loss, loss_options=dict(cfg.loss_options),
                       matches=[asdict(m) for m in cfg.matches],
                       **(_on_policy_settings(transfer.generate) if transfer else {}))
-    cache = cache_dir if causal and cfg.cache_teacher else None
-    prepared = _datasets(tokenizer, args, data, data_cfg, teacher=teacher, cache_dir=cache,
-                         cache_top_k=cfg.cache_top_k, transfer=transfer,
-                         transfer_cache=transfer_cache)
+    # the task's preflight refuses cache_teacher where it does not apply
+    prepared = task.training_sets(tokenizer, args, data, data_cfg, teacher=teacher,
+                                  cache_dir=cache_dir if cfg.cache_teacher else None,
+                                  cache_top_k=cfg.cache_top_k, transfer=transfer,
+                                  transfer_cache=transfer_cache)
     finished = out / "distilled.json"  # the float phase's record, once its model is saved
     if qat_scheme is not None and finished.is_file():
         log.warning("float distillation already finished; resuming with the int8-aware phase")
         record = json.loads(finished.read_text())
-        student = load_model(out / "model", causal)
+        student = task.load_model(out / "model")
     else:
-        record = _fit(student, tokenizer, args, data, data_cfg, out, prepared)
+        record = _fit(student, tokenizer, args, out, prepared)
     if qat_scheme is not None:
         finished.write_text(json.dumps(record, default=str))
-        record["qat"] = _quantization_aware(student, tokenizer, args, cfg, qat_scheme, data,
-                                            data_cfg, out, prepared)
+        record["qat"] = _quantization_aware(student, tokenizer, args, cfg, qat_scheme, out,
+                                            prepared)
         finished.unlink()
     tokenizer.save_pretrained(out / "model")
     return {"teacher_layers": getattr(student.config, "edgedistill_teacher_layers", None),

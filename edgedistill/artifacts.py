@@ -1,0 +1,71 @@
+"""Model folders on disk: finding the graph, measuring what ships, copying what a deployment
+needs beside it, and writing files so that a killed process never leaves a half-written one
+under the final name.
+
+The ground floor: every stage writes artifact folders through these helpers, so the rules
+(which file is the model, what counts towards its size, what travels with it) are written once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+# Files a deployment needs next to the graph: the tokenizer, the label names, and for a causal
+# LM its generation defaults (eos, pad) and chat template.
+SIDECAR_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json", "tokenizer.model", "merges.txt",
+                 "generation_config.json", "chat_template.jinja")
+
+# the settings file of a PyTorch model packed by Intel Neural Compressor (quantization.weight_only)
+WEIGHT_ONLY_SETTINGS = "weight_only.json"
+
+
+def onnx_file(folder: str | Path) -> Path | None:
+    """The ONNX file in ``folder`` (quantized models keep optimum's ``model_quantized.onnx``)."""
+    files = sorted(Path(folder).glob("*.onnx"))
+    return files[0] if files else None
+
+
+def backend_of(folder: str | Path) -> str:
+    return "onnxruntime" if onnx_file(folder) is not None else "pytorch"
+
+
+def size_on_disk_mb(folder: str | Path) -> float:
+    """Size of the weights a device has to ship (model files, not tokenizer or configs)."""
+    folder = Path(folder)
+    onnx = onnx_file(folder)
+    if onnx is not None:  # the graph and its external weights, if it has any
+        files = [onnx, *folder.glob(onnx.name + "_data")]
+    else:
+        files = [*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")]
+    return sum(f.stat().st_size for f in files) / 1e6
+
+
+def copy_sidecars(source: Path, target: Path) -> None:
+    """Copy :data:`SIDECAR_FILES` that ``source`` has and ``target`` lacks, so every model
+    folder the pipeline writes can be deployed (or benchmarked) on its own."""
+    for name in SIDECAR_FILES:
+        if (source / name).is_file() and not (target / name).is_file():
+            shutil.copy2(source / name, target / name)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, renamed into
+    place: readers (and a rerun after a kill) see the old file or the new one, never half.
+    The temporary name carries the process id, so concurrent writers do not collide."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def publish_folder(partial: Path, final: Path) -> None:
+    """Move a completely written folder to its final name, replacing an older one there."""
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)

@@ -1,0 +1,154 @@
+"""The task interface: everything in a run that differs by what the model does.
+
+A task says how its data are prepared, which transformers class loads its teacher and student,
+how training keeps its best epoch, which distillation losses it accepts, what its preflight
+refuses, which models the quantize stage writes beside the int8 student, how the models are
+evaluated and benchmarked, and how the report shows them. The pipeline runs the stages in order
+and asks the run's task at each point where tasks differ; it never asks which task it has.
+
+Task methods that do stage work receive the pipeline's run (``run.recipe``, ``run.target``,
+``run.data``, ``run.console``): tasks sit below the pipeline and do not import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data import TaskData, load_task_data
+from ..errors import EdgeDistillError
+from ..mobile import phone_artifact
+from ..profiles import Target
+from ..quantization import quantize
+from ..recipe import DataConfig, QuantizeConfig, Recipe, TrainingConfig
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the report's results table: its header, the path of the value in a
+    model's report row (``metrics.macro_f1``, ``latency.p50_ms``) and its decimals."""
+
+    header: str
+    path: str
+    digits: int = 3
+
+
+@dataclass(frozen=True)
+class ReportView:
+    """How the report shows a task's models (stored whole in report.json, so the report is
+    drawn again from that file alone): the table's columns, the sentence above it, the plots'
+    axes (a speed and a quality per model) and the training lines' validation score."""
+
+    columns: tuple[Column, ...]
+    # the sentence above the table, formatted with the report's test_rows / test_tokens and
+    # the first timed model's benchmark fields (batch_size, threads, profile, ...)
+    setting: str
+    quality: str            # path of the plots' quality in a model row
+    quality_label: str
+    higher_is_better: bool
+    timing: str             # the row field holding the timing: p50_ms and percentiles_ms
+    speed_label: str        # what one timed unit is ("latency per inference, ms")
+    roofline_measure: str   # what the roofline compares with ("p50")
+    validation: str         # formatted with the validation metrics (and perplexity = e^loss)
+
+
+class Task:
+    """Base class of a task plug-in; see the module docstring. Subclasses set the class
+    attributes and implement :meth:`evaluate` and :meth:`bench`."""
+
+    name: str = ""
+    labelled: bool = True           # the data carry a label column
+    auto_model = None               # transformers Auto class of teacher and student
+    report: ReportView
+
+    # ------------------------------------------------------------------ data and models
+
+    def load_data(self, cfg: DataConfig, seed: int) -> TaskData:
+        return load_task_data(cfg, seed, labelled=self.labelled)
+
+    def load_model(self, path: Path, trust_remote_code: bool = False, **kwargs):
+        return self.auto_model.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                               **kwargs)
+
+    def new_head(self, labels: list[str] | None) -> dict:
+        """Loading keywords that give a pretrained teacher this task's head."""
+        return {}
+
+    def student_head(self, teacher_config) -> dict:
+        """Loading keywords that give another pretrained student the teacher's head."""
+        return {}
+
+    def selection(self, cfg: TrainingConfig, data: TaskData) -> dict:
+        """Training arguments that choose the best epoch (and how evaluation runs)."""
+        raise NotImplementedError
+
+    def training_sets(self, tokenizer, args, data: TaskData, data_cfg: DataConfig, **kw):
+        """(train, validation, collator, metrics, teacher still to run, record): see
+        :func:`edgedistill.distill.training.classifier_sets`."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ preflight
+
+    def check(self, recipe: Recipe) -> None:
+        """Refuse settings that make no sense for this task (one line each, naming the key)."""
+
+    def qat_scheme(self, recipe: Recipe, target: Target):
+        """The int8 scheme quantization-aware distillation simulates, or None."""
+        return None
+
+    def needs_calibration(self, q: QuantizeConfig) -> bool:
+        """Whether the quantize stage calibrates on training texts."""
+        return q.mode == "static"
+
+    # ------------------------------------------------------------------ stages
+
+    def quantize(self, run, onnx_dir: Path, out: Path, student_dir: Path) -> dict:
+        """The quantize stage's work: the int8 student (and its phone copy where the profile
+        asks); tasks add their own models (int4, fp16) around it."""
+        record = self.int8(run, onnx_dir, out, student_dir)
+        if run.target.mobile_artifact:
+            record["mobile"] = phone_artifact(out / "student-int8", out / "student-int8-mobile")
+        return record
+
+    def int8(self, run, onnx_dir: Path, out: Path, student_dir: Path) -> dict:
+        r = run.recipe
+        return quantize(onnx_dir, out / "student-int8", r.quantize, run.target,
+                        calibration_texts=run.calibration_texts(), max_length=r.data.max_length)
+
+    def models(self, run, teacher: Path, student: Path, exported: Path,
+               quantized: Path) -> list[dict]:
+        """The models the report compares, teacher first (the reference for agreement)."""
+        models = [model_row("teacher", "teacher", "pytorch", "fp32", teacher)]
+        if run.recipe.export.export_teacher:
+            models.append(model_row("teacher-onnx", "teacher", "onnxruntime", "fp32",
+                                    exported / "teacher"))
+        return models + [
+            model_row("student", "student", "pytorch", "fp32", student),
+            model_row("student-onnx", "student", "onnxruntime", "fp32", exported / "student"),
+            model_row("student-int8", "student", "onnxruntime", "int8",
+                      quantized / "student-int8"),
+        ]
+
+    def evaluate(self, run, models: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def bench(self, run, models: list[dict]) -> dict:
+        raise NotImplementedError
+
+
+def model_row(name: str, role: str, backend: str, precision: str, path: Path) -> dict:
+    """A model the report compares."""
+    return {"name": name, "role": role, "backend": backend, "precision": precision, "path": path}
+
+
+def refuse(condition: bool, message: str) -> None:
+    """Preflight's one-line refusal."""
+    if condition:
+        raise EdgeDistillError(message)
+
+
+def print_over_budget(console, name: str, result: dict) -> bool:
+    if "over_budget" in result:
+        console.print(f"  {name:<14} [red]{result['over_budget']}[/red]")
+        return True
+    return False

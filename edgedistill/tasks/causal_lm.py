@@ -1,0 +1,138 @@
+"""Causal language modelling: a decoder teacher, a decoder student with fewer blocks, scored by
+perplexity and next-token agreement on held-out text and timed as whole generations (first
+token, then decode steps with a KV cache)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..bench.generation import GenerationSettings, benchmark_generation
+from ..data import lm_blocks
+from ..distill.trainer import check_causal_lm_settings
+from ..distill.training import lm_sets
+from ..evaluation import evaluate_lm
+from ..quantization import quantize_int4
+from ..quantization.weight_only import quantize_weight_only
+from ..recipe import QuantizeConfig, Recipe
+from .base import Column, ReportView, Task, model_row, print_over_budget, refuse
+
+
+class CausalLMTask(Task):
+    name = "causal-lm"
+    labelled = False
+    auto_model = AutoModelForCausalLM
+    report = ReportView(
+        columns=(Column("perplexity", "metrics.perplexity", 2),
+                 Column("next-token agreement", "metrics.next_token_agreement"),
+                 Column("first token p50 ms", "ttft_ms.p50_ms", 2),
+                 Column("ms / token p50", "tpot_ms.p50_ms", 2),
+                 Column("decode tokens/s", "decode_tokens_per_s", 1)),
+        setting=("Perplexity on {test_tokens} held-out test tokens. Generation: prompt of "
+                 "{prompt_tokens} tokens, then {new_tokens} greedy tokens with a KV cache, batch "
+                 "1, {threads} threads, profile `{profile}`; each model in its own process."),
+        quality="metrics.perplexity", quality_label="perplexity on held-out text",
+        higher_is_better=False, timing="tpot_ms", speed_label="time per generated token, ms",
+        roofline_measure="first token (prefill)",
+        validation="validation perplexity {perplexity:.2f}")
+
+    def selection(self, cfg, data):
+        # the best epoch by validation loss (the log of its perplexity); evaluation returns the
+        # loss alone, since batch x length x vocabulary logits would not fit in memory
+        return dict(metric_for_best_model="loss", greater_is_better=False,
+                    prediction_loss_only=True, per_device_eval_batch_size=cfg.batch_size)
+
+    def training_sets(self, tokenizer, args, data, data_cfg, **kw):
+        return lm_sets(tokenizer, args, data, data_cfg, **kw)
+
+    # ------------------------------------------------------------------ preflight
+
+    def check(self, r: Recipe) -> None:
+        check_causal_lm_settings(r.distill, "distill.")
+        q, aug = r.quantize, r.transfer.augment
+        refuse(q.mode == "static", "quantize.mode: static calibration of a decoder with a KV "
+               "cache is not supported yet; use dynamic (or int4: true)")
+        refuse(q.tolerable_loss is not None, "quantize.tolerable_loss: accuracy-aware tuning "
+               "is for classifiers (it judges on validation labels); remove it")
+        refuse(bool(r.distill.qat_epochs), "distill.qat_epochs: quantization-aware "
+               "distillation is for classifiers; a language model's int4 path calibrates with "
+               "GPTQ (quantize.int4_algorithm: gptq)")
+        refuse(bool(aug.factor or aug.paraphrases), "transfer.augment.factor: augmentation is "
+               "for classifiers; a language model learns from teacher generations "
+               "(transfer.generate.prompts)")
+
+    def needs_calibration(self, q: QuantizeConfig) -> bool:
+        return (q.int4 and q.int4_algorithm == "gptq") or q.pytorch_int4 in ("gptq", "awq")
+
+    # ------------------------------------------------------------------ stages
+
+    def quantize(self, run, onnx_dir: Path, out: Path, student_dir: Path) -> dict:
+        record = super().quantize(run, onnx_dir, out, student_dir)
+        q, length, texts = run.recipe.quantize, run.recipe.data.max_length, run.calibration_texts()
+        if q.int4:
+            record["int4"] = quantize_int4(
+                onnx_dir, out / "student-int4", q.int4_block_size, q.int4_accuracy_level,
+                algorithm=q.int4_algorithm, calibration_texts=texts,
+                calibration_samples=q.calibration_samples, max_length=length)
+        if q.pytorch_int4:
+            record["pytorch_int4"] = quantize_weight_only(
+                student_dir, out / "student-int4-pytorch", q.pytorch_int4,
+                group_size=q.int4_block_size, calibration_texts=texts or (),
+                calibration_samples=q.calibration_samples, max_length=length)
+        return record
+
+    def models(self, run, teacher, student, exported, quantized) -> list[dict]:
+        models = super().models(run, teacher, student, exported, quantized)
+        q = run.recipe.quantize
+        if q.int4:
+            models.append(model_row("student-int4", "student", "onnxruntime", "int4",
+                                    quantized / "student-int4"))
+        if q.pytorch_int4:
+            models.append(model_row("student-int4-pytorch", "student", "pytorch", "int4",
+                                    quantized / "student-int4-pytorch"))
+        return models
+
+    def _test_blocks(self, run, model_dir: Path):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return tokenizer, lm_blocks(run.data.test, tokenizer, run.recipe.data.max_length)
+
+    def evaluate(self, run, models: list[dict]) -> dict:
+        cfg = run.recipe.evaluate
+        tokenizer, blocks = self._test_blocks(run, models[0]["path"])
+        ids = np.asarray(blocks["input_ids"])
+        # prompts: the first words of test texts the blocks start with
+        prompts = [row[:16] for row in tokenizer(list(run.data.test["text"][:cfg.generations]),
+                                                 add_special_tokens=False)["input_ids"]]
+        results, reference = {}, None
+        for m in models:
+            metrics = evaluate_lm(m["path"], ids, cfg.batch_size, reference, prompts,
+                                  cfg.generation_tokens, tokenizer.eos_token_id)
+            if reference is None:
+                reference = metrics["predictions"]
+                metrics["next_token_agreement"] = 1.0
+            metrics["generations"] = [
+                {"prompt": tokenizer.decode(p), "continuation": tokenizer.decode(g)}
+                for p, g in zip(prompts, metrics["generations"])]
+            results[m["name"]] = metrics
+            run.console.print(f"  {m['name']:<14} perplexity {metrics['perplexity']:.2f}  "
+                              f"next-token agreement {metrics['next_token_agreement']:.3f}")
+        return {"test_blocks": len(ids), "test_tokens": int(ids.size), "models": results}
+
+    def bench(self, run, models: list[dict]) -> dict:
+        b = run.recipe.bench
+        _, blocks = self._test_blocks(run, models[0]["path"])
+        # a timed run is one whole generation: prompt, first token, new_tokens decode steps
+        settings = GenerationSettings(prompt_tokens=b.sequence_length, new_tokens=b.new_tokens,
+                                      warmup=b.warmup, iterations=b.iterations, rounds=b.rounds)
+        prompt = [t for row in blocks["input_ids"] for t in row][:b.sequence_length]
+        results = benchmark_generation([m["path"] for m in models], run.target, prompt,
+                                       settings)
+        for m, result in zip(models, results):
+            if not print_over_budget(run.console, m["name"], result):
+                run.console.print(
+                    f"  {m['name']:<14} first token {result['ttft_ms']['p50_ms']:.1f} ms  "
+                    f"{result['decode_tokens_per_s']:.1f} tokens/s  "
+                    f"peak RSS {result['peak_rss_mb']:.0f} MB")
+        return {"models": {m["name"]: r for m, r in zip(models, results)}}

@@ -1,0 +1,148 @@
+"""Text classification: a fine-tuned classifier teacher, a smaller classifier student, scored
+by accuracy and macro-F1 on the test split and timed one forward pass at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoModelForSequenceClassification
+
+from ..bench.runner import BenchSettings, benchmark
+from ..distill.qat import fake_quant_matches_onnxruntime, int8_scheme
+from ..distill.trainer import check_classifier_settings
+from ..distill.training import class_weights, classifier_sets
+from ..evaluation import evaluate
+from ..quantization import int8_config, to_fp16
+from ..quantization.tuning import tune
+from ..recipe import QuantizeConfig, Recipe
+from .base import Column, ReportView, Task, model_row, print_over_budget, refuse
+
+# what tuning reports about its search, apart from the chosen model's quantize record
+TUNING_KEYS = ("passed", "metric", "tolerable_loss", "max_trials", "baseline", "trials",
+               "chosen", "skipped", "ranking")
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    labelled = True
+    auto_model = AutoModelForSequenceClassification
+    report = ReportView(
+        columns=(Column("accuracy", "metrics.accuracy"), Column("macro-F1", "metrics.macro_f1"),
+                 Column("agreement", "metrics.agreement"), Column("p50 ms", "latency.p50_ms", 2),
+                 Column("p99 ms", "latency.p99_ms", 2),
+                 Column("p50 ms real lengths", "latency_real_lengths.p50_ms", 2)),
+        setting=("Test split: {test_rows} rows. Latency: batch {batch_size}, sequence "
+                 "{sequence_length}, {threads} threads, profile `{profile}`; each model in its "
+                 "own process."),
+        quality="metrics.macro_f1", quality_label="macro-F1 on the test split",
+        higher_is_better=True, timing="latency", speed_label="latency per inference, ms",
+        roofline_measure="p50", validation="validation macro-F1 {macro_f1:.3f}")
+
+    def new_head(self, labels):
+        return dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                    label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
+
+    def student_head(self, config):
+        return dict(num_labels=config.num_labels, id2label=config.id2label,
+                    label2id=config.label2id, ignore_mismatched_sizes=True)
+
+    def selection(self, cfg, data):
+        # the best epoch by validation macro-F1
+        return dict(metric_for_best_model="macro_f1", per_device_eval_batch_size=64,
+                    class_weights=class_weights(data, cfg.class_weights))
+
+    def training_sets(self, tokenizer, args, data, data_cfg, **kw):
+        return classifier_sets(tokenizer, args, data, data_cfg, **kw)
+
+    # ------------------------------------------------------------------ preflight
+
+    def check(self, r: Recipe) -> None:
+        check_classifier_settings(r.distill, "distill.")
+        q, d, t = r.quantize, r.distill, r.transfer
+        refuse(d.cache_teacher or q.int4 or q.pytorch_int4,
+               "distill.cache_teacher, quantize.int4 and quantize.pytorch_int4 are for task "
+               "causal-lm; a classifier's logits are cached already and its int8 path is "
+               "quantize.mode")
+        refuse(bool(t.generate.prompts), "transfer.generate.prompts: teacher generations are "
+               "for task causal-lm; a classifier takes transfer.augment / unlabelled")
+        refuse(t.active and d.alpha_distill <= 0, "transfer: the transfer rows have only the "
+               "teacher's soft targets, which distill.alpha_distill: 0 ignores; set it > 0")
+
+    def qat_scheme(self, r: Recipe, target):
+        if not r.distill.qat_epochs:
+            return None
+        return int8_scheme(int8_config(r.quantize, target)[0])
+
+    def needs_calibration(self, q: QuantizeConfig) -> bool:
+        # tuning tries static settings first
+        return q.mode == "static" or q.tolerable_loss is not None
+
+    # ------------------------------------------------------------------ stages
+
+    def quantize(self, run, onnx_dir: Path, out: Path, student_dir: Path) -> dict:
+        record = super().quantize(run, onnx_dir, out, student_dir)
+        if run.qat_scheme:
+            # the int8-aware phase simulated this model's rounding: check that it did
+            record["qat_check"] = fake_quant_matches_onnxruntime(
+                student_dir, out / "student-int8", list(run.data.validation["text"])[:64],
+                run.qat_scheme, run.recipe.data.max_length)
+        if run.target.fp16:
+            record["fp16"] = to_fp16(onnx_dir, out / "student-fp16")
+        return record
+
+    def int8(self, run, onnx_dir: Path, out: Path, student_dir: Path) -> dict:
+        if run.recipe.quantize.tolerable_loss is None:
+            return super().int8(run, onnx_dir, out, student_dir)
+        return self._tune(run, onnx_dir, out, student_dir)
+
+    def _tune(self, run, onnx_dir: Path, out: Path, student_dir: Path) -> dict:
+        """Accuracy-aware int8 (:mod:`edgedistill.quantization.tuning`) judged on the validation
+        split. When no setting passes, the default int8 model goes on to evaluation and the
+        report, marked as not meeting the tolerance."""
+        r, validation = run.recipe, run.data.validation
+        q = r.quantize
+        result = tune(onnx_dir, out / "student-int8", list(validation["text"]),
+                      list(validation["label"]), run.data.labels, q, run.target,
+                      calibration_texts=run.calibration_texts(), max_length=r.data.max_length)
+        summary = {k: result.pop(k) for k in TUNING_KEYS}
+        if not summary["passed"]:
+            run.console.print(
+                f"[red]tuning: no int8 setting kept {summary['metric']} within "
+                f"{q.tolerable_loss:.1%} of fp32 in {len(summary['trials'])} trials; "
+                "student-int8 is the untuned default, marked as failing[/red]")
+            result = super().int8(run, onnx_dir, out, student_dir)
+        return {**result, "tuning": {**summary, "texts": len(validation)}}
+
+    def models(self, run, teacher, student, exported, quantized) -> list[dict]:
+        models = super().models(run, teacher, student, exported, quantized)
+        if run.target.fp16:
+            models.append(model_row("student-fp16", "student", "onnxruntime", "fp16",
+                                    quantized / "student-fp16"))
+        return models
+
+    def evaluate(self, run, models: list[dict]) -> dict:
+        test, r = run.data.test, run.recipe
+        results, reference = {}, None
+        for m in models:
+            metrics = evaluate(m["path"], test, run.data.labels, r.evaluate.batch_size,
+                               r.data.max_length, reference_predictions=reference)
+            if reference is None:
+                reference = metrics["predictions"]
+                metrics["agreement"] = 1.0
+            results[m["name"]] = metrics
+            run.console.print(f"  {m['name']:<14} accuracy {metrics['accuracy']:.3f}  "
+                              f"macro-F1 {metrics['macro_f1']:.3f}")
+        return {"test_rows": len(test), "labels": run.data.labels, "models": results}
+
+    def bench(self, run, models: list[dict]) -> dict:
+        b = run.recipe.bench
+        settings = BenchSettings(b.warmup, b.iterations, b.min_seconds, b.batch_size,
+                                 b.sequence_length, b.real_length_samples,
+                                 run.recipe.data.max_length, rounds=b.rounds)
+        results = benchmark([m["path"] for m in models], run.target,
+                            list(run.data.test["text"]), settings)
+        for m, result in zip(models, results):
+            if not print_over_budget(run.console, m["name"], result):
+                run.console.print(f"  {m['name']:<14} p50 {result['latency']['p50_ms']:.2f} ms"
+                                  f"  peak RSS {result['peak_rss_mb']:.0f} MB")
+        return {"models": {m["name"]: r for m, r in zip(models, results)}}
