@@ -480,11 +480,16 @@ def write_report(report: dict, out: str | Path, plots: bool = True) -> Path:
 
 def print_summary(report: dict, console: Console | None = None) -> None:
     console = console or Console()
-    table = Table(title=f"edgedistill: {report['name']}")
-    for h in _headers(report):
-        table.add_column(h, justify="left" if h == "model" else "right")
+    # the summary's few columns (the task's choice, with model, precision and size): a full
+    # row of eleven cut every cell to three letters in an 80-column terminal or log
+    headers = _headers(report)
+    keep = [headers.index(h) for h in ("model", "precision", *report["view"]["summary"],
+                                       "size MB")]
+    table = Table(title=f"edgedistill: {report['name']} (all columns: report.md)")
+    for i in keep:
+        table.add_column(headers[i], justify="left" if i == 0 else "right")
     for r in _table_rows(report):
-        table.add_row(*r)
+        table.add_row(*(r[i] for i in keep))
     console.print(table)
     for w in report.get("warnings", []):
         console.print(f"  [yellow]warning[/yellow]  {w}")

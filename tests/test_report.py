@@ -188,3 +188,15 @@ def test_an_under_fit_or_outgrown_teacher_is_flagged():
     settled = {"teacher": record([3.1, 2.9, 3.0], greater=False),
                "distill": record([3.5, 3.3], greater=False)}
     assert training_warnings(settled) == []
+
+
+def test_the_summary_reads_whole_at_80_columns(tmp_path):
+    from rich.console import Console
+
+    from edgedistill.report import print_summary
+
+    console = Console(width=80, record=True, force_terminal=False)
+    print_summary(written_report(tmp_path), console)
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "student-int8" in text and "macro-F1" in text and "p50 ms" in text

@@ -40,6 +40,9 @@ class ReportView:
     axes (a speed and a quality per model) and the training lines' validation score."""
 
     columns: tuple[Column, ...]
+    # headers of the columns the terminal summary shows (with model, precision and size): few
+    # enough to read in an 80-column log; report.md and report.html show them all
+    summary: tuple[str, ...]
     # the sentence above the table, formatted with the report's test_rows / test_tokens and
     # the first timed model's benchmark fields (batch_size, threads, profile, ...)
     setting: str

@@ -30,6 +30,7 @@ class CausalLMTask(Task):
                  Column("first token p50 ms", "ttft_ms.p50_ms", 2),
                  Column("ms / token p50", "tpot_ms.p50_ms", 2),
                  Column("decode tokens/s", "decode_tokens_per_s", 1)),
+        summary=("perplexity", "next-token agreement", "decode tokens/s"),
         setting=("Perplexity on {test_tokens} held-out test tokens. Generation: prompt of "
                  "{prompt_tokens} tokens, then {new_tokens} greedy tokens with a KV cache, batch "
                  "1, {threads} threads, profile `{profile}`; each model in its own process."),

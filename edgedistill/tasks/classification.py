@@ -31,6 +31,7 @@ class ClassificationTask(Task):
                  Column("agreement", "metrics.agreement"), Column("p50 ms", "latency.p50_ms", 2),
                  Column("p99 ms", "latency.p99_ms", 2),
                  Column("p50 ms real lengths", "latency_real_lengths.p50_ms", 2)),
+        summary=("macro-F1", "agreement", "p50 ms"),
         setting=("Test split: {test_rows} rows. Latency: batch {batch_size}, sequence "
                  "{sequence_length}, {threads} threads, profile `{profile}`; each model in its "
                  "own process."),
