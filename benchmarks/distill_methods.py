@@ -96,7 +96,7 @@ def step_times(seed: int, teacher_dir: Path, methods: list[str], steps: int = 12
     )
 
     from edgedistill.data import tokenize
-    from edgedistill.distill.trainer import add_teacher_logits
+    from edgedistill.distill.teacher_outputs import add_teacher_logits
     from edgedistill.distill.training import build_student
 
     recipe = load_recipe(None, [f"seed={seed}"])
@@ -110,7 +110,7 @@ def step_times(seed: int, teacher_dir: Path, methods: list[str], steps: int = 12
     setups = {}
     for method in methods:
         cfg = load_recipe(None, [f"seed={seed}", *METHODS[method]])
-        student = build_student(teacher, cfg.student).train()
+        student = build_student(get_task(cfg.task), teacher, cfg.student).train()
         uses_teacher = cfg.distill.alpha_distill > 0 or cfg.distill.matches
         args = DistillationTrainingArguments(
             output_dir=str(HERE / "work" / "timing"), report_to="none", use_cpu=True,

@@ -159,12 +159,12 @@ def _dispatch(args) -> int:
             report = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise EdgeDistillError(f"{path}: cannot read the run's report ({e}); run the recipe first")
-        if "view" not in report:  # written before reports carried their task's view
+        if "summary" not in report.get("view", {}):  # written before reports carried a view
             from dataclasses import asdict
 
             from .tasks import get_task
 
-            report["view"] = asdict(get_task(report.get("task", "classification")).report)
+            report["view"] = asdict(get_task(report["task"]).report)
         write_report(report, args.run_dir, plots=report["recipe"]["report"]["plots"])
         print_summary(report, console)
     elif args.command == "profiles":

@@ -14,7 +14,7 @@ from pathlib import Path
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
 
 from .errors import EdgeDistillError
-from .recipe import DataConfig
+from .recipe import DataConfig, check_limits
 from .sources import PACKAGED_DATASETS, packaged_dataset_files
 
 _LOADERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -110,6 +110,7 @@ def load_task_data(cfg: DataConfig, seed: int = 42, labelled: bool = True) -> Ta
 
     ``labelled=False`` (language modelling) keeps the text column alone: no label column is
     needed and ``labels`` is empty."""
+    check_limits(DataConfig, cfg, "data.")  # a recipe's limits, for a DataConfig built in code
     raw = _read_raw(cfg)
     for split in (cfg.train_split, cfg.test_split):
         if split not in raw:
@@ -165,9 +166,6 @@ def load_task_data(cfg: DataConfig, seed: int = 42, labelled: bool = True) -> Ta
 
     train = prepare(train, cfg.train_split, cfg.max_train_samples)
     test = prepare(test, cfg.test_split, cfg.max_test_samples)
-    if not 0 < cfg.validation_fraction < 1:
-        raise EdgeDistillError(
-            f"data.validation_fraction: {cfg.validation_fraction} must be between 0 and 1")
     # Stratify so rare classes (36 'neutral' test reviews in the default data) appear in both.
     try:
         parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed,

@@ -63,7 +63,7 @@ def environment() -> dict:
         "machine": platform.machine(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_affinity": usable_cores(),
         "memory_gb": round(memory_gb, 1) if memory_gb else None,
         "int8_isa": host_isa(),
         "libraries": versions,

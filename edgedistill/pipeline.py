@@ -8,6 +8,7 @@ with the same fingerprint resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -217,7 +218,8 @@ class Run:
             return record
         return work
 
-    def calibration_texts(self) -> list[str] | None:
+    @functools.cached_property
+    def calibration(self) -> list[str] | None:
         """Training texts (never the test split) for what calibrates (the task says what:
         static int8, tuning's static trials, GPTQ), or None."""
         q = self.recipe.quantize
@@ -230,11 +232,15 @@ class Run:
 def run(recipe: str | Path | Recipe | None = None, output_dir: str | Path | None = None,
         overrides: list[str] | None = None, until: str | None = None) -> dict | None:
     """Run a recipe (a path, a Recipe, or None for the packaged default); return the report."""
+    source = "recipe" if isinstance(recipe, Recipe) else str(recipe or "the default recipe")
     if isinstance(recipe, Recipe):  # validated like a file, with the overrides applied
         recipe = recipe_from_dict(recipe.to_dict(), "recipe", overrides)
     else:
         recipe = load_recipe(recipe, overrides)
-    get_task(recipe.task)  # an unknown task fails before the output folder is made
+    try:  # an unknown task fails before the output folder is made
+        get_task(recipe.task)
+    except EdgeDistillError as e:
+        raise EdgeDistillError(f"{source}: {e}") from None
     out = Path(output_dir or recipe.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

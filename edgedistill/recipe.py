@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
+from .artifacts import write_atomic
 from .errors import EdgeDistillError
 
 log = logging.getLogger(__name__)
@@ -134,15 +135,6 @@ class MatchConfig:
                                       ge=0)
     options: dict[str, Any] = _f({}, "Extra settings of the loss, e.g. {relation_heads: 12}.")
 
-    def check(self, where: str = "distill.matches[].") -> None:
-        layers = (self.student_layer, self.teacher_layer)
-        if self.strategy is not None and layers != (None, None):
-            raise EdgeDistillError(f"{where[:-1]}: give either a strategy or student_layer and "
-                                   "teacher_layer, not both")
-        if (layers[0] is None) != (layers[1] is None):
-            raise EdgeDistillError(f"{where[:-1]}: give both student_layer and teacher_layer (or "
-                                   "neither, for the final layers)")
-
 
 @dataclass
 class DistillConfig(TrainingConfig):
@@ -172,7 +164,7 @@ class DistillConfig(TrainingConfig):
 
 @dataclass
 class AugmentConfig:
-    """Teacher-labelled variants of the training texts (classifiers; edgedistill.transfer)."""
+    """Teacher-labelled variants of the training texts (classifiers; edgedistill.distill.transfer)."""
 
     factor: int = _f(0, "Variants made of each training text, labelled by the teacher's soft "
                         "targets (0: none; TinyBERT augmented its task data about 20x).", ge=0)
@@ -387,8 +379,8 @@ class Recipe:
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def check(self, where: str = "") -> None:
-        """Rules across blocks that hold for every task (the task-specific ones are the
-        pipeline's)."""
+        """Rules across blocks that hold for every task (a task's own rules are its
+        ``check`` in edgedistill.tasks)."""
         d, q, gen = self.distill, self.quantize, self.transfer.generate
         if d.qat_epochs and q.tolerable_loss is not None:
             raise EdgeDistillError(f"{where}distill.qat_epochs: accuracy-aware tuning may ship "
@@ -407,9 +399,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def dump(self, path: str | Path) -> None:
-        tmp = Path(str(path) + ".part")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # --------------------------------------------------------------------------- loading
@@ -463,15 +453,46 @@ def apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise EdgeDistillError(f"--set {item!r}: {part!r} is not a block")
+    block = Recipe  # an old spelling in the override names the new key: the override wins
+    for part in parts[:-1]:
+        block = typing.get_type_hints(block).get(part) if dataclasses.is_dataclass(block) else None
+    renamed = getattr(block, "RENAMED", {}) if dataclasses.is_dataclass(block) else {}
+    if parts[-1] in renamed:
+        new = renamed[parts[-1]]
+        log.warning("--set %s: %s is the old name of %s; write %s", key, parts[-1], new, new)
+        parts[-1] = new
     try:
         node[parts[-1]] = yaml.safe_load(value)
     except yaml.YAMLError:
         node[parts[-1]] = value
 
 
+def _rename_old_keys(cls, raw, source: str, prefix: str) -> None:
+    """Rename, in place, the keys a block still reads under an old spelling (its ``RENAMED``),
+    with a warning; both spellings at once are refused. Runs on the file's keys before the
+    overrides are applied (which rename their own keys), so each setting lands on one key."""
+    if not isinstance(raw, dict) or not dataclasses.is_dataclass(cls):
+        return
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old in raw:
+            log.warning("%s: %s%s is the old name of %s%s; write %s (the old name will stop "
+                        "working in a later version)", source, prefix, old, prefix, new, new)
+            if new in raw and raw[new] != raw[old]:
+                raise EdgeDistillError(f"{source}: {prefix}{old} and {prefix}{new} are the same "
+                                       f"setting; keep {new} only")
+            raw[new] = raw.pop(old)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            _rename_old_keys(hints[f.name], raw.get(f.name), source, f"{prefix}{f.name}.")
+
+
 def recipe_from_dict(raw: dict, source: str = "recipe",
                      overrides: list[str] | None = None) -> Recipe:
     """Validate a recipe given as a dict, after applying ``key=value`` overrides to it."""
+    if raw is None:
+        raw = {}
+    _rename_old_keys(Recipe, raw, source, "")
     for item in overrides or []:
         apply_override(raw, item)
     version = raw.get("version", RECIPE_VERSION)
@@ -509,14 +530,6 @@ def _build(cls, raw: Any, source: str, prefix: str):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
-        if key in getattr(cls, "RENAMED", {}):  # an old spelling: still read, with a warning
-            new = cls.RENAMED[key]
-            log.warning("%s: %s%s is the old name of %s%s; write %s (the old name will stop "
-                        "working in a later version)", source, prefix, key, prefix, new, new)
-            if new in raw:
-                raise EdgeDistillError(f"{source}: {prefix}{key} and {prefix}{new} are the same "
-                                       f"setting; keep {new} only")
-            key = new
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"

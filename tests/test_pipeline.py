@@ -6,6 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 from edgedistill.cli import main
+from edgedistill.errors import EdgeDistillError
 from tests.conftest import write_tsv
 
 RECIPE = """
@@ -156,7 +157,7 @@ def test_a_task_registered_outside_the_package_runs_and_an_unknown_one_is_refuse
     assert main(["distill", str(recipe), "--output", str(out), "--set", "task=topic"]) == 0
     assert asked == ["topic"] and (out / "distill" / "model" / "config.json").is_file()
     assert main(["run", str(recipe), "--output", str(tmp_path / "o2"), "--set", "task=topik"]) == 2
-    assert "task: 'topik' is unknown; did you mean 'topic'?" in capsys.readouterr().err
+    assert f"{recipe}: task: 'topik' is unknown; did you mean 'topic'?" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
 
 
@@ -170,3 +171,18 @@ def test_a_narrower_random_student_is_saved_without_its_projections(recipe, tmp_
                    for k in load_file(model / "model.safetensors"))
     log = json.loads((out / "distill" / "manifest.json").read_text())["record"]["log_history"]
     assert any("loss_hidden_mse" in h and "loss_minilm_relation" in h for h in log)
+
+
+def test_a_task_missing_what_it_must_say_is_refused_when_registered():
+    from edgedistill.tasks import register_task
+    from edgedistill.tasks.base import Task
+    from edgedistill.tasks.classification import ClassificationTask
+
+    class Half(Task):
+        name = "half"
+
+    with pytest.raises(EdgeDistillError, match="missing: selection, training_sets, evaluate, "
+                                               "bench"):
+        register_task(Half())
+    with pytest.raises(EdgeDistillError, match="'classification' is registered already"):
+        register_task(ClassificationTask())

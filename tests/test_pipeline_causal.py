@@ -137,3 +137,16 @@ def test_on_policy_needs_the_live_teacher(tmp_path, tiny_llama_dir, capsys):
     assert main(["run", str(recipe), "--output", str(tmp_path / "out"), "--set",
                  "transfer.generate={prompts: 6, prompt_tokens: 4, new_tokens: 8, lmbda: 0.5}"]) == 2
     assert "set distill.cache_teacher: false" in capsys.readouterr().err
+
+
+def test_a_language_model_teacher_is_fine_tuned_on_the_text_first(tmp_path, tiny_llama_dir):
+    """teacher.finetune on a causal LM: next-token training on the training text, its best
+    epoch kept by validation loss (the teacher has no teacher: no soft-target loss to check)."""
+    out = tmp_path / "out"
+    assert main(["distill", str(write_recipe(tmp_path, tiny_llama_dir)), "--output", str(out),
+                 "--set", "teacher.finetune=true", "--set", "teacher.epochs=1",
+                 "--set", "distill.cache_teacher=false"]) == 0
+    record = json.loads((out / "teacher" / "manifest.json").read_text())["record"]
+    assert record["finetuned"] and record["selection"]["metric"] == "loss"
+    assert record["selection"]["greater_is_better"] is False
+    assert (out / "distill" / "model" / "config.json").is_file()

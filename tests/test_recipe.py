@@ -137,10 +137,6 @@ RULES = [
     (["quantize.int4_block_size=48"], "quantize.int4_block_size: 48 is not a power of two"),
     (["quantize.tolerable_loss=0.01", "quantize.nodes_to_exclude=[/a/MatMul]"],
      "quantize.tolerable_loss: tuning chooses the settings and the fp32 nodes itself"),
-    (["distill.matches=[{loss: hidden_mse, strategy: uniform, student_layer: 1}]"],
-     "distill.matches[0]: give either a strategy or student_layer and teacher_layer, not both"),
-    (["distill.matches=[{loss: hidden_mse, student_layer: 1}]"],
-     "distill.matches[0]: give both student_layer and teacher_layer"),
     (["distill.qat_epochs=1", "quantize.tolerable_loss=0.01"],
      "distill.qat_epochs: accuracy-aware tuning may ship another int8 scheme"),
     (["distill.qat_epochs=1", "quantize.operators=[MatMul]"],
@@ -207,3 +203,10 @@ def test_an_empty_recipe_is_an_error_not_the_demo(tmp_path, text):
     with pytest.raises(EdgeDistillError, match="the recipe is empty; .* run `edgedistill run` "
                                                "without a recipe"):
         load_recipe(path)
+
+
+def test_either_spelling_in_a_file_or_an_override_lands_on_one_key(tmp_path):
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text("distill: {alpha_distil: 0.7}\n")
+    assert load_recipe(old_file, ["distill.alpha_distill=0.2"]).distill.alpha_distill == 0.2
+    assert load_recipe(None, ["distill.alpha_distil=0.3"]).distill.alpha_distill == 0.3

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..artifacts import size_on_disk_mb
 from ..errors import EdgeDistillError
+from ..host import usable_cores
 from ..profiles import Target, check_available, resolve_target
 from .roofline import roofline_estimate
 from .stats import Latency
@@ -133,7 +134,7 @@ def pinned_cores(profile: Target) -> list[int]:
 def constraints(profile: Target) -> dict:
     """What a profile run on this host actually constrained, for the report: a profile that
     asks for more cores than the host has runs on fewer, and says so."""
-    host = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    host = usable_cores()
     cores = pinned_cores(profile)
     record = {"target": profile.device or "this host", "host_cores": host,
               "threads": profile.threads, "pinned_cores": cores,

@@ -41,6 +41,9 @@ class CausalLMDistillationTrainer(DistillationTrainer):
         self._on_policy_batches = 0
 
     def _check_settings(self, args_) -> None:
+        if not is_causal_lm(self.model):
+            raise EdgeDistillError(f"{type(self).__name__}: {type(self.model).__name__} is not a "
+                                   "causal LM; train it with DistillationTrainer")
         check_causal_lm_settings(args_)
 
     def _check_on_policy(self) -> None:

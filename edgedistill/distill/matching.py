@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch.nn as nn
 
 from ..errors import EdgeDistillError
+from ..recipe import MatchConfig, check_limits
 from .losses import MATCH_LOSSES, MatchLoss, get_loss
 
 STRATEGIES = ("uniform", "skip", "last")
@@ -84,8 +86,8 @@ def check_match_spec(spec: dict, where: str) -> MatchLoss:
     if feature not in loss.features:
         raise EdgeDistillError(f"{where}.feature: '{spec['loss']}' compares "
                                f"{' or '.join(loss.features)}, not '{feature}'")
-    if spec.get("weight", 1.0) < 0:
-        raise EdgeDistillError(f"{where}.weight: {spec['weight']} must be >= 0")
+    # the field limits a recipe's matches are read with, for plain dict specs too
+    check_limits(MatchConfig, SimpleNamespace(**spec), f"{where}.")
     strategy = spec.get("strategy")
     if strategy is not None and strategy not in STRATEGIES:
         raise EdgeDistillError(f"{where}.strategy: '{strategy}' is unknown; "

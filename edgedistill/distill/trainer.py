@@ -78,10 +78,14 @@ class DistillationTrainingArguments(TrainingArguments):
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
             self.evaluation_strategy = None
-        for old, new in (("alpha_distil", "alpha_distill"), ("distil_loss", "distill_loss")):
+        for old, new in DistillConfig.RENAMED.items():  # the recipe's table of old spellings
             if getattr(self, old) is not None:
                 warnings.warn(f"DistillationTrainingArguments: {old} is the old name of {new}; "
                               f"write {new}=", FutureWarning, stacklevel=3)
+                default = type(self).__dataclass_fields__[new].default
+                if getattr(self, new) != default and getattr(self, new) != getattr(self, old):
+                    raise EdgeDistillError(f"DistillationTrainingArguments: {old} and {new} are "
+                                           f"the same setting; keep {new} only")
                 setattr(self, new, getattr(self, old))
                 setattr(self, old, None)
         if self.fp16 and not torch.cuda.is_available():
@@ -136,8 +140,9 @@ def check_classifier_settings(settings, prefix: str = "") -> None:
 
 
 def check_causal_lm_settings(settings, prefix: str = "") -> None:
-    """What distilling a causal LM refuses, as :func:`check_classifier_settings`."""
-    if settings.distill_loss not in TOKEN_LOSSES:
+    """What distilling a causal LM refuses, as :func:`check_classifier_settings`. With
+    ``alpha_distill`` 0 (a teacher fine-tuned on its text alone) the loss is never used."""
+    if settings.alpha_distill > 0 and settings.distill_loss not in TOKEN_LOSSES:
         raise EdgeDistillError(
             f"{prefix}distill_loss: '{settings.distill_loss}' compares classifier outputs; a "
             f"causal LM takes a token-level loss (task causal-lm takes one of "
@@ -164,7 +169,7 @@ class DistillationTrainer(Trainer):
     Accepts ``tokenizer=`` as well as ``processing_class=``. The teacher runs in eval mode
     without gradients and is never wrapped by DDP: it only produces targets. Under FSDP2 it is
     sharded over the processes like the student (:meth:`_shard_teacher_fsdp2`). When the data
-    carry a ``teacher_logits`` column (see :func:`add_teacher_logits`), those are used instead
+    carry a ``teacher_logits`` column (see :func:`.teacher_outputs.add_teacher_logits`), those are used instead
     of running the teacher for the logit loss.
     """
 
@@ -222,6 +227,13 @@ class DistillationTrainer(Trainer):
 
     def _check_settings(self, args_) -> None:
         """Refuse settings this kind of model cannot train with (the base: classifiers)."""
+        kind = next((k for k in _KINDS if k.handles(self.model)), None)
+        if kind is not None and not isinstance(self, kind):
+            # a user's subclass of DistillationTrainer (or a model_init) given another kind of
+            # model: training it with the classifier's loss would be silently wrong
+            raise EdgeDistillError(
+                f"{type(self).__name__}: {type(self.model).__name__} is trained by "
+                f"{kind.__name__}; subclass that class, or pass the model as model=")
         check_classifier_settings(args_)
         self.logit_loss = get_loss(args_.distill_loss, LOGIT_LOSSES, "distill_loss")
 

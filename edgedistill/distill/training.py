@@ -1,7 +1,7 @@
 """Training stages built on DistillationTrainer: fine-tune a teacher, distil a student.
 
-Both use the same Trainer set-up (evaluate and checkpoint every epoch, keep the best model by
-validation macro-F1, resume from the last checkpoint of an interrupted run).
+Both use the same Trainer set-up (evaluate and checkpoint every epoch, keep the best epoch by
+the task's validation metric, resume from the last checkpoint of an interrupted run).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from transformers import (
     set_seed,
 )
 
+from ..artifacts import write_atomic
 from ..data import TaskData, lm_blocks, tokenize
 from ..evaluation import classification_metrics
 from ..recipe import (
@@ -264,7 +265,8 @@ def finetune_teacher(task, model_path: Path, cfg: TeacherConfig, data: TaskData,
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
         return {"finetuned": False}
-    args = _arguments(task, cfg, data, out, seed)
+    # the teacher learns from its labels (or its text) alone: no soft-target loss to name
+    args = _arguments(task, cfg, data, out, seed, alpha_ce=1.0, alpha_distill=0.0)
     record = _fit(model, tokenizer, args, out, task.training_sets(tokenizer, args, data, data_cfg))
     tokenizer.save_pretrained(out / "model")
     return {"finetuned": True, **record}
@@ -343,7 +345,7 @@ def distill_student(task, teacher_dir: Path, student_cfg: StudentConfig, cfg: Di
                    transfer_cache: Path | None = None, qat_scheme=None) -> dict:
     """Build the student and train it with DistillationTrainer. A causal LM with
     ``cfg.cache_teacher`` trains from the teacher's top-k kept in ``cache_dir``. ``transfer``
-    adds teacher-labelled inputs (edgedistill.transfer; a language model's teacher
+    adds teacher-labelled inputs (edgedistill.distill.transfer; a language model's teacher
     generations are kept in ``transfer_cache``). With ``qat_scheme`` (an
     edgedistill.distill.qat.Int8Scheme) a last phase of ``cfg.qat_epochs`` trains through the
     int8 rounding; a stage killed during it resumes with that phase."""
@@ -369,7 +371,7 @@ def distill_student(task, teacher_dir: Path, student_cfg: StudentConfig, cfg: Di
     else:
         record = _fit(student, tokenizer, args, out, prepared)
     if qat_scheme is not None:
-        finished.write_text(json.dumps(record, default=str))
+        write_atomic(finished, json.dumps(record, default=str))
         record["qat"] = _quantization_aware(student, tokenizer, args, cfg, qat_scheme, out,
                                             prepared)
         finished.unlink()

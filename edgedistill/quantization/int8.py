@@ -30,7 +30,12 @@ CALIBRATIONS = ("minmax", "entropy", "percentile")
 def settle(config: QuantizeConfig | None, settings: dict) -> QuantizeConfig:
     """A quantize block with keyword settings on top (``mode="static"``, ...), as the SDK's
     keyword form writes them; an unknown keyword is refused with the valid ones."""
+    if config is not None and not isinstance(config, QuantizeConfig):
+        raise EdgeDistillError(f"quantize: config must be a QuantizeConfig, got {config!r}; "
+                               "name a profile with profile=")
     config = config or QuantizeConfig()
+    if settings.get("nodes_to_exclude", []) is None:  # the keyword form's old default
+        settings["nodes_to_exclude"] = []
     fields = {f.name for f in dataclasses.fields(QuantizeConfig)}
     unknown = sorted(set(settings) - fields)
     if unknown:
@@ -38,6 +43,7 @@ def settle(config: QuantizeConfig | None, settings: dict) -> QuantizeConfig:
                                f"{', '.join(sorted(fields))}")
     config = dataclasses.replace(config, **settings)
     check_limits(QuantizeConfig, config, "quantize.")  # the recipe's limits, for SDK callers too
+    config.check("quantize.")
     return config
 
 
@@ -67,7 +73,9 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, config: QuantizeConfi
     of optimum's preset.
 
     ``config`` is the recipe's quantize block (default settings when None); keyword
-    ``settings`` are its fields for SDK users (``quantize(onnx, out, mode="static")``).
+    ``settings`` are its fields for SDK users (``quantize(onnx, out, mode="static")``). Its
+    tuning fields (``tolerable_loss``, ``max_trials``) are :func:`~.tuning.tune`'s, and its
+    int4 fields :func:`~.int4.quantize_int4`'s: this function reads neither.
     ``profile`` is a profile name, a loaded profile, or the run's resolved
     :class:`~edgedistill.profiles.Target`.
     """

@@ -165,8 +165,11 @@ class _Trials:
         from transformers import AutoTokenizer
 
         self.onnx_dir, self.work = onnx_dir, work
-        # every trial quantizes with the run's block and target, its own setting on top
-        self.config, self.target = config, target
+        # every trial quantizes once with the run's block and target, its own setting and fp32
+        # nodes on top; the setting decides fusion (the static ones run the profile's fused
+        # graph), as when tuning took the preset and per-channel choice alone
+        self.config = dataclasses.replace(config, fuse=None, tolerable_loss=None)
+        self.target = target
         self.options = {"calibration_texts": calibration_texts, "max_length": max_length}
         self.tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
         self.max_length, self.batch_size = max_length, batch_size

@@ -15,10 +15,30 @@ from .classification import ClassificationTask
 TASKS: dict[str, Task] = {}
 
 
-def register_task(task: Task) -> Task:
-    """Make ``task`` available to recipes as ``task: <task.name>``."""
+# what a task must say itself: the base class has no answer for these
+REQUIRED = ("selection", "training_sets", "evaluate", "bench")
+
+
+def register_task(task: Task, replace: bool = False) -> Task:
+    """Make ``task`` available to recipes as ``task: <task.name>``; what it lacks is refused
+    here, not after its stages have run."""
+    kind = type(task).__name__
     if not task.name:
-        raise EdgeDistillError(f"{type(task).__name__}: a task needs a name")
+        raise EdgeDistillError(f"{kind}: a task needs a name")
+    if task.name in TASKS and not replace:
+        raise EdgeDistillError(f"task '{task.name}' is registered already "
+                               f"({type(TASKS[task.name]).__name__}); pass replace=True")
+    missing = [m for m in REQUIRED if getattr(type(task), m) is getattr(Task, m)]
+    if missing or task.auto_model is None or not isinstance(getattr(task, "report", None),
+                                                            ReportView):
+        raise EdgeDistillError(f"{kind}: a task defines {', '.join(REQUIRED)}, auto_model and "
+                               f"a ReportView as report (missing: "
+                               f"{', '.join(missing) or 'auto_model or report'})")
+    headers = [c.header for c in task.report.columns]
+    unknown = [h for h in task.report.summary if h not in headers]
+    if unknown:
+        raise EdgeDistillError(f"{kind}: report.summary names {', '.join(unknown)}, which are "
+                               f"not among its columns ({', '.join(headers)})")
     TASKS[task.name] = task
     return task
 

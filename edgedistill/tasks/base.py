@@ -57,7 +57,8 @@ class ReportView:
 
 class Task:
     """Base class of a task plug-in; see the module docstring. Subclasses set the class
-    attributes and implement :meth:`evaluate` and :meth:`bench`."""
+    attributes and implement :meth:`selection`, :meth:`training_sets`, :meth:`evaluate` and
+    :meth:`bench` (``register_task`` checks)."""
 
     name: str = ""
     labelled: bool = True           # the data carry a label column
@@ -116,7 +117,7 @@ class Task:
     def int8(self, run, onnx_dir: Path, out: Path, student_dir: Path) -> dict:
         r = run.recipe
         return quantize(onnx_dir, out / "student-int8", r.quantize, run.target,
-                        calibration_texts=run.calibration_texts(), max_length=r.data.max_length)
+                        calibration_texts=run.calibration, max_length=r.data.max_length)
 
     def models(self, run, teacher: Path, student: Path, exported: Path,
                quantized: Path) -> list[dict]:

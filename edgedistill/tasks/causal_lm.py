@@ -53,6 +53,8 @@ class CausalLMTask(Task):
     def check(self, r: Recipe) -> None:
         check_causal_lm_settings(r.distill, "distill.")
         q, aug = r.quantize, r.transfer.augment
+        refuse(r.teacher.class_weights != "none", "teacher.class_weights: a causal LM has no "
+               "classes; leave it unset")
         refuse(q.mode == "static", "quantize.mode: static calibration of a decoder with a KV "
                "cache is not supported yet; use dynamic (or int4: true)")
         refuse(q.tolerable_loss is not None, "quantize.tolerable_loss: accuracy-aware tuning "
@@ -71,7 +73,7 @@ class CausalLMTask(Task):
 
     def quantize(self, run, onnx_dir: Path, out: Path, student_dir: Path) -> dict:
         record = super().quantize(run, onnx_dir, out, student_dir)
-        q, length, texts = run.recipe.quantize, run.recipe.data.max_length, run.calibration_texts()
+        q, length, texts = run.recipe.quantize, run.recipe.data.max_length, run.calibration
         if q.int4:
             record["int4"] = quantize_int4(
                 onnx_dir, out / "student-int4", q.int4_block_size, q.int4_accuracy_level,

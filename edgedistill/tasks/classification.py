@@ -104,7 +104,7 @@ class ClassificationTask(Task):
         q = r.quantize
         result = tune(onnx_dir, out / "student-int8", list(validation["text"]),
                       list(validation["label"]), run.data.labels, q, run.target,
-                      calibration_texts=run.calibration_texts(), max_length=r.data.max_length)
+                      calibration_texts=run.calibration, max_length=r.data.max_length)
         summary = {k: result.pop(k) for k in TUNING_KEYS}
         if not summary["passed"]:
             run.console.print(

@@ -97,3 +97,16 @@ def test_queries_keys_values_of_a_grouped_query_decoder():
     with pytest.raises(EdgeDistillError, match=r"\[16, 32\]"):
         resolve_matches([{"loss": "minilm_relation", "options": {"relation_heads": 5}}],
                         config, config)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"loss": "hidden_mse", "strategy": "uniform", "student_layer": 1},
+     "m: give either a strategy or student_layer and teacher_layer, not both"),
+    ({"loss": "hidden_mse", "student_layer": 1}, "m: give both student_layer and teacher_layer"),
+    ({"loss": "hidden_mse", "weight": -1}, "m.weight: -1 must be >= 0"),  # the field's limit
+])
+def test_a_match_spec_is_checked_once_for_recipes_and_code(spec, message):
+    from edgedistill.distill.matching import check_match_spec
+
+    with pytest.raises(EdgeDistillError, match=message):
+        check_match_spec(spec, "m")

@@ -110,3 +110,22 @@ def test_vocabulary_mismatch_fails_before_training(tmp_path):
     student = make_llama(num_layers=1, vocab_size=30)
     with pytest.raises(EdgeDistillError, match="vocabularies differ"):
         DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path))
+
+
+def test_a_subclass_gets_a_clear_error_for_the_other_kind_of_model(tmp_path):
+    teacher = make_llama(num_layers=2)
+
+    class Mine(DistillationTrainer):
+        pass
+
+    with pytest.raises(EdgeDistillError, match="trained by CausalLMDistillationTrainer; "
+                                               "subclass that class"):
+        Mine(model=make_student(teacher, num_layers=1), teacher_model=teacher,
+             args=args(tmp_path))
+
+    class MineCausal(CausalLMDistillationTrainer):
+        pass
+
+    trainer = MineCausal(model=make_student(teacher, num_layers=1), teacher_model=teacher,
+                         args=args(tmp_path))
+    assert isinstance(trainer, CausalLMDistillationTrainer)
