@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run every stage of a recipe and write the report")
     _add_recipe_args(p)
+    p.add_argument("--json", action="store_true", help="also print the summary (models, "
+                   "targets, warnings) as JSON on stdout, for scripts; the rest goes to stderr")
     p = sub.add_parser("distill", help="run a recipe up to the distilled student")
     _add_recipe_args(p)
     p.add_argument("--cache-teacher", action="store_true", help="causal LMs: run the teacher "
@@ -106,7 +108,11 @@ def _dispatch(args) -> int:
             args.overrides.append("distill.cache_teacher=true")
         report = run(args.recipe, args.output, args.overrides,
                      until="distill" if args.command == "distill" else None)
-        if report is not None:
+        if report is not None and getattr(args, "json", False):
+            from .report import summary
+
+            print(json.dumps(summary(report), indent=2))
+        elif report is not None:
             out = Path(args.output or report["recipe"]["output_dir"])
             console.print(f"report: {out / 'report.html'}")
     elif args.command == "export":

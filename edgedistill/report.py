@@ -478,6 +478,17 @@ def write_report(report: dict, out: str | Path, plots: bool = True) -> Path:
     return out / "report.json"
 
 
+def summary(report: dict) -> dict:
+    """The printed summary as data, for scripts (``edgedistill run --json``): each model's
+    precision, the task's summary columns (by header) and size; the targets and warnings."""
+    paths = {c["header"]: c["path"] for c in report["view"]["columns"]}
+    models = [{"model": m["name"], "precision": m["precision"],
+               **{h: _value(m, paths[h]) for h in report["view"]["summary"]},
+               "size MB": m.get("size_mb")} for m in report["models"]]
+    return {"name": report["name"], "task": report["task"], "models": models,
+            "targets": report["targets"], "warnings": report.get("warnings", [])}
+
+
 def print_summary(report: dict, console: Console | None = None) -> None:
     console = console or Console()
     # the summary's few columns (the task's choice, with model, precision and size): a full

@@ -200,3 +200,17 @@ def test_the_summary_reads_whole_at_80_columns(tmp_path):
     text = console.export_text()
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
     assert "student-int8" in text and "macro-F1" in text and "p50 ms" in text
+
+
+def test_the_json_summary_is_the_printed_one_as_numbers(tmp_path, monkeypatch, capsys):
+    import edgedistill.pipeline as pipeline
+    from edgedistill.cli import main
+
+    report = written_report(tmp_path)
+    monkeypatch.setattr(pipeline, "run", lambda *a, **k: report)
+    assert main(["run", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)  # stdout holds the JSON alone
+    int8 = next(m for m in printed["models"] if m["model"] == "student-int8")
+    assert int8 == {"model": "student-int8", "precision": "int8", "macro-F1": 0.49,
+                    "agreement": None, "p50 ms": 1.5, "size MB": 10.0}
+    assert printed["targets"] == report["targets"] and printed["task"] == "classification"
