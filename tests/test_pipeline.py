@@ -67,8 +67,12 @@ def test_run_end_to_end_then_skip_then_partial_rerun(recipe, tmp_path, capsys):
     assert set(first) == {"teacher", "distill", "export", "quantize", "evaluate", "bench"}
     assert not list(out.glob("*.partial")) and not list(out.glob("*/checkpoints"))
 
+    # the training log: one line per epoch, never the Trainer's raw dict
+    printed = "".join(capsys.readouterr())
+    assert "{'loss'" not in printed and "{'eval_loss'" not in printed
+    assert "epoch 1: loss " in printed and "epoch 1: validation " in printed
+
     # unchanged recipe: nothing reruns
-    capsys.readouterr()
     assert main(["run", str(recipe), "--output", str(out)]) == 0
     assert mtimes(out) == first
     assert capsys.readouterr().err.count("unchanged, skipped") == 6
