@@ -1,7 +1,7 @@
 """Hardware profiles: YAML data files under ``edgedistill/profiles/``, loaded by name and
-resolved once per run, against this host, into a
-:class:`Target` that every stage receives whole (threads, providers, int8 preset, ISA,
-memory budget, input shape, peaks)."""
+resolved once per run, against this host, into a :class:`Target` that every stage receives
+whole (threads, providers, int8 preset for this host's instruction set, memory budget, input
+shape, peaks)."""
 
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ class Target:
 
     ``threads`` is a number (the profile's 0 became the usable cores); ``int8`` is the profile's
     concrete int8 scheme (``preset`` never 'auto', ``per_channel``, ``fuse`` and its preset
-    options; :meth:`int8_for` applies a recipe's choices); ``isa`` the host's best int8
-    instruction set.
+    options, 'auto' made the host's instruction set; :meth:`int8_for` applies a recipe's
+    choices).
     """
 
     name: str
@@ -79,7 +79,6 @@ class Target:
     sequence_length: int
     roofline: dict
     int8: dict
-    isa: str
 
     @property
     def fp16(self) -> bool:
@@ -153,7 +152,7 @@ def resolve_target(profile: str | Profile | Target = "cpu") -> Target:
                   threads=p.threads or usable_cores(), cpu_affinity=p.cpu_affinity,
                   memory_budget_mb=p.memory_budget_mb, mobile_artifact=p.mobile_artifact,
                   batch_size=p.batch_size, sequence_length=p.sequence_length,
-                  roofline=dict(p.roofline), int8=_checked_int8(p.quantization, p.name), isa=host_isa())
+                  roofline=dict(p.roofline), int8=_checked_int8(p.quantization, p.name))
 
 
 def check_available(target: Target) -> None:

@@ -19,12 +19,17 @@ from .artifacts import write_atomic
 from .host import environment
 
 
+def _value(row: dict, path: str):
+    """The value at a dotted ``path`` of a model row (``latency.p50_ms``), or None."""
+    for key in path.split("."):
+        row = row.get(key) if isinstance(row, dict) else None
+    return row
+
+
 def _measured(rows: dict, path: str):
     """The number at ``model.key...`` of the report rows, or None where this run has none."""
-    model, *keys = path.split(".")
-    node = rows.get(model)
-    for key in keys:
-        node = node.get(key) if isinstance(node, dict) else None
+    model, _, keys = path.partition(".")
+    node = _value(rows.get(model) or {}, keys)
     return node if isinstance(node, (int, float)) and not isinstance(node, bool) else None
 
 
@@ -107,13 +112,6 @@ def training_warnings(training: dict) -> list[str]:
 
 def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _value(row: dict, path: str):
-    """The value at a dotted ``path`` of a model row (``latency.p50_ms``), or None."""
-    for key in path.split("."):
-        row = row.get(key) if isinstance(row, dict) else None
-    return row
 
 
 def _headers(report: dict) -> list[str]:

@@ -163,14 +163,19 @@ def check_causal_lm_settings(settings, prefix: str = "") -> None:
 _KINDS: list[type] = []
 
 
+def _kind_of(model) -> type | None:
+    """The registered trainer for ``model``'s kind, or None for a classifier."""
+    return next((kind for kind in _KINDS if kind.handles(model)), None)
+
+
 class DistillationTrainer(Trainer):
     """Trainer that distils ``teacher_model`` into ``model``.
 
     Accepts ``tokenizer=`` as well as ``processing_class=``. The teacher runs in eval mode
     without gradients and is never wrapped by DDP: it only produces targets. Under FSDP2 it is
     sharded over the processes like the student (:meth:`_shard_teacher_fsdp2`). When the data
-    carry a ``teacher_logits`` column (see :func:`.teacher_outputs.add_teacher_logits`), those are used instead
-    of running the teacher for the logit loss.
+    carry a ``teacher_logits`` column (see :func:`.teacher_outputs.add_teacher_logits`), those
+    are used instead of running the teacher for the logit loss.
     """
 
     def __init__(self, *args, teacher_model=None, tokenizer=None, **kwargs):
@@ -212,8 +217,7 @@ class DistillationTrainer(Trainer):
         trainer of the model's kind (a causal LM's: :mod:`.causal_trainer`), so user scripts
         and the pipeline name one class."""
         if cls is DistillationTrainer:
-            model = kwargs.get("model", args[0] if args else None)
-            cls = next((kind for kind in _KINDS if kind.handles(model)), cls)
+            cls = _kind_of(kwargs.get("model", args[0] if args else None)) or cls
         return super().__new__(cls)
 
     def __init_subclass__(cls, **kwargs):
@@ -227,7 +231,7 @@ class DistillationTrainer(Trainer):
 
     def _check_settings(self, args_) -> None:
         """Refuse settings this kind of model cannot train with (the base: classifiers)."""
-        kind = next((k for k in _KINDS if k.handles(self.model)), None)
+        kind = _kind_of(self.model)
         if kind is not None and not isinstance(self, kind):
             # a user's subclass of DistillationTrainer (or a model_init) given another kind of
             # model: training it with the classifier's loss would be silently wrong

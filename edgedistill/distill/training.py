@@ -165,8 +165,8 @@ def _selection(history: list[dict], args) -> dict:
     report flags an under-fit teacher)."""
     metric = args.metric_for_best_model
     values = [h[f"eval_{metric}"] for h in history if f"eval_{metric}" in h]
-    sign = 1 if args.greater_is_better else -1
-    improved = len(values) >= 2 and sign * values[-1] > sign * max(values[:-1], key=lambda v: sign * v)
+    sign = 1 if args.greater_is_better else -1  # compare as "higher is better"
+    improved = len(values) >= 2 and sign * values[-1] > max(sign * v for v in values[:-1])
     return {"metric": metric, "greater_is_better": bool(args.greater_is_better),
             "per_epoch": values, "last_epoch_improved": improved}
 
@@ -184,12 +184,12 @@ def _trainer(model, tokenizer, args, prepared: tuple) -> DistillationTrainer:
 
 
 # timing fields of an evaluation log: what a reader of the run's log does not act on
-_TIMINGS = ("runtime", "samples_per_second", "steps_per_second", "epoch")
+_TIMINGS = ("runtime", "samples_per_second", "steps_per_second")
 
 
 def log_line(logs: dict) -> str:
     """One compact line for a Trainer log: 'epoch 2: loss 0.4120 (ce 0.2060, distill 0.2060)'
-    after training steps, 'epoch 2: validation macro_f1 0.4430, loss 0.8110' after an
+    after training steps, 'epoch 2: validation loss 0.8110, macro_f1 0.4430' after an
     evaluation."""
     parts = []
     if "loss" in logs:

@@ -90,13 +90,13 @@ def quantize(onnx_dir: str | Path, output_dir: str | Path, config: QuantizeConfi
     mode = config.mode
     if mode not in ("dynamic", "static"):
         raise EdgeDistillError(f"quantize.mode: '{mode}' is unknown; valid: dynamic, static")
-    qconfig, settings = int8_config(config, target)
+    qconfig, scheme = int8_config(config, target)
     output_dir.mkdir(parents=True, exist_ok=True)
     fused_dir = output_dir / "fused.tmp"
-    record = {"mode": mode, "profile": target.name, **settings,
+    record = {"mode": mode, "profile": target.name, **scheme,
               "operators": list(qconfig.operators_to_quantize),
               "nodes_to_exclude": list(config.nodes_to_exclude),
-              "fused": fuse_graph(onnx_dir, model_file, fused_dir) if settings["fuse"] else None}
+              "fused": fuse_graph(onnx_dir, model_file, fused_dir) if scheme["fuse"] else None}
     source = fused_dir if record["fused"] else onnx_dir
     quantizer = ORTQuantizer.from_pretrained(source, file_name=onnx_file(source).name)
     if mode == "dynamic":
