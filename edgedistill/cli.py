@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -24,12 +22,24 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="override a recipe setting, e.g. --set distill.temperature=4 (repeatable)")
 
 
+def _add_output_modes(p: argparse.ArgumentParser, default) -> None:
+    modes = p.add_mutually_exclusive_group()
+    modes.add_argument("--debug", action="store_true", default=default,
+                       help="show tracebacks and library logs")
+    modes.add_argument("--quiet", "-q", action="store_true", default=default,
+                       help="print only errors and the final summary")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgedistill", description="Distil, export, quantize, evaluate and benchmark "
         "Hugging Face models for edge devices.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    _add_output_modes(parser, False)
+    # the modes are accepted after the command too (`edgedistill run r.yaml --quiet`);
+    # SUPPRESS there keeps a flag given before the command
+    modes = argparse.ArgumentParser(add_help=False)
+    _add_output_modes(modes, argparse.SUPPRESS)
+    sub = _Commands(parser.add_subparsers(dest="command", required=True), modes)
 
     p = sub.add_parser("run", help="run every stage of a recipe and write the report")
     _add_recipe_args(p)
@@ -43,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a saved PyTorch model to ONNX and validate it")
     p.add_argument("model_dir")
     p.add_argument("output")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, help="default: the exporter's recommendation for the "
+                   "architecture")
     p.add_argument("--atol", type=float, default=1e-4)
 
     p = sub.add_parser("quantize", help="quantize an exported ONNX model: int8 for a profile, "
@@ -71,30 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default: the profile's input shape")
     p.add_argument("--json", help="also write the results to this file")
 
-    p = sub.add_parser("report", help="rewrite report.md and report.html from a run's report.json")
+    p = sub.add_parser("report", help="rewrite report.md, report.html and the model cards from a "
+                       "run's report.json")
     p.add_argument("run_dir")
+
+    p = sub.add_parser("push", help="upload a run's model with its model card to the "
+                       "Hugging Face Hub (needs a token: huggingface-cli login)")
+    p.add_argument("run_dir")
+    p.add_argument("--repo-id", required=True, help="e.g. your-name/drug-reviews-student-int8")
+    p.add_argument("--model", default="student-int8", help="which of the run's ONNX models")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
 
     sub.add_parser("profiles", help="list the hardware profiles")
     sub.add_parser("settings", help="list every recipe setting with its default and help")
     return parser
 
 
-def _quiet_libraries(debug: bool) -> None:
-    if debug:
-        logging.basicConfig(level=logging.INFO)
-        return
-    from rich.logging import RichHandler
+class _Commands:
+    """add_parser that gives every command the output-mode flags."""
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(show_time=False, show_path=False)])
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
-    import transformers
+    def __init__(self, subparsers, modes: argparse.ArgumentParser):
+        self.subparsers, self.modes = subparsers, modes
 
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()  # tokenizing a few hundred rows needs no bar
-    for name in ("optimum", "onnxruntime", "datasets"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self.subparsers.add_parser(name, parents=[self.modes], **kwargs)
 
 
 def _dispatch(args) -> int:
@@ -103,16 +114,17 @@ def _dispatch(args) -> int:
     console = Console()
     if args.command in ("run", "distill"):
         from .pipeline import run
+        from .report import print_summary, summary
 
         if getattr(args, "cache_teacher", False):
             args.overrides.append("distill.cache_teacher=true")
         report = run(args.recipe, args.output, args.overrides,
                      until="distill" if args.command == "distill" else None)
+        if report is not None:  # on stderr, even with --quiet: it is what a run is for
+            print_summary(report, Console(stderr=True))
         if report is not None and getattr(args, "json", False):
-            from .report import summary
-
             print(json.dumps(summary(report), indent=2))
-        elif report is not None:
+        elif report is not None and not args.quiet:
             out = Path(args.output or report["recipe"]["output_dir"])
             console.print(f"report: {out / 'report.html'}")
     elif args.command == "export":
@@ -158,6 +170,7 @@ def _dispatch(args) -> int:
 
             write_atomic(args.json, json.dumps(results, indent=2))
     elif args.command == "report":
+        from .model_card import write_model_cards
         from .report import print_summary, write_report
 
         path = Path(args.run_dir) / "report.json"
@@ -172,7 +185,13 @@ def _dispatch(args) -> int:
 
             report["view"] = asdict(get_task(report["task"]).report)
         write_report(report, args.run_dir, plots=report["recipe"]["report"]["plots"])
+        write_model_cards(report, args.run_dir)
         print_summary(report, console)
+    elif args.command == "push":
+        from .model_card import push
+
+        url = push(args.run_dir, args.repo_id, model=args.model, private=args.private)
+        console.print(f"uploaded {args.model} with its model card to {url}")
     elif args.command == "profiles":
         from .profiles import list_profiles, resolve_target
 
@@ -193,7 +212,9 @@ def _dispatch(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries(args.debug)
+    from .progress import configure
+
+    configure("debug" if args.debug else "quiet" if args.quiet else "normal")
     try:
         return _dispatch(args)
     except EdgeDistillError as e:

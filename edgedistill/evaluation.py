@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
-from tqdm.auto import tqdm
 
+from .progress import track
 from .runtime.causal_lm import load_causal_lm
 from .runtime.classifier import load_predictor
 
@@ -33,7 +33,7 @@ def predict(model_dir: str | Path, texts: list[str], batch_size: int = 32,
     order = np.argsort([len(t) for t in texts])
     predictions = np.empty(len(texts), dtype=np.int64)
     starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc=desc or f"evaluate {Path(model_dir).name}", leave=False):
+    for start in track(starts, desc or f"evaluate {Path(model_dir).name}"):
         idx = order[start:start + batch_size]
         enc = dict(tokenizer([texts[i] for i in idx], padding=True, truncation=True,
                              max_length=max_length, return_tensors="np"))
@@ -43,7 +43,7 @@ def predict(model_dir: str | Path, texts: list[str], batch_size: int = 32,
 
 def evaluate(model_dir: str | Path, dataset, label_names: list[str] | None = None,
              batch_size: int = 32, max_length: int = 128,
-             reference_predictions=None) -> dict:
+             reference_predictions=None, desc: str | None = None) -> dict:
     """Metrics of the model in ``model_dir`` on ``dataset`` (columns ``text`` and ``label``).
 
     With ``reference_predictions`` (the teacher's, say) also reports ``agreement``: the share of
@@ -51,7 +51,7 @@ def evaluate(model_dir: str | Path, dataset, label_names: list[str] | None = Non
     """
     if label_names is None:
         label_names = dataset.features["label"].names
-    predictions = predict(model_dir, list(dataset["text"]), batch_size, max_length)
+    predictions = predict(model_dir, list(dataset["text"]), batch_size, max_length, desc)
     metrics = classification_metrics(predictions, list(dataset["label"]), label_names)
     if reference_predictions is not None:
         metrics["agreement"] = float(np.mean(predictions == np.asarray(reference_predictions)))
@@ -63,7 +63,8 @@ def evaluate(model_dir: str | Path, dataset, label_names: list[str] | None = Non
 
 def evaluate_lm(model_dir: str | Path, input_ids: np.ndarray, batch_size: int = 8,
                 reference_predictions=None, prompts: list[list[int]] | None = None,
-                new_tokens: int = 32, eos_token_id: int | None = None) -> dict:
+                new_tokens: int = 32, eos_token_id: int | None = None,
+                desc: str | None = None) -> dict:
     """Perplexity of the causal LM in ``model_dir`` (PyTorch or ONNX) on token blocks.
 
     ``perplexity = exp(mean negative log-likelihood of each next token)`` over every position
@@ -73,8 +74,8 @@ def evaluate_lm(model_dir: str | Path, input_ids: np.ndarray, batch_size: int = 
     """
     model = load_causal_lm(model_dir)
     nll, count, predictions = 0.0, 0, []
-    for start in tqdm(range(0, len(input_ids), batch_size), leave=False,
-                      desc=f"perplexity {Path(model_dir).name}"):
+    for start in track(range(0, len(input_ids), batch_size),
+                       desc or f"perplexity {Path(model_dir).name}"):
         ids = np.asarray(input_ids[start:start + batch_size], dtype=np.int64)
         logits = np.asarray(model.logits(ids, np.ones_like(ids))[:, :-1], dtype=np.float32)
         targets = ids[:, 1:]

@@ -6,14 +6,18 @@ full-sequence logits and on greedy generation, which is what a deployment runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .artifacts import copy_sidecars
 from .errors import EdgeDistillError
+from .progress import silenced
 from .runtime.causal_lm import load_causal_lm
 from .runtime.classifier import OnnxPredictor, TorchPredictor
 
@@ -37,14 +41,15 @@ def infer_task(model_dir: Path) -> str:
         f"; edgedistill exports {', '.join('*' + s for s in TASKS)} models")
 
 
-def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int = 17,
+def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int | None = None,
                 atol: float = 1e-4, texts: list[str] | None = None,
                 max_length: int = 128) -> dict:
     """Export the PyTorch model in ``model_dir`` to ``output_dir/model.onnx``.
 
     The exported graph is run on ``texts`` (real inputs, not random ids) next to PyTorch; the
     largest logit difference must stay within ``atol`` (a causal LM must also generate the same
-    greedy tokens, see ``validate_causal_onnx``). Returns that validation record.
+    greedy tokens, see ``validate_causal_onnx``). Returns that validation record with the
+    opset used (``None`` asks for the exporter's recommendation for the architecture).
     """
     from optimum.exporters.onnx import main_export
 
@@ -53,16 +58,39 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int = 17,
         raise EdgeDistillError(f"{model_dir}: not a saved model (no config.json)")
     task = infer_task(model_dir)
     try:
-        # optimum's own validation feeds random token ids; we validate on real text below.
-        main_export(str(model_dir), output_dir, task=task, opset=opset,
-                    library_name="transformers", do_validation=False)
+        with _harmless_export_notices():
+            # optimum's own validation feeds random token ids; we validate on real text below
+            main_export(str(model_dir), output_dir, task=task, opset=opset,
+                        library_name="transformers", do_validation=False)
     except (ValueError, KeyError, RuntimeError) as e:
         msg = str(e).splitlines()[0][:300]
         raise EdgeDistillError(f"{model_dir}: the ONNX exporter cannot export this model ({msg})")
     copy_sidecars(model_dir, output_dir)
-    if task == CAUSAL_TASK:
-        return validate_causal_onnx(model_dir, output_dir, atol, texts, max_length)
-    return validate_onnx(model_dir, output_dir, atol, texts, max_length)
+    validate = validate_causal_onnx if task == CAUSAL_TASK else validate_onnx
+    return {**validate(model_dir, output_dir, atol, texts, max_length),
+            "opset": _opset_of(output_dir / "model.onnx")}
+
+
+def _opset_of(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+@contextlib.contextmanager
+def _harmless_export_notices():
+    """Every export printed these; none is the user's to act on: torch's notice that the
+    TorchScript exporter (the one optimum drives) is legacy, the tracer's note that
+    transformers' mask code makes constants (their values do not depend on the input),
+    transformers' rename of the ``torch_dtype`` argument optimum still passes, and the
+    exporter's caution that advanced indexing with negative indices would export wrongly (the
+    graph is checked against PyTorch on real inputs right after, which is what it asks for)."""
+    with warnings.catch_warnings(), silenced("transformers.configuration_utils", "torch_dtype"):
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        yield
 
 
 def validate_onnx(model_dir: Path, onnx_dir: Path, atol: float,

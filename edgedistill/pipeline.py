@@ -11,16 +11,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from rich.console import Console
 from transformers import AutoConfig
 
-from . import __version__
+from . import __version__, progress
 from .artifacts import publish_folder, write_atomic
 from .data import TaskData
 from .distill.matching import resolve_matches
@@ -30,13 +30,14 @@ from .distill.transfer import check_transfer_settings
 from .errors import EdgeDistillError
 from .export import export_onnx
 from .host import environment
+from .model_card import write_model_cards
 from .profiles import check_available, resolve_target
 from .recipe import Recipe, load_recipe, recipe_from_dict
-from .report import build_report, print_summary, write_report
+from .report import build_report, training_warnings, write_report
 from .sources import check_remote_code, resolve_model
 from .tasks import get_task
 
-console = Console(stderr=True)
+log = logging.getLogger(__name__)
 STAGES = ("teacher", "distill", "export", "quantize", "evaluate", "bench")
 MANIFEST = "manifest.json"
 
@@ -63,7 +64,7 @@ class Run:
     """One run of a recipe into an output folder. What differs by task is asked of
     ``self.task`` (:mod:`edgedistill.tasks`); the profile is resolved once into ``self.target``."""
 
-    console = console
+    console = progress.console
 
     def __init__(self, recipe: Recipe, output_dir: Path, until: str | None = None):
         self.recipe, self.out = recipe, output_dir
@@ -76,6 +77,7 @@ class Run:
         # before the resolved recipe is written: it shows what ran
         recipe.bench.fill_shape(self.target.batch_size, self.target.sequence_length)
         self.qat_scheme = None  # set by preflight when distill.qat_epochs asks for it
+        self._warned: set[str] = set()
 
     @property
     def data(self) -> TaskData:
@@ -91,7 +93,7 @@ class Run:
         index = STAGES.index(name) + 1
         done = read_manifest(final)
         if done and done.get("fingerprint") == fp:
-            console.print(f"[dim][{index}/{len(STAGES)}] {name}: unchanged, skipped[/dim]")
+            progress.note(f"[dim][{index}/{len(STAGES)}] {name}: unchanged, skipped[/dim]")
             self.records[name] = done["record"]
             return final
         marker = partial / ".fingerprint"
@@ -99,9 +101,9 @@ class Run:
             shutil.rmtree(partial)  # left over from other settings: nothing in it is reusable
         partial.mkdir(parents=True, exist_ok=True)
         marker.write_text(fp)
-        console.print(f"[bold][{index}/{len(STAGES)}] {name}[/bold]")
         start = time.perf_counter()
-        record = work(partial)
+        with progress.stage(f"[{index}/{len(STAGES)}] {name}", self.out / "logs" / f"{name}.log"):
+            record = work(partial)
         manifest = {"stage": name, "fingerprint": fp, "inputs": inputs,
                     "seconds": round(time.perf_counter() - start, 2), "record": record,
                     "environment": environment()}
@@ -117,12 +119,17 @@ class Run:
         # training never sees the test split, so its settings must not force a retrain
         train_cfg = {k: v for k, v in data_cfg.items() if k not in ("test_split", "max_test_samples")}
         model_path = resolve_model(r.teacher.model)
-        self.preflight(model_path)
+        log_file = self.out / "logs" / "preflight.log"
+        with progress.library_logs(log_file) as counter:
+            self.preflight(model_path)
+        if counter.count:
+            progress.note(f"[dim]preflight: {progress.warnings_line(counter, log_file)}[/dim]")
         teacher = self.stage("teacher", {
             "data": train_cfg, "teacher": asdict(r.teacher), "seed": r.seed,
             "model_files": _folder_signature(model_path),
         }, lambda d: finetune_teacher(self.task, model_path, r.teacher, self.data, r.data, d,
                                       r.seed))
+        self._warn_about_training()
         distilled = self.stage("distill", {
             "teacher": self.fingerprints["teacher"], "data": train_cfg, "seed": r.seed,
             "student": asdict(r.student), "distill": asdict(r.distill),
@@ -136,6 +143,7 @@ class Run:
                                     transfer=r.transfer if r.transfer.active else None,
                                     transfer_cache=self.out / "transfer-cache",
                                     qat_scheme=self.qat_scheme))
+        self._warn_about_training()
         if self.until == "distill":
             return None
         exported = self.stage("export", {
@@ -156,8 +164,16 @@ class Run:
                    lambda d: self.task.bench(self, models))
         report = build_report(r, models, self.records, self.task.report)
         write_report(report, self.out, plots=r.report.plots)
-        print_summary(report, console)
+        write_model_cards(report, self.out)
         return report
+
+    def _warn_about_training(self) -> None:
+        """Say at the end of a training stage what the report will flag: a teacher still
+        learning when it stopped, or one its student beat (each warning once)."""
+        for warning in training_warnings(self.records):
+            if warning not in self._warned:
+                log.warning(warning)
+                self._warned.add(warning)
 
     def _transfer_inputs(self, data_cfg: dict) -> dict | None:
         """What the transfer set is made from: its settings, the files of its unlabelled
@@ -187,8 +203,8 @@ class Run:
         self.qat_scheme = self.task.qat_scheme(r, self.target)
         check_remote_code(model_path, r.teacher.trust_remote_code, "teacher.trust_remote_code")
         if r.teacher.trust_remote_code:
-            console.print(f"[yellow]warning: teacher.trust_remote_code is on: Python code from "
-                          f"{r.teacher.model} will run on this machine[/yellow]")
+            log.warning(f"teacher.trust_remote_code is on: Python code from {r.teacher.model} "
+                        "will run on this machine")
         t_config = AutoConfig.from_pretrained(model_path,
                                               trust_remote_code=r.teacher.trust_remote_code)
         s_config, kept = plan_student(model_path, t_config, r.student,

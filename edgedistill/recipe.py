@@ -229,7 +229,9 @@ class TransferConfig:
 
 @dataclass
 class ExportConfig:
-    opset: int = _f(17, "ONNX opset.")
+    opset: Optional[int] = _f(None, "ONNX opset; empty: the one optimum's exporter "
+                              "recommends for the architecture (18 for all it exports today).",
+                              ge=14)
     atol: float = _f(1e-4, "Largest allowed |ONNX - PyTorch| logit difference on real inputs.",
                       ge=0)
     export_teacher: bool = _f(True, "Also export the teacher, for the ONNX fp32 baseline.")

@@ -19,7 +19,7 @@ from .artifacts import write_atomic
 from .host import environment
 
 
-def _value(row: dict, path: str):
+def value_at(row: dict, path: str):
     """The value at a dotted ``path`` of a model row (``latency.p50_ms``), or None."""
     for key in path.split("."):
         row = row.get(key) if isinstance(row, dict) else None
@@ -29,7 +29,7 @@ def _value(row: dict, path: str):
 def _measured(rows: dict, path: str):
     """The number at ``model.key...`` of the report rows, or None where this run has none."""
     model, _, keys = path.partition(".")
-    node = _value(rows.get(model) or {}, keys)
+    node = value_at(rows.get(model) or {}, keys)
     return node if isinstance(node, (int, float)) and not isinstance(node, bool) else None
 
 
@@ -110,7 +110,7 @@ def training_warnings(training: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------ writing
 
-def _fmt(value, digits: int = 3) -> str:
+def fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
@@ -122,8 +122,8 @@ def _headers(report: dict) -> list[str]:
 def _table_rows(report: dict) -> list[list[str]]:
     columns = report["view"]["columns"]
     return [[m["name"], m["backend"], m["precision"],
-             *(_fmt(_value(m, c["path"]), c["digits"]) for c in columns),
-             _fmt(m.get("peak_rss_mb"), 0), _fmt(m.get("size_mb"), 1)]
+             *(fmt(value_at(m, c["path"]), c["digits"]) for c in columns),
+             fmt(m.get("peak_rss_mb"), 0), fmt(m.get("size_mb"), 1)]
             for m in report["models"]]
 
 
@@ -340,14 +340,14 @@ def _plots(report: dict) -> dict[str, bytes]:
     view = report["view"]
     timing, better = view["timing"], "higher" if view["higher_is_better"] else "lower"
     models = [m for m in report["models"]
-              if _value(m, f"{timing}.p50_ms") and _value(m, view["quality"])]
+              if value_at(m, f"{timing}.p50_ms") and value_at(m, view["quality"])]
     pngs = {}
     if models:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         # A legend, not text labels: an ONNX model often sits on top of its PyTorch twin.
         markers = {"pytorch": "o", "onnxruntime": "s"}
         for m in models:
-            x, y = _value(m, f"{timing}.p50_ms"), _value(m, view["quality"])
+            x, y = value_at(m, f"{timing}.p50_ms"), value_at(m, view["quality"])
             filled = m["precision"] == "fp32"
             color = "tab:orange" if m["role"] == "teacher" else "tab:blue"
             marker = "D" if m["precision"] == "int4" else markers.get(m["backend"], "^")
@@ -362,7 +362,7 @@ def _plots(report: dict) -> dict[str, bytes]:
         ax.set_title("Quality against latency")
         ax.grid(alpha=0.3)
         pngs["quality_vs_latency.png"] = _png(fig)
-    timed = [m for m in report["models"] if _value(m, f"{timing}.percentiles_ms")]
+    timed = [m for m in report["models"] if value_at(m, f"{timing}.percentiles_ms")]
     if timed:
         # every model's whole latency distribution (as a cumulative curve): a p50 hides a long
         # tail or two modes, which a device's users would feel
@@ -481,7 +481,7 @@ def summary(report: dict) -> dict:
     precision, the task's summary columns (by header) and size; the targets and warnings."""
     paths = {c["header"]: c["path"] for c in report["view"]["columns"]}
     models = [{"model": m["name"], "precision": m["precision"],
-               **{h: _value(m, paths[h]) for h in report["view"]["summary"]},
+               **{h: value_at(m, paths[h]) for h in report["view"]["summary"]},
                "size MB": m.get("size_mb")} for m in report["models"]]
     return {"name": report["name"], "task": report["task"], "models": models,
             "targets": report["targets"], "warnings": report.get("warnings", [])}
@@ -500,8 +500,10 @@ def print_summary(report: dict, console: Console | None = None) -> None:
     for r in _table_rows(report):
         table.add_row(*(r[i] for i in keep))
     console.print(table)
+    # soft_wrap: a long line stays one line in a log file instead of breaking at column 80
     for w in report.get("warnings", []):
-        console.print(f"  [yellow]warning[/yellow]  {w}")
+        console.print(f"  [yellow]warning[/yellow]  {w}", soft_wrap=True)
     for t in report["targets"]:
         mark = "[green]met[/green]" if t["met"] else "[red]missed[/red]"
-        console.print(f"  {mark}  {t['target']}: {t['measured']} (goal {t['goal']})")
+        console.print(f"  {mark}  {t['target']}: {t['measured']} (goal {t['goal']})",
+                      soft_wrap=True)

@@ -127,3 +127,37 @@ def test_a_student_model_with_another_tokenizer_fails_before_training(base, tmp_
     assert main(["run", str(path), "--output", str(out), "--set", f"student.model={other}"]) == 2
     assert "student.model: its tokenizer differs from the teacher's" in capsys.readouterr().err
     assert not (out / "teacher").exists()
+
+
+def test_an_empty_recipe_says_how_to_run_the_default_even_when_quiet(tmp_path, capsys):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing here yet\n")
+    assert main(["run", str(path), "--output", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"edgedistill: error: {path}: the recipe is empty")
+    assert "edgedistill run" in err and not (tmp_path / "out").exists()
+
+
+def test_a_teacher_still_learning_is_flagged_when_its_stage_ends(base, tmp_path, capsys,
+                                                                 monkeypatch):
+    """The teacher's record says its validation metric rose in the last epoch (a tiny random
+    model learns too little to be sure of that on its own): the warning follows its stage."""
+    import edgedistill.pipeline as pipeline
+
+    real = pipeline.finetune_teacher
+
+    def still_learning(*args, **kwargs):
+        record = real(*args, **kwargs)
+        record["selection"].update(per_epoch=[0.30, 0.41], last_epoch_improved=True)
+        return record
+
+    monkeypatch.setattr(pipeline, "finetune_teacher", still_learning)
+    path = tmp_path / "r.yaml"
+    path.write_text(base)
+    assert main(["distill", str(path), "--output", str(tmp_path / "out"),
+                 "--set", "distill.epochs=1"]) == 0
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    flagged = next(i for i, line in enumerate(lines) if "still improved in its last epoch" in line)
+    assert lines[flagged].strip().startswith("warning") and "raise teacher.epochs" in err
+    assert "[1/6] teacher" in "".join(lines[:flagged]) and "[2/6]" in lines[flagged + 1]

@@ -67,10 +67,20 @@ def test_run_end_to_end_then_skip_then_partial_rerun(recipe, tmp_path, capsys):
     assert set(first) == {"teacher", "distill", "export", "quantize", "evaluate", "bench"}
     assert not list(out.glob("*.partial")) and not list(out.glob("*/checkpoints"))
 
-    # the training log: one line per epoch, never the Trainer's raw dict
+    # the training log: one line per epoch, never the Trainer's raw dict (that goes to the
+    # stage's log file with the libraries' own logs); no library warning on the terminal
     printed = "".join(capsys.readouterr())
     assert "{'loss'" not in printed and "{'eval_loss'" not in printed
     assert "epoch 1: loss " in printed and "epoch 1: validation " in printed
+    assert "kept the best epoch: validation " in printed and "done in " in printed
+    assert "Warning" not in printed and "Opset" not in printed and "%|" not in printed
+    assert {p.name for p in (out / "logs").iterdir()} == {
+        "preflight.log", *(f"{s}.log" for s in first)}
+    assert "trainer log: {'loss'" in (out / "logs" / "distill.log").read_text()
+    # the export took the exporter's recommended opset, so it has nothing to warn about
+    assert json.loads((out / "export" / "manifest.json").read_text())["record"]["student"][
+        "opset"] == 18
+    assert "WARNING" not in (out / "logs" / "export.log").read_text()
 
     # unchanged recipe: nothing reruns
     assert main(["run", str(recipe), "--output", str(out)]) == 0
@@ -91,9 +101,16 @@ def test_run_end_to_end_then_skip_then_partial_rerun(recipe, tmp_path, capsys):
     third = mtimes(out)
     assert third["quantize"] != second["quantize"] and third["export"] == second["export"]
 
-    # static int8, calibrated on training texts: only quantization and what follows rerun
+    # static int8, calibrated on training texts: only quantization and what follows rerun;
+    # --quiet --json: stderr has the summary alone, stdout the JSON alone (onnxruntime's
+    # calibrator prints its progress: into the stage's log)
+    capsys.readouterr()
     assert main(["run", str(recipe), "--output", str(out), "--set", "distill.temperature=4",
-                 "--set", "quantize.mode=static"]) == 0
+                 "--set", "quantize.mode=static", "--quiet", "--json"]) == 0
+    stdout, stderr = capsys.readouterr()
+    assert json.loads(stdout)["models"][-1]["model"] == "student-int8"
+    assert "[4/6]" not in stderr and "done in" not in stderr and "student-int8" in stderr
+    assert "Collecting tensor data" in (out / "logs" / "quantize.log").read_text()
     fourth = mtimes(out)
     assert fourth["export"] == third["export"] and fourth["quantize"] != third["quantize"]
     record = json.loads((out / "quantize" / "manifest.json").read_text())["record"]

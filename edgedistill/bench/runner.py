@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tqdm.auto import tqdm
 
 from ..artifacts import size_on_disk_mb
 from ..errors import EdgeDistillError
 from ..host import usable_cores
 from ..profiles import Target, check_available, resolve_target
+from ..progress import Bar
 from .roofline import roofline_estimate
 from .stats import Latency
 
@@ -153,16 +153,16 @@ def take_turns(dirs: list[Path], rounds: int, run_one: Callable[[Path], dict], d
     out of later rounds; returns the runs and, for such models, why they stopped."""
     runs: dict[Path, list[dict]] = {d: [] for d in dirs}
     over: dict[Path, str] = {}
-    with tqdm(total=rounds * len(dirs), desc=desc, disable=not progress) as bar:
+    with Bar(desc, rounds * len(dirs), show=progress) as bar:
         for _ in range(rounds):
             for d in dirs:
-                bar.set_postfix_str(d.name)
+                bar.update(status="/".join(d.parts[-2:]))
                 if d not in over:
                     try:
                         runs[d].append(run_one(d))
                     except OverBudget as e:
                         over[d] = str(e)
-                bar.update()
+                bar.advance()
     return runs, over
 
 

@@ -39,9 +39,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from ..errors import EdgeDistillError
+from ..progress import Bar
 from .token_kd import teacher_topk
 
 TOPK_LOGPROBS = "teacher_topk_logprobs"
@@ -277,8 +277,7 @@ def _compute_shards(teacher, head, input_ids, attention_mask, folder, todo, shar
     checked = False
     total = sum(min(shard_rows, len(input_ids) - i * shard_rows) for i in todo)
     try:
-        with torch.inference_mode(), tqdm(total=total, desc=desc, unit="row",
-                                          disable=not progress) as bar:
+        with torch.inference_mode(), Bar(desc, total, show=progress) as bar:
             for i in todo:
                 start, stop = i * shard_rows, min((i + 1) * shard_rows, len(input_ids))
                 values, indices = [], []
@@ -294,7 +293,7 @@ def _compute_shards(teacher, head, input_ids, attention_mask, folder, todo, shar
                     v, k = teacher_topk(hidden, head, top_k, temperature, chunk_tokens)
                     values.append(v.cpu())
                     indices.append(k.cpu())
-                    bar.update(len(ids))
+                    bar.advance(len(ids))
                 path = folder / _shard_name(i)
                 tmp = path.with_name(f"{path.name}.tmp")
                 save_file({"logprobs": torch.cat(values).contiguous(),

@@ -44,10 +44,10 @@ import datasets
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from ..errors import EdgeDistillError
+from ..progress import track
 from .teacher_cache import _hash_tensor
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def _generate(teacher, prompt_ids: torch.Tensor, config: GenerationConfig, seed:
     devices = [device.index or 0] if device.type == "cuda" else []
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            for b, start in enumerate(tqdm(starts, desc="teacher generations", unit="batch")):
+            for b, start in enumerate(track(starts, "teacher generations")):
                 ids = prompt_ids[start:start + batch_size].to(device)
                 torch.manual_seed(batch_seed(seed, b))
                 seq = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids),

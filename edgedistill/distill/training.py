@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import (AutoConfig, AutoTokenizer, DataCollatorWithPadding,
+from transformers import (AutoConfig, AutoTokenizer, DataCollatorWithPadding, TrainerCallback,
                           default_data_collator, set_seed)
 from transformers.trainer_callback import ProgressCallback
 
+from .. import progress
 from ..artifacts import write_atomic
 from ..data import TaskData, lm_blocks, tokenize
 from ..evaluation import classification_metrics
@@ -177,9 +178,9 @@ def _trainer(model, tokenizer, args, prepared: tuple) -> DistillationTrainer:
         model=model, args=args, train_dataset=train, eval_dataset=validation,
         processing_class=tokenizer, data_collator=collator,
         compute_metrics=metrics, teacher_model=teacher)
-    # the stages' bar prints a line per log, not the Trainer's raw dict (SDK users keep it)
+    # one bar and a compact line per epoch instead of transformers' bars and raw dicts
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(EpochLines)
+    trainer.add_callback(TrainingProgress)
     return trainer
 
 
@@ -204,12 +205,42 @@ def log_line(logs: dict) -> str:
     return f"epoch {logs.get('epoch', 0):g}: " + "; ".join(parts)
 
 
-class EpochLines(ProgressCallback):
-    """transformers' progress bar, writing :func:`log_line` where it writes a raw dict."""
+class TrainingProgress(TrainerCallback):
+    """A bar over the training steps (epoch and the last logged loss beside it) on the stage's
+    display, :func:`log_line` for each Trainer log, and the raw log in the stage's log file.
+    Evaluation inside training gets no bar of its own: it is short, and nested bars garble."""
+
+    def __init__(self):
+        self.bar: progress.Bar | None = None
+        self.loss = ""  # the last logged training loss, shown beside the bar
+        self.trained = False  # a log after training is the kept epoch's evaluation
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = progress.Bar("train", total=state.max_steps)
+            self.bar.update(completed=state.global_step)  # a resumed run starts part-way
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(completed=state.global_step,
+                            status=f"epoch {state.epoch or 0:.1f}{self.loss}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None and logs:
-            self.training_bar.write(log_line(logs))
+        if not (state.is_world_process_zero and logs):
+            return
+        log.info("trainer log: %s", logs)
+        if "loss" in logs:
+            self.loss = f", loss {logs['loss']:.4f}"
+        line = log_line(logs)
+        if self.trained:
+            line = "kept the best epoch:" + line.split(":", 1)[1]
+        progress.note(f"  {line}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trained = True
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _evaluation_texts(data: TaskData) -> list[str]:

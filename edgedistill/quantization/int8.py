@@ -11,12 +11,12 @@ weight-only quantization (for causal LMs) is in ``int4``.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import shutil
 from pathlib import Path
 
 from ..artifacts import copy_sidecars, onnx_file
 from ..errors import EdgeDistillError
+from ..progress import silenced
 from ..profiles import Profile, Target, resolve_target
 from ..recipe import QuantizeConfig, check_limits
 from .graph import fp32_graph, fuse_graph
@@ -133,15 +133,11 @@ def _dynamic_pass(staged: Path, output_dir: Path, config: QuantizeConfig, target
 
     qconfig, _ = int8_config(config, target)
     name = onnx_file(staged).name
-    root = logging.getLogger()
-    # onnxruntime warns "Please check if the model is already quantized": it is, on purpose
-    quiet = lambda r: "already quantized" not in r.getMessage()  # noqa: E731
-    root.addFilter(quiet)
-    try:
+    # onnxruntime warns (on the root logger) "Please check if the model is already
+    # quantized": it is, on purpose
+    with silenced("", "already quantized"):
         ORTQuantizer.from_pretrained(staged, file_name=name).quantize(
             save_dir=output_dir, quantization_config=qconfig, file_suffix="")
-    finally:
-        root.removeFilter(quiet)
     shutil.copy(staged / "ort_config.json", output_dir / "ort_config.json")
     shutil.rmtree(staged)
 

@@ -3,8 +3,9 @@
 A task says how its data are prepared, which transformers class loads its teacher and student,
 how training keeps its best epoch, which distillation losses it accepts, what its preflight
 refuses, which models the quantize stage writes beside the int8 student, how the models are
-evaluated and benchmarked, and how the report shows them. The pipeline runs the stages in order
-and asks the run's task at each point where tasks differ; it never asks which task it has.
+evaluated and benchmarked, how the report shows them and how a model card loads them. The
+pipeline runs the stages in order and asks the run's task at each point where tasks differ; it
+never asks which task it has.
 
 Task methods that do stage work receive the pipeline's run (``run.recipe``, ``run.target``,
 ``run.data``, ``run.console``): tasks sit below the pipeline and do not import it.
@@ -12,6 +13,7 @@ Task methods that do stage work receive the pipeline's run (``run.recipe``, ``ru
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +66,13 @@ class Task:
     labelled: bool = True           # the data carry a label column
     auto_model = None               # transformers Auto class of teacher and student
     report: ReportView
+
+    # What a model card (edgedistill.model_card) says of this task's ONNX models. The defaults
+    # suit a task that sets none of them: its card loads the graph and lists its inputs.
+    hub_pipeline: str = ""          # the Hub's pipeline tag, also transformers' pipeline() task
+    ort_model_class: str = ""       # the optimum.onnxruntime class that loads the model
+    example_text: str = "Hello world."
+    pipeline_options: str = ""      # extra keyword arguments of the card's pipeline call, as code
 
     # ------------------------------------------------------------------ data and models
 
@@ -139,10 +148,54 @@ class Task:
     def bench(self, run, models: list[dict]) -> dict:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ model card
+
+    def onnxruntime_snippet(self, location: str, file_name: str) -> str:
+        """Python that runs the model in ``location`` (a folder or a Hub repo id) with plain
+        onnxruntime and prints the result; the card shows it and the tests run it."""
+        imports, folder = local_folder(location)
+        return "\n".join([
+            "import onnxruntime as ort", *imports, "",
+            folder,
+            f'session = ort.InferenceSession(f"{{folder}}/{file_name}",',
+            '                               providers=["CPUExecutionProvider"])',
+            "for i in session.get_inputs():",
+            "    print(i.name, i.type, i.shape)"])
+
+    def pipeline_snippet(self, location: str, file_name: str) -> str:
+        """Python that loads the model with optimum's ORTModel class into transformers'
+        ``pipeline()`` and prints its output; empty where the task names neither."""
+        if not (self.ort_model_class and self.hub_pipeline):
+            return ""
+        options = f", {self.pipeline_options}" if self.pipeline_options else ""
+        return "\n".join([
+            f"from optimum.onnxruntime import {self.ort_model_class}",
+            "from transformers import AutoTokenizer, pipeline", "",
+            f"model_id = {literal(location)}",
+            (f"model = {self.ort_model_class}.from_pretrained(model_id, "
+             f"file_name={literal(file_name)})"),
+            "tokenizer = AutoTokenizer.from_pretrained(model_id)",
+            f"pipe = pipeline({literal(self.hub_pipeline)}, model=model, tokenizer=tokenizer)",
+            f"print(pipe({literal(self.example_text)}{options}))"])
+
 
 def model_row(name: str, role: str, backend: str, precision: str, path: Path) -> dict:
     """A model the report compares."""
     return {"name": name, "role": role, "backend": backend, "precision": precision, "path": path}
+
+
+def literal(text: str) -> str:
+    """``text`` as a double-quoted Python string literal, for the code a model card shows."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def local_folder(location: str) -> tuple[list[str], str]:
+    """(imports, line) of a loading snippet that sets ``folder`` to the model's files: the
+    folder itself, or a download of the Hub repo ``location`` (onnxruntime opens files only)."""
+    if Path(location).is_dir():
+        return [], f"folder = {literal(location)}"
+    return (["from huggingface_hub import snapshot_download"],
+            f"folder = snapshot_download({literal(location)})")
 
 
 def refuse(condition: bool, message: str) -> None:

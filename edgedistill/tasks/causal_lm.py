@@ -17,7 +17,16 @@ from ..evaluation import evaluate_lm
 from ..quantization import quantize_int4
 from ..quantization.weight_only import quantize_weight_only
 from ..recipe import QuantizeConfig, Recipe
-from .base import Column, ReportView, Task, model_row, print_over_budget, refuse
+from .base import (
+    Column,
+    ReportView,
+    Task,
+    literal,
+    local_folder,
+    model_row,
+    print_over_budget,
+    refuse,
+)
 
 
 class CausalLMTask(Task):
@@ -38,6 +47,10 @@ class CausalLMTask(Task):
         higher_is_better=False, timing="tpot_ms", speed_label="time per generated token, ms",
         roofline_measure="first token (prefill)",
         validation="validation perplexity {perplexity:.2f}")
+    hub_pipeline = "text-generation"
+    ort_model_class = "ORTModelForCausalLM"
+    example_text = "The best way to sleep better is"
+    pipeline_options = "max_new_tokens=16, do_sample=False"
 
     def selection(self, cfg, data):
         # the best epoch by validation loss (the log of its perplexity); evaluation returns the
@@ -47,6 +60,30 @@ class CausalLMTask(Task):
 
     def training_sets(self, tokenizer, args, data, data_cfg, **kw):
         return lm_sets(tokenizer, args, data, data_cfg, **kw)
+
+    def onnxruntime_snippet(self, location: str, file_name: str) -> str:
+        # one forward pass over the prompt; the graph takes a KV cache, so the first step
+        # feeds an empty one (past length 0, heads and head size from the graph's inputs)
+        imports, folder = local_folder(location)
+        return "\n".join([
+            "import numpy as np", "import onnxruntime as ort", *imports,
+            "from transformers import AutoTokenizer", "",
+            folder,
+            "tokenizer = AutoTokenizer.from_pretrained(folder)",
+            f'session = ort.InferenceSession(f"{{folder}}/{file_name}",',
+            '                               providers=["CPUExecutionProvider"])',
+            f'ids = tokenizer([{literal(self.example_text)}], return_tensors="np")["input_ids"]',
+            "ids = ids.astype(np.int64)",
+            'feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),',
+            '        "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}',
+            "for i in session.get_inputs():",
+            '    if i.name.startswith("past_key_values."):',
+            "        _, heads, _, size = i.shape",
+            '        dtype = np.float16 if i.type == "tensor(float16)" else np.float32',
+            "        feed[i.name] = np.zeros((1, heads, 0, size), dtype)",
+            "names = {i.name for i in session.get_inputs()}",
+            "logits = session.run(None, {k: v for k, v in feed.items() if k in names})[0]",
+            "print(tokenizer.decode([int(logits[0, -1].argmax())]))"])
 
     # ------------------------------------------------------------------ preflight
 
@@ -111,7 +148,8 @@ class CausalLMTask(Task):
         results, reference = {}, None
         for m in models:
             metrics = evaluate_lm(m["path"], ids, cfg.batch_size, reference, prompts,
-                                  cfg.generation_tokens, tokenizer.eos_token_id)
+                                  cfg.generation_tokens, tokenizer.eos_token_id,
+                                  desc=f"perplexity {m['name']}")
             if reference is None:
                 reference = metrics["predictions"]
                 metrics["next_token_agreement"] = 1.0

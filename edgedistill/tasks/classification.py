@@ -15,7 +15,16 @@ from ..evaluation import evaluate
 from ..quantization import int8_config, to_fp16
 from ..quantization.tuning import tune
 from ..recipe import QuantizeConfig, Recipe
-from .base import Column, ReportView, Task, model_row, print_over_budget, refuse
+from .base import (
+    Column,
+    ReportView,
+    Task,
+    literal,
+    local_folder,
+    model_row,
+    print_over_budget,
+    refuse,
+)
 
 # what tuning reports about its search, apart from the chosen model's quantize record
 TUNING_KEYS = ("passed", "metric", "tolerable_loss", "max_trials", "baseline", "trials",
@@ -38,6 +47,9 @@ class ClassificationTask(Task):
         quality="metrics.macro_f1", quality_label="macro-F1 on the test split",
         higher_is_better=True, timing="latency", speed_label="latency per inference, ms",
         roofline_measure="p50", validation="validation macro-F1 {macro_f1:.3f}")
+    hub_pipeline = "text-classification"
+    ort_model_class = "ORTModelForSequenceClassification"
+    example_text = "It helped a lot and I slept better."
 
     def new_head(self, labels):
         return dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
@@ -54,6 +66,25 @@ class ClassificationTask(Task):
 
     def training_sets(self, tokenizer, args, data, data_cfg, **kw):
         return classifier_sets(tokenizer, args, data, data_cfg, **kw)
+
+    def onnxruntime_snippet(self, location: str, file_name: str) -> str:
+        # the class is the argmax of the logits, named by the config's id2label
+        imports, folder = local_folder(location)
+        return "\n".join([
+            "import numpy as np", "import onnxruntime as ort", *imports,
+            "from transformers import AutoConfig, AutoTokenizer", "",
+            folder,
+            "tokenizer = AutoTokenizer.from_pretrained(folder)",
+            "labels = AutoConfig.from_pretrained(folder).id2label",
+            f'session = ort.InferenceSession(f"{{folder}}/{file_name}",',
+            '                               providers=["CPUExecutionProvider"])',
+            (f"inputs = tokenizer([{literal(self.example_text)}], truncation=True, "
+             'return_tensors="np")'),
+            "# feed what the graph takes (not every encoder has token_type_ids)",
+            "names = {i.name for i in session.get_inputs()}",
+            "feed = {k: v.astype(np.int64) for k, v in inputs.items() if k in names}",
+            "logits = session.run(None, feed)[0]",
+            "print(labels[int(logits[0].argmax())])"])
 
     # ------------------------------------------------------------------ preflight
 
@@ -126,7 +157,8 @@ class ClassificationTask(Task):
         results, reference = {}, None
         for m in models:
             metrics = evaluate(m["path"], test, run.data.labels, r.evaluate.batch_size,
-                               r.data.max_length, reference_predictions=reference)
+                               r.data.max_length, reference_predictions=reference,
+                               desc=f"evaluate {m['name']}")
             if reference is None:
                 reference = metrics["predictions"]
                 metrics["agreement"] = 1.0
