@@ -18,14 +18,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
 from . import __version__, progress
 from .artifacts import publish_folder, write_atomic
 from .data import TaskData
 from .distill.matching import resolve_matches
 from .distill.trainer import check_distill_settings
-from .distill.training import distill_student, finetune_teacher, plan_student
+from .distill.training import (distill_student, finetune_teacher, plan_student,
+                               student_tokenizer)
 from .distill.transfer import check_transfer_settings
 from .errors import EdgeDistillError
 from .export import export_onnx
@@ -218,6 +219,12 @@ class Run:
                 if positions and length > positions:
                     raise EdgeDistillError(f"{key}: {length} exceeds the {who}'s {positions} "
                                            f"positions; set {key} <= {positions}")
+        if r.student.model:
+            teacher_tokenizer = AutoTokenizer.from_pretrained(
+                model_path, trust_remote_code=r.teacher.trust_remote_code)
+            self.task.check_student(r, s_config, teacher_tokenizer,
+                                    student_tokenizer(teacher_tokenizer, r.student),
+                                    self.data.labels)
         _ = self.data
 
     def _export(self, teacher_dir: Path, student_dir: Path) -> Callable[[Path], dict]:

@@ -115,7 +115,10 @@ def test_out_of_range_settings_fail_before_training(base, tmp_path, capsys):
     assert not (out / "teacher").exists()
 
 
-def test_a_student_model_with_another_tokenizer_fails_before_training(base, tmp_path, capsys):
+def test_a_student_model_that_cannot_learn_from_this_teacher_fails_before_training(
+        base, tmp_path, capsys):
+    """Another tokenizer with layer losses (they compare token positions), and a trained head
+    for other labels: one line each, before any training."""
     other = tmp_path / "other"
     make_bert(vocab_size=12).save_pretrained(other)
     (other / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -124,8 +127,18 @@ def test_a_student_model_with_another_tokenizer_fails_before_training(base, tmp_
     path = tmp_path / "r.yaml"
     path.write_text(base)
     out = tmp_path / "out"
-    assert main(["run", str(path), "--output", str(out), "--set", f"student.model={other}"]) == 2
-    assert "student.model: its tokenizer differs from the teacher's" in capsys.readouterr().err
+    assert main(["run", str(path), "--output", str(out), "--set", f"student.model={other}",
+                 "--set", "distill.matches=[{loss: hidden_mse}]"]) == 2
+    assert ("student.model: its tokenizer differs from the teacher's, and distill.matches "
+            "compare") in capsys.readouterr().err
+
+    two_labels = tmp_path / "two-labels"
+    make_bert(num_labels=2).save_pretrained(two_labels)
+    BertTokenizerFast(vocab_file=str(other / "vocab.txt")).save_pretrained(two_labels)
+    assert main(["run", str(path), "--output", str(out), "--set",
+                 f"student.model={two_labels}"]) == 2
+    assert ("student.model: its classification head predicts 2 labels (negative, neutral), "
+            "the data has 3") in capsys.readouterr().err
     assert not (out / "teacher").exists()
 
 

@@ -121,6 +121,11 @@ def make_student(teacher: PreTrainedModel, layers: str = "uniform", num_layers: 
     return student
 
 
+def shares_tokenizer(teacher_tokenizer, student_tokenizer) -> bool:
+    """Whether both read text as the same token ids (one vocabulary)."""
+    return teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
+
+
 def check_same_tokenizer(teacher_tokenizer, student_tokenizer, where: str = "student") -> None:
     """Both models read the same token ids, so they must share one vocabulary."""
     t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()

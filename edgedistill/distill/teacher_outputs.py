@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..data import tokenize
+
 # the column of a training set that holds the teacher's logits for each example
 TEACHER_LOGITS = "teacher_logits"
 
@@ -27,6 +29,25 @@ def add_teacher_logits(dataset, teacher, collator, batch_size: int = 64):
             batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             rows += teacher(**batch).logits.float().cpu().tolist()
     return dataset.add_column(TEACHER_LOGITS, rows)
+
+
+def with_teacher_logits(tokenized, texts, teacher, tokenizer, teacher_tokenizer=None,
+                        max_length: int = 128, batch_size: int = 64):
+    """``tokenized`` (rows as the student reads them) with the teacher's logits for each row.
+
+    A student with a tokenizer of its own (``teacher_tokenizer`` is then the teacher's) gets
+    the logits the teacher gives the same ``texts`` (a Dataset with ``text`` and ``label``, in
+    the order of ``tokenized``) read the teacher's way: a classifier's target is one per
+    example, so the two readings need not line up token by token.
+    """
+    from transformers import DataCollatorWithPadding
+
+    if teacher_tokenizer is None:
+        return add_teacher_logits(tokenized, teacher, DataCollatorWithPadding(tokenizer),
+                                  batch_size)
+    scored = add_teacher_logits(tokenize(texts, teacher_tokenizer, max_length), teacher,
+                                DataCollatorWithPadding(teacher_tokenizer), batch_size)
+    return tokenized.add_column(TEACHER_LOGITS, scored[TEACHER_LOGITS])
 
 
 def is_causal_lm(model) -> bool:

@@ -36,7 +36,7 @@ from ..recipe import (
 from ..sources import check_remote_code, resolve_model
 from .matching import PROJECTIONS
 from .qat import attach_fake_quant, remove_fake_quant
-from .student import check_same_tokenizer, make_student, select_layers, student_config
+from .student import make_student, select_layers, shares_tokenizer, student_config
 from .teacher_cache import (
     TeacherCacheDataset,
     build_teacher_cache,
@@ -44,7 +44,7 @@ from .teacher_cache import (
     load_teacher_cache,
 )
 from .teacher_generations import teacher_generations, with_generations
-from .teacher_outputs import add_teacher_logits
+from .teacher_outputs import with_teacher_logits
 from .trainer import DistillationTrainer, DistillationTrainingArguments
 from .transfer import build_transfer_set, join_transfer, load_unlabelled, paraphrase
 
@@ -103,31 +103,42 @@ def last_good_checkpoint(folder: Path) -> str | None:
 
 def classifier_sets(tokenizer, args, data: TaskData, data_cfg: DataConfig, teacher=None,
                     cache_dir: Path | None = None, cache_top_k: int = 64,
-                    transfer: TransferConfig | None = None, transfer_cache: Path | None = None):
+                    transfer: TransferConfig | None = None, transfer_cache: Path | None = None,
+                    teacher_tokenizer=None):
     """A classifier's training and validation sets (the teacher's logits added once when only
     logits are distilled), collator, metrics, the teacher the trainer still runs, and the
-    transfer record. ``cache_dir``, ``cache_top_k`` and ``transfer_cache`` serve language models
-    only; the signature is the one every task's ``training_sets`` has."""
-    extra = {}
-    train = tokenize(data.train, tokenizer, data_cfg.max_length)
-    validation = tokenize(data.validation, tokenizer, data_cfg.max_length)
+    transfer record. ``tokenizer`` is the student's; ``teacher_tokenizer`` the teacher's when
+    the student has its own (the teacher then only labels, before training). ``cache_dir``,
+    ``cache_top_k`` and ``transfer_cache`` serve language models only; the signature is the
+    one every task's ``training_sets`` has."""
+    extra, length = {}, data_cfg.max_length
+    train = tokenize(data.train, tokenizer, length)
+    validation = tokenize(data.validation, tokenizer, length)
     collator, metrics = DataCollatorWithPadding(tokenizer), _metrics_fn(data.labels)
     logits = teacher is not None and args.alpha_distill > 0 and not args.matches
     if logits:
-        train = add_teacher_logits(train, teacher, collator)
-        validation = add_teacher_logits(validation, teacher, collator)
+        train = with_teacher_logits(train, data.train, teacher, tokenizer, teacher_tokenizer,
+                                    length)
+        validation = with_teacher_logits(validation, data.validation, teacher, tokenizer,
+                                         teacher_tokenizer, length)
     if transfer is not None and transfer.active:
         train, extra["transfer"] = classifier_transfer(
-            train, transfer, data, teacher, tokenizer, data_cfg.max_length, args.seed, logits)
-    return train, validation, collator, metrics, teacher, extra
+            train, transfer, data, teacher, tokenizer, length, args.seed, logits,
+            teacher_tokenizer)
+    # the teacher reads other token ids than the student: it has done its part
+    live_teacher = teacher if teacher_tokenizer is None else None
+    return train, validation, collator, metrics, live_teacher, extra
 
 
 def lm_sets(tokenizer, args, data: TaskData, data_cfg: DataConfig, teacher=None,
             cache_dir: Path | None = None, cache_top_k: int = 64,
-            transfer: TransferConfig | None = None, transfer_cache: Path | None = None):
+            transfer: TransferConfig | None = None, transfer_cache: Path | None = None,
+            teacher_tokenizer=None):
     """A language model's fixed-length token blocks for training (with the transfer set's
     text and teacher generations, and the teacher's cached top-k when ``cache_dir`` is given:
-    the trainer then never runs the teacher) and validation, as :func:`classifier_sets`."""
+    the trainer then never runs the teacher) and validation, as :func:`classifier_sets`.
+    ``teacher_tokenizer`` is always None here: preflight refuses a language-model student
+    with a tokenizer of its own (its targets are per token)."""
     extra = {}
     if transfer is not None and transfer.active:
         train, extra["transfer"] = lm_transfer(transfer, data, teacher, tokenizer,
@@ -254,7 +265,7 @@ def _unlabelled(cfg: TransferConfig, data: TaskData, seed: int) -> dict[str, lis
 
 
 def classifier_transfer(train, cfg: TransferConfig, data: TaskData, teacher, tokenizer,
-                        max_length: int, seed: int, logits: bool):
+                        max_length: int, seed: int, logits: bool, teacher_tokenizer=None):
     """The tokenized training split followed by the transfer set (augmented variants of the
     training texts and unlabelled texts, labelled by the teacher), and the set's record."""
     aug, texts = cfg.augment, list(data.train["text"])
@@ -264,7 +275,8 @@ def classifier_transfer(train, cfg: TransferConfig, data: TaskData, teacher, tok
     transfer, record = build_transfer_set(
         texts, teacher, tokenizer, factor=aug.factor, methods=aug.methods, seed=seed,
         unlabelled=_unlabelled(cfg, data, seed), exclude=_evaluation_texts(data),
-        max_length=max_length, batch_size=cfg.batch_size, logits=logits, paraphrased=paraphrased)
+        max_length=max_length, batch_size=cfg.batch_size, logits=logits, paraphrased=paraphrased,
+        teacher_tokenizer=teacher_tokenizer)
     log.info("transfer set: %d rows %s", record["size"], record["sources"])
     return join_transfer(train, transfer), {**record, "training_rows": len(train),
                                             "paraphrase_seconds": round(seconds, 3)}
@@ -340,15 +352,22 @@ def plan_student(teacher_path: Path, teacher_config, cfg: StudentConfig,
         path = resolve_model(cfg.model)
         # a student's own code is not run: the trust setting is the teacher's alone
         check_remote_code(path, False, "student.model (custom code is not supported)")
-        check_same_tokenizer(
-            AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code),
-            AutoTokenizer.from_pretrained(path), "student.model")
         return AutoConfig.from_pretrained(path), None
     if cfg.init == "teacher" and not cfg.config:
         ids = select_layers(teacher_config.num_hidden_layers, cfg.layers, cfg.num_layers,
                             cfg.layer_ids)
         return student_config(teacher_config, len(ids)), ids
     return student_config(teacher_config, cfg.num_layers, cfg.init, **cfg.config), None
+
+
+def student_tokenizer(teacher_tokenizer, cfg: StudentConfig):
+    """The tokenizer the student reads: the teacher's, unless ``student.model`` is a pretrained
+    model with a vocabulary of its own (whether the task allows that, its preflight says:
+    :meth:`edgedistill.tasks.base.Task.check_student`)."""
+    if not cfg.model:
+        return teacher_tokenizer
+    own = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+    return teacher_tokenizer if shares_tokenizer(teacher_tokenizer, own) else own
 
 
 def build_student(task, teacher, cfg: StudentConfig):
@@ -410,7 +429,9 @@ def distill_student(task, teacher_dir: Path, student_cfg: StudentConfig, cfg: Di
     edgedistill.distill.qat.Int8Scheme) a last phase of ``cfg.qat_epochs`` trains through the
     int8 rounding; a stage killed during it resumes with that phase."""
     set_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=trust_remote_code)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir,
+                                                      trust_remote_code=trust_remote_code)
+    tokenizer = student_tokenizer(teacher_tokenizer, student_cfg)
     teacher = task.load_model(teacher_dir, trust_remote_code).eval()
     student = build_student(task, teacher, student_cfg)
     args = _arguments(task, cfg, data, out, seed, temperature=cfg.temperature,
@@ -422,7 +443,9 @@ def distill_student(task, teacher_dir: Path, student_cfg: StudentConfig, cfg: Di
     prepared = task.training_sets(tokenizer, args, data, data_cfg, teacher=teacher,
                                   cache_dir=cache_dir if cfg.cache_teacher else None,
                                   cache_top_k=cfg.cache_top_k, transfer=transfer,
-                                  transfer_cache=transfer_cache)
+                                  transfer_cache=transfer_cache,
+                                  teacher_tokenizer=None if tokenizer is teacher_tokenizer
+                                  else teacher_tokenizer)
     finished = out / "distilled.json"  # the float phase's record, once its model is saved
     if qat_scheme is not None and finished.is_file():
         log.warning("float distillation already finished; resuming with the int8-aware phase")

@@ -49,7 +49,7 @@ from .teacher_generations import (
     pad_id,
     sampling_config,
 )
-from .teacher_outputs import add_teacher_logits, is_causal_lm
+from .teacher_outputs import is_causal_lm, with_teacher_logits
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +437,7 @@ def build_transfer_set(texts: Sequence[str], teacher_dir_or_model, tokenizer, *,
                        batch_size: int = 64, logits: bool = True,
                        synonyms: Callable[[str], Sequence[str]] | None = None,
                        paraphrased: Sequence[Variant] = (),
-                       ) -> tuple[Dataset, dict]:
+                       teacher_tokenizer=None) -> tuple[Dataset, dict]:
     """Augmented variants of the training ``texts`` plus ``unlabelled`` texts (a list, or a
     mapping of source name to list for the report's source mix), labelled by the teacher.
 
@@ -449,20 +449,20 @@ def build_transfer_set(texts: Sequence[str], teacher_dir_or_model, tokenizer, *,
     hidden states included, so ``logits=False`` saves the pass. ``transfer_source`` and
     ``transfer_method`` say where each row came from (dropped by :func:`join_transfer`).
     Rows equal (after whitespace normalisation) to a training text, to an ``exclude`` text
-    (validation / test) or to an earlier row are dropped.
+    (validation / test) or to an earlier row are dropped. A student with its own tokenizer
+    passes the teacher's as ``teacher_tokenizer``: the teacher labels the texts read its way.
 
     Returns the Dataset and a record: ``size``, ``sources`` (rows per source), ``methods``
     (augmented rows per method), ``skipped_variants``, ``dropped``, ``teacher_seconds``.
     """
-    from transformers import DataCollatorWithPadding
-
-
     teacher = _teacher(teacher_dir_or_model)
     if is_causal_lm(teacher):
         raise EdgeDistillError("transfer: a language model needs no transfer set: every token "
                                "of its training text is already teacher-labelled; add the "
                                "unlabelled text to its training data instead")
-    variants = augment(texts, factor, seed, methods, tokenizer.mask_token, synonyms)
+    # masked words are written as the teacher reads a mask: its label of the variant counts
+    mask = (teacher_tokenizer or tokenizer).mask_token
+    variants = augment(texts, factor, seed, methods, mask, synonyms)
     skipped = factor * sum(1 for t in texts if t.split()) - len(variants)
     variants += list(paraphrased)  # written beforehand by paraphrase()
     if not isinstance(unlabelled, Mapping):
@@ -482,12 +482,13 @@ def build_transfer_set(texts: Sequence[str], teacher_dir_or_model, tokenizer, *,
             seen.add(key)
             kept.append(row)
     sources, methods_used, text_col = (list(c) for c in zip(*kept)) if kept else ([], [], [])
-    ds = Dataset.from_dict({"text": text_col, "label": [IGNORE_INDEX] * len(kept)})
-    ds = tokenize(ds, tokenizer, max_length)
+    texts_ds = Dataset.from_dict({"text": text_col, "label": [IGNORE_INDEX] * len(kept)})
+    ds = tokenize(texts_ds, tokenizer, max_length)
     seconds = 0.0
     if logits and len(ds):
         start = time.perf_counter()
-        ds = add_teacher_logits(ds, teacher, DataCollatorWithPadding(tokenizer), batch_size)
+        ds = with_teacher_logits(ds, texts_ds, teacher, tokenizer, teacher_tokenizer,
+                                 max_length, batch_size)
         seconds = time.perf_counter() - start
     ds = ds.add_column("transfer_source", sources).add_column("transfer_method", methods_used)
     record = {"size": len(ds), "sources": dict(Counter(sources)),

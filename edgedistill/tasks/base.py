@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import TaskData, load_task_data
+from ..distill.student import check_same_tokenizer
 from ..errors import EdgeDistillError
 from ..mobile import phone_artifact
 from ..profiles import Target
@@ -104,6 +105,13 @@ class Task:
 
     def check(self, recipe: Recipe) -> None:
         """Refuse settings that make no sense for this task (one line each, naming the key)."""
+
+    def check_student(self, recipe: Recipe, config, teacher_tokenizer, student_tokenizer,
+                      labels: list[str] | None) -> None:
+        """Refuse a pretrained ``student.model`` (its ``config`` and tokenizer) the task cannot
+        distil into. By default both must read the same token ids: the targets are per
+        token."""
+        check_same_tokenizer(teacher_tokenizer, student_tokenizer, "student.model")
 
     def qat_scheme(self, recipe: Recipe, target: Target):
         """The int8 scheme quantization-aware distillation simulates, or None."""

@@ -9,6 +9,7 @@ from transformers import AutoModelForSequenceClassification
 
 from ..bench.runner import BenchSettings, benchmark
 from ..distill.qat import fake_quant_matches_onnxruntime, int8_scheme
+from ..distill.student import shares_tokenizer
 from ..distill.trainer import check_classifier_settings
 from ..distill.training import class_weights, classifier_sets
 from ..evaluation import evaluate
@@ -99,6 +100,25 @@ class ClassificationTask(Task):
                "for task causal-lm; a classifier takes transfer.augment / unlabelled")
         refuse(t.active and d.alpha_distill <= 0, "transfer: the transfer rows have only the "
                "teacher's soft targets, which distill.alpha_distill: 0 ignores; set it > 0")
+
+    def check_student(self, r: Recipe, config, teacher_tokenizer, student_tokenizer, labels):
+        # a classifier's targets are one per example, so a student may read its own tokens;
+        # layer losses compare token positions and still need one tokenizer
+        refuse(bool(r.distill.matches) and not shares_tokenizer(teacher_tokenizer,
+                                                                 student_tokenizer),
+               "student.model: its tokenizer differs from the teacher's, and distill.matches "
+               "compare the two models token by token; drop distill.matches (the logit loss "
+               "works across tokenizers) or use a student with the teacher's tokenizer")
+        trained_head = any(a.endswith("ForSequenceClassification")
+                           for a in config.architectures or [])
+        if trained_head and labels:
+            names = [config.id2label[i] for i in range(config.num_labels)]
+            generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
+            refuse(len(names) != len(labels) or not (generic or names == labels),
+                   f"student.model: its classification head predicts {len(names)} labels "
+                   f"({', '.join(names)}), the data has {len(labels)} ({', '.join(labels)}); "
+                   "use the model without its head (its encoder) or one trained on these "
+                   "labels in this order")
 
     def qat_scheme(self, r: Recipe, target):
         if not r.distill.qat_epochs:
