@@ -14,8 +14,8 @@ from pathlib import Path
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
 
 from .errors import EdgeDistillError
+from .packaged_data import PACKAGED_DATASETS, packaged_dataset_files
 from .recipe import DataConfig, check_limits
-from .sources import PACKAGED_DATASETS, packaged_dataset_files
 
 _LOADERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -45,10 +45,8 @@ class TaskData:
 def _read_raw(cfg: DataConfig) -> DatasetDict:
     source = cfg.source
     try:
-        if source in PACKAGED_DATASETS:
-            files = packaged_dataset_files(source)
-            return load_dataset("csv", data_files={k: str(v) for k, v in files.items()},
-                                delimiter="\t")
+        if source in PACKAGED_DATASETS:  # converted once into split files, read as a user's
+            return _load_files(packaged_dataset_files(source), source)
         path = Path(source).expanduser()
         if path.is_dir():
             if (path / "dataset_dict.json").is_file():
@@ -141,7 +139,9 @@ def load_task_data(cfg: DataConfig, seed: int = 42, labelled: bool = True) -> Ta
     if labelled and len(labels) < 2:
         raise EdgeDistillError(f"data.labels: need at least 2 classes, found {labels}")
     index = {name: i for i, name in enumerate(labels)}
-    clean = cfg.source in PACKAGED_DATASETS
+    # drug-reviews' files are the drugs.com export as it is; the other packaged sets are
+    # cleaned when converted (packaged_data.py)
+    clean = cfg.source == "drug-reviews"
 
     def prepare(ds: Dataset, split: str, limit: int | None) -> Dataset:
         if limit is not None:

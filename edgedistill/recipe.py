@@ -71,7 +71,9 @@ def check_limits(block_cls, settings, prefix: str = "") -> None:
 
 @dataclass
 class DataConfig:
-    source: str = _f("drug-reviews", "Packaged data set name, local file/folder, or hub id.")
+    source: str = _f("drug-reviews", "Packaged data set (drug-reviews; with ./setup.sh "
+                     "--workloads: tweets, trec, sms-spam, rotten-tomatoes), local file/folder, "
+                     "or hub id.")
     text_column: str = _f("review", "Column holding the input text.")
     label_column: str = _f("rating", "Column holding the class label.")
     labels: Optional[list[str]] = _f(None, "Label names in index order; inferred when empty.")
@@ -184,7 +186,8 @@ class UnlabelledConfig:
     """One source of unlabelled text for the transfer set (never the evaluation texts)."""
 
     source: str = _f("", "A .txt file (one text per line), a csv/tsv/json/jsonl/parquet file, "
-                         "a datasets save_to_disk folder, or 'train' (the training split).")
+                         "a datasets save_to_disk folder, a packaged data set (movie-dialogs, "
+                         "tweets, ...), or 'train' (the training split).")
     column: str = _f("text", "Column holding the text (ignored for .txt files).")
     split: str = _f("train", "Split of a save_to_disk DatasetDict.")
     max_samples: Optional[int] = _f(None, "Keep a seeded random sample of at most this many.",

