@@ -131,6 +131,8 @@ class Run:
         }, lambda d: finetune_teacher(self.task, model_path, r.teacher, self.data, r.data, d,
                                       r.seed))
         self._warn_about_training()
+        if self.until == "teacher":
+            return None
         distilled = self.stage("distill", {
             "teacher": self.fingerprints["teacher"], "data": train_cfg, "seed": r.seed,
             "student": asdict(r.student), "distill": asdict(r.distill),
@@ -254,12 +256,16 @@ class Run:
 
 def run(recipe: str | Path | Recipe | None = None, output_dir: str | Path | None = None,
         overrides: list[str] | None = None, until: str | None = None) -> dict | None:
-    """Run a recipe (a path, a Recipe, or None for the packaged default); return the report."""
+    """Run a recipe (a path, a Recipe, or None for the packaged default); return the report.
+    ``until``: 'teacher' or 'distill' stops after that stage (and returns None)."""
     source = "recipe" if isinstance(recipe, Recipe) else str(recipe or "the default recipe")
     if isinstance(recipe, Recipe):  # validated like a file, with the overrides applied
         recipe = recipe_from_dict(recipe.to_dict(), "recipe", overrides)
     else:
         recipe = load_recipe(recipe, overrides)
+    if until not in (None, "teacher", "distill"):
+        raise EdgeDistillError(f"until: '{until}' is not a stage a run can stop after; use "
+                               "'teacher' or 'distill'")
     try:  # an unknown task fails before the output folder is made
         get_task(recipe.task)
     except EdgeDistillError as e:

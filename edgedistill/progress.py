@@ -145,9 +145,10 @@ def library_logs(log_file: Path) -> Iterator[_Counter]:
     root.addHandler(writer)
     root.addHandler(counter)
     try:
+        # Python's own filters stay: what they hide by default (ResourceWarning, a library's
+        # DeprecationWarning) is not the user's to act on
         with contextlib.redirect_stdout(_LogWriter(logging.getLogger("stdout"))), \
                 warnings.catch_warnings():
-            warnings.simplefilter("default")  # each distinct warning once
             logging.captureWarnings(True)  # as log records, so the log file gets them
             try:
                 yield counter

@@ -157,6 +157,16 @@ def test_distill_command_stops_after_the_student(recipe, tmp_path):
     assert not (out / "export").exists() and not (out / "report.json").exists()
 
 
+def test_a_run_stops_after_the_teacher_when_asked(recipe, tmp_path):
+    from edgedistill.pipeline import run
+
+    out = tmp_path / "out"
+    with pytest.raises(EdgeDistillError, match="until: 'export' is not a stage a run can stop"):
+        run(recipe, out, until="export")
+    assert run(recipe, out, until="teacher") is None
+    assert (out / "teacher" / "manifest.json").is_file() and not (out / "distill").exists()
+
+
 def test_a_task_registered_outside_the_package_runs_and_an_unknown_one_is_refused(
         recipe, tmp_path, capsys, monkeypatch):
     """A third task is one Task subclass and one register_task call; the pipeline asks it."""

@@ -200,10 +200,12 @@ def check_transfer_settings(cfg, max_length: int) -> None:
     aug, gen = cfg.augment, cfg.generate
     methods = check_augment_settings(aug.factor, aug.methods, "transfer.augment.")
     for i, u in enumerate(cfg.unlabelled):
-        if u.source != "train" and not Path(u.source).expanduser().exists():
+        if u.source in PACKAGED_DATASETS:
+            packaged_dataset_files(u.source)  # one line when its package is not installed
+        elif u.source != "train" and not Path(u.source).expanduser().exists():
             raise EdgeDistillError(f"transfer.unlabelled[{i}].source: {u.source or '(empty)'}: no "
                                    "such file or folder; give a text file, a data file, a "
-                                   "save_to_disk folder or 'train'")
+                                   "save_to_disk folder, a packaged data set or 'train'")
     if "substitute" in methods and aug.factor:
         _wordnet()
     if aug.paraphrases:

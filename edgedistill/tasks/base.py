@@ -13,6 +13,7 @@ Task methods that do stage work receive the pipeline's run (``run.recipe``, ``ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..distill.student import check_same_tokenizer
 from ..errors import EdgeDistillError
 from ..mobile import phone_artifact
 from ..profiles import Target
+from ..progress import silenced
 from ..quantization import quantize
 from ..recipe import DataConfig, QuantizeConfig, Recipe, TrainingConfig
 
@@ -80,9 +82,16 @@ class Task:
     def load_data(self, cfg: DataConfig, seed: int) -> TaskData:
         return load_task_data(cfg, seed, labelled=self.labelled)
 
-    def load_model(self, path: Path, trust_remote_code: bool = False, **kwargs):
-        return self.auto_model.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                               **kwargs)
+    def load_model(self, path: Path, trust_remote_code: bool = False, **head):
+        """The model in ``path``; ``head``: keywords that give it a new head (new_head,
+        student_head)."""
+        # transformers warns that a new head's weights are newly initialised: that is what was
+        # asked for, and training follows (a model loaded without a new head keeps the warning)
+        quiet = (silenced("transformers.modeling_utils", "newly initialized") if head
+                 else contextlib.nullcontext())
+        with quiet:
+            return self.auto_model.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                   **head)
 
     def new_head(self, labels: list[str] | None) -> dict:
         """Loading keywords that give a pretrained teacher this task's head."""

@@ -1,0 +1,180 @@
+"""What distillation is worth on a packaged workload recipe, over several seeds.
+
+The teacher is fine-tuned once (the recipe's teacher stage, first seed) and shared by every
+student (``teacher.model`` pointed at it, ``teacher.finetune: false``). For each seed, three
+students with the same initialisation, labelled rows and epochs:
+
+- ``labels``: trained on the labels alone (``distill.alpha_distill: 0``, no transfer set);
+- ``kd``: the teacher's soft targets and the labels, no transfer set;
+- ``kd+transfer``: as ``kd``, plus the recipe's transfer set (unlabelled text the teacher
+  labels).
+
+Each student is exported, quantized and evaluated on the held-out test split (fp32 and int8,
+agreement with the teacher); latency is measured in every run, and the speed-up is the ratio
+of the teacher's and the int8 student's p50 within one run (ratios, not times: the machines
+are shared). Writes benchmarks/results/<recipe>.{json,md} after every run (what has run so
+far); finished runs are kept in benchmarks/work/, so a rerun continues where one stopped.
+
+    python benchmarks/workloads.py trec-speaker --seeds 42 43 44
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from edgedistill.host import environment
+from edgedistill.pipeline import run
+from edgedistill.recipe import load_recipe
+
+HERE = Path(__file__).parent
+VARIANTS = {
+    "kd": ["transfer.unlabelled=[]"],
+    "labels": ["distill.alpha_distill=0", "distill.alpha_ce=1", "transfer.unlabelled=[]"],
+    "kd+transfer": [],
+}
+# run in this order, seed by seed within a group: the pair that answers "is KD worth it" first
+GROUPS = (("kd", "labels"), ("kd+transfer",))
+
+
+def by_name(report: dict) -> dict:
+    return {m["name"]: m for m in report["models"]}
+
+
+def one_run(recipe: str, folder: Path, overrides: list[str]) -> dict:
+    start = time.perf_counter()
+    report = run(recipe, folder, overrides)
+    models = by_name(report)
+    row = {"minutes": (time.perf_counter() - start) / 60,
+           "distill_seconds": report["training"]["distill"].get("train_seconds"),
+           "transfer_rows": (report["training"]["distill"].get("transfer") or {}).get("size", 0),
+           "speedup_int8_vs_teacher": models["teacher"]["latency"]["p50_ms"]
+           / models["student-int8"]["latency"]["p50_ms"],
+           "p50_ms": {n: m["latency"]["p50_ms"] for n, m in models.items()}}
+    for name in ("teacher", "student", "student-int8"):
+        metrics = models[name]["metrics"]
+        key = name.replace("-", "_")
+        row[f"{key}_f1"], row[f"{key}_accuracy"] = metrics["macro_f1"], metrics["accuracy"]
+        row[f"{key}_agreement"] = metrics["agreement"]
+    return row
+
+
+def stats(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values),
+            "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and spread of each variant over the seeds it ran, and the issue's comparisons
+    where both sides ran on the same seeds."""
+    out = {}
+    for variant in VARIANTS:
+        rows = [r[variant] for r in runs if variant in r]
+        if rows:
+            keys = [k for k, v in rows[0].items() if isinstance(v, float)]
+            out[variant] = {k: stats([row[k] for row in rows]) for k in keys}
+            out[f"{variant}_int8_over_teacher"] = stats(
+                [row["student_int8_f1"] / row["teacher_f1"] for row in rows])
+    # the issue's test: KD beats labels-only by more than twice the seed spread, on every seed
+    for variant in ("kd", "kd+transfer"):
+        both = [r for r in runs if variant in r and "labels" in r]
+        if not both:
+            continue
+        gains = [r[variant]["student_int8_f1"] - r["labels"]["student_int8_f1"] for r in both]
+        spread = max(out[v]["student_int8_f1"]["stdev"] for v in (variant, "labels"))
+        out[f"{variant}_over_labels"] = {
+            "seeds": [r["seed"] for r in both], "per_seed": gains, "spread": spread,
+            "beats_by_twice_the_spread_on_every_seed": len(both) > 1
+            and all(g > 2 * spread for g in gains)}
+    return out
+
+
+def to_markdown(result: dict) -> str:
+    s, runs = result["summary"], result["runs"]
+    fmt = lambda d: f"{d['mean']:.4f} ± {d['stdev']:.4f}"  # noqa: E731
+    lines = [f"# {result['recipe']['name']}: what distillation is worth", "",
+             f"{result['environment']['cpu']}, {result['environment']['cpu_count']} cores; "
+             f"profile {result['recipe']['bench']['profile']}. Teacher fine-tuned once "
+             f"({result['teacher_minutes']:.1f} min), shared by every student. Test split "
+             "only; mean ± stdev over the seeds each variant ran.", "",
+             "| student | seeds | fp32 macro-F1 | int8 macro-F1 | int8 accuracy | int8 "
+             "agreement with teacher | int8 / teacher macro-F1 | p50 speed-up (teacher "
+             "PyTorch / int8) | minutes per run |", "|---|---|---|---|---|---|---|---|---|"]
+    for v in VARIANTS:
+        if v not in s:
+            continue
+        d, seeds = s[v], [r["seed"] for r in runs if v in r]
+        lines.append(f"| {v} | {', '.join(map(str, seeds))} | {fmt(d['student_f1'])} | "
+                     f"{fmt(d['student_int8_f1'])} | {fmt(d['student_int8_accuracy'])} | "
+                     f"{fmt(d['student_int8_agreement'])} | {fmt(s[f'{v}_int8_over_teacher'])} "
+                     f"| {d['speedup_int8_vs_teacher']['mean']:.1f} | {d['minutes']['mean']:.1f} |")
+    first = next(iter(s[v] for v in VARIANTS if v in s))
+    lines += ["", f"Teacher macro-F1 {first['teacher_f1']['mean']:.4f}, accuracy "
+              f"{first['teacher_accuracy']['mean']:.4f}.", "",
+              "| gain in int8 macro-F1 over labels-only | seeds | per seed | spread (largest "
+              "stdev) | > 2x spread on every seed |", "|---|---|---|---|---|"]
+    for v in ("kd", "kd+transfer"):
+        g = s.get(f"{v}_over_labels")
+        if g:
+            lines.append(f"| {v} | {', '.join(map(str, g['seeds']))} | "
+                         f"{', '.join(f'{x:+.4f}' for x in g['per_seed'])} | {g['spread']:.4f} "
+                         f"| {g['beats_by_twice_the_spread_on_every_seed']} |")
+    lines += ["", "| seed | variant | int8 macro-F1 | agreement | teacher p50 ms | int8 p50 ms "
+              "| transfer rows | minutes |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        for v in VARIANTS:
+            if v in r:
+                x, p = r[v], r[v]["p50_ms"]
+                lines.append(f"| {r['seed']} | {v} | {x['student_int8_f1']:.4f} | "
+                             f"{x['student_int8_agreement']:.4f} | {p['teacher']:.2f} | "
+                             f"{p['student-int8']:.2f} | {x['transfer_rows']} | "
+                             f"{x['minutes']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(results: Path, recipe: str, runs: list[dict], teacher_minutes: float) -> str:
+    result = {"benchmark": f"workloads/{recipe}", "recipe": load_recipe(recipe).to_dict(),
+              "environment": environment(), "teacher_minutes": teacher_minutes,
+              "runs": runs, "summary": summarise(runs)}
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{recipe}.json").write_text(json.dumps(result, indent=2))
+    text = to_markdown(result)
+    (results / f"{recipe}.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", help="a packaged recipe name, e.g. trec-speaker")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    parser.add_argument("--work", type=Path, default=HERE / "work")
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    work = args.work / args.recipe
+    # the teacher stage alone (skipped when finished), then every student learns from it
+    run(args.recipe, work / "teacher", [f"seed={args.seeds[0]}"], until="teacher")
+    teacher_minutes = json.loads((work / "teacher" / "teacher" / "manifest.json").read_text())[
+        "seconds"] / 60
+    # the teacher's ONNX copy is not compared here: leave its export out of the students' runs
+    shared = [f"teacher.model={work / 'teacher' / 'teacher' / 'model'}", "teacher.finetune=false",
+              "export.export_teacher=false"]
+    runs = {seed: {"seed": seed} for seed in args.seeds}
+    for group in GROUPS:
+        for seed in args.seeds:
+            for variant in group:
+                folder = work / f"seed-{seed}-{variant}"
+                row = one_run(args.recipe, folder, [f"seed={seed}", *shared, *VARIANTS[variant]])
+                runs[seed][variant] = row
+                print(f"seed {seed} {variant}: int8 macro-F1 {row['student_int8_f1']:.4f}, "
+                      f"agreement {row['student_int8_agreement']:.4f}, {row['minutes']:.1f} min",
+                      flush=True)
+                write(args.results, args.recipe, list(runs.values()), teacher_minutes)
+    print(write(args.results, args.recipe, list(runs.values()), teacher_minutes))
+
+
+if __name__ == "__main__":
+    main()
