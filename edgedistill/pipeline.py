@@ -119,9 +119,9 @@ class Run:
         r, data_cfg = self.recipe, asdict(self.recipe.data)
         # training never sees the test split, so its settings must not force a retrain
         train_cfg = {k: v for k, v in data_cfg.items() if k not in ("test_split", "max_test_samples")}
-        model_path = resolve_model(r.teacher.model)
         log_file = self.out / "logs" / "preflight.log"
-        with progress.library_logs(log_file) as counter:
+        with progress.library_logs(log_file) as counter:  # which copy of a model is used, too
+            model_path = resolve_model(r.teacher.model)
             self.preflight(model_path)
         if counter.count:
             progress.note(f"[dim]preflight: {progress.warnings_line(counter, log_file)}[/dim]")

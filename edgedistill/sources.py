@@ -105,14 +105,14 @@ def dist(package: str) -> str:
 def _packaged_model(ref: str, entry: PackagedModel) -> Path:
     if entry.parts > 1:
         folder = split_zip_to_folder(ref, entry)
-        log.warning("hub unreachable for %s; using the offline copy from the packages %s ... %s",
+        log.info("hub unreachable for %s; using the offline copy from the packages %s ... %s",
                     ref, dist(entry.package), dist(_part(entry.package, entry.parts)))
         return folder
     pkg_dir = package_dir(entry.package)
     asset = pkg_dir / entry.path if pkg_dir is not None else None
     is_gguf = asset is not None and asset.suffix == ".gguf" and asset.is_file()
     if is_gguf or (asset is not None and (asset / "config.json").is_file()):
-        log.warning("hub unreachable for %s; using the offline copy from the '%s' package",
+        log.info("hub unreachable for %s; using the offline copy from the '%s' package",
                     ref, dist(entry.package))
         return gguf_to_folder(asset) if is_gguf else asset
     raise EdgeDistillError(
