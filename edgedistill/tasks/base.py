@@ -206,6 +206,18 @@ def literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def snippet_opening(location: str, file_name: str,
+                    transformers_names: str = "AutoTokenizer") -> list[str]:
+    """The lines a task's onnxruntime loading snippet starts with: imports, the model's
+    folder, its tokenizer and an onnxruntime session on its graph."""
+    imports, folder = local_folder(location)
+    return ["import numpy as np", "import onnxruntime as ort", *imports,
+            f"from transformers import {transformers_names}", "", folder,
+            "tokenizer = AutoTokenizer.from_pretrained(folder)",
+            f'session = ort.InferenceSession(f"{{folder}}/{file_name}",',
+            '                               providers=["CPUExecutionProvider"])']
+
+
 def local_folder(location: str) -> tuple[list[str], str]:
     """(imports, line) of a loading snippet that sets ``folder`` to the model's files: the
     folder itself, or a download of the Hub repo ``location`` (onnxruntime opens files only)."""

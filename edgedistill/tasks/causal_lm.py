@@ -22,10 +22,10 @@ from .base import (
     ReportView,
     Task,
     literal,
-    local_folder,
     model_row,
     print_over_budget,
     refuse,
+    snippet_opening,
 )
 
 
@@ -64,14 +64,8 @@ class CausalLMTask(Task):
     def onnxruntime_snippet(self, location: str, file_name: str) -> str:
         # one forward pass over the prompt; the graph takes a KV cache, so the first step
         # feeds an empty one (past length 0, heads and head size from the graph's inputs)
-        imports, folder = local_folder(location)
         return "\n".join([
-            "import numpy as np", "import onnxruntime as ort", *imports,
-            "from transformers import AutoTokenizer", "",
-            folder,
-            "tokenizer = AutoTokenizer.from_pretrained(folder)",
-            f'session = ort.InferenceSession(f"{{folder}}/{file_name}",',
-            '                               providers=["CPUExecutionProvider"])',
+            *snippet_opening(location, file_name),
             f'ids = tokenizer([{literal(self.example_text)}], return_tensors="np")["input_ids"]',
             "ids = ids.astype(np.int64)",
             'feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),',

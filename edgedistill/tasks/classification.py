@@ -21,10 +21,10 @@ from .base import (
     ReportView,
     Task,
     literal,
-    local_folder,
     model_row,
     print_over_budget,
     refuse,
+    snippet_opening,
 )
 
 # what tuning reports about its search, apart from the chosen model's quantize record
@@ -70,15 +70,9 @@ class ClassificationTask(Task):
 
     def onnxruntime_snippet(self, location: str, file_name: str) -> str:
         # the class is the argmax of the logits, named by the config's id2label
-        imports, folder = local_folder(location)
         return "\n".join([
-            "import numpy as np", "import onnxruntime as ort", *imports,
-            "from transformers import AutoConfig, AutoTokenizer", "",
-            folder,
-            "tokenizer = AutoTokenizer.from_pretrained(folder)",
+            *snippet_opening(location, file_name, "AutoConfig, AutoTokenizer"),
             "labels = AutoConfig.from_pretrained(folder).id2label",
-            f'session = ort.InferenceSession(f"{{folder}}/{file_name}",',
-            '                               providers=["CPUExecutionProvider"])',
             (f"inputs = tokenizer([{literal(self.example_text)}], truncation=True, "
              'return_tensors="np")'),
             "# feed what the graph takes (not every encoder has token_type_ids)",
