@@ -204,8 +204,8 @@ class Bar:
     def __init__(self, description: str, total: float | None, show: bool = True):
         self._own = _display is None
         self.display = _new_display() if self._own else _display
-        self.display.disable |= not show
-        if self._own:
+        if self._own:  # a hidden bar on the stage's display leaves the other bars alone
+            self.display.disable |= not show
             self.display.start()
         self.task: TaskID = self.display.add_task(description, total=total, status="",
                                                   visible=show)
