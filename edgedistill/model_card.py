@@ -21,6 +21,7 @@ from huggingface_hub.utils import validate_repo_id
 from .artifacts import SIDECAR_FILES, onnx_file, write_atomic
 from .errors import EdgeDistillError
 from .report import fmt, value_at
+from .sources import looks_like_hub_id
 from .tasks import get_task
 
 # What a push uploads from a model folder: the graph (and its external weights), what loading
@@ -45,7 +46,7 @@ def _count(n: float) -> str:
 def _hub_id(ref: str | None) -> str | None:
     """``ref`` where it names a Hub repository (``owner/name``), else None: a local folder or a
     packaged name is no valid ``base_model`` / ``datasets`` metadata."""
-    if not ref or ref.count("/") != 1 or ref.startswith((".", "/", "~")) or Path(ref).exists():
+    if not ref or not looks_like_hub_id(ref) or Path(ref).exists():
         return None
     try:
         validate_repo_id(ref)

@@ -72,7 +72,7 @@ def package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _looks_like_hub_id(ref: str) -> bool:
+def looks_like_hub_id(ref: str) -> bool:
     parts = ref.split("/")
     return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~"))
 
@@ -85,7 +85,7 @@ def resolve_model(ref: str) -> Path:
         return gguf_to_folder(path)
     if path.exists():
         return transformers_folder(path).resolve()
-    if not _looks_like_hub_id(ref):
+    if not looks_like_hub_id(ref):
         raise EdgeDistillError(f"{ref}: model path does not exist; check the path or use a hub id")
     hub_error = _try_hub(ref)
     if isinstance(hub_error, Path):
