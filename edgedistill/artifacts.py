@@ -20,6 +20,9 @@ SIDECAR_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "voca
 
 # the settings file of a PyTorch model packed by Intel Neural Compressor (quantization.weight_only)
 WEIGHT_ONLY_SETTINGS = "weight_only.json"
+# an OpenVINO model: its graph (XML), the weights beside it (.bin) and the settings it runs with
+OPENVINO_XML = "openvino_model.xml"
+OPENVINO_SETTINGS = "openvino_config.json"
 
 
 def onnx_file(folder: str | Path) -> Path | None:
@@ -28,16 +31,26 @@ def onnx_file(folder: str | Path) -> Path | None:
     return files[0] if files else None
 
 
+def openvino_file(folder: str | Path) -> Path | None:
+    """The OpenVINO graph in ``folder`` (its weights are the .bin of the same name)."""
+    path = Path(folder) / OPENVINO_XML
+    return path if path.is_file() else None
+
+
 def backend_of(folder: str | Path) -> str:
-    return "onnxruntime" if onnx_file(folder) is not None else "pytorch"
+    if onnx_file(folder) is not None:
+        return "onnxruntime"
+    return "openvino" if openvino_file(folder) is not None else "pytorch"
 
 
 def size_on_disk_mb(folder: str | Path) -> float:
     """Size of the weights a device has to ship (model files, not tokenizer or configs)."""
     folder = Path(folder)
-    onnx = onnx_file(folder)
+    onnx, xml = onnx_file(folder), openvino_file(folder)
     if onnx is not None:  # the graph and its external weights, if it has any
         files = [onnx, *folder.glob(onnx.name + "_data")]
+    elif xml is not None:
+        files = [xml, xml.with_suffix(".bin")]
     else:
         files = [*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")]
     return sum(f.stat().st_size for f in files) / 1e6

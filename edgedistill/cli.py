@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="cpu")
     p.add_argument("--preset", default="auto", help="auto, avx512_vnni, avx512, avx2, arm64")
     p.add_argument("--mode", default="dynamic", choices=["dynamic", "static"])
-    p.add_argument("--calibration-texts", help="static mode: a text file, one training text a line")
+    p.add_argument("--calibration-texts", help="static mode and --openvino: a text file, one "
+                   "training text a line")
+    p.add_argument("--openvino", action="store_true", help="int8 for OpenVINO (NNCF, calibrated "
+                   "on --calibration-texts) instead of onnxruntime; computes in the profile's "
+                   "openvino_precision")
     p.add_argument("--calibration", default="percentile",
                    choices=["minmax", "entropy", "percentile"])
     p.add_argument("--no-fuse", dest="fuse", action="store_false", default=None,
@@ -139,15 +143,23 @@ def _dispatch(args) -> int:
         settings = quantize_int4(args.onnx_dir, args.output, args.block_size)
         console.print(f"quantized to {args.output} with {settings}")
     elif args.command == "quantize":
-        from .quantization import quantize
+        from .profiles import resolve_target
+        from .quantization import quantize, quantize_openvino
+        from .recipe import QuantizeConfig
 
         texts = None
         if args.calibration_texts:
             lines = Path(args.calibration_texts).read_text(encoding="utf-8").splitlines()
             texts = [line for line in lines if line.strip()]
-        settings = quantize(args.onnx_dir, args.output, profile=args.profile,
-                            calibration_texts=texts, preset=args.preset, mode=args.mode,
-                            calibration=args.calibration, fuse=args.fuse)
+        if args.openvino:
+            target = resolve_target(args.profile)  # a profile OpenVINO cannot target is refused
+            target.runtimes_for(QuantizeConfig(runtimes=["onnxruntime", "openvino"]))
+            settings = quantize_openvino(args.onnx_dir, args.output, texts,
+                                         precision=target.openvino_precision)
+        else:
+            settings = quantize(args.onnx_dir, args.output, profile=args.profile,
+                                calibration_texts=texts, preset=args.preset, mode=args.mode,
+                                calibration=args.calibration, fuse=args.fuse)
         console.print(f"quantized to {args.output} with {settings}")
     elif args.command == "bench":
         from .bench.runner import BenchSettings, benchmark

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 LIBRARIES = ("edgedistill", "torch", "transformers", "optimum", "optimum-onnx", "onnx",
-             "onnxruntime", "datasets", "numpy")
+             "onnxruntime", "openvino", "nncf", "datasets", "numpy")
 
 
 def cpu_model() -> str:

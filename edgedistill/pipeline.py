@@ -78,6 +78,9 @@ class Run:
         # before the resolved recipe is written: it shows what ran
         recipe.bench.fill_shape(self.target.batch_size, self.target.sequence_length)
         self.qat_scheme = None  # set by preflight when distill.qat_epochs asks for it
+        # the runtimes the int8 student ships on (the profile's, or quantize.runtimes), set by
+        # preflight
+        self.runtimes: tuple[str, ...] = ("onnxruntime",)
         self._warned: set[str] = set()
 
     @property
@@ -155,7 +158,7 @@ class Run:
         }, self._export(teacher / "model", distilled / "model"))
         quantized = self.stage("quantize", {
             "export": self.fingerprints["export"], "quantize": asdict(r.quantize),
-            "profile": r.bench.profile,
+            "profile": r.bench.profile, "runtimes": self.runtimes,
         }, lambda d: self.task.quantize(self, exported / "student", d, distilled / "model"))
         models = self.task.models(self, teacher / "model", distilled / "model", exported,
                                   quantized)
@@ -200,6 +203,7 @@ class Run:
         r = self.recipe
         check_distill_settings(r.distill, "distill.")
         self.target.int8_for(r.quantize)  # an unknown preset fails here, not after training
+        self.runtimes = self.target.runtimes_for(r.quantize, self.task.runtimes)
         check_available(self.target)
         self.task.check(r)
         check_transfer_settings(r.transfer, r.data.max_length)
@@ -248,7 +252,7 @@ class Run:
         """Training texts (never the test split) for what calibrates (the task says what:
         static int8, tuning's static trials, GPTQ), or None."""
         q = self.recipe.quantize
-        if not self.task.needs_calibration(q):
+        if not self.task.needs_calibration(q, self.runtimes):
             return None
         train = self.data.train.shuffle(seed=self.recipe.seed)
         return list(train.select(range(min(q.calibration_samples, len(train))))["text"])

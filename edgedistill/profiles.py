@@ -14,9 +14,15 @@ import yaml
 
 from .errors import EdgeDistillError
 from .host import host_isa, usable_cores
+from .runtime.session import OPENVINO_PRECISIONS
 
 # optimum's int8 presets, by instruction set
 PRESETS = ("avx512_vnni", "avx512", "avx2", "arm64")
+
+# The runtimes an int8 student ships on. onnxruntime's is the one every profile ships (the phone
+# artifact, the roofline and quantization-aware distillation read its graph); OpenVINO's, made
+# by NNCF from the fp32 export, runs on x86 and ARM CPUs (its CPU plugin).
+RUNTIMES = ("onnxruntime", "openvino")
 
 # What a profile's ``quantization`` block may set beyond ``preset`` and ``per_channel``, and the
 # values each takes. Left out, optimum's preset decides (e.g. reduce_range on for avx2, whose
@@ -49,6 +55,8 @@ class Profile:
     cpu_affinity: int = 0
     memory_budget_mb: int = 0
     mobile_artifact: bool = False
+    runtimes: list[str] = field(default_factory=lambda: ["onnxruntime"])
+    openvino_precision: str = "f32"
     quantization: dict = field(default_factory=dict)
     # the input shape benchmarked when a recipe or command does not set one
     batch_size: int = 1
@@ -79,6 +87,8 @@ class Target:
     sequence_length: int
     roofline: dict
     int8: dict
+    runtimes: tuple[str, ...] = ("onnxruntime",)
+    openvino_precision: str = "f32"
 
     @property
     def fp16(self) -> bool:
@@ -95,6 +105,19 @@ class Target:
                       "per_channel": quantize.per_channel, "fuse": quantize.fuse}
             settings.update({k: v for k, v in chosen.items() if v is not None})
         return _checked_int8(settings, self.name)
+
+    def runtimes_for(self, quantize=None, supported: tuple[str, ...] = RUNTIMES) -> tuple[str, ...]:
+        """The runtimes a run's int8 student ships on: the quantize block's ``runtimes`` where
+        it sets them (each must be one the task ``supported``), else the profile's that the
+        task supports."""
+        asked = getattr(quantize, "runtimes", None)
+        if not asked:
+            return tuple(r for r in self.runtimes if r in supported)
+        other = [r for r in asked if r not in supported]
+        if other:
+            raise EdgeDistillError(f"quantize.runtimes: {', '.join(other)} is not a runtime this "
+                                   f"task ships; valid: {', '.join(supported)}")
+        return _checked_runtimes(asked, "quantize.runtimes", self.name, self.providers)
 
 
 def _profile_dir() -> Path:
@@ -142,6 +165,23 @@ def _checked_int8(settings: dict, profile: str) -> dict:
     return settings
 
 
+def _checked_runtimes(runtimes, where: str, profile: str, providers) -> tuple[str, ...]:
+    """Runtimes refused where unknown, without onnxruntime, or OpenVINO on a profile that
+    measures another device than the CPU (OpenVINO runs on the CPU here)."""
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown:
+        raise EdgeDistillError(f"{where}: '{unknown[0]}' is unknown; valid: {', '.join(RUNTIMES)}")
+    if "onnxruntime" not in runtimes:
+        raise EdgeDistillError(f"{where}: onnxruntime is missing; every profile ships the "
+                               f"onnxruntime int8 student (list it first: [onnxruntime, "
+                               f"{', '.join(runtimes)}])")
+    other = [p for p in providers if p != "CPUExecutionProvider"]
+    if "openvino" in runtimes and other:
+        raise EdgeDistillError(f"{where}: openvino runs on the CPU here and profile '{profile}' "
+                               f"measures {', '.join(other)}; drop openvino or choose profile cpu")
+    return tuple(dict.fromkeys(runtimes))
+
+
 def resolve_target(profile: str | Profile | Target = "cpu") -> Target:
     """Resolve a profile (its name, or a loaded one) on this host; a Target is returned as it
     is."""
@@ -152,7 +192,17 @@ def resolve_target(profile: str | Profile | Target = "cpu") -> Target:
                   threads=p.threads or usable_cores(), cpu_affinity=p.cpu_affinity,
                   memory_budget_mb=p.memory_budget_mb, mobile_artifact=p.mobile_artifact,
                   batch_size=p.batch_size, sequence_length=p.sequence_length,
-                  roofline=dict(p.roofline), int8=_checked_int8(p.quantization, p.name))
+                  roofline=dict(p.roofline), int8=_checked_int8(p.quantization, p.name),
+                  runtimes=_checked_runtimes(p.runtimes, f"profile '{p.name}': runtimes", p.name,
+                                             p.execution_providers),
+                  openvino_precision=_checked_precision(p.openvino_precision, p.name))
+
+
+def _checked_precision(precision: str, profile: str) -> str:
+    if precision not in OPENVINO_PRECISIONS:
+        raise EdgeDistillError(f"profile '{profile}': openvino_precision '{precision}' is "
+                               f"invalid; valid: {', '.join(OPENVINO_PRECISIONS)}")
+    return precision
 
 
 def check_available(target: Target) -> None:

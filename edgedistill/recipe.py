@@ -247,7 +247,8 @@ class QuantizeConfig:
     calibration: Literal["minmax", "entropy", "percentile"] = _f(
         "percentile", "How static mode reads activation ranges from the calibration texts "
                       "(percentile: the best macro-F1 and p50 of the three on the default task).")
-    calibration_samples: int = _f(128, "Training texts used to calibrate (static mode).", gt=0)
+    calibration_samples: int = _f(128, "Training texts used to calibrate (static mode, and "
+                                       "OpenVINO's int8 by NNCF).", gt=0)
     nodes_to_exclude: list[str] = _f([], "ONNX node names kept in fp32.")
     operators: Optional[list[str]] = _f(
         None, "ONNX operator types to quantize; default: optimum's set (dynamic), MatMul and "
@@ -258,10 +259,14 @@ class QuantizeConfig:
     fuse: Optional[bool] = _f(None, "Fuse an encoder's graph (attention, layer norms, GELU) with "
                                     "onnxruntime's transformer optimizer before int8; None takes "
                                     "the profile's value (on).")
+    runtimes: Optional[list[str]] = _f(
+        None, "Runtimes the int8 student ships on: onnxruntime (always) and openvino (NNCF "
+              "int8, CPU profiles, classifiers); None takes the profile's (cpu: both).")
     tolerable_loss: Optional[float] = _f(
         None, "Accuracy-aware tuning: the fastest int8 setting whose validation macro-F1 stays "
               "within this relative loss of fp32 (0.01 = 1%), trying settings and keeping "
-              "harmful nodes in fp32; None: quantize once with the settings above.", gt=0, lt=1)
+              "harmful nodes in fp32 (OpenVINO: NNCF's accuracy control keeps the harmful "
+              "layers in fp32); None: quantize once with the settings above.", gt=0, lt=1)
     max_trials: int = _f(10, "Accuracy-aware tuning: trials at most.", gt=0)
     int4: bool = _f(False, "Also write a 4-bit weight-only model (MatMulNBits), for decoders.")
     int4_block_size: int = _f(32, "Weights sharing one 4-bit scale (a power of two).", ge=16)

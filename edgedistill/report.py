@@ -162,7 +162,25 @@ def _budget_lines(report: dict) -> list[str]:
                      f"MLProgram {u['CoreML MLProgram']}, dynamic inputs "
                      f"{', '.join(u['dynamic_inputs']) or 'none'}; XNNPACK {u['XNNPACK']}")
     lines += [f"{m['name']}: {m['over_budget']}" for m in report["models"] if m.get("over_budget")]
-    return lines + _roofline_lines(report)
+    return lines + _runtime_lines(report) + _roofline_lines(report)
+
+
+def _runtime_lines(report: dict) -> list[str]:
+    """Which runtime ran the int8 student fastest on this host, where it shipped on several."""
+    timing = report["view"]["timing"]
+    rows = sorted((m for m in report["models"] if m.get("role") == "student"
+                   and m["precision"] == "int8" and (m.get(timing) or {}).get("p50_ms")),
+                  key=lambda m: m[timing]["p50_ms"])
+    if len({m["backend"] for m in rows}) < 2:
+        return []
+    fastest = rows[0]
+    times = ", ".join(f"{m['backend']} {m[timing]['p50_ms']:.2f} ms" + (
+        f" (computes in {m['inference_precision']})" if m.get("inference_precision") else "")
+        for m in rows)
+    ratios = ", ".join(f"{fastest[timing]['p50_ms'] / m[timing]['p50_ms']:.2f}x {m['backend']}'s"
+                       for m in rows[1:])
+    return [f"int8 student p50 by runtime on this host: {times}; the fastest here is "
+            f"{fastest['backend']} ({fastest['name']}), at {ratios} p50"]
 
 
 def _roofline_lines(report: dict) -> list[str]:
@@ -281,7 +299,24 @@ def _training_lines(report: dict) -> list[str]:
                                report.get("quantization", {}).get("qat_check")))
     if report.get("quantization", {}).get("mode"):
         lines.append(_int8_line(report["quantization"]))
+    if report.get("quantization", {}).get("openvino"):
+        lines.append(_openvino_line(report["quantization"]["openvino"]))
     return lines
+
+
+def _openvino_line(ov: dict) -> str:
+    """How student-int8-openvino was made, and what NNCF's accuracy control reached."""
+    line = (f"int8 on OpenVINO {ov['openvino']}: NNCF {ov['nncf']} post-training quantization "
+            f"({ov['model_type']} model type) of the fp32 export, calibrated on "
+            f"{ov['calibration_samples']} training texts; computes in "
+            f"{ov['inference_precision']}")
+    control = ov.get("accuracy_control")
+    if control:
+        verdict = "within" if control["passed"] else "NOT within"
+        line += (f"; NNCF's accuracy control: validation macro-F1 {control['int8_macro_f1']:.4f} "
+                 f"against fp32 {control['fp32_macro_f1']:.4f} ({control['relative_loss']:.1%} "
+                 f"loss, {verdict} the tolerated {control['tolerable_loss']:.1%})")
+    return line
 
 
 def _int8_line(q: dict) -> str:

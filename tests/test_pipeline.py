@@ -48,7 +48,11 @@ def test_run_end_to_end_then_skip_then_partial_rerun(recipe, tmp_path, capsys):
 
     report = json.loads((out / "report.json").read_text())
     names = [m["name"] for m in report["models"]]
-    assert names == ["teacher", "teacher-onnx", "student", "student-onnx", "student-int8"]
+    # the cpu profile ships the int8 student on onnxruntime and OpenVINO, both measured
+    assert names == ["teacher", "teacher-onnx", "student", "student-onnx", "student-int8",
+                     "student-int8-openvino"]
+    openvino = report["models"][-1]
+    assert openvino["backend"] == "openvino" and openvino["inference_precision"] == "f32"
     for m in report["models"]:
         assert 0 <= m["metrics"]["macro_f1"] <= 1 and m["latency"]["p50_ms"] > 0
         assert m["peak_rss_mb"] > 0 and m["size_mb"] > 0
@@ -74,6 +78,7 @@ def test_run_end_to_end_then_skip_then_partial_rerun(recipe, tmp_path, capsys):
     assert "epoch 1: loss " in printed and "epoch 1: validation " in printed
     assert "kept the best epoch: validation " in printed and "done in " in printed
     assert "Warning" not in printed and "Opset" not in printed and "%|" not in printed
+    assert "Statistics collection" not in printed  # NNCF's bars go to quantize.log
     assert {p.name for p in (out / "logs").iterdir()} == {
         "preflight.log", *(f"{s}.log" for s in first)}
     assert "trainer log: {'loss'" in (out / "logs" / "distill.log").read_text()
@@ -108,7 +113,8 @@ def test_run_end_to_end_then_skip_then_partial_rerun(recipe, tmp_path, capsys):
     assert main(["run", str(recipe), "--output", str(out), "--set", "distill.temperature=4",
                  "--set", "quantize.mode=static", "--quiet", "--json"]) == 0
     stdout, stderr = capsys.readouterr()
-    assert json.loads(stdout)["models"][-1]["model"] == "student-int8"
+    assert [m["model"] for m in json.loads(stdout)["models"]][-2:] == [
+        "student-int8", "student-int8-openvino"]
     assert "[4/6]" not in stderr and "done in" not in stderr and "student-int8" in stderr
     assert "Collecting tensor data" in (out / "logs" / "quantize.log").read_text()
     fourth = mtimes(out)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-
 from ..artifacts import size_on_disk_mb
 from ..errors import EdgeDistillError
 from ..host import usable_cores
@@ -240,7 +239,10 @@ def _summarise(model_dir: Path, runs: list[dict], profile: Target, s: BenchSetti
         "first_inference_ms": statistics.median(r["first_inference_s"] for r in runs) * 1000,
         **memory_figures(model_dir, runs),
     }
-    if result["backend"] == "onnxruntime":  # a graph to count operations and bytes in
+    if "inference_precision" in runs[0]:
+        result["inference_precision"] = runs[0]["inference_precision"]
+    # a graph to count operations and bytes in (an OpenVINO model's has its int8 twin's)
+    if result["backend"] == "onnxruntime":
         result["roofline"] = roofline_estimate(model_dir, result["latency"]["p50_ms"], profile,
                                                s.batch_size, s.sequence_length)
     if real:

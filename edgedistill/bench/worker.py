@@ -83,6 +83,8 @@ def main(spec_path: str, out_path: str) -> None:
 
     write_result(out_path, {
         "backend": predictor.backend,
+        **({"inference_precision": predictor.computes_in()} if predictor.backend == "openvino"
+           else {}),
         **load,
         "first_inference_s": first_s,
         "fixed_seconds": times,

@@ -236,8 +236,12 @@ def load_causal_lm(folder: str | Path, threads: int | None = None,
     folder = Path(folder)
     if not folder.is_dir():
         raise EdgeDistillError(f"{folder}: model folder does not exist")
-    if backend_of(folder) == "onnxruntime":
+    backend = backend_of(folder)
+    if backend == "onnxruntime":
         return OnnxCausalLM(folder, threads, providers)
+    if backend == "openvino":
+        raise EdgeDistillError(f"{folder}: an OpenVINO model; edgedistill runs OpenVINO "
+                               "classifiers only, a language model runs on onnxruntime or PyTorch")
     if not (folder / "config.json").is_file():
         raise EdgeDistillError(f"{folder}: neither an ONNX model nor a saved PyTorch model")
     check_cpu_only(folder, providers)

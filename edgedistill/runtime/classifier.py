@@ -1,4 +1,5 @@
-"""Load a saved classifier on its backend (PyTorch or onnxruntime) behind one small interface.
+"""Load a saved classifier on its backend (PyTorch, onnxruntime or OpenVINO) behind one small
+interface.
 
 Evaluation, export validation and the benchmark worker all run models through this, so a model
 is fed the same inputs whichever backend it is on.
@@ -7,13 +8,14 @@ is fed the same inputs whichever backend it is on.
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import backend_of, onnx_file
+from ..artifacts import OPENVINO_SETTINGS, backend_of, onnx_file, openvino_file
 from ..errors import EdgeDistillError
-from .session import check_cpu_only, open_onnx_session
+from .session import check_cpu_only, open_onnx_session, open_openvino_model
 
 
 class Predictor:
@@ -63,13 +65,42 @@ class OnnxPredictor(Predictor):
         return self.session.run(["logits"], self.feed(encoding))[0]
 
 
+class OpenVinoPredictor(Predictor):
+    """An OpenVINO model on the CPU, computing in the precision its quantization wrote into
+    its folder (``openvino_config.json``; f32 when absent), so evaluation and benchmark run it
+    alike."""
+
+    backend = "openvino"
+
+    def __init__(self, folder: Path, threads: int | None = None,
+                 providers: list[str] | None = None):
+        check_cpu_only(folder, providers, "an OpenVINO model")
+        settings = folder / OPENVINO_SETTINGS
+        self.precision = (json.loads(settings.read_text()).get("inference_precision", "f32")
+                          if settings.is_file() else "f32")
+        self.compiled = open_openvino_model(openvino_file(folder), threads, self.precision)
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
+        self.output = self.compiled.output("logits")
+
+    def logits(self, encoding):
+        return self.request.infer(self.feed(encoding))[self.output].copy()
+
+    def computes_in(self) -> str:
+        """The precision the compiled model computes in, read back from OpenVINO ('f32')."""
+        return self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+
+
 def load_predictor(folder: str | Path, threads: int | None = None,
                    providers: list[str] | None = None) -> Predictor:
     folder = Path(folder)
     if not folder.is_dir():
         raise EdgeDistillError(f"{folder}: model folder does not exist")
-    if backend_of(folder) == "onnxruntime":
+    backend = backend_of(folder)
+    if backend == "onnxruntime":
         return OnnxPredictor(folder, threads, providers)
+    if backend == "openvino":
+        return OpenVinoPredictor(folder, threads, providers)
     check_cpu_only(folder, providers)
     if not (folder / "config.json").is_file():
         raise EdgeDistillError(f"{folder}: neither an ONNX model nor a saved PyTorch model")

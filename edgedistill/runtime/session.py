@@ -1,5 +1,5 @@
-"""An onnxruntime session opened the one way every runner opens it, and the rule that
-PyTorch models run on the CPU here."""
+"""An onnxruntime session and an OpenVINO compiled model, each opened the one way every runner
+opens it, and the rule that PyTorch models run on the CPU here."""
 
 from __future__ import annotations
 
@@ -27,10 +27,37 @@ def open_onnx_session(path: Path, threads: int | None = None,
             "re-export it with `edgedistill export`")
 
 
-def check_cpu_only(folder: Path, providers: list[str] | None) -> None:
-    """PyTorch models run on the CPU here: refuse a profile that asks for another device
-    rather than label CPU numbers as that device's."""
+# OpenVINO's CPU plugin computes in bf16 by default on CPUs with AVX-512 BF16 or AMX, so an
+# "fp32" model silently runs in bf16 there: the precision is always set, never left to the host
+OPENVINO_PRECISIONS = ("f32", "bf16")
+
+
+def open_openvino_model(xml: Path, threads: int | None = None, precision: str = "f32"):
+    """An OpenVINO model compiled for the CPU for latency (one stream, one request at a time) on
+    ``threads`` threads, computing in ``precision``, with a load failure worded as a
+    user-fixable error."""
+    import openvino as ov
+
+    if precision not in OPENVINO_PRECISIONS:
+        raise EdgeDistillError(f"{xml}: OpenVINO inference precision '{precision}' is unknown; "
+                               f"valid: {', '.join(OPENVINO_PRECISIONS)}")
+    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+              "INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    try:
+        return ov.Core().compile_model(str(xml), "CPU", config)
+    except Exception as e:  # OpenVINO raises RuntimeError with a multi-line C++ trace
+        raise EdgeDistillError(
+            f"{xml}: OpenVINO cannot load this model ({str(e).splitlines()[0][:200]}); "
+            "quantize it again with runtime openvino")
+
+
+def check_cpu_only(folder: Path, providers: list[str] | None,
+                   what: str = "a PyTorch model") -> None:
+    """PyTorch and OpenVINO models run on the CPU here: refuse a profile that asks for another
+    device rather than label CPU numbers as that device's."""
     other = [p for p in providers or [] if p != "CPUExecutionProvider"]
     if other:
-        raise EdgeDistillError(f"{folder}: a PyTorch model runs on the CPU here; profiles with "
-                               f"{', '.join(other)} measure ONNX models only")
+        raise EdgeDistillError(f"{folder}: {what} runs on the CPU here; profiles with "
+                               f"{', '.join(other)} measure onnxruntime models only")

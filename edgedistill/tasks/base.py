@@ -68,6 +68,7 @@ class Task:
     name: str = ""
     labelled: bool = True           # the data carry a label column
     auto_model = None               # transformers Auto class of teacher and student
+    runtimes: tuple[str, ...] = ("onnxruntime",)  # what its int8 student ships on (profiles.RUNTIMES)
     report: ReportView
 
     # What a model card (edgedistill.model_card) says of this task's ONNX models. The defaults
@@ -126,8 +127,9 @@ class Task:
         """The int8 scheme quantization-aware distillation simulates, or None."""
         return None
 
-    def needs_calibration(self, q: QuantizeConfig) -> bool:
-        """Whether the quantize stage calibrates on training texts."""
+    def needs_calibration(self, q: QuantizeConfig, runtimes: tuple[str, ...]) -> bool:
+        """Whether the quantize stage calibrates on training texts, for the block ``q`` and the
+        run's ``runtimes``."""
         return q.mode == "static"
 
     # ------------------------------------------------------------------ stages

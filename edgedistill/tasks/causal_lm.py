@@ -97,7 +97,7 @@ class CausalLMTask(Task):
                "for classifiers; a language model learns from teacher generations "
                "(transfer.generate.prompts)")
 
-    def needs_calibration(self, q: QuantizeConfig) -> bool:
+    def needs_calibration(self, q: QuantizeConfig, runtimes) -> bool:
         return (q.int4 and q.int4_algorithm == "gptq") or q.pytorch_int4 in ("gptq", "awq")
 
     # ------------------------------------------------------------------ stages
