@@ -60,9 +60,12 @@ def test_benchmark_runs_it_in_its_own_process_and_says_its_precision(openvino_in
     folder, _ = openvino_int8
     settings = BenchSettings(warmup=1, iterations=5, min_seconds=0.05, sequence_length=32,
                              real_length_samples=2, rounds=1)
-    result = benchmark_model(folder, "cpu", texts=make_texts(4)[0], settings=settings)
+    # under a profile's constraints like any model: one thread, one pinned core, 512 MB
+    result = benchmark_model(folder, "smart-speaker", texts=make_texts(4)[0], settings=settings)
     assert result["backend"] == "openvino" and result["inference_precision"] == "f32"
-    assert result["latency"]["p50_ms"] > 0 and result["peak_rss_mb"] > 0
+    assert result["latency"]["p50_ms"] > 0 and 0 < result["peak_rss_mb"] < 512
+    assert result["threads"] == 1 and result["cores"] == result["constraints"]["pinned_cores"]
+    assert len(result["cores"]) == 1
     assert "roofline" not in result  # counted from ONNX graphs only
 
 
