@@ -163,10 +163,16 @@ def test_report_says_which_runtime_was_fastest_and_how_openvino_was_made():
              "precision": "int8", "latency": {"p50_ms": 3.2}, "inference_precision": "f32"},
             {"name": "student-onnx", "role": "student", "backend": "onnxruntime",
              "precision": "fp32", "latency": {"p50_ms": 9.0}}]
+    rows[0]["latency_real_lengths"] = {"p50_ms": 3.0}
+    rows[1]["latency_real_lengths"] = {"p50_ms": 5.0}
     assert _runtime_lines({"view": view, "models": rows}) == [
         "int8 student p50 by runtime on this host: openvino 3.20 ms (computes in f32), "
         "onnxruntime 4.00 ms; the fastest here is openvino (student-int8-openvino), at 0.80x "
-        "onnxruntime's p50"]
+        "onnxruntime's p50",
+        # one text at a time at its own length, the verdict can turn
+        "int8 student real-length p50 by runtime on this host: onnxruntime 3.00 ms, openvino "
+        "5.00 ms (computes in f32); the fastest here is onnxruntime (student-int8), at 0.60x "
+        "openvino's real-length p50"]
     assert _runtime_lines({"view": view, "models": rows[:1] + rows[2:]}) == []  # one runtime
     record = {"openvino": "2026.4.1", "nncf": "3.4.0", "model_type": "transformer",
               "calibration_samples": 128, "inference_precision": "f32",
