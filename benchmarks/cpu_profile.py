@@ -33,15 +33,16 @@ import json
 import shutil
 from pathlib import Path
 
+from edgedistill.artifacts import OPENVINO_SETTINGS, onnx_file, openvino_file
 from edgedistill.bench.runner import BenchSettings, benchmark
 from edgedistill.data import load_task_data
-from edgedistill.host import environment
 from edgedistill.evaluation import evaluate
 from edgedistill.export import export_onnx
+from edgedistill.host import environment
 from edgedistill.pipeline import run as run_recipe
+from edgedistill.profiles import resolve_target
 from edgedistill.quantization import quantize, quantize_openvino
 from edgedistill.recipe import load_recipe
-from edgedistill.artifacts import OPENVINO_SETTINGS, onnx_file, openvino_file
 
 HERE = Path(__file__).parent
 # (numerator, denominator) of the latency ratios tracked across repeats
@@ -138,7 +139,8 @@ def main() -> None:
                for name in ("student-onnx", "student-int8", "optimum-int8", "openvino-int8",
                             "openvino-int8-bf16")}
     b = recipe.bench  # the default recipe's benchmark settings
-    b.fill_shape()
+    target = resolve_target("cpu")
+    b.fill_shape(target.batch_size, target.sequence_length)
     settings = BenchSettings(b.warmup, b.iterations, b.min_seconds, b.batch_size,
                              b.sequence_length, b.real_length_samples, recipe.data.max_length,
                              rounds=b.rounds)
