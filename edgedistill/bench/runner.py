@@ -241,7 +241,8 @@ def _summarise(model_dir: Path, runs: list[dict], profile: Target, s: BenchSetti
     }
     if "inference_precision" in runs[0]:
         result["inference_precision"] = runs[0]["inference_precision"]
-    # a graph to count operations and bytes in (an OpenVINO model's has its int8 twin's)
+    # an ONNX graph to count operations and bytes in (an OpenVINO model computes what its
+    # onnxruntime int8 twin does: no second estimate)
     if result["backend"] == "onnxruntime":
         result["roofline"] = roofline_estimate(model_dir, result["latency"]["p50_ms"], profile,
                                                s.batch_size, s.sequence_length)
