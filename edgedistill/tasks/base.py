@@ -235,8 +235,13 @@ def refuse(condition: bool, message: str) -> None:
         raise EdgeDistillError(message)
 
 
+# the width of the model-name column in the stages' lines: the longest name a run writes
+# (student-int8-openvino)
+NAME_WIDTH = 21
+
+
 def print_over_budget(console, name: str, result: dict) -> bool:
     if "over_budget" in result:
-        console.print(f"  {name:<14} [red]{result['over_budget']}[/red]")
+        console.print(f"  {name:<{NAME_WIDTH}} [red]{result['over_budget']}[/red]")
         return True
     return False

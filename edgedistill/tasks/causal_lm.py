@@ -18,6 +18,7 @@ from ..quantization import quantize_int4
 from ..quantization.weight_only import quantize_weight_only
 from ..recipe import QuantizeConfig, Recipe
 from .base import (
+    NAME_WIDTH,
     Column,
     ReportView,
     Task,
@@ -151,7 +152,7 @@ class CausalLMTask(Task):
                 {"prompt": tokenizer.decode(p), "continuation": tokenizer.decode(g)}
                 for p, g in zip(prompts, metrics["generations"])]
             results[m["name"]] = metrics
-            run.console.print(f"  {m['name']:<14} perplexity {metrics['perplexity']:.2f}  "
+            run.console.print(f"  {m['name']:<{NAME_WIDTH}} perplexity {metrics['perplexity']:.2f}  "
                               f"next-token agreement {metrics['next_token_agreement']:.3f}")
         return {"test_blocks": len(ids), "test_tokens": int(ids.size), "models": results}
 
@@ -167,7 +168,7 @@ class CausalLMTask(Task):
         for m, result in zip(models, results):
             if not print_over_budget(run.console, m["name"], result):
                 run.console.print(
-                    f"  {m['name']:<14} first token {result['ttft_ms']['p50_ms']:.1f} ms  "
+                    f"  {m['name']:<{NAME_WIDTH}} first token {result['ttft_ms']['p50_ms']:.1f} ms  "
                     f"{result['decode_tokens_per_s']:.1f} tokens/s  "
                     f"peak RSS {result['peak_rss_mb']:.0f} MB")
         return {"models": {m["name"]: r for m, r in zip(models, results)}}

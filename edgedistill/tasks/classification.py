@@ -17,6 +17,7 @@ from ..quantization import int8_config, quantize_openvino, to_fp16
 from ..quantization.tuning import tune
 from ..recipe import QuantizeConfig, Recipe
 from .base import (
+    NAME_WIDTH,
     Column,
     ReportView,
     Task,
@@ -199,7 +200,7 @@ class ClassificationTask(Task):
                 reference = metrics["predictions"]
                 metrics["agreement"] = 1.0
             results[m["name"]] = metrics
-            run.console.print(f"  {m['name']:<14} accuracy {metrics['accuracy']:.3f}  "
+            run.console.print(f"  {m['name']:<{NAME_WIDTH}} accuracy {metrics['accuracy']:.3f}  "
                               f"macro-F1 {metrics['macro_f1']:.3f}")
         return {"test_rows": len(test), "labels": run.data.labels, "models": results}
 
@@ -212,6 +213,6 @@ class ClassificationTask(Task):
                             list(run.data.test["text"]), settings)
         for m, result in zip(models, results):
             if not print_over_budget(run.console, m["name"], result):
-                run.console.print(f"  {m['name']:<14} p50 {result['latency']['p50_ms']:.2f} ms"
+                run.console.print(f"  {m['name']:<{NAME_WIDTH}} p50 {result['latency']['p50_ms']:.2f} ms"
                                   f"  peak RSS {result['peak_rss_mb']:.0f} MB")
         return {"models": {m["name"]: r for m, r in zip(models, results)}}
