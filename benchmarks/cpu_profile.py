@@ -123,10 +123,8 @@ def main() -> None:
         run_recipe(None, run, [f"seed={args.seed}"])
     data = load_task_data(recipe.data, args.seed)
     test_texts = list(data.test["text"])
-    # calibration texts as the pipeline picks them: training texts shuffled by the seed
-    train = data.train.shuffle(seed=args.seed)
-    calibration = list(train.select(range(min(recipe.quantize.calibration_samples,
-                                              len(train))))["text"])
+    # calibration texts as the pipeline picks them
+    calibration = data.calibration_texts(recipe.quantize.calibration_samples, args.seed)
     student = run / "distill" / "model"
     ours_fp32, ours_int8, record = edgedistill_cpu(student, work / "edgedistill",
                                                    test_texts[:16])

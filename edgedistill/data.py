@@ -41,6 +41,12 @@ class TaskData:
     def test(self) -> Dataset:
         return self.splits["test"]
 
+    def calibration_texts(self, count: int, seed: int) -> list[str]:
+        """``count`` training texts (never the test split) in a seeded random order: what
+        every int8 calibration reads."""
+        train = self.train.shuffle(seed=seed)
+        return list(train.select(range(min(count, len(train))))["text"])
+
 
 def _read_raw(cfg: DataConfig) -> DatasetDict:
     source = cfg.source

@@ -25,8 +25,7 @@ from .artifacts import publish_folder, write_atomic
 from .data import TaskData
 from .distill.matching import resolve_matches
 from .distill.trainer import check_distill_settings
-from .distill.training import (distill_student, finetune_teacher, plan_student,
-                               student_tokenizer)
+from .distill.training import distill_student, finetune_teacher, plan_student, student_tokenizer
 from .distill.transfer import check_transfer_settings
 from .errors import EdgeDistillError
 from .export import export_onnx
@@ -254,8 +253,7 @@ class Run:
         q = self.recipe.quantize
         if not self.task.needs_calibration(q, self.runtimes):
             return None
-        train = self.data.train.shuffle(seed=self.recipe.seed)
-        return list(train.select(range(min(q.calibration_samples, len(train))))["text"])
+        return self.data.calibration_texts(q.calibration_samples, self.recipe.seed)
 
 
 def run(recipe: str | Path | Recipe | None = None, output_dir: str | Path | None = None,

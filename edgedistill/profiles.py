@@ -14,7 +14,7 @@ import yaml
 
 from .errors import EdgeDistillError
 from .host import host_isa, usable_cores
-from .runtime.session import OPENVINO_PRECISIONS
+from .runtime.session import check_openvino_precision
 
 # optimum's int8 presets, by instruction set
 PRESETS = ("avx512_vnni", "avx512", "avx2", "arm64")
@@ -195,14 +195,8 @@ def resolve_target(profile: str | Profile | Target = "cpu") -> Target:
                   roofline=dict(p.roofline), int8=_checked_int8(p.quantization, p.name),
                   runtimes=_checked_runtimes(p.runtimes, f"profile '{p.name}': runtimes", p.name,
                                              p.execution_providers),
-                  openvino_precision=_checked_precision(p.openvino_precision, p.name))
-
-
-def _checked_precision(precision: str, profile: str) -> str:
-    if precision not in OPENVINO_PRECISIONS:
-        raise EdgeDistillError(f"profile '{profile}': openvino_precision '{precision}' is "
-                               f"invalid; valid: {', '.join(OPENVINO_PRECISIONS)}")
-    return precision
+                  openvino_precision=check_openvino_precision(
+                      p.openvino_precision, f"profile '{p.name}': openvino_precision"))
 
 
 def check_available(target: Target) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 from ..artifacts import OPENVINO_SETTINGS, OPENVINO_XML, copy_sidecars, onnx_file, write_atomic
 from ..errors import EdgeDistillError
 from ..evaluation import classification_metrics
-from ..runtime.session import OPENVINO_PRECISIONS
+from ..runtime.session import check_openvino_precision, open_openvino_model
 
 
 def read_onnx(model_file: Path):
@@ -76,9 +76,7 @@ def quantize_openvino(onnx_dir: str | Path, output_dir: str | Path,
     model_file = onnx_file(onnx_dir)
     if model_file is None:
         raise EdgeDistillError(f"{onnx_dir}: no .onnx file to quantize; run the export first")
-    if precision not in OPENVINO_PRECISIONS:
-        raise EdgeDistillError(f"openvino precision '{precision}' is unknown; valid: "
-                               f"{', '.join(OPENVINO_PRECISIONS)}")
+    check_openvino_precision(precision, "quantize (openvino)")
     if not calibration_texts:
         raise EdgeDistillError("quantize (openvino): NNCF calibrates on training texts; pass "
                                "calibration_texts=[...] (the pipeline passes training texts)")
@@ -115,10 +113,8 @@ def quantize_openvino(onnx_dir: str | Path, output_dir: str | Path,
             model, calibration, nncf.Dataset(samples), validation_fn=macro_f1,
             max_drop=tolerable_loss, drop_type=nncf.DropType.RELATIVE, **common)
         # NNCF logs its verdict; measure it again here so the record says what was reached
-        fp32 = macro_f1(ov.Core().compile_model(model, "CPU",
-                                                {"INFERENCE_PRECISION_HINT": "f32"}), samples)
-        int8 = macro_f1(ov.Core().compile_model(quantized, "CPU",
-                                                {"INFERENCE_PRECISION_HINT": "f32"}), samples)
+        fp32 = macro_f1(open_openvino_model(model, precision=precision), samples)
+        int8 = macro_f1(open_openvino_model(quantized, precision=precision), samples)
         loss = (fp32 - int8) / fp32 if fp32 else 0.0
         record["accuracy_control"] = {
             "tolerable_loss": tolerable_loss, "validation_texts": len(samples),

@@ -76,9 +76,9 @@ class OpenVinoPredictor(Predictor):
                  providers: list[str] | None = None):
         check_cpu_only(folder, providers, "an OpenVINO model")
         settings = folder / OPENVINO_SETTINGS
-        self.precision = (json.loads(settings.read_text()).get("inference_precision", "f32")
-                          if settings.is_file() else "f32")
-        self.compiled = open_openvino_model(openvino_file(folder), threads, self.precision)
+        precision = (json.loads(settings.read_text()).get("inference_precision", "f32")
+                     if settings.is_file() else "f32")
+        self.compiled = open_openvino_model(openvino_file(folder), threads, precision)
         self.request = self.compiled.create_infer_request()
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
         self.output = self.compiled.output("logits")

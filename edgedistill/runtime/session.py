@@ -32,24 +32,31 @@ def open_onnx_session(path: Path, threads: int | None = None,
 OPENVINO_PRECISIONS = ("f32", "bf16")
 
 
-def open_openvino_model(xml: Path, threads: int | None = None, precision: str = "f32"):
-    """An OpenVINO model compiled for the CPU for latency (one stream, one request at a time) on
-    ``threads`` threads, computing in ``precision``, with a load failure worded as a
-    user-fixable error."""
+def check_openvino_precision(precision: str, where: str) -> str:
+    if precision not in OPENVINO_PRECISIONS:
+        raise EdgeDistillError(f"{where}: OpenVINO precision '{precision}' is unknown; valid: "
+                               f"{', '.join(OPENVINO_PRECISIONS)}")
+    return precision
+
+
+def open_openvino_model(model, threads: int | None = None, precision: str = "f32"):
+    """An OpenVINO model (an IR file's path, or a model in memory) compiled for the CPU for
+    latency (one stream, one request at a time) on ``threads`` threads, computing in
+    ``precision``, with a load failure worded as a user-fixable error."""
     import openvino as ov
 
-    if precision not in OPENVINO_PRECISIONS:
-        raise EdgeDistillError(f"{xml}: OpenVINO inference precision '{precision}' is unknown; "
-                               f"valid: {', '.join(OPENVINO_PRECISIONS)}")
+    where = str(model) if isinstance(model, Path) else "OpenVINO model"
+    check_openvino_precision(precision, where)
     config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
               "INFERENCE_PRECISION_HINT": precision}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     try:
-        return ov.Core().compile_model(str(xml), "CPU", config)
+        return ov.Core().compile_model(str(model) if isinstance(model, Path) else model, "CPU",
+                                       config)
     except Exception as e:  # OpenVINO raises RuntimeError with a multi-line C++ trace
         raise EdgeDistillError(
-            f"{xml}: OpenVINO cannot load this model ({str(e).splitlines()[0][:200]}); "
+            f"{where}: OpenVINO cannot load this model ({str(e).splitlines()[0][:200]}); "
             "quantize it again with runtime openvino")
 
 
