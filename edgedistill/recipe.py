@@ -94,10 +94,13 @@ class TrainingConfig:
 
     epochs: float = _f(3.0, "Training epochs.", gt=0)
     learning_rate: float = _f(5e-5, "Peak learning rate (linear decay after warm-up).", gt=0)
-    batch_size: int = _f(16, "Examples per training step.", gt=0)
+    batch_size: int = _f(16, "Examples per optimizer step (over all processes of a run on "
+                         "several; see distributed.batch).", gt=0)
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad",
+                       "rmsprop"] = _f("adamw_torch", "Optimizer, by its transformers name.")
     warmup_ratio: float = _f(0.1, "Fraction of steps spent warming the learning rate up.",
                               ge=0, le=1)
-    weight_decay: float = _f(0.01, "AdamW weight decay.", ge=0)
+    weight_decay: float = _f(0.01, "Weight decay (decoupled for AdamW).", ge=0)
     class_weights: Literal["none", "balanced"] = _f(
         "none", "'balanced' weights the hard-label loss by inverse class frequency.")
 
@@ -228,6 +231,24 @@ class TransferConfig:
     def active(self) -> bool:
         return bool(self.augment.factor or self.augment.paraphrases or self.unlabelled
                     or self.generate.prompts)
+
+
+@dataclass
+class DistributedConfig:
+    """A run on several processes (torchrun, accelerate launch, ``edgedistill run --nproc``):
+    the training stages run on all of them, the other stages on the main process alone."""
+
+    batch: Literal["global", "per-device"] = _f(
+        "global", "What teacher.batch_size and distill.batch_size count: 'global' (one "
+        "optimizer step over all processes, split evenly between them: the process count does "
+        "not change the training) or 'per-device' (each process's share: the step grows with "
+        "the process count).")
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "Collective backend; auto: nccl on "
+                                                  "GPUs, gloo on CPUs.")
+    rendezvous_timeout: float = _f(120.0, "Seconds to wait for the other processes to join "
+                                   "before failing (a stale launcher environment).", gt=0)
+    wait_minutes: float = _f(240.0, "Minutes the other processes wait at a barrier while the "
+                             "main process exports, quantizes, evaluates and benchmarks.", gt=0)
 
 
 @dataclass
@@ -382,6 +403,7 @@ class Recipe:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
