@@ -4,14 +4,20 @@ Each stage writes into ``<output>/<stage>.partial`` and, when it has finished, w
 ``manifest.json`` (settings, fingerprint, record, library versions) last and renames the folder
 to ``<output>/<stage>``. A killed stage therefore never looks finished; a partial training stage
 with the same fingerprint resumes from its last checkpoint.
+
+Under a launcher (torchrun, accelerate launch) the training stages run on every process and the
+others on the main process alone (:mod:`edgedistill.distributed`); only the main process writes
+manifests, renames stage folders and writes the report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -20,7 +26,7 @@ from typing import Callable
 
 from transformers import AutoConfig, AutoTokenizer
 
-from . import __version__, progress
+from . import __version__, distributed, progress
 from .artifacts import publish_folder, write_atomic
 from .data import TaskData
 from .distill.matching import resolve_matches
@@ -39,6 +45,7 @@ from .tasks import get_task
 
 log = logging.getLogger(__name__)
 STAGES = ("teacher", "distill", "export", "quantize", "evaluate", "bench")
+TRAINING_STAGES = ("teacher", "distill")  # run on every process of a launched run
 MANIFEST = "manifest.json"
 
 
@@ -72,6 +79,9 @@ class Run:
         self.fingerprints: dict[str, str] = {}
         self.records: dict[str, dict] = {}
         self._data: TaskData | None = None
+        self.world = distributed.join(recipe.distributed)
+        if not self.world.main:  # one process speaks for the run; the others log to files
+            progress.mute()
         self.task = get_task(recipe.task)
         self.target = resolve_target(recipe.bench.profile)
         # before the resolved recipe is written: it shows what ran
@@ -88,31 +98,56 @@ class Run:
             self._data = self.task.load_data(self.recipe.data, self.recipe.seed)
         return self._data
 
+    def log_file(self, name: str) -> Path:
+        """Where a stage's library logs go: each process of a launched run writes its own."""
+        logs = self.out / "logs"
+        return logs / (f"{name}.log" if self.world.main else f"rank-{self.world.rank}/{name}.log")
+
     def stage(self, name: str, inputs: dict, work: Callable[[Path], dict]) -> Path:
-        """Run ``work(partial_dir)`` unless a finished stage with the same inputs exists."""
+        """Run ``work(partial_dir)`` unless a finished stage with the same inputs exists.
+        A training stage's work runs on every process of a launched run, another stage's on the
+        main process while the others wait; the main process alone prepares the partial folder
+        and publishes it, and every process gets its record."""
         fp = fingerprint({"stage": name, "edgedistill": __version__, **inputs})
         self.fingerprints[name] = fp
         final, partial = self.out / name, self.out / f"{name}.partial"
         index = STAGES.index(name) + 1
+        # every process decides alike: the previous stage was published before any went on
         done = read_manifest(final)
         if done and done.get("fingerprint") == fp:
             progress.note(f"[dim][{index}/{len(STAGES)}] {name}: unchanged, skipped[/dim]")
             self.records[name] = done["record"]
             return final
-        marker = partial / ".fingerprint"
-        if partial.exists() and not (marker.is_file() and marker.read_text() == fp):
-            shutil.rmtree(partial)  # left over from other settings: nothing in it is reusable
-        partial.mkdir(parents=True, exist_ok=True)
-        marker.write_text(fp)
+
+        def prepare() -> None:
+            marker = partial / ".fingerprint"
+            if partial.exists() and not (marker.is_file() and marker.read_text() == fp):
+                shutil.rmtree(partial)  # left over from other settings: nothing is reusable
+            partial.mkdir(parents=True, exist_ok=True)
+            marker.write_text(fp)
+
+        def publish(record: dict) -> dict:
+            manifest = {"stage": name, "fingerprint": fp, "inputs": inputs,
+                        "seconds": round(time.perf_counter() - start, 2), "record": record,
+                        "environment": environment()}
+            write_atomic(partial / MANIFEST, json.dumps(manifest, indent=2, default=str))
+            publish_folder(partial, final)
+            return record
+
+        distributed.on_main(self.world, prepare, f"preparing {name}")
         start = time.perf_counter()
-        with progress.stage(f"[{index}/{len(STAGES)}] {name}", self.out / "logs" / f"{name}.log"):
-            record = work(partial)
-        manifest = {"stage": name, "fingerprint": fp, "inputs": inputs,
-                    "seconds": round(time.perf_counter() - start, 2), "record": record,
-                    "environment": environment()}
-        write_atomic(partial / MANIFEST, json.dumps(manifest, indent=2, default=str))
-        publish_folder(partial, final)
-        self.records[name] = record
+        everywhere = name in TRAINING_STAGES
+        # a process that only waits has no log of its own to write
+        shown = progress.stage(f"[{index}/{len(STAGES)}] {name}", self.log_file(name)) \
+            if everywhere or self.world.main else contextlib.nullcontext()
+        with shown:
+            if everywhere:  # the report says on how many processes each trained
+                record = {**work(partial), "processes": self.world.describe()}
+                self.records[name] = distributed.on_main(self.world, lambda: publish(record),
+                                                         f"the {name} stage")
+            else:
+                self.records[name] = distributed.on_main(
+                    self.world, lambda: publish(work(partial)), f"the {name} stage")
         return final
 
     # ------------------------------------------------------------------ the stages
@@ -121,7 +156,7 @@ class Run:
         r, data_cfg = self.recipe, asdict(self.recipe.data)
         # training never sees the test split, so its settings must not force a retrain
         train_cfg = {k: v for k, v in data_cfg.items() if k not in ("test_split", "max_test_samples")}
-        log_file = self.out / "logs" / "preflight.log"
+        log_file = self.log_file("preflight")
         with progress.library_logs(log_file) as counter:  # which copy of a model is used, too
             model_path = resolve_model(r.teacher.model)
             self.preflight(model_path)
@@ -130,8 +165,9 @@ class Run:
         teacher = self.stage("teacher", {
             "data": train_cfg, "teacher": asdict(r.teacher), "seed": r.seed,
             "model_files": _folder_signature(model_path),
+            **self._batch_inputs(r.teacher.batch_size),
         }, lambda d: finetune_teacher(self.task, model_path, r.teacher, self.data, r.data, d,
-                                      r.seed))
+                                      r.seed, r.distributed))
         self._warn_about_training()
         if self.until == "teacher":
             return None
@@ -141,13 +177,14 @@ class Run:
             "student_files": _folder_signature(resolve_model(r.student.model))
             if r.student.model else None, "transfer": self._transfer_inputs(data_cfg),
             "qat_scheme": asdict(self.qat_scheme) if self.qat_scheme else None,
+            **self._batch_inputs(r.distill.batch_size),
         }, lambda d: distill_student(self.task, teacher / "model", r.student, r.distill,
                                     self.data,
                                     r.data, d, r.seed, r.teacher.trust_remote_code,
                                     cache_dir=self.out / "teacher-cache",
                                     transfer=r.transfer if r.transfer.active else None,
                                     transfer_cache=self.out / "transfer-cache",
-                                    qat_scheme=self.qat_scheme))
+                                    qat_scheme=self.qat_scheme, parallel=r.distributed))
         self._warn_about_training()
         if self.until == "distill":
             return None
@@ -167,6 +204,8 @@ class Run:
                               "dropped_rows": self.data.dropped})
         self.stage("bench", {**upstream, "bench": asdict(r.bench), "data": data_cfg},
                    lambda d: self.task.bench(self, models))
+        if not self.world.main:
+            return None  # the main process writes the report
         report = build_report(r, models, self.records, self.task.report)
         write_report(report, self.out, plots=r.report.plots)
         write_model_cards(report, self.out)
@@ -179,6 +218,13 @@ class Run:
             if warning not in self._warned:
                 log.warning(warning)
                 self._warned.add(warning)
+
+    def _batch_inputs(self, batch_size: int) -> dict:
+        """A training stage's fingerprint names the global batch where it is not the recipe's
+        own (per-device batches on several processes): the process count alone, with the
+        global batch kept, retrains nothing."""
+        steps = distributed.global_batch(batch_size, self.recipe.distributed, self.world.size)
+        return {"global_batch": steps} if steps != batch_size else {}
 
     def _transfer_inputs(self, data_cfg: dict) -> dict | None:
         """What the transfer set is made from: its settings, the files of its unlabelled
@@ -201,6 +247,10 @@ class Run:
         limits were checked when the recipe was read."""
         r = self.recipe
         check_distill_settings(r.distill, "distill.")
+        distributed.pick_backend(r.distributed.backend)  # nccl on a machine without GPUs
+        for block in ("teacher", "distill"):  # a batch that does not split fails now
+            distributed.per_device_batch(getattr(r, block).batch_size, r.distributed,
+                                         self.world.size, f"{block}.batch_size")
         self.target.int8_for(r.quantize)  # an unknown preset fails here, not after training
         self.runtimes = self.target.runtimes_for(r.quantize, self.task.runtimes)
         check_available(self.target)
@@ -275,12 +325,13 @@ def run(recipe: str | Path | Recipe | None = None, output_dir: str | Path | None
     out = Path(output_dir or recipe.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # one per process of a launched run
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise EdgeDistillError(f"{out}: output folder is not writable ({e.strerror}); "
                                "choose another with --output")
     pipeline = Run(recipe, out, until)
-    recipe.dump(out / "recipe.resolved.yaml")
+    if pipeline.world.main:
+        recipe.dump(out / "recipe.resolved.yaml")
     return pipeline.run()

@@ -62,6 +62,15 @@ def configure(mode: str = "normal") -> None:
     console.quiet = mode == "quiet"
 
 
+def mute() -> None:
+    """Errors only on this process's terminal (its logs still go to its files): another
+    process of a launched run speaks for the run. --debug keeps everything."""
+    global _mode
+    if _mode != "debug":
+        _mode = "quiet"
+        console.quiet = True
+
+
 @contextlib.contextmanager
 def silenced(logger: str, fragment: str) -> Iterator[None]:
     """Drop the records of ``logger`` (not its children) whose message contains ``fragment``:

@@ -82,7 +82,10 @@ def build_report(recipe, models: list[dict], records: dict, view) -> dict:
         "test_rows": records.get("evaluate", {}).get("test_rows"),
         "test_tokens": records.get("evaluate", {}).get("test_tokens"),
         "dropped_rows": records.get("evaluate", {}).get("dropped_rows") or {},
-        "environment": environment(),
+        # the processes each training stage ran on (a launched run: several)
+        "environment": {**environment(), "training_processes": {
+            stage: record["processes"] for stage, record in training.items()
+            if "processes" in record}},
         "recipe": recipe.to_dict(),
     }
 
@@ -250,12 +253,21 @@ def _generation_lines(report: dict) -> list[tuple[int, str]]:
     return lines
 
 
+def _processes_text(env: dict) -> str:
+    """'; distilled on 2 processes (gloo: cpu)' for a launched run, else nothing."""
+    world = env.get("training_processes", {}).get("distill", {})
+    if world.get("world_size", 1) <= 1:
+        return ""
+    devices = ", ".join(sorted(set(world["devices"])))
+    return f"; distilled on {world['world_size']} processes ({world['backend']}: {devices})"
+
+
 def to_markdown(report: dict) -> str:
     env = report["environment"]
     headers = _headers(report)
     lines = [f"# edgedistill report: {report['name']}", "",
-             f"{report['created']} on {env['cpu']} ({env['cpu_count']} cores, {env['int8_isa']})",
-             "", _setting_line(report), "",
+             f"{report['created']} on {env['cpu']} ({env['cpu_count']} cores, {env['int8_isa']})"
+             + _processes_text(env), "", _setting_line(report), "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in _table_rows(report)]
     if report.get("warnings"):
@@ -468,6 +480,7 @@ def to_html(report: dict, pngs: dict[str, bytes]) -> str:
         f"<img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
         for name, data in pngs.items())
     env = e(json.dumps(report["environment"], indent=2))
+    host = report["environment"]
     training = "".join(f"<li>{e(line)}</li>" for line in _training_lines(report))
     profile = "".join(f"<li>{e(line)}</li>" for line in _budget_lines(report))
     warnings = "".join(f"<li>{e(w)}</li>" for w in report.get("warnings", []))
@@ -490,7 +503,7 @@ text-align:right}}td:first-child,th:first-child{{text-align:left}}tr.ok td{{back
 tr.miss td{{background:#fbeaea}}img{{max-width:48%;margin:.5em}}pre{{background:#f5f5f5;
 padding:1em}}</style></head><body>
 <h1>edgedistill report: {e(report['name'])}</h1>
-<p>{e(report['created'])} &middot; {e(report['environment']['cpu'])}</p>
+<p>{e(report['created'])} &middot; {e(host['cpu'] + _processes_text(host))}</p>
 <p>{e(_setting_line(report))}</p>
 <table><tr>{head}</tr>{body}</table>
 {warnings}

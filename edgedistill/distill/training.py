@@ -20,13 +20,14 @@ from transformers import (AutoConfig, AutoTokenizer, DataCollatorWithPadding, Tr
                           default_data_collator, set_seed)
 from transformers.trainer_callback import ProgressCallback
 
-from .. import progress
+from .. import distributed, progress
 from ..artifacts import write_atomic
 from ..data import TaskData, lm_blocks, tokenize
 from ..evaluation import classification_metrics
 from ..recipe import (
     DataConfig,
     DistillConfig,
+    DistributedConfig,
     GenerateConfig,
     StudentConfig,
     TeacherConfig,
@@ -60,13 +61,21 @@ def class_weights(data: TaskData, how: str) -> list[float] | None:
 
 
 def _arguments(task, cfg: TrainingConfig, data: TaskData, out: Path, seed: int,
+               parallel: DistributedConfig | None, where: str,
                **distill) -> DistillationTrainingArguments:
     """Training arguments shared by every training stage; the task says how the best epoch is
-    chosen (``task.selection``)."""
+    chosen (``task.selection``). ``where`` names the block (``distill.``) in errors."""
+    world = distributed.current()
+    batch = distributed.per_device_batch(cfg.batch_size, parallel or DistributedConfig(),
+                                         world.size, f"{where}batch_size")
+    # under a launcher on a machine without GPUs, accelerate trains on several CPU processes
+    # only when told to use the CPU; otherwise each process would train alone
+    several = {"use_cpu": not torch.cuda.is_available()} if world.size > 1 else {}
     return DistillationTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs,
-        learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
-        warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, eval_strategy="epoch",
+        learning_rate=cfg.learning_rate, per_device_train_batch_size=batch,
+        optim=cfg.optimizer, **several, warmup_ratio=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, eval_strategy="epoch",
         save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
         logging_strategy="epoch", report_to="none", seed=seed, data_seed=seed,
         dataloader_pin_memory=False, save_safetensors=True, disable_tqdm=False,
@@ -162,9 +171,10 @@ def _fit(model, tokenizer, args, out: Path, prepared: tuple) -> dict:
     result = trainer.train(resume_from_checkpoint=last)
     selection = _selection(trainer.state.log_history, args)  # before evaluate() adds a row
     best = trainer.evaluate()
-    trainer.save_model(str(out / "model"))
+    trainer.save_model(str(out / "model"))  # by the main process (the Trainer sees to it)
     # Checkpoints only serve a resume; the finished stage keeps the best model alone.
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if distributed.is_main():
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return {"train_seconds": result.metrics.get("train_runtime"),
             "train_loss": result.metrics.get("train_loss"),
             "validation": {k.removeprefix("eval_"): v for k, v in best.items()},
@@ -327,20 +337,25 @@ def _cached_teacher(train, teacher, tokenizer, args, data_cfg: DataConfig, cache
 
 
 def finetune_teacher(task, model_path: Path, cfg: TeacherConfig, data: TaskData,
-                     data_cfg: DataConfig, out: Path, seed: int) -> dict:
+                     data_cfg: DataConfig, out: Path, seed: int,
+                     parallel: DistributedConfig | None = None) -> dict:
     """Fit the teacher on the task (``task.new_head`` says what head it gets: a classifier a
-    fresh one for the labels, a language model none)."""
+    fresh one for the labels, a language model none). Under a launcher every process trains
+    (``parallel`` says how the batch is split) and the main one writes."""
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     model = task.load_model(model_path, cfg.trust_remote_code, **task.new_head(data.labels))
     if not cfg.finetune:
-        model.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+        if distributed.is_main():
+            model.save_pretrained(out / "model")
+            tokenizer.save_pretrained(out / "model")
         return {"finetuned": False}
     # the teacher learns from its labels (or its text) alone: no soft-target loss to name
-    args = _arguments(task, cfg, data, out, seed, alpha_ce=1.0, alpha_distill=0.0)
+    args = _arguments(task, cfg, data, out, seed, parallel, "teacher.", alpha_ce=1.0,
+                      alpha_distill=0.0)
     record = _fit(model, tokenizer, args, out, task.training_sets(tokenizer, args, data, data_cfg))
-    tokenizer.save_pretrained(out / "model")
+    if distributed.is_main():
+        tokenizer.save_pretrained(out / "model")
     return {"finetuned": True, **record}
 
 
@@ -396,7 +411,7 @@ def _quantization_aware(student, tokenizer, args, cfg: DistillConfig, scheme, ou
     record = _fit(student, tokenizer, qat_args, out / "qat", prepared)
     remove_fake_quant(student)
     kept = record["validation"][metric] > before
-    if kept:
+    if kept and distributed.is_main():
         if hasattr(student, PROJECTIONS):  # feature-loss projections: training only
             delattr(student, PROJECTIONS)
         student.save_pretrained(out / "model")
@@ -404,7 +419,8 @@ def _quantization_aware(student, tokenizer, args, cfg: DistillConfig, scheme, ou
         log.warning("the int8-aware phase did not beat the float phase's model as int8 "
                     "(validation %s %.4f vs %.4f): the float phase's model is kept",
                     metric, record["validation"][metric], before)
-    shutil.rmtree(out / "qat", ignore_errors=True)
+    if distributed.is_main():
+        shutil.rmtree(out / "qat", ignore_errors=True)
     record.pop("log_history", None)
     return {"modules": count, "epochs": cfg.qat_epochs, "learning_rate": lr,
             "scheme": asdict(scheme), "before": {metric: before}, "kept": kept, **record}
@@ -421,20 +437,23 @@ def distill_student(task, teacher_dir: Path, student_cfg: StudentConfig, cfg: Di
                    data: TaskData, data_cfg: DataConfig, out: Path, seed: int,
                    trust_remote_code: bool = False, cache_dir: Path | None = None,
                    transfer: TransferConfig | None = None,
-                   transfer_cache: Path | None = None, qat_scheme=None) -> dict:
+                   transfer_cache: Path | None = None, qat_scheme=None,
+                   parallel: DistributedConfig | None = None) -> dict:
     """Build the student and train it with DistillationTrainer. A causal LM with
     ``cfg.cache_teacher`` trains from the teacher's top-k kept in ``cache_dir``. ``transfer``
     adds teacher-labelled inputs (edgedistill.distill.transfer; a language model's teacher
     generations are kept in ``transfer_cache``). With ``qat_scheme`` (an
     edgedistill.distill.qat.Int8Scheme) a last phase of ``cfg.qat_epochs`` trains through the
-    int8 rounding; a stage killed during it resumes with that phase."""
+    int8 rounding; a stage killed during it resumes with that phase. ``parallel``: as for
+    :func:`finetune_teacher`."""
     set_seed(seed)
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir,
                                                       trust_remote_code=trust_remote_code)
     tokenizer = student_tokenizer(teacher_tokenizer, student_cfg)
     teacher = task.load_model(teacher_dir, trust_remote_code).eval()
     student = build_student(task, teacher, student_cfg)
-    args = _arguments(task, cfg, data, out, seed, temperature=cfg.temperature,
+    args = _arguments(task, cfg, data, out, seed, parallel, "distill.",
+                      temperature=cfg.temperature,
                       alpha_ce=cfg.alpha_ce, alpha_distill=cfg.alpha_distill,
                       distill_loss=cfg.distill_loss, loss_options=dict(cfg.loss_options),
                       matches=[asdict(m) for m in cfg.matches],
@@ -454,11 +473,14 @@ def distill_student(task, teacher_dir: Path, student_cfg: StudentConfig, cfg: Di
     else:
         record = _fit(student, tokenizer, args, out, prepared)
     if qat_scheme is not None:
-        write_atomic(finished, json.dumps(record, default=str))
+        if distributed.is_main():
+            write_atomic(finished, json.dumps(record, default=str))
         record["qat"] = _quantization_aware(student, tokenizer, args, cfg, qat_scheme, out,
                                             prepared)
-        finished.unlink()
-    tokenizer.save_pretrained(out / "model")
+        if distributed.is_main():
+            finished.unlink()
+    if distributed.is_main():
+        tokenizer.save_pretrained(out / "model")
     return {"teacher_layers": getattr(student.config, "edgedistill_teacher_layers", None),
             "parameters": sum(p.numel() for p in student.parameters()),
             "teacher_parameters": sum(p.numel() for p in teacher.parameters()), **record}
