@@ -20,6 +20,9 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", help="output folder (default: the recipe's output_dir)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe setting, e.g. --set distill.temperature=4 (repeatable)")
+    p.add_argument("--nproc", type=int, metavar="N", help="train on N processes of this "
+                   "machine (one per GPU, or CPU processes sharing the cores) through torchrun's "
+                   "launcher; the stages after training run on one (see docs/scale-out.md)")
 
 
 def _add_output_modes(p: argparse.ArgumentParser, default) -> None:
@@ -112,10 +115,27 @@ class _Commands:
         return self.subparsers.add_parser(name, parents=[self.modes], **kwargs)
 
 
-def _dispatch(args) -> int:
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line a launched process runs: this one without ``--nproc N``."""
+    out, skip = [], False
+    for item in argv:
+        if skip or item.startswith("--nproc="):
+            skip = False
+            continue
+        skip = item == "--nproc"
+        if not skip:
+            out.append(item)
+    return out
+
+
+def _dispatch(args, argv: list[str]) -> int:
     from rich.console import Console
 
     console = Console()
+    if args.command in ("run", "distill") and args.nproc is not None:
+        from .distributed import launch
+
+        return launch(args.nproc, _without_nproc(argv))
     if args.command in ("run", "distill"):
         from .pipeline import run
         from .report import print_summary, summary
@@ -223,12 +243,13 @@ def _dispatch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     from .progress import configure
 
     configure("debug" if args.debug else "quiet" if args.quiet else "normal")
     try:
-        return _dispatch(args)
+        return _dispatch(args, argv)
     except EdgeDistillError as e:
         if args.debug:
             raise
