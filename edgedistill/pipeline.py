@@ -146,8 +146,9 @@ class Run:
                 self.records[name] = distributed.on_main(self.world, lambda: publish(record),
                                                          f"the {name} stage")
             else:
-                self.records[name] = distributed.on_main(
-                    self.world, lambda: publish(work(partial)), f"the {name} stage")
+                with distributed.all_cores(self.world):
+                    self.records[name] = distributed.on_main(
+                        self.world, lambda: publish(work(partial)), f"the {name} stage")
         return final
 
     # ------------------------------------------------------------------ the stages

@@ -184,3 +184,18 @@ def test_a_failure_on_the_main_process_stops_the_others(tmp_path):
     assert messages[0] == "export: broken"
     assert messages[1] == ("rank 1: stopped because the export stage failed on the main "
                            "process (rank 0; its error is above)")
+
+
+def test_the_main_process_gets_every_core_while_the_others_wait():
+    from edgedistill.host import usable_cores
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with distributed.all_cores(distributed.World(2, 1, 1, "gloo")):
+            assert torch.get_num_threads() == 1  # a waiting process keeps its share
+        with distributed.all_cores(distributed.World(2, 0, 0, "gloo")):
+            assert torch.get_num_threads() == usable_cores()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
