@@ -43,7 +43,7 @@ class TaskData:
 
     def calibration_texts(self, count: int, seed: int) -> list[str]:
         """``count`` training texts (never the test split) in a seeded random order: what
-        every int8 calibration reads."""
+        every int8 calibration reads, and what ranks a pruned student's heads and channels."""
         train = self.train.shuffle(seed=seed)
         return list(train.select(range(min(count, len(train))))["text"])
 

@@ -114,13 +114,19 @@ class TeacherConfig(TrainingConfig):
 
 @dataclass
 class StudentConfig:
-    init: Literal["teacher", "random"] = _f(
-        "teacher", "teacher: keep some of the teacher's blocks; random: fresh blocks of any shape.")
+    init: Literal["teacher", "random", "pruned"] = _f(
+        "teacher", "teacher: keep some of the teacher's blocks; pruned: keep them, then narrow "
+        "them to config's hidden_size / intermediate_size, keeping the heads, neurons and "
+        "channels most active on training texts (Minitron; BERT-style teachers); random: fresh "
+        "blocks of any shape.")
     layers: str = _f("uniform", "Teacher layers kept (init: teacher): uniform, first, last.")
     layer_ids: Optional[list[int]] = _f(None, "Explicit teacher layer indices (overrides layers).")
     num_layers: int = _f(2, "Transformer blocks of the student.", gt=0)
     config: dict[str, Any] = _f({}, "Shape changes for init: random, e.g. {hidden_size: 256, "
-                                    "num_attention_heads: 4, intermediate_size: 1024}.")
+                                    "num_attention_heads: 4, intermediate_size: 1024}, or for "
+                                    "init: pruned (hidden_size, intermediate_size).")
+    prune_texts: int = _f(256, "init: pruned: training texts whose activations rank what is "
+                          "kept.", gt=0)
     model: Optional[str] = _f(None, "Another pretrained model as the student (hub id or folder); "
                                     "it must use the teacher's tokenizer. Overrides init.")
 

@@ -35,7 +35,8 @@ CASES = {
     "heads_mismatch": ("student: {init: random, config: {num_attention_heads: 2}}\n"
                        "distill:\n  matches: [{loss: attention_mse}]\n",
                        "distill.matches[0]: 'attention_mse' compares attention maps head by head"),
-    "shape_without_random": ("student: {config: {hidden_size: 16}}\n", "set student.init: random"),
+    "shape_without_random": ("student: {config: {hidden_size: 16}}\n",
+                             "set student.init: pruned or random"),
     "student_positions": ("student: {init: random, config: {max_position_embeddings: 16}}\n",
                           "data.max_length: 32 exceeds the student's 16 positions"),
 }

@@ -8,6 +8,7 @@ import torch.nn as nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import EdgeDistillError
+from .pruning import prune_width, pruned_shape
 
 SELECTIONS = ("uniform", "first", "last")
 
@@ -54,7 +55,7 @@ def find_blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
         "student model instead of a layer subset")
 
 
-INITS = ("teacher", "random")
+INITS = ("teacher", "random", "pruned")
 
 
 def student_config(teacher_config: PretrainedConfig, num_layers: int, init: str = "teacher",
@@ -63,10 +64,12 @@ def student_config(teacher_config: PretrainedConfig, num_layers: int, init: str 
     matches before any model is built)."""
     if init not in INITS:
         raise EdgeDistillError(f"student.init: '{init}' is unknown; valid: {', '.join(INITS)}")
-    if overrides and init != "random":
+    if overrides and init == "teacher":
         raise EdgeDistillError(
             f"student.config: {', '.join(overrides)} change the shape, so the student cannot "
-            "reuse the teacher's blocks; set student.init: random")
+            "reuse the teacher's blocks as they are; set student.init: pruned or random")
+    if init == "pruned":
+        overrides = pruned_shape(teacher_config, overrides)
     if num_layers < 1:
         raise EdgeDistillError(f"student.num_layers: {num_layers} must be at least 1")
     config = copy.deepcopy(teacher_config)
@@ -88,7 +91,7 @@ def student_config(teacher_config: PretrainedConfig, num_layers: int, init: str 
 
 def make_student(teacher: PreTrainedModel, layers: str = "uniform", num_layers: int = 2,
                  layer_ids: list[int] | None = None, init: str = "teacher",
-                 **config_overrides) -> PreTrainedModel:
+                 inputs: list[dict] | None = None, **config_overrides) -> PreTrainedModel:
     """A smaller student of the same architecture as ``teacher``.
 
     ``init="teacher"`` (default) keeps some of the teacher's transformer blocks (``layers``:
@@ -96,8 +99,18 @@ def make_student(teacher: PreTrainedModel, layers: str = "uniform", num_layers: 
     start from the teacher's weights, so the student begins close to the teacher instead of at
     random (DistilBERT, Sanh et al. 2019). ``init="random"`` builds ``num_layers`` fresh blocks,
     and may change the shape too (``hidden_size=256, num_attention_heads=4,
-    intermediate_size=1024``), as TinyBERT's students are. The teacher is left untouched.
+    intermediate_size=1024``), as TinyBERT's students are. ``init="pruned"`` keeps teacher
+    blocks as ``"teacher"`` does, then narrows them to ``hidden_size`` / ``intermediate_size``,
+    keeping the heads, neurons and channels most active on ``inputs`` (tokenized training
+    batches; :mod:`edgedistill.distill.pruning`). The teacher is left untouched.
     """
+    if init == "pruned":
+        shape = student_config(teacher.config, num_layers, init, **config_overrides)
+        kept = make_student(teacher, layers, num_layers, layer_ids)
+        student = prune_width(kept, inputs or [], shape.hidden_size, shape.intermediate_size,
+                              shape.num_attention_heads)
+        student.config.edgedistill_teacher_layers = kept.config.edgedistill_teacher_layers
+        return student
     if init != "teacher" or config_overrides:
         config = student_config(teacher.config, num_layers, init, **config_overrides)
         return type(teacher)(config)

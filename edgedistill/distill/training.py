@@ -368,10 +368,10 @@ def plan_student(teacher_path: Path, teacher_config, cfg: StudentConfig,
         # a student's own code is not run: the trust setting is the teacher's alone
         check_remote_code(path, False, "student.model (custom code is not supported)")
         return AutoConfig.from_pretrained(path), None
-    if cfg.init == "teacher" and not cfg.config:
+    if cfg.init == "pruned" or (cfg.init == "teacher" and not cfg.config):
         ids = select_layers(teacher_config.num_hidden_layers, cfg.layers, cfg.num_layers,
                             cfg.layer_ids)
-        return student_config(teacher_config, len(ids)), ids
+        return student_config(teacher_config, len(ids), cfg.init, **cfg.config), ids
     return student_config(teacher_config, cfg.num_layers, cfg.init, **cfg.config), None
 
 
@@ -385,12 +385,21 @@ def student_tokenizer(teacher_tokenizer, cfg: StudentConfig):
     return teacher_tokenizer if shares_tokenizer(teacher_tokenizer, own) else own
 
 
-def build_student(task, teacher, cfg: StudentConfig):
-    """The student a recipe asks for: another pretrained model, or one made from the teacher."""
+def build_student(task, teacher, cfg: StudentConfig, tokenizer=None, data: TaskData | None = None,
+                  max_length: int = 128, seed: int = 0):
+    """The student a recipe asks for: another pretrained model, or one made from the teacher
+    (a pruned one ranks what it keeps on ``cfg.prune_texts`` training texts of ``data``, read
+    by the teacher's ``tokenizer``)."""
     if cfg.model:
         return task.load_model(resolve_model(cfg.model), **task.student_head(teacher.config))
+    inputs = None
+    if cfg.init == "pruned":
+        texts = data.calibration_texts(cfg.prune_texts, seed)
+        inputs = [dict(tokenizer(texts[i:i + 32], truncation=True, max_length=max_length,
+                                 padding=True, return_tensors="pt"))
+                  for i in range(0, len(texts), 32)]
     return make_student(teacher, cfg.layers, cfg.num_layers, cfg.layer_ids, cfg.init,
-                        **cfg.config)
+                        inputs=inputs, **cfg.config)
 
 
 def _quantization_aware(student, tokenizer, args, cfg: DistillConfig, scheme, out: Path,
@@ -451,7 +460,8 @@ def distill_student(task, teacher_dir: Path, student_cfg: StudentConfig, cfg: Di
                                                       trust_remote_code=trust_remote_code)
     tokenizer = student_tokenizer(teacher_tokenizer, student_cfg)
     teacher = task.load_model(teacher_dir, trust_remote_code).eval()
-    student = build_student(task, teacher, student_cfg)
+    student = build_student(task, teacher, student_cfg, teacher_tokenizer, data,
+                            data_cfg.max_length, seed)
     args = _arguments(task, cfg, data, out, seed, parallel, "distill.",
                       temperature=cfg.temperature,
                       alpha_ce=cfg.alpha_ce, alpha_distill=cfg.alpha_distill,

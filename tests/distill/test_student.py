@@ -62,7 +62,7 @@ def test_random_student_may_be_narrower():
     assert (student.config.num_hidden_layers, student.config.hidden_size) == (2, 16)
     assert teacher.config.hidden_size == 32  # the teacher's config is not touched
     assert student(input_ids=torch.tensor([[2, 5, 3]])).logits.shape == (1, 3)
-    with pytest.raises(EdgeDistillError, match="set student.init: random"):
+    with pytest.raises(EdgeDistillError, match="set student.init: pruned or random"):
         make_student(teacher, num_layers=2, hidden_size=16)
     with pytest.raises(EdgeDistillError, match="not a multiple of num_attention_heads"):
         make_student(teacher, num_layers=2, init="random", hidden_size=18)

@@ -1,0 +1,168 @@
+"""Width-pruned students: narrow a model's attention heads, MLP neurons and embedding channels
+to a smaller shape, keeping those most active on real text, as Minitron does (Muralidharan et
+al. 2024, "Compact Language Models via Pruning and Knowledge Distillation", arXiv 2407.14679).
+
+Importance is measured, not read off the weights: a few hundred training texts run through the
+model, and a head scores the L2 norm of its output, an MLP neuron and an embedding channel the
+magnitude of their activation (the channel's over every LayerNorm output, where the residual
+stream is normalised), summed over the real tokens. The lowest-scoring ones go.
+
+The slicing is done by libraries: transformers' ``prune_heads`` removes heads (and keeps each
+attention module's sizes consistent), torch-pruning's dependency graph finds every layer that
+reads or writes a pruned neuron or channel (embeddings, every LayerNorm, every projection, the
+pooler). The narrowed weights are then loaded into a model built from the smaller config, so the
+student is a plain model of its architecture that ``from_pretrained``, the ONNX exporter and the
+graph fusions read like any other.
+
+BERT-style encoders only (``PRUNABLE``): the hooks name their modules.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from transformers import PretrainedConfig, PreTrainedModel
+
+from ..errors import EdgeDistillError
+
+PRUNABLE = ("bert",)  # model types whose module layout the hooks below know
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads")
+
+
+def pruned_shape(config: PretrainedConfig, overrides: dict, where: str = "student.config") -> dict:
+    """The shape a pruned student of ``config`` gets from ``overrides`` (hidden_size,
+    intermediate_size; num_attention_heads follows from hidden_size, since whole heads of the
+    teacher's width are kept). Refuses what pruning cannot make."""
+    if config.model_type not in PRUNABLE:
+        raise EdgeDistillError(f"student.init: pruned supports {', '.join(PRUNABLE)} models; the "
+                               f"teacher is {config.model_type}: use student.init: teacher or "
+                               "random")
+    unknown = [k for k in overrides if k not in SHAPE_KEYS]
+    if unknown:
+        raise EdgeDistillError(f"{where}.{unknown[0]}: pruning sets only {', '.join(SHAPE_KEYS)}")
+    head_dim = config.hidden_size // config.num_attention_heads
+    hidden = overrides.get("hidden_size", config.hidden_size)
+    shape = {"hidden_size": hidden,
+             "intermediate_size": overrides.get("intermediate_size", config.intermediate_size),
+             "num_attention_heads": hidden // head_dim}
+    for key, value in shape.items():
+        teacher = getattr(config, key)
+        if not isinstance(value, int) or not 1 <= value <= teacher:
+            raise EdgeDistillError(f"{where}.{key}: {value} must be a whole number from 1 to the "
+                                   f"teacher's {teacher}")
+    if hidden % head_dim:
+        raise EdgeDistillError(f"{where}.hidden_size: {hidden} is not a whole number of the "
+                               f"teacher's {head_dim}-wide heads; use a multiple of {head_dim}")
+    asked = overrides.get("num_attention_heads")
+    if asked is not None and asked != shape["num_attention_heads"]:
+        raise EdgeDistillError(f"{where}.num_attention_heads: {asked} heads of the teacher's "
+                               f"{head_dim} dims make {asked * head_dim}, not hidden_size "
+                               f"{hidden}; leave it out (it follows from hidden_size)")
+    return shape
+
+
+@dataclass
+class Importance:
+    """Activation scores: per layer per head, per layer per MLP neuron, per embedding channel,
+    per pooler output."""
+
+    heads: list[torch.Tensor]
+    neurons: list[torch.Tensor]
+    channels: torch.Tensor
+    pooler: torch.Tensor | None
+
+
+@torch.no_grad()
+def activation_importance(model: PreTrainedModel, batches: list[dict]) -> Importance:
+    """Score heads, neurons and channels of a BERT-style ``model`` on tokenized ``batches``
+    (input_ids and attention_mask)."""
+    base = model.base_model
+    layers = base.encoder.layer
+    scores = Importance(
+        heads=[torch.zeros(layer.attention.self.num_attention_heads) for layer in layers],
+        neurons=[torch.zeros(layer.intermediate.dense.out_features) for layer in layers],
+        channels=torch.zeros(model.config.hidden_size),
+        pooler=torch.zeros(base.pooler.dense.out_features) if base.pooler is not None else None)
+    mask: list[torch.Tensor] = []  # the running batch's real tokens, [batch, tokens, 1]
+
+    def heads_of(i):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            per_head = out.unflatten(-1, (module.num_attention_heads, -1)).norm(dim=-1)
+            scores.heads[i] += (per_head * mask[0]).sum(dim=(0, 1))
+        return hook
+
+    def add_to(target: torch.Tensor):
+        def hook(module, args, output):
+            target.add_((output.abs() * mask[0]).sum(dim=(0, 1)))
+        return hook
+
+    hooks = [base.embeddings.LayerNorm.register_forward_hook(add_to(scores.channels))]
+    for i, layer in enumerate(layers):
+        hooks += [layer.attention.self.register_forward_hook(heads_of(i)),
+                  layer.intermediate.register_forward_hook(add_to(scores.neurons[i])),
+                  layer.attention.output.LayerNorm.register_forward_hook(add_to(scores.channels)),
+                  layer.output.LayerNorm.register_forward_hook(add_to(scores.channels))]
+    if scores.pooler is not None:  # one vector per text: its "mask" is the batch
+        hooks.append(base.pooler.register_forward_hook(
+            lambda module, args, output: scores.pooler.add_(output.abs().sum(dim=0))))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            mask[:] = [batch["attention_mask"].unsqueeze(-1).to(torch.float32)]
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return scores
+
+
+def _lowest(score: torch.Tensor, keep: int) -> list[int]:
+    """Indices of all but the ``keep`` highest scores (ties: the later index goes)."""
+    order = sorted(range(len(score)), key=lambda i: (-float(score[i]), i))
+    return sorted(order[keep:])
+
+
+def prune_width(model: PreTrainedModel, batches: list[dict], hidden_size: int,
+                intermediate_size: int, num_attention_heads: int) -> PreTrainedModel:
+    """A copy of ``model`` narrowed to the given shape (see :func:`pruned_shape`), keeping the
+    heads, neurons and channels most active on ``batches``; ``model`` is left untouched."""
+    shape = pruned_shape(model.config, {"hidden_size": hidden_size,
+                                        "intermediate_size": intermediate_size,
+                                        "num_attention_heads": num_attention_heads})
+    if not batches:
+        raise EdgeDistillError("student.init: pruned needs training texts to rank what it keeps; "
+                               "student.prune_texts must be at least 1")
+    score = activation_importance(model, batches)
+    narrow = copy.deepcopy(model).eval()
+    base = narrow.base_model
+    # transformers' own head pruning keeps num_attention_heads and all_head_size consistent
+    base.prune_heads({i: _lowest(h, shape["num_attention_heads"])
+                      for i, h in enumerate(score.heads)})
+    example = {k: batches[0][k][:2] for k in ("input_ids", "attention_mask")}
+    with torch.enable_grad():  # the graph is traced through autograd
+        graph = tp.DependencyGraph().build_dependency(narrow, example_inputs=example)
+    cuts = [(layer.intermediate.dense, tp.prune_linear_out_channels,
+             _lowest(score.neurons[i], intermediate_size))
+            for i, layer in enumerate(base.encoder.layer)]
+    cuts.append((base.embeddings.word_embeddings, tp.prune_embedding_out_channels,
+                 _lowest(score.channels, hidden_size)))
+    if score.pooler is not None:  # the pooler's output is no residual channel: its own ranking
+        cuts.append((base.pooler.dense, tp.prune_linear_out_channels,
+                     _lowest(score.pooler, hidden_size)))
+    for module, how, idxs in cuts:
+        if idxs:
+            graph.get_pruning_group(module, how, idxs=idxs).prune()
+    config = copy.deepcopy(model.config)
+    for key, value in shape.items():
+        setattr(config, key, value)
+    config.pruned_heads = {}
+    config.edgedistill_pruned_from = {k: getattr(model.config, k) for k in SHAPE_KEYS}
+    student = type(model)(config)
+    student.load_state_dict(narrow.state_dict())  # strict: every narrowed tensor has its place
+    return student.train(model.training)
