@@ -62,25 +62,32 @@ def teacher_for(seed: int, work: Path) -> Path:
     return folder / "model"
 
 
-def one_run(seed: int, method: str, work: Path, teacher: Path) -> dict:
-    out = work / f"seed-{seed}" / method.replace(" ", "").replace("+", "_")
+def distil_and_test(seed: int, overrides: list[str], out: Path, teacher: Path) -> dict:
+    """Distil the default recipe's student, changed by ``overrides``, from ``teacher`` into
+    ``out`` and score the PyTorch student on the test split (a finished run is read back)."""
     done = out / "result.json"
     if done.is_file():  # finished in an earlier sitting
         return json.loads(done.read_text())
     shutil.rmtree(out, ignore_errors=True)
-    recipe = load_recipe(None, [f"seed={seed}", *METHODS[method]])
+    recipe = load_recipe(None, [f"seed={seed}", *overrides])
     data = load_task_data(recipe.data, seed)
     start = time.perf_counter()
     record = distill_student(get_task(recipe.task), teacher, recipe.student, recipe.distill, data,
                             recipe.data, out, seed)
     seconds = time.perf_counter() - start
     metrics = evaluate(out / "model", data.test, data.labels, 32, recipe.data.max_length)
-    row = {"seed": seed, "method": method, "accuracy": metrics["accuracy"],
-           "macro_f1": metrics["macro_f1"],
+    row = {"seed": seed, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+           "parameters": record["parameters"], "teacher_parameters": record["teacher_parameters"],
+           "validation_per_epoch": record["selection"]["per_epoch"],
            "steps": max(h.get("step", 0) for h in record["log_history"]),
            "train_seconds": record["train_seconds"], "stage_seconds": round(seconds, 1)}
     done.write_text(json.dumps(row))
     return row
+
+
+def one_run(seed: int, method: str, work: Path, teacher: Path) -> dict:
+    out = work / f"seed-{seed}" / method.replace(" ", "").replace("+", "_")
+    return {"method": method, **distil_and_test(seed, METHODS[method], out, teacher)}
 
 
 def step_times(seed: int, teacher_dir: Path, methods: list[str], steps: int = 12,
@@ -138,10 +145,22 @@ def step_times(seed: int, teacher_dir: Path, methods: list[str], steps: int = 12
     return {m: statistics.median(t) for m, t in timings.items()}
 
 
-def summarise(rows: list[dict], step_seconds: dict[str, float] | None) -> list[dict]:
+def seed_summary(rows: list[dict], reference: dict[int, float]) -> dict:
+    """Mean and spread over ``rows`` (one per seed) of test accuracy and macro-F1, and each
+    seed's macro-F1 minus ``reference``'s (seed -> macro-F1)."""
     def spread(values):
         return statistics.stdev(values) if len(values) > 1 else 0.0
 
+    return {"seeds": [r["seed"] for r in rows],
+            "accuracy": statistics.mean(r["accuracy"] for r in rows),
+            "accuracy_stdev": spread([r["accuracy"] for r in rows]),
+            "macro_f1": statistics.mean(r["macro_f1"] for r in rows),
+            "macro_f1_stdev": spread([r["macro_f1"] for r in rows]),
+            "f1_minus_reference_by_seed": [round(r["macro_f1"] - reference[r["seed"]], 4)
+                                           for r in rows if r["seed"] in reference]}
+
+
+def summarise(rows: list[dict], step_seconds: dict[str, float] | None) -> list[dict]:
     logits = {r["seed"]: r["macro_f1"] for r in rows if r["method"] == "logits"}
     base = (step_seconds or {}).get("labels only")
     table = []
@@ -150,13 +169,7 @@ def summarise(rows: list[dict], step_seconds: dict[str, float] | None) -> list[d
         if not mine:
             continue
         table.append({
-            "method": method, "seeds": [r["seed"] for r in mine],
-            "accuracy": statistics.mean(r["accuracy"] for r in mine),
-            "accuracy_stdev": spread([r["accuracy"] for r in mine]),
-            "macro_f1": statistics.mean(r["macro_f1"] for r in mine),
-            "macro_f1_stdev": spread([r["macro_f1"] for r in mine]),
-            "f1_minus_logits_by_seed": [round(r["macro_f1"] - logits[r["seed"]], 4)
-                                        for r in mine if r["seed"] in logits],
+            "method": method, **seed_summary(mine, logits),
             "step_seconds": (step_seconds or {}).get(method),
             "step_time_vs_labels_only": (step_seconds[method] / base
                                          if base and method in step_seconds else None),
@@ -179,7 +192,7 @@ def to_markdown(result: dict) -> str:
         lines.append(
             f"| {row['method']} | {row['accuracy']:.3f} ± {row['accuracy_stdev']:.3f} | "
             f"{row['macro_f1']:.3f} ± {row['macro_f1_stdev']:.3f} | "
-            f"{', '.join(f'{d:+.3f}' for d in row['f1_minus_logits_by_seed'])} | "
+            f"{', '.join(f'{d:+.3f}' for d in row['f1_minus_reference_by_seed'])} | "
             f"{'' if ratio is None else f'{ratio:.2f}x'} |")
     lines += ["", "Time per step: median of one training step (forward, backward, AdamW) on the "
               "same 16-review batches, the methods taking turns over 3 rounds in one process "
