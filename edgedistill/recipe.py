@@ -119,7 +119,8 @@ class StudentConfig:
         "them to config's hidden_size / intermediate_size, keeping the heads, neurons and "
         "channels most active on training texts (Minitron; BERT-style teachers); random: fresh "
         "blocks of any shape.")
-    layers: str = _f("uniform", "Teacher layers kept (init: teacher): uniform, first, last.")
+    layers: str = _f("uniform", "Teacher layers kept (init: teacher or pruned): uniform, first, "
+                     "last.")
     layer_ids: Optional[list[int]] = _f(None, "Explicit teacher layer indices (overrides layers).")
     num_layers: int = _f(2, "Transformer blocks of the student.", gt=0)
     config: dict[str, Any] = _f({}, "Shape changes for init: random, e.g. {hidden_size: 256, "

@@ -137,7 +137,7 @@ def prune_width(model: PreTrainedModel, batches: list[dict], hidden_size: int,
                                         "num_attention_heads": num_attention_heads})
     if not batches:
         raise EdgeDistillError("student.init: pruned needs training texts to rank what it keeps; "
-                               "student.prune_texts must be at least 1")
+                               "pass make_student(..., inputs=[tokenized batches])")
     score = activation_importance(model, batches)
     narrow = copy.deepcopy(model).eval()
     base = narrow.base_model

@@ -393,7 +393,7 @@ def build_student(task, teacher, cfg: StudentConfig, tokenizer=None, data: TaskD
     if cfg.model:
         return task.load_model(resolve_model(cfg.model), **task.student_head(teacher.config))
     inputs = None
-    if cfg.init == "pruned":
+    if cfg.init == "pruned" and data is not None:
         texts = data.calibration_texts(cfg.prune_texts, seed)
         inputs = [dict(tokenizer(texts[i:i + 32], truncation=True, max_length=max_length,
                                  padding=True, return_tensors="pt"))

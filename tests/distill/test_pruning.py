@@ -102,3 +102,8 @@ def test_a_recipe_distils_a_pruned_student(tmp_path, tiny_teacher_dir, capsys):
     assert "student.config.hidden_size: 12 is not a whole number of the teacher's 8-wide " \
            "heads" in capsys.readouterr().err
     assert not (tmp_path / "o2" / "teacher").exists()  # refused before any training
+
+
+def test_pruning_without_texts_says_what_to_pass():
+    with pytest.raises(EdgeDistillError, match=r"pass make_student\(\.\.\., inputs="):
+        make_student(make_bert(), num_layers=2, init="pruned", hidden_size=16)
