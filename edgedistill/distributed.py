@@ -75,7 +75,7 @@ def current() -> World:
 
 def is_main() -> bool:
     """Whether this process writes the run's shared files (the only process, or rank 0)."""
-    return _env_int("RANK", 0) == 0
+    return current().main
 
 
 def pick_backend(setting: str) -> str:
@@ -93,14 +93,13 @@ def join(cfg: DistributedConfig) -> World:
     """Join the launcher's process group (once per process) and return the world; a process
     started on its own is a world of one and joins nothing."""
     world = current()
-    if world.size == 1:
-        return world
-    backend = dist.get_backend() if dist.is_initialized() else pick_backend(cfg.backend)
-    if not dist.is_initialized():
+    if world.size > 1 and world.backend is None:  # launched, and not joined yet
+        backend = pick_backend(cfg.backend)
         _init_group(backend, cfg, world)
-    if backend == "nccl":
-        torch.cuda.set_device(world.local_rank)
-    return World(world.size, world.rank, world.local_rank, backend)
+        if backend == "nccl":
+            torch.cuda.set_device(world.local_rank)
+        world = current()
+    return world
 
 
 def _init_group(backend: str, cfg: DistributedConfig, world: World) -> None:
@@ -109,16 +108,16 @@ def _init_group(backend: str, cfg: DistributedConfig, world: World) -> None:
     barrier while the main one quantizes and benchmarks). torch's ``init_process_group`` has
     one timeout for both, so the store is made first with the short one."""
     host, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    where = f"{host}:{port}"
     try:
         # a process that joins someone else's store looks for it first: torch's own attempt
         # would print pages of C++ traces before failing
         if (world.rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True") \
                 and not _listening(host, port, cfg.rendezvous_timeout):
-            raise TimeoutError(f"nothing listens at {host}:{port}")
+            raise TimeoutError(f"nothing listens at {where}")
         store, rank, size = next(dist.rendezvous(
             "env://", world.rank, world.size, timeout=timedelta(seconds=cfg.rendezvous_timeout)))
     except (RuntimeError, ValueError, TimeoutError) as e:
-        where = f"{host}:{port}"
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise EdgeDistillError(
             f"rank {world.rank}: could not join the other {world.size - 1} process(es) at "

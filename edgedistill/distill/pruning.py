@@ -128,13 +128,12 @@ def _lowest(score: torch.Tensor, keep: int) -> list[int]:
     return sorted(order[keep:])
 
 
-def prune_width(model: PreTrainedModel, batches: list[dict], hidden_size: int,
-                intermediate_size: int, num_attention_heads: int) -> PreTrainedModel:
-    """A copy of ``model`` narrowed to the given shape (see :func:`pruned_shape`), keeping the
-    heads, neurons and channels most active on ``batches``; ``model`` is left untouched."""
-    shape = pruned_shape(model.config, {"hidden_size": hidden_size,
-                                        "intermediate_size": intermediate_size,
-                                        "num_attention_heads": num_attention_heads})
+def prune_width(model: PreTrainedModel, batches: list[dict], **overrides) -> PreTrainedModel:
+    """A copy of ``model`` narrowed to the shape ``overrides`` asks for (see
+    :func:`pruned_shape`), keeping the heads, neurons and channels most active on ``batches``;
+    ``model`` is left untouched."""
+    shape = pruned_shape(model.config, overrides)
+    hidden_size, intermediate_size = shape["hidden_size"], shape["intermediate_size"]
     if not batches:
         raise EdgeDistillError("student.init: pruned needs training texts to rank what it keeps; "
                                "pass make_student(..., inputs=[tokenized batches])")

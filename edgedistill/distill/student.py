@@ -104,11 +104,9 @@ def make_student(teacher: PreTrainedModel, layers: str = "uniform", num_layers: 
     keeping the heads, neurons and channels most active on ``inputs`` (tokenized training
     batches; :mod:`edgedistill.distill.pruning`). The teacher is left untouched.
     """
-    if init == "pruned":
-        shape = student_config(teacher.config, num_layers, init, **config_overrides)
+    if init == "pruned":  # the shape is checked (once) where it is cut
         kept = make_student(teacher, layers, num_layers, layer_ids)
-        student = prune_width(kept, inputs or [], shape.hidden_size, shape.intermediate_size,
-                              shape.num_attention_heads)
+        student = prune_width(kept, inputs or [], **config_overrides)
         student.config.edgedistill_teacher_layers = kept.config.edgedistill_teacher_layers
         return student
     if init != "teacher" or config_overrides:
