@@ -161,10 +161,10 @@ def lm_sets(tokenizer, args, data: TaskData, data_cfg: DataConfig, teacher=None,
     return train, validation, default_data_collator, None, teacher, extra
 
 
-def _fit(model, tokenizer, args, out: Path, prepared: tuple) -> dict:
+def _fit(model, tokenizer, args, out: Path, prepared: tuple, callbacks=()) -> dict:
     """Train ``model`` on ``prepared`` (a task's ``training_sets``) with best-epoch selection
-    and resume from the last complete checkpoint."""
-    trainer = _trainer(model, tokenizer, args, prepared)
+    and resume from the last complete checkpoint; ``callbacks``: more TrainerCallbacks."""
+    trainer = _trainer(model, tokenizer, args, prepared, callbacks)
     last = last_good_checkpoint(out / "checkpoints")
     if last:
         log.warning("resuming training from %s", Path(last).name)
@@ -193,12 +193,12 @@ def _selection(history: list[dict], args) -> dict:
             "per_epoch": values, "last_epoch_improved": improved}
 
 
-def _trainer(model, tokenizer, args, prepared: tuple) -> DistillationTrainer:
+def _trainer(model, tokenizer, args, prepared: tuple, callbacks=()) -> DistillationTrainer:
     train, validation, collator, metrics, teacher, _ = prepared
     trainer = DistillationTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=validation,
         processing_class=tokenizer, data_collator=collator,
-        compute_metrics=metrics, teacher_model=teacher)
+        compute_metrics=metrics, teacher_model=teacher, callbacks=list(callbacks))
     # one bar and a compact line per epoch instead of transformers' bars and raw dicts
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(TrainingProgress)
@@ -447,14 +447,15 @@ def distill_student(task, teacher_dir: Path, student_cfg: StudentConfig, cfg: Di
                    trust_remote_code: bool = False, cache_dir: Path | None = None,
                    transfer: TransferConfig | None = None,
                    transfer_cache: Path | None = None, qat_scheme=None,
-                   parallel: DistributedConfig | None = None) -> dict:
+                   parallel: DistributedConfig | None = None, callbacks=()) -> dict:
     """Build the student and train it with DistillationTrainer. A causal LM with
     ``cfg.cache_teacher`` trains from the teacher's top-k kept in ``cache_dir``. ``transfer``
     adds teacher-labelled inputs (edgedistill.distill.transfer; a language model's teacher
     generations are kept in ``transfer_cache``). With ``qat_scheme`` (an
     edgedistill.distill.qat.Int8Scheme) a last phase of ``cfg.qat_epochs`` trains through the
     int8 rounding; a stage killed during it resumes with that phase. ``parallel``: as for
-    :func:`finetune_teacher`."""
+    :func:`finetune_teacher`. ``callbacks``: TrainerCallbacks of the float phase (a search's
+    trial reports its epochs with one)."""
     set_seed(seed)
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir,
                                                       trust_remote_code=trust_remote_code)
@@ -481,7 +482,7 @@ def distill_student(task, teacher_dir: Path, student_cfg: StudentConfig, cfg: Di
         record = json.loads(finished.read_text())
         student = task.load_model(out / "model")
     else:
-        record = _fit(student, tokenizer, args, out, prepared)
+        record = _fit(student, tokenizer, args, out, prepared, callbacks)
     if qat_scheme is not None:
         if distributed.is_main():
             write_atomic(finished, json.dumps(record, default=str))
