@@ -14,15 +14,17 @@ DISK_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
                errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
 
 
-def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+def _add_recipe_args(p: argparse.ArgumentParser, nproc: bool = True) -> None:
     p.add_argument("recipe", nargs="?", help="recipe YAML or the name of a packaged recipe "
                    "(drug-reviews-minilm, smollm2-distill; default: drug-reviews-minilm)")
     p.add_argument("--output", "-o", help="output folder (default: the recipe's output_dir)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe setting, e.g. --set distill.temperature=4 (repeatable)")
-    p.add_argument("--nproc", type=int, metavar="N", help="train on N processes of this "
-                   "machine (one per GPU, or CPU processes sharing the cores) through torchrun's "
-                   "launcher; the stages after training run on one (see docs/scale-out.md)")
+    if nproc:
+        p.add_argument("--nproc", type=int, metavar="N", help="train on N processes of this "
+                       "machine (one per GPU, or CPU processes sharing the cores) through "
+                       "torchrun's launcher; the stages after training run on one (see "
+                       "docs/scale-out.md)")
 
 
 def _add_output_modes(p: argparse.ArgumentParser, default) -> None:
@@ -52,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--cache-teacher", action="store_true", help="causal LMs: run the teacher "
                    "once and train from its stored top-k (same as distill.cache_teacher: true)")
+
+    p = sub.add_parser("search", help="find the best student whose int8 model meets a latency "
+                       "budget on a profile, then run every stage on it")
+    _add_recipe_args(p, nproc=False)  # trials train in one process
+    p.add_argument("--budget-ms", type=float, required=True, help="most p50 latency of the int8 "
+                   "student on the profile, ms (search.budget_ms)")
+    p.add_argument("--budget-mb", type=float, help="most peak memory while it runs, MB "
+                   "(search.budget_mb)")
+    p.add_argument("--profile", help="hardware profile (bench.profile; default: the recipe's)")
+    p.add_argument("--trials", type=int, help="short distillations tried (search.trials)")
+    p.add_argument("--json", action="store_true", help="as for run")
 
     p = sub.add_parser("export", help="export a saved PyTorch model to ONNX and validate it")
     p.add_argument("model_dir")
@@ -136,12 +149,16 @@ def _dispatch(args, argv: list[str]) -> int:
         from .distributed import launch
 
         return launch(args.nproc, _without_nproc(argv))
-    if args.command in ("run", "distill"):
+    if args.command in ("run", "distill", "search"):
         from .pipeline import run
         from .report import print_summary, summary
 
         if getattr(args, "cache_teacher", False):
             args.overrides.append("distill.cache_teacher=true")
+        if args.command == "search":  # the flags are recipe settings
+            flags = {"search.budget_ms": args.budget_ms, "search.budget_mb": args.budget_mb,
+                     "bench.profile": args.profile, "search.trials": args.trials}
+            args.overrides += [f"{k}={v}" for k, v in flags.items() if v is not None]
         report = run(args.recipe, args.output, args.overrides,
                      until="distill" if args.command == "distill" else None)
         if report is not None:  # on stderr, even with --quiet: it is what a run is for

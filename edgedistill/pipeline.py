@@ -26,7 +26,7 @@ from typing import Callable
 
 from transformers import AutoConfig, AutoTokenizer
 
-from . import __version__, distributed, progress
+from . import __version__, distributed, progress, search
 from .artifacts import publish_folder, write_atomic
 from .data import TaskData
 from .distill.matching import resolve_matches
@@ -44,7 +44,7 @@ from .sources import check_remote_code, resolve_model
 from .tasks import get_task
 
 log = logging.getLogger(__name__)
-STAGES = ("teacher", "distill", "export", "quantize", "evaluate", "bench")
+STAGES = ("teacher", "search", "distill", "export", "quantize", "evaluate", "bench")
 TRAINING_STAGES = ("teacher", "distill")  # run on every process of a launched run
 MANIFEST = "manifest.json"
 
@@ -84,6 +84,8 @@ class Run:
             progress.mute()
         self.task = get_task(recipe.task)
         self.target = resolve_target(recipe.bench.profile)
+        # the stages this run has: a search only where the recipe sets its budget
+        self.stages = tuple(s for s in STAGES if s != "search" or recipe.search.active)
         # before the resolved recipe is written: it shows what ran
         recipe.bench.fill_shape(self.target.batch_size, self.target.sequence_length)
         self.qat_scheme = None  # set by preflight when distill.qat_epochs asks for it
@@ -111,11 +113,11 @@ class Run:
         fp = fingerprint({"stage": name, "edgedistill": __version__, **inputs})
         self.fingerprints[name] = fp
         final, partial = self.out / name, self.out / f"{name}.partial"
-        index = STAGES.index(name) + 1
+        index = self.stages.index(name) + 1
         # every process decides alike: the previous stage was published before any went on
         done = read_manifest(final)
         if done and done.get("fingerprint") == fp:
-            progress.note(f"[dim][{index}/{len(STAGES)}] {name}: unchanged, skipped[/dim]")
+            progress.note(f"[dim][{index}/{len(self.stages)}] {name}: unchanged, skipped[/dim]")
             self.records[name] = done["record"]
             return final
 
@@ -138,7 +140,7 @@ class Run:
         start = time.perf_counter()
         everywhere = name in TRAINING_STAGES
         # a process that only waits has no log of its own to write
-        shown = progress.stage(f"[{index}/{len(STAGES)}] {name}", self.log_file(name)) \
+        shown = progress.stage(f"[{index}/{len(self.stages)}] {name}", self.log_file(name)) \
             if everywhere or self.world.main else contextlib.nullcontext()
         with shown:
             if everywhere:  # the report says on how many processes each trained
@@ -172,6 +174,14 @@ class Run:
         self._warn_about_training()
         if self.until == "teacher":
             return None
+        if r.search.active:  # the student and its distillation settings are chosen here
+            self.stage("search", {
+                "teacher": self.fingerprints["teacher"], "data": train_cfg, "seed": r.seed,
+                **{k: asdict(getattr(r, k)) for k in ("search", "student", "distill", "export",
+                                                      "quantize", "bench")},
+            }, lambda d: search.search(self, teacher / "model", d,
+                                       self.out / "search-cache" / "costs.json"))
+            r.student, r.distill = search.chosen_blocks(self.records["search"])
         distilled = self.stage("distill", {
             "teacher": self.fingerprints["teacher"], "data": train_cfg, "seed": r.seed,
             "student": asdict(r.student), "distill": asdict(r.distill),
@@ -268,6 +278,8 @@ class Run:
                                       r.teacher.trust_remote_code)
         resolve_matches([asdict(m) for m in r.distill.matches], s_config, t_config, kept,
                         "distill.matches")
+        if r.search.active:
+            search.check(r, model_path, t_config)
         for who, config in (("teacher", t_config), ("student", s_config)):
             positions = getattr(config, "max_position_embeddings", None)
             for key, length in (("data.max_length", r.data.max_length),

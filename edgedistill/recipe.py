@@ -259,6 +259,52 @@ class DistributedConfig:
 
 
 @dataclass
+class SearchConfig:
+    """``edgedistill search``: before distilling, find the student with the best validation
+    score whose int8 model meets a latency (and memory) budget on bench.profile. Off while
+    budget_ms is unset."""
+
+    budget_ms: Optional[float] = _f(None, "Most p50 latency (ms) of the int8 student on "
+                                    "bench.profile, at the bench shape (causal LMs: per "
+                                    "generated token); None: no search.", gt=0)
+    budget_mb: Optional[float] = _f(None, "Most peak memory (RSS, MB) of the int8 student "
+                                    "while it runs; None: no memory budget.", gt=0)
+    trials: int = _f(12, "Short distillations tried (finished or stopped early), then the "
+                     "best one is distilled in full.", gt=0)
+    trial_epochs: float = _f(3.0, "Epochs of a trial's distillation; weak trials stop after "
+                             "fewer (successive halving).", gt=0)
+    layers: list[int] = _f([1, 2, 3, 4], "Student depths tried (teacher blocks kept, "
+                           "student.layers picks which).")
+    widths: list[float] = _f([1.0, 0.75, 0.5], "Student widths tried, as fractions of the "
+                             "teacher's hidden and intermediate sizes; below 1 the student is "
+                             "pruned from the teacher (student.init: pruned; BERT-style "
+                             "teachers).")
+    temperatures: list[float] = _f([1.0, 2.0, 4.0], "distill.temperature values tried.")
+    alpha_distill: list[float] = _f([0.5, 0.7, 0.9], "distill.alpha_distill values tried "
+                                    "(alpha_ce is 1 minus it).")
+    match_losses: list[str] = _f(["none", "hidden_mse", "minilm_relation"],
+                                 "Feature or relation losses tried beside the logit loss, one "
+                                 "at a time at weight 1 (none: logits alone).")
+
+    @property
+    def active(self) -> bool:
+        return self.budget_ms is not None
+
+    def check(self, where: str = "search.") -> None:
+        rules = {"layers": (lambda v: v >= 1, ">= 1"), "widths": (lambda v: 0 < v <= 1, "in (0, 1]"),
+                 "temperatures": (lambda v: v > 0, "> 0"),
+                 "alpha_distill": (lambda v: 0 <= v <= 1, "in [0, 1]"), "match_losses": None}
+        for key, rule in rules.items():
+            values = getattr(self, key)
+            if not values:
+                raise EdgeDistillError(f"{where}{key}: give at least one value to try")
+            wrong = [v for v in values if rule and not rule[0](v)]
+            if wrong:
+                raise EdgeDistillError(f"{where}{key}: {wrong[0]} is out of range; each value "
+                                       f"must be {rule[1]}")
+
+
+@dataclass
 class ExportConfig:
     opset: Optional[int] = _f(None, "ONNX opset; empty: the one optimum's exporter "
                               "recommends for the architecture (18 for all it exports today).",
@@ -410,6 +456,7 @@ class Recipe:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)

@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from . import report_search
 from .artifacts import write_atomic
 from .host import environment
 
@@ -79,6 +80,7 @@ def build_report(recipe, models: list[dict], records: dict, view) -> dict:
         "warnings": training_warnings(training),
         "export_validation": records.get("export", {}),
         "quantization": records.get("quantize", {}),
+        "search": records.get("search"),  # None: the run chose no student by search
         "test_rows": records.get("evaluate", {}).get("test_rows"),
         "test_tokens": records.get("evaluate", {}).get("test_tokens"),
         "dropped_rows": records.get("evaluate", {}).get("dropped_rows") or {},
@@ -262,14 +264,25 @@ def _processes_text(env: dict) -> str:
     return f"; distilled on {world['world_size']} processes ({world['backend']}: {devices})"
 
 
+def _md_table(headers, rows) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _html_table(headers, rows) -> str:
+    e = html.escape
+    return ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in headers) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+            + "</table>")
+
+
 def to_markdown(report: dict) -> str:
     env = report["environment"]
     headers = _headers(report)
     lines = [f"# edgedistill report: {report['name']}", "",
              f"{report['created']} on {env['cpu']} ({env['cpu_count']} cores, {env['int8_isa']})"
              + _processes_text(env), "", _setting_line(report), "",
-             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(r) + " |" for r in _table_rows(report)]
+             *_md_table(headers, _table_rows(report))]
     if report.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
@@ -279,9 +292,11 @@ def to_markdown(report: dict) -> str:
         lines += ["", "## Profile", ""] + [f"- {line}" for line in _budget_lines(report)]
     if _tuning(report):
         verdict, rows = _tuning(report)
-        lines += ["", "## Quantization tuning", "", verdict, "",
-                  "| " + " | ".join(TUNING_HEADERS) + " |", "|" + "---|" * len(TUNING_HEADERS)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines += ["", "## Quantization tuning", "", verdict, "", *_md_table(TUNING_HEADERS, rows)]
+    if report.get("search"):
+        found = report["search"]
+        lines += ["", "## Student search", "", report_search.verdict(found), "",
+                  *_md_table(report_search.HEADERS, report_search.rows(found))]
     lines += ["", "## Training", ""] + [f"- {line}" for line in _training_lines(report)]
     if _generation_lines(report):
         lines += ["", "## Generations", ""] + [f"{'  ' * depth}- {text}"
@@ -454,6 +469,8 @@ def _plots(report: dict) -> dict[str, bytes]:
         axes[0].set_title("Model size")
         axes[1].set_title("Peak memory while running")
         pngs["size.png"] = _png(fig)
+    if report.get("search"):
+        pngs["search.png"] = _png(report_search.plot(report["search"], plt))
     return pngs
 
 
@@ -469,9 +486,6 @@ def _png(fig) -> bytes:
 
 def to_html(report: dict, pngs: dict[str, bytes]) -> str:
     e = html.escape  # every string from a recipe, a model or the host is escaped
-    head = "".join(f"<th>{e(h)}</th>" for h in _headers(report))
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
-                   for r in _table_rows(report))
     targets = "".join(
         f"<tr class='{'ok' if t['met'] else 'miss'}'><td>{e(t['target'])}</td>"
         f"<td>{e(str(t['measured']))}</td><td>{e(t['goal'])}</td>"
@@ -491,10 +505,13 @@ def to_html(report: dict, pngs: dict[str, bytes]) -> str:
     tuning = ""
     if _tuning(report):
         verdict, rows = _tuning(report)
-        tuning = (f"<h2>Quantization tuning</h2><p>{e(verdict)}</p><table><tr>"
-                  + "".join(f"<th>{e(h)}</th>" for h in TUNING_HEADERS) + "</tr>"
-                  + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
-                            for r in rows) + "</table>")
+        tuning = (f"<h2>Quantization tuning</h2><p>{e(verdict)}</p>"
+                  + _html_table(TUNING_HEADERS, rows))
+    search = ""
+    if report.get("search"):
+        found = report["search"]
+        search = (f"<h2>Student search</h2><p>{e(report_search.verdict(found))}</p>"
+                  + _html_table(report_search.HEADERS, report_search.rows(found)))
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>edgedistill report: {e(report['name'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}}
@@ -505,12 +522,13 @@ padding:1em}}</style></head><body>
 <h1>edgedistill report: {e(report['name'])}</h1>
 <p>{e(report['created'])} &middot; {e(host['cpu'] + _processes_text(host))}</p>
 <p>{e(_setting_line(report))}</p>
-<table><tr>{head}</tr>{body}</table>
+{_html_table(_headers(report), _table_rows(report))}
 {warnings}
 <h2>Targets</h2><table><tr><th>target</th><th>measured</th><th>goal</th><th></th></tr>
 {targets}</table>
 <h2>Profile</h2><ul>{profile}</ul>
 {tuning}
+{search}
 <h2>Training</h2><ul>{training}</ul>
 {generations}
 <div>{images}</div>

@@ -1,0 +1,338 @@
+"""The search stage (``edgedistill search``): the student with the best validation score whose
+int8 model meets a latency (and memory) budget on the run's hardware profile.
+
+1. **Candidate shapes**: every depth in ``search.layers`` (teacher blocks kept, as
+   ``student.layers`` picks them) at every width in ``search.widths`` (below 1, the blocks are
+   narrowed by pruning, :mod:`edgedistill.distill.pruning`).
+2. **Measured, not guessed**: each shape is built untrained, exported, quantized as the quantize
+   stage would, and timed on the profile by the task's own benchmark (each model in its own
+   process, taking turns). A model's speed depends on its shape, not on its weights, so no
+   training is spent on a shape before it is known to fit. The measures are kept in
+   ``<output>/search-cache`` by shape, settings and host: another budget re-times nothing.
+3. **Training where it pays**: Optuna chooses a shape within the budget, a temperature, a
+   weight of the soft targets and a feature or relation loss for each trial, a short
+   distillation that reports its validation score after every epoch; the successive-halving
+   pruner stops the weak ones early. The study lives in SQLite in the stage's folder, so a
+   killed search resumes from its finished trials (the trial it was in is run again).
+
+Why one objective (the validation score) and not two: the latency of a shape is measured
+before any training and the budget is a constraint, so there is nothing to learn about it; and
+Optuna's pruners work on single-objective studies only. The report still draws the front of
+the trials' score against their measured p50 (:func:`pareto`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from transformers import AutoConfig, AutoTokenizer, TrainerCallback
+
+from . import progress
+from .artifacts import write_atomic
+from .distill.matching import resolve_matches
+from .distill.pruning import PRUNABLE
+from .distill.training import distill_student, plan_student
+from .errors import EdgeDistillError
+from .export import export_onnx
+from .host import environment
+from .quantization import quantize
+from .recipe import DistillConfig, MatchConfig, Recipe, StudentConfig
+from .report import value_at
+from .tasks.base import model_row
+
+log = logging.getLogger(__name__)
+NO_MATCH = "none"  # search.match_losses: the logit loss alone
+STUDY = "student"
+
+
+@dataclass
+class Candidate:
+    """A student shape the search may choose: its name in the report and its student block."""
+
+    name: str
+    layers: int
+    width: float
+    student: StudentConfig
+
+
+def candidates(recipe: Recipe, teacher_config) -> list[Candidate]:
+    """Every shape of ``recipe.search`` (depth x width), checked against the teacher."""
+    s, student = recipe.search, recipe.student
+    if student.model:
+        raise EdgeDistillError("search.budget_ms: a search builds its students from the "
+                               "teacher; remove student.model (or search.budget_ms)")
+    depth = teacher_config.num_hidden_layers
+    too_deep = [n for n in s.layers if n > depth]
+    if too_deep:
+        raise EdgeDistillError(f"search.layers: {too_deep[0]} is more blocks than the teacher's "
+                               f"{depth}; use depths up to {depth}")
+    narrow = [w for w in s.widths if w < 1]
+    if narrow and teacher_config.model_type not in PRUNABLE:
+        raise EdgeDistillError(f"search.widths: {narrow[0]} needs a pruned student, which "
+                               f"supports {', '.join(PRUNABLE)} teachers, and the teacher is "
+                               f"{teacher_config.model_type}; set search.widths: [1.0]")
+    hidden, inner = teacher_config.hidden_size, getattr(teacher_config, "intermediate_size", 0)
+    head_dim = hidden // teacher_config.num_attention_heads
+    out, seen = [], set()
+    for n in sorted(set(s.layers)):
+        for w in sorted(set(s.widths), reverse=True):
+            if w == 1:
+                block = replace(student, init="teacher", num_layers=n, layer_ids=None, config={})
+            else:  # whole heads are kept, so the width is a multiple of the head size
+                config = {"hidden_size": max(head_dim, round(w * hidden / head_dim) * head_dim),
+                          "intermediate_size": max(1, round(w * inner))}
+                block = replace(student, init="pruned", num_layers=n, layer_ids=None,
+                                config=config)
+            key = (n, json.dumps(block.config, sort_keys=True))
+            if key not in seen:  # two widths that round to one shape are one candidate
+                seen.add(key)
+                out.append(Candidate(f"{n}L-w{w:g}", n, w, block))
+    return out
+
+
+def distill_settings(recipe: Recipe, params: dict, epochs: float | None = None) -> DistillConfig:
+    """The recipe's distill block with a trial's settings (``params``: temperature,
+    alpha_distill, match_loss); ``epochs``: a trial's shorter training."""
+    loss, alpha = params["match_loss"], params["alpha_distill"]
+    d = replace(recipe.distill, temperature=params["temperature"], alpha_distill=alpha,
+                alpha_ce=round(1 - alpha, 6),
+                matches=[] if loss == NO_MATCH else [MatchConfig(loss=loss)])
+    # a trial is a short float distillation: the int8-aware phase is the full run's
+    return replace(d, epochs=epochs, qat_epochs=0.0) if epochs else d
+
+
+def chosen_blocks(record: dict) -> tuple[StudentConfig, DistillConfig]:
+    """The student and distill blocks a finished search chose (from its stage record)."""
+    chosen = record["chosen"]
+    distill = dict(chosen["distill"])
+    distill["matches"] = [MatchConfig(**m) for m in distill["matches"]]
+    return StudentConfig(**chosen["student"]), DistillConfig(**distill)
+
+
+def check(recipe: Recipe, teacher_path: Path, teacher_config) -> None:
+    """Preflight: every candidate can be built, and every loss of search.match_losses can
+    match it to the teacher."""
+    for c in candidates(recipe, teacher_config):
+        config, kept = plan_student(teacher_path, teacher_config, c.student)
+        for loss in recipe.search.match_losses:
+            if loss != NO_MATCH:
+                resolve_matches([asdict(MatchConfig(loss=loss))], config, teacher_config, kept,
+                                f"search.match_losses ({loss}, student {c.name})")
+
+
+# ------------------------------------------------------------------------------ measuring
+
+def _cost_key(run, config) -> str:
+    """What the measured cost of a shape (its student ``config``) depends on: the config, the
+    export, int8 and timing settings, the profile, and the host."""
+    host = {k: v for k, v in environment().items() if k != "memory_gb"}
+    blob = {"config": config.to_diff_dict(), "quantize": asdict(run.recipe.quantize),
+            "bench": asdict(run.recipe.bench), "export": asdict(run.recipe.export),
+            "max_length": run.recipe.data.max_length, "host": host}
+    return json.dumps(blob, sort_keys=True, default=str)
+
+
+def measure(run, shapes: list[Candidate], teacher_dir: Path, teacher_config,
+            cache_file: Path) -> dict[str, dict]:
+    """p50, peak memory, size and parameters of each shape's int8 model on the run's profile,
+    from the cache or measured now (all new shapes in one benchmark, taking turns)."""
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    configs = {c.name: plan_student(teacher_dir, teacher_config, c.student)[0] for c in shapes}
+    keys = {name: _cost_key(run, config) for name, config in configs.items()}
+    todo = [c for c in shapes if keys[c.name] not in cache]
+    if todo:
+        r, view = run.recipe, run.task.report
+        tokenizer = AutoTokenizer.from_pretrained(teacher_dir,
+                                                  trust_remote_code=r.teacher.trust_remote_code)
+        texts = list(run.data.validation["text"])[:8]
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_file.parent) as tmp:
+            rows, parameters = [], {}
+            for c in progress.track(todo, "export and quantize untrained shapes"):
+                folder = Path(tmp) / c.name
+                # untrained weights: the cost of a shape does not depend on them
+                model = run.task.auto_model.from_config(configs[c.name])
+                parameters[c.name] = sum(p.numel() for p in model.parameters())
+                model.save_pretrained(folder / "model")
+                tokenizer.save_pretrained(folder / "model")
+                export_onnx(folder / "model", folder / "onnx", r.export.opset, r.export.atol,
+                            texts, r.data.max_length)
+                quantize(folder / "onnx", folder / "int8", r.quantize, run.target,
+                         calibration_texts=run.calibration, max_length=r.data.max_length)
+                rows.append(model_row(c.name, "student", "onnxruntime", "int8", folder / "int8"))
+            timed = run.task.bench(run, rows)["models"]
+        for c in todo:
+            result = timed[c.name]
+            cache[keys[c.name]] = {
+                "p50_ms": value_at(result, f"{view.timing}.p50_ms"),
+                "peak_rss_mb": result.get("peak_rss_mb"), "size_mb": result.get("size_mb"),
+                "parameters": parameters[c.name], "over_budget": result.get("over_budget")}
+        write_atomic(cache_file, json.dumps(cache, indent=1))
+    return {c.name: cache[keys[c.name]] for c in shapes}
+
+
+def within_budget(cost: dict, budget_ms: float, budget_mb: float | None) -> bool:
+    return (cost["p50_ms"] is not None and not cost.get("over_budget")
+            and cost["p50_ms"] <= budget_ms
+            and (budget_mb is None or (cost["peak_rss_mb"] or 0) <= budget_mb))
+
+
+# ------------------------------------------------------------------------------ training
+
+class ReportEpochs(TrainerCallback):
+    """Tells Optuna a trial's validation score after each epoch, and stops a trial its pruner
+    finds weak (the kept epoch's evaluation after training is not reported again)."""
+
+    def __init__(self, trial: optuna.Trial, metric: str):
+        self.trial, self.metric, self.done = trial, metric, False
+        self.epochs = 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(f"eval_{self.metric}")
+        if self.done or value is None:
+            return
+        self.epochs = round(state.epoch or 0)
+        self.trial.report(value, step=self.epochs)
+        # after the last epoch there is nothing left to save: the trial finishes
+        if self.epochs < args.num_train_epochs and self.trial.should_prune():
+            raise optuna.TrialPruned(f"{self.metric} {value:.4f} after epoch {self.epochs}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.done = True
+
+
+def _resume(study: optuna.Study) -> None:
+    """A trial still marked running was cut off by a killed search (one process drives the
+    study): mark it failed and queue its settings again."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
+        study.enqueue_trial(t.params)
+        log.warning("search: trial %d was interrupted; it runs again", t.number)
+
+
+def _earlier(study: optuna.Study, trial: optuna.Trial):
+    """A finished trial of ``study`` with the settings of ``trial``, or None."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if t.params == trial.params and "repeat_of" not in t.user_attrs:
+            return t
+    return None
+
+
+def pareto(trials: list[dict], greater_is_better: bool) -> list[int]:
+    """Numbers of the finished trials no other beats on both score and p50."""
+    sign = 1 if greater_is_better else -1
+    done = [t for t in trials if t["state"] == "COMPLETE" and "repeat_of" not in t]
+    return [t["number"] for t in done
+            if not any(sign * o["value"] >= sign * t["value"] and o["p50_ms"] <= t["p50_ms"]
+                       and (sign * o["value"] > sign * t["value"] or o["p50_ms"] < t["p50_ms"])
+                       for o in done)]
+
+
+def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
+    """The search stage's work (see the module docstring); ``out`` is its partial folder."""
+    r, s = run.recipe, run.recipe.search
+    if run.world.size > 1:  # a trial's Trainer would wait for processes that are not training
+        raise EdgeDistillError("search: trials train in one process; run the search without a "
+                               "launcher first (edgedistill search ...), then rerun with "
+                               "--nproc: the finished search is reused")
+    start = time.perf_counter()
+    teacher_config = AutoConfig.from_pretrained(teacher_dir,
+                                                trust_remote_code=r.teacher.trust_remote_code)
+    shapes = candidates(r, teacher_config)
+    costs = measure(run, shapes, teacher_dir, teacher_config, cache_file)
+    measured_s = time.perf_counter() - start
+    fitting = [c for c in shapes if within_budget(costs[c.name], s.budget_ms, s.budget_mb)]
+    if not fitting:
+        fastest = min(shapes, key=lambda c: costs[c.name]["p50_ms"] or float("inf"))
+        cost = costs[fastest.name]
+        mb = f" and {s.budget_mb:g} MB" if s.budget_mb else ""
+        raise EdgeDistillError(
+            f"search.budget_ms: no candidate meets {s.budget_ms:g} ms{mb} on profile "
+            f"{r.bench.profile}; the fastest, {fastest.name}, takes {cost['p50_ms']:.2f} ms p50 "
+            f"({cost['peak_rss_mb'] or 0:.0f} MB peak): raise the budget or add shallower or "
+            "narrower shapes to search.layers / search.widths")
+    selection = run.task.selection(r.distill, run.data)
+    metric = selection["metric_for_best_model"]
+    greater = selection.get("greater_is_better", not metric.endswith("loss"))
+    by_name = {c.name: c for c in shapes}
+    # no more trials than there are different settings to try
+    space = len(fitting) * len(set(s.temperatures)) * len(set(s.alpha_distill)) \
+        * len(set(s.match_losses))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what a trial did
+    study = optuna.create_study(
+        study_name=STUDY, storage=f"sqlite:///{out / 'optuna.db'}", load_if_exists=True,
+        direction="maximize" if greater else "minimize",
+        # every setting once where the space is no larger than the trials, else TPE
+        sampler=optuna.samplers.BruteForceSampler(seed=r.seed) if space <= s.trials
+        else optuna.samplers.TPESampler(seed=r.seed),
+        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
+    _resume(study)
+
+    def objective(trial: optuna.Trial) -> float:
+        name = trial.suggest_categorical("student", [c.name for c in fitting])
+        params = {"temperature": trial.suggest_categorical("temperature", s.temperatures),
+                  "alpha_distill": trial.suggest_categorical("alpha_distill", s.alpha_distill),
+                  "match_loss": trial.suggest_categorical("match_loss", s.match_losses)}
+        trial.set_user_attr("p50_ms", costs[name]["p50_ms"])
+        same = _earlier(study, trial)
+        if same is not None:  # the sampler proposed settings already tried: not trained twice
+            trial.set_user_attr("repeat_of", same.number)
+            if same.state == TrialState.PRUNED:
+                raise optuna.TrialPruned(f"as trial {same.number}")
+            return same.value
+        progress.note(f"  trial {trial.number}: {name}, temperature {params['temperature']:g}, "
+                      f"alpha_distill {params['alpha_distill']:g}, {params['match_loss']}")
+        folder, reporter = out / "trials" / str(trial.number), ReportEpochs(trial, metric)
+        began = time.perf_counter()
+        try:
+            record = distill_student(
+                run.task, teacher_dir, by_name[name].student,
+                distill_settings(r, params, s.trial_epochs), run.data, r.data, folder, r.seed,
+                r.teacher.trust_remote_code, cache_dir=run.out / "teacher-cache",
+                callbacks=[reporter])
+        except optuna.TrialPruned:
+            progress.note(f"  trial {trial.number}: stopped after epoch {reporter.epochs}, "
+                          "behind the trials before it")
+            raise
+        finally:
+            trial.set_user_attr("epochs", reporter.epochs)
+            trial.set_user_attr("seconds", round(time.perf_counter() - began, 1))
+            shutil.rmtree(folder, ignore_errors=True)  # the winner is distilled again in full
+        return record["validation"][metric]
+
+    finished = len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    if finished < min(s.trials, space):
+        study.optimize(objective, n_trials=min(s.trials, space) - finished)
+    trials = [{"number": t.number, "state": t.state.name, **t.params, "value": t.value,
+               **t.user_attrs} for t in study.get_trials(deepcopy=False)
+              if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    shutil.rmtree(out / "trials", ignore_errors=True)
+    sign = 1 if greater else -1  # of equal scores, the faster student
+    best = max(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+               key=lambda t: (sign * t.value, -t.user_attrs["p50_ms"]))
+    chosen = by_name[best.params["student"]]
+    distill = distill_settings(r, best.params)
+    record = {
+        "budget_ms": s.budget_ms, "budget_mb": s.budget_mb, "profile": r.bench.profile,
+        "metric": metric, "greater_is_better": greater,
+        "candidates": [{"name": c.name, "layers": c.layers, "width": c.width,
+                        "config": c.student.config, **costs[c.name],
+                        "within_budget": c in fitting} for c in shapes],
+        "trials": trials, "pareto": pareto(trials, greater),
+        "chosen": {"trial": best.number, "name": chosen.name, "value": best.value,
+                   "p50_ms": costs[chosen.name]["p50_ms"], "student": asdict(chosen.student),
+                   "distill": asdict(distill)},
+        "seconds": {"measuring": round(measured_s, 1),
+                    "trials": round(sum(t.get("seconds", 0) for t in trials), 1)}}
+    chosen_recipe = replace(r, student=chosen.student, distill=distill,
+                            search=replace(s, budget_ms=None))
+    chosen_recipe.dump(out / "recipe.chosen.yaml")  # distils the chosen student, no search
+    return record
