@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(search.budget_mb)")
     p.add_argument("--profile", help="hardware profile (bench.profile; default: the recipe's)")
     p.add_argument("--trials", type=int, help="short distillations tried (search.trials)")
-    p.add_argument("--json", action="store_true", help="as for run")
+    p.add_argument("--json", action="store_true", help="also print the summary as JSON on "
+                   "stdout, as run does")
 
     p = sub.add_parser("export", help="export a saved PyTorch model to ONNX and validate it")
     p.add_argument("model_dir")
