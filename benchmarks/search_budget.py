@@ -1,0 +1,152 @@
+"""Does the search find a better student than the default recipe's for the same latency?
+(issue: automated distillation for a budget.)
+
+For each seed, on the default task (drug reviews, MiniLM-L6 teacher fine-tuned once per seed,
+shared with the distillation-methods benchmark):
+
+- baseline: the default recipe's student (teacher blocks 0 and 5, logit loss) through every
+  stage; its int8 model's p50 on the cpu profile, measured by the bench stage, is the budget;
+- search: ``edgedistill search`` with that budget (depths 1-4, widths 1 / 0.75 / 0.5,
+  temperatures, soft-target weights, feature and relation losses), then every stage on the
+  chosen student;
+- half: the same search with half that budget (on the first seed unless --half-seeds).
+
+Reports each run's test macro-F1 of student-int8 and its p50 measured by its own bench stage
+(so whether the chosen student really met the budget at the end), the chosen settings and what
+the search cost. Every run after the first reads the shapes' measured costs from one shared
+cache (same host, same settings). A rerun reuses every finished stage (the pipeline's own
+skipping), so an interrupted benchmark goes on where it stopped.
+
+    python benchmarks/search_budget.py --seeds 42 43 44 [--trials 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from distill_methods import teacher_for
+
+from edgedistill import run
+from edgedistill.artifacts import write_atomic
+from edgedistill.errors import EdgeDistillError
+from edgedistill.host import environment
+
+HERE = Path(__file__).parent
+
+
+def one_run(seed: int, name: str, work: Path, teacher: Path, extra: list[str]) -> dict:
+    out = work / f"seed-{seed}" / name
+    out.mkdir(parents=True, exist_ok=True)
+    cache = work / "search-cache"  # the shapes' costs, measured once for every run
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (out / "search-cache").exists():
+        (out / "search-cache").symlink_to(cache.resolve())
+    # the seed's fine-tuned teacher as it is: every run of a seed distils from the same one
+    try:
+        report = run(None, out, [f"seed={seed}", f"teacher.model={teacher}",
+                                 "teacher.finetune=false", *extra])
+    except EdgeDistillError as e:  # a budget no candidate meets: its one line is the result
+        return {"seed": seed, "run": name, "error": str(e)}
+    rows = {m["name"]: m for m in report["models"]}
+    int8 = rows["student-int8"]
+    result = {"seed": seed, "run": name, "macro_f1": int8["metrics"]["macro_f1"],
+              "accuracy": int8["metrics"]["accuracy"], "p50_ms": int8["latency"]["p50_ms"],
+              "teacher_macro_f1": rows["teacher"]["metrics"]["macro_f1"],
+              "parameters": report["training"]["distill"]["parameters"]}
+    found = report.get("search")
+    if found:
+        chosen = found["chosen"]
+        result.update(budget_ms=found["budget_ms"], chosen=chosen["name"],
+                      chosen_settings={k: chosen["distill"][k] for k in
+                                       ("temperature", "alpha_distill")}
+                      | {"matches": [m["loss"] for m in chosen["distill"]["matches"]]},
+                      validation=chosen["value"], trials=len(found["trials"]),
+                      stopped_early=sum(t["state"] == "PRUNED" for t in found["trials"]),
+                      fitting=[c["name"] for c in found["candidates"] if c["within_budget"]],
+                      search_seconds=found["seconds"],
+                      within_budget_at_bench=int8["latency"]["p50_ms"] <= found["budget_ms"])
+    return result
+
+
+def summary(rows: list[dict], name: str, baseline: dict[int, dict]) -> dict:
+    mine = [r for r in rows if r["run"] == name and "error" not in r]
+    if not mine:
+        return {"run": name, "seeds": []}
+    f1 = [r["macro_f1"] for r in mine]
+    return {"run": name, "seeds": [r["seed"] for r in mine], "macro_f1": statistics.mean(f1),
+            "macro_f1_stdev": statistics.stdev(f1) if len(f1) > 1 else 0.0,
+            "minus_baseline_by_seed": [round(r["macro_f1"] - baseline[r["seed"]]["macro_f1"], 4)
+                                       for r in mine],
+            "kept_of_teacher": statistics.mean(r["macro_f1"] / r["teacher_macro_f1"]
+                                               for r in mine),
+            "p50_ms": statistics.mean(r["p50_ms"] for r in mine)}
+
+
+def markdown(rows: list[dict], sums: list[dict], env: dict, trials: int) -> str:
+    lines = ["# Student search under a latency budget (default task)", "",
+             (f"{env['cpu']} ({env['cpu_count']} cores), profile cpu, {trials} trials per "
+              "search; `python benchmarks/search_budget.py`"), "",
+             ("| seed | run | budget ms | chosen | settings | trials (stopped early) | "
+              "val macro-F1 | test macro-F1 int8 | p50 ms at bench | within budget | "
+              "search s (measure + trials) |"), "|" + "---|" * 11]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['seed']} | {r['run']} | {r['error']} |" + " |" * 9)
+        elif "chosen" in r:
+            s = r["chosen_settings"]
+            settings = (f"T {s['temperature']:g}, alpha {s['alpha_distill']:g}, "
+                        f"{'+'.join(s['matches']) or 'logits'}")
+            cost = r["search_seconds"]
+            lines.append(f"| {r['seed']} | {r['run']} | {r['budget_ms']:.2f} | {r['chosen']} | "
+                         f"{settings} | {r['trials']} ({r['stopped_early']}) | "
+                         f"{r['validation']:.3f} | {r['macro_f1']:.3f} | {r['p50_ms']:.2f} | "
+                         f"{'yes' if r['within_budget_at_bench'] else 'NO'} | "
+                         f"{cost['measuring']:.0f} + {cost['trials']:.0f} |")
+        else:
+            lines.append(f"| {r['seed']} | {r['run']} (2L-w1, defaults) | | | | | | "
+                         f"{r['macro_f1']:.3f} | {r['p50_ms']:.2f} | | |")
+    lines += ["", ("| run | test macro-F1 int8 (mean ± sd) | minus baseline, by seed | "
+                   "of the teacher's macro-F1 | p50 ms |"), "|---|---|---|---|---|"]
+    lines += [f"| {s['run']} | {s['macro_f1']:.3f} ± {s['macro_f1_stdev']:.3f} | "
+              f"{', '.join(f'{d:+.3f}' for d in s['minus_baseline_by_seed'])} | "
+              f"{s['kept_of_teacher']:.1%} | {s['p50_ms']:.2f} |" for s in sums if s["seeds"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--half-seeds", type=int, nargs="*", default=None,
+                        help="seeds of the half-budget run (default: the first seed)")
+    parser.add_argument("--work", type=Path, default=HERE / "work" / "search")
+    args = parser.parse_args()
+    rows, baseline = [], {}
+    for seed in args.seeds:
+        teacher = teacher_for(seed, HERE / "work" / "methods")  # shared with distill_methods.py
+        baseline[seed] = one_run(seed, "baseline", args.work, teacher,
+                                 ["bench.real_length_samples=0"])
+        rows.append(baseline[seed])
+        budget = baseline[seed]["p50_ms"]
+        half = args.seeds[:1] if args.half_seeds is None else args.half_seeds
+        for name, factor in (("search", 1.0), ("half", 0.5)):
+            if name == "search" or seed in half:
+                rows.append(one_run(seed, name, args.work, teacher,
+                                    ["bench.real_length_samples=0",
+                                     f"search.budget_ms={budget * factor:.4f}",
+                                     f"search.trials={args.trials}"]))
+        print(json.dumps(rows[-1], indent=1))
+    sums = [summary(rows, name, baseline) for name in ("baseline", "search", "half")]
+    env = environment()
+    results = HERE / "results"
+    write_atomic(results / "search_budget.json",
+                 json.dumps({"rows": rows, "summary": sums, "environment": env}, indent=2))
+    write_atomic(results / "search_budget.md", markdown(rows, sums, env, args.trials))
+    print(markdown(rows, sums, env, args.trials))
+
+
+if __name__ == "__main__":
+    main()
