@@ -55,9 +55,11 @@ def limit_text(limits: dict) -> str:
 
 
 def _check_limits(f: dataclasses.Field, value: Any, source: str, where: str) -> None:
+    """A list's limits hold for each of its values (search.widths, say)."""
     limits = f.metadata.get("limits")
-    if limits and value is not None and not all(LIMITS[k][0](value, b) for k, b in limits.items()):
-        raise EdgeDistillError(f"{source}{where}: {value} must be {limit_text(limits)}")
+    for v in value if isinstance(value, list) else [value]:
+        if limits and v is not None and not all(LIMITS[k][0](v, b) for k, b in limits.items()):
+            raise EdgeDistillError(f"{source}{where}: {v} must be {limit_text(limits)}")
 
 
 def check_limits(block_cls, settings, prefix: str = "") -> None:
@@ -274,14 +276,14 @@ class SearchConfig:
     trial_epochs: float = _f(3.0, "Epochs of a trial's distillation; weak trials stop after "
                              "fewer (successive halving).", gt=0)
     layers: list[int] = _f([1, 2, 3, 4], "Student depths tried (teacher blocks kept, "
-                           "student.layers picks which).")
+                           "student.layers picks which).", gt=0)
     widths: list[float] = _f([1.0, 0.75, 0.5], "Student widths tried, as fractions of the "
                              "teacher's hidden and intermediate sizes; below 1 the student is "
                              "pruned from the teacher (student.init: pruned; BERT-style "
-                             "teachers).")
-    temperatures: list[float] = _f([1.0, 2.0, 4.0], "distill.temperature values tried.")
+                             "teachers).", gt=0, le=1)
+    temperatures: list[float] = _f([1.0, 2.0, 4.0], "distill.temperature values tried.", gt=0)
     alpha_distill: list[float] = _f([0.5, 0.7, 0.9], "distill.alpha_distill values tried "
-                                    "(alpha_ce is 1 minus it).")
+                                    "(alpha_ce is 1 minus it).", ge=0, le=1)
     match_losses: list[str] = _f(["none", "hidden_mse", "minilm_relation"],
                                  "Feature or relation losses tried beside the logit loss, one "
                                  "at a time at weight 1 (none: logits alone).")
@@ -291,17 +293,10 @@ class SearchConfig:
         return self.budget_ms is not None
 
     def check(self, where: str = "search.") -> None:
-        rules = {"layers": (lambda v: v >= 1, ">= 1"), "widths": (lambda v: 0 < v <= 1, "in (0, 1]"),
-                 "temperatures": (lambda v: v > 0, "> 0"),
-                 "alpha_distill": (lambda v: 0 <= v <= 1, "in [0, 1]"), "match_losses": None}
-        for key, rule in rules.items():
-            values = getattr(self, key)
-            if not values:
+        # each value's range is declared on its field (checked when the recipe is read)
+        for key in ("layers", "widths", "temperatures", "alpha_distill", "match_losses"):
+            if not getattr(self, key):
                 raise EdgeDistillError(f"{where}{key}: give at least one value to try")
-            wrong = [v for v in values if rule and not rule[0](v)]
-            if wrong:
-                raise EdgeDistillError(f"{where}{key}: {wrong[0]} is out of range; each value "
-                                       f"must be {rule[1]}")
 
 
 @dataclass

@@ -58,9 +58,8 @@ class Candidate:
     """A student shape the search may choose: its name in the report and its student block."""
 
     name: str
-    layers: int
     width: float
-    student: StudentConfig
+    student: StudentConfig  # its num_layers is the candidate's depth
 
 
 def candidates(recipe: Recipe, teacher_config) -> list[Candidate]:
@@ -94,7 +93,7 @@ def candidates(recipe: Recipe, teacher_config) -> list[Candidate]:
             key = (n, json.dumps(block.config, sort_keys=True))
             if key not in seen:  # two widths that round to one shape are one candidate
                 seen.add(key)
-                out.append(Candidate(f"{n}L-w{w:g}", n, w, block))
+                out.append(Candidate(f"{n}L-w{w:g}", w, block))
     return out
 
 
@@ -130,10 +129,9 @@ def check(recipe: Recipe, teacher_path: Path, teacher_config) -> None:
 
 # ------------------------------------------------------------------------------ measuring
 
-def _cost_key(run, config) -> str:
+def _cost_key(run, config, host: dict) -> str:
     """What the measured cost of a shape (its student ``config``) depends on: the config, the
-    export, int8 and timing settings, the profile, and the host."""
-    host = {k: v for k, v in environment().items() if k != "memory_gb"}
+    export, int8 and timing settings, the profile, and the ``host``."""
     blob = {"config": config.to_diff_dict(), "quantize": asdict(run.recipe.quantize),
             "bench": asdict(run.recipe.bench), "export": asdict(run.recipe.export),
             "max_length": run.recipe.data.max_length, "host": host}
@@ -146,7 +144,8 @@ def measure(run, shapes: list[Candidate], teacher_dir: Path, teacher_config,
     from the cache or measured now (all new shapes in one benchmark, taking turns)."""
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     configs = {c.name: plan_student(teacher_dir, teacher_config, c.student)[0] for c in shapes}
-    keys = {name: _cost_key(run, config) for name, config in configs.items()}
+    host = {k: v for k, v in environment().items() if k != "memory_gb"}  # read once
+    keys = {name: _cost_key(run, config, host) for name, config in configs.items()}
     todo = [c for c in shapes if keys[c.name] not in cache]
     if todo:
         r, view = run.recipe, run.task.report
@@ -316,18 +315,18 @@ def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
               if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     shutil.rmtree(out / "trials", ignore_errors=True)
     sign = 1 if greater else -1  # of equal scores, the faster student
-    best = max(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
-               key=lambda t: (sign * t.value, -t.user_attrs["p50_ms"]))
-    chosen = by_name[best.params["student"]]
-    distill = distill_settings(r, best.params)
+    best = max((t for t in trials if t["state"] == "COMPLETE"),
+               key=lambda t: (sign * t["value"], -t["p50_ms"]))  # a repeat comes after its first
+    chosen = by_name[best["student"]]
+    distill = distill_settings(r, best)
     record = {
         "budget_ms": s.budget_ms, "budget_mb": s.budget_mb, "profile": r.bench.profile,
         "metric": metric, "greater_is_better": greater,
-        "candidates": [{"name": c.name, "layers": c.layers, "width": c.width,
+        "candidates": [{"name": c.name, "layers": c.student.num_layers, "width": c.width,
                         "config": c.student.config, **costs[c.name],
                         "within_budget": c in fitting} for c in shapes],
         "trials": trials, "pareto": pareto(trials, greater),
-        "chosen": {"trial": best.number, "name": chosen.name, "value": best.value,
+        "chosen": {"trial": best["number"], "name": chosen.name, "value": best["value"],
                    "p50_ms": costs[chosen.name]["p50_ms"], "student": asdict(chosen.student),
                    "distill": asdict(distill)},
         "seconds": {"measuring": round(measured_s, 1),
