@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, not a user mistake: say so, keep the traceback for --debug
         if args.debug:
             raise
-        print(f"edgedistill: internal error: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
+        first = (str(e).splitlines() or [""])[0]  # an exception may carry no message
+        print(f"edgedistill: internal error: {type(e).__name__}: {first[:200]} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
