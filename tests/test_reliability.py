@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from edgedistill.cli import main
 from edgedistill.distill import losses
@@ -103,6 +104,20 @@ def test_incomplete_checkpoint_is_skipped(tmp_path):
     assert last_good_checkpoint(folder) == str(folder / "checkpoint-10")
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-10"]
     assert last_good_checkpoint(tmp_path / "none") is None
+
+
+def test_checkpoint_with_a_cut_rng_state_of_another_process_is_skipped(tmp_path):
+    # under a launcher a kill can cut rank 1's RNG file after rank 0 wrote trainer_state.json
+    folder = tmp_path / "checkpoints"
+    for step in (10, 20):
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+        (folder / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        for rank in (0, 1):
+            torch.save({"python": [1, 2, 3]}, folder / f"checkpoint-{step}" / f"rng_state_{rank}.pth")
+    whole = (folder / "checkpoint-20" / "rng_state_1.pth").read_bytes()
+    (folder / "checkpoint-20" / "rng_state_1.pth").write_bytes(whole[: len(whole) // 2])
+    assert last_good_checkpoint(folder) == str(folder / "checkpoint-10")
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-10"]
 
 
 def test_non_finite_loss_stops_names_the_step_and_resumes(recipe, tmp_path, monkeypatch, capsys,

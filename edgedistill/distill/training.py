@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import shutil
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -92,9 +93,13 @@ def _metrics_fn(labels: list[str]):
 def last_good_checkpoint(folder: Path) -> str | None:
     """The newest checkpoint in ``folder`` that was written completely, or None.
 
-    The Trainer writes a checkpoint's ``trainer_state.json`` after its weights, optimizer and
-    RNG states, so a checkpoint without a readable one was cut off mid-write (a killed run):
-    it is removed, and the one before it is used.
+    The main process writes a checkpoint's ``trainer_state.json`` after its weights, optimizer
+    and RNG state, so a checkpoint without a readable one was cut off mid-write (a killed run).
+    Under a launcher every other process writes its own ``rng_state_<rank>.pth`` at the same
+    time, and a kill can cut one of those after the main process has finished: each must be a
+    whole zip (torch's file format; its CRCs are checked without unpickling anything). A missing
+    one is fine (the Trainer then goes on without restoring that process's RNG). A cut
+    checkpoint is removed, and the one before it is used.
     """
     if not folder.is_dir():
         return None
@@ -103,8 +108,12 @@ def last_good_checkpoint(folder: Path) -> str | None:
     for checkpoint in checkpoints:
         try:
             json.loads((checkpoint / "trainer_state.json").read_text())
+            for rng in checkpoint.glob("rng_state*.pth"):
+                with zipfile.ZipFile(rng) as z:
+                    if z.testzip() is not None:
+                        raise ValueError(f"{rng.name} is corrupt")
             return str(checkpoint)
-        except (OSError, ValueError):
+        except (OSError, ValueError, zipfile.BadZipFile):
             log.warning("removing %s: it was not completely written", checkpoint.name)
             shutil.rmtree(checkpoint, ignore_errors=True)
     return None
