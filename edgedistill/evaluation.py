@@ -1,4 +1,6 @@
-"""Task metrics for a saved model on any backend: accuracy, macro-F1, agreement with a reference."""
+"""Task metrics for a saved model on any backend: accuracy, macro-F1 and agreement with a
+reference for classifiers, agreement with the teacher's embedding space for sentence
+embedders, perplexity for causal LMs."""
 
 from __future__ import annotations
 
@@ -56,6 +58,71 @@ def evaluate(model_dir: str | Path, dataset, label_names: list[str] | None = Non
     if reference_predictions is not None:
         metrics["agreement"] = float(np.mean(predictions == np.asarray(reference_predictions)))
     metrics["predictions"] = predictions.tolist()
+    return metrics
+
+
+# ------------------------------------------------------------------ sentence embedders
+
+def embed(model_dir: str | Path, texts: list[str], batch_size: int = 32, max_length: int = 128,
+          desc: str | None = None) -> np.ndarray:
+    """The sentence embeddings (N, width) of ``texts`` by the embedder in ``model_dir`` (a
+    PyTorch folder pooled as it says, or an ONNX graph with its pooling inside)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    predictor = load_predictor(model_dir)
+    order = np.argsort([len(t) for t in texts])
+    rows: list[np.ndarray | None] = [None] * len(texts)
+    for start in track(range(0, len(texts), batch_size), desc or f"embed {Path(model_dir).name}"):
+        idx = order[start:start + batch_size]
+        enc = dict(tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                             max_length=max_length, return_tensors="np"))
+        for i, row in zip(idx, predictor.logits(enc)):
+            rows[i] = row
+    return np.stack(rows).astype(np.float32)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def embedding_metrics(embeddings: np.ndarray, reference: np.ndarray,
+                      labels: list[int] | None = None, k: int = 10,
+                      pairs_of: int = 1000) -> dict:
+    """How well ``embeddings`` (N, d) keep the space of ``reference`` (the teacher's, N, d'),
+    all by cosine similarity:
+
+    - ``cosine``: mean cosine between a text's two embeddings (needs d == d'; None otherwise);
+    - ``spearman``: Spearman rank correlation between the two models' similarities of every
+      pair among the first ``pairs_of`` texts (what a semantic-search ranking depends on);
+    - ``recall_at_k``: the share of each text's ``k`` nearest neighbours under the reference
+      that are among its ``k`` nearest under these embeddings (a retrieval index's agreement);
+    - ``knn_accuracy`` with ``labels``: leave-one-out k-nearest-neighbour classification
+      (majority of the ``k`` nearest by this model's own similarities).
+    """
+    from scipy.stats import spearmanr
+
+    a, b = _unit(embeddings), _unit(reference)
+    metrics = {"cosine": float((a * b).sum(-1).mean()) if a.shape == b.shape else None}
+    n = min(len(a), pairs_of)
+    upper = np.triu_indices(n, 1)
+    metrics["spearman"] = float(spearmanr((a[:n] @ a[:n].T)[upper],
+                                          (b[:n] @ b[:n].T)[upper]).statistic)
+    sim_a, sim_b = a @ a.T, b @ b.T
+    np.fill_diagonal(sim_a, -np.inf)
+    np.fill_diagonal(sim_b, -np.inf)
+    k = min(k, len(a) - 1)
+    # the k nearest, in no order (a set is compared, a majority taken)
+    near_a = np.argpartition(-sim_a, k - 1, axis=1)[:, :k]
+    near_b = np.argpartition(-sim_b, k - 1, axis=1)[:, :k]
+    metrics["recall_at_k"] = float(np.mean([len(set(x) & set(y)) / k
+                                            for x, y in zip(near_a, near_b)]))
+    metrics["k"] = k
+    if labels is not None:
+        labels = np.asarray(labels)
+        votes = labels[near_a]
+        predicted = [np.bincount(v, minlength=labels.max() + 1).argmax() for v in votes]
+        metrics["knn_accuracy"] = float(np.mean(np.asarray(predicted) == labels))
     return metrics
 
 

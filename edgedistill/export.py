@@ -1,7 +1,8 @@
 """ONNX export through optimum's exporter, checked against PyTorch on real inputs.
 
-Classifiers are checked on their logits; causal LMs (exported with their KV cache) on their
-full-sequence logits and on greedy generation, which is what a deployment runs.
+Classifiers are checked on their logits, sentence embedders (their pooling added to the
+graph) on their embeddings; causal LMs (exported with their KV cache) on their full-sequence
+logits and on greedy generation, which is what a deployment runs.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 
 from .artifacts import copy_sidecars
 from .errors import EdgeDistillError
+from .pooling import Pooling, require_pooling
 from .progress import silenced
 from .runtime.causal_lm import load_causal_lm
-from .runtime.classifier import OnnxPredictor, TorchPredictor
+from .runtime.classifier import EMBEDDING_OUTPUT, OnnxPredictor, TorchPredictor
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,11 @@ log = logging.getLogger(__name__)
 # Causal LMs are exported with their KV cache (past_key_values.* in, present.* out): without it
 # every generated token would recompute the whole prefix.
 CAUSAL_TASK = "text-generation-with-past"
-TASKS = {"ForSequenceClassification": "text-classification", "ForCausalLM": CAUSAL_TASK}
+# a bare encoder ("BertModel") is exported as a sentence embedder: its folder must say how it
+# pools (edgedistill.pooling)
+EMBEDDING_TASK = "feature-extraction"
+TASKS = {"ForSequenceClassification": "text-classification", "ForCausalLM": CAUSAL_TASK,
+         "Model": EMBEDDING_TASK}
 
 
 def infer_task(model_dir: Path) -> str:
@@ -57,6 +63,7 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int | None
     if not (model_dir / "config.json").is_file():
         raise EdgeDistillError(f"{model_dir}: not a saved model (no config.json)")
     task = infer_task(model_dir)
+    pooling = require_pooling(model_dir, "export") if task == EMBEDDING_TASK else None
     try:
         with _harmless_export_notices():
             # optimum's own validation feeds random token ids; we validate on real text below
@@ -65,6 +72,8 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int | None
     except (ValueError, KeyError, RuntimeError) as e:
         msg = str(e).splitlines()[0][:300]
         raise EdgeDistillError(f"{model_dir}: the ONNX exporter cannot export this model ({msg})")
+    if pooling is not None:
+        add_pooling(output_dir / "model.onnx", pooling)
     copy_sidecars(model_dir, output_dir)
     validate = validate_causal_onnx if task == CAUSAL_TASK else validate_onnx
     return {**validate(model_dir, output_dir, atol, texts, max_length),
@@ -75,7 +84,74 @@ def _opset_of(path: Path) -> int:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    return _default_opset(model)
+
+
+def _default_opset(model) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def add_pooling(path: Path, pooling: Pooling) -> None:
+    """Append ``pooling`` (as :func:`edgedistill.pooling.pool` computes it) to an encoder
+    graph exported for feature extraction, so that the graph maps token ids to the sentence
+    embedding (output ``sentence_embedding``) and replaces ``last_hidden_state`` as output.
+
+    Written by hand: optimum's feature-extraction export stops at the token states, and
+    sentence-transformers' own ONNX route pools outside the graph, in Python; a phone app that
+    loads only onnxruntime needs the pooling inside."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph, opset = model.graph, _default_opset(model)
+    nodes, consts = [], []
+
+    def const(name: str, value) -> str:
+        consts.append(numpy_helper.from_array(np.asarray(value), f"pool/{name}"))
+        return f"pool/{name}"
+
+    def node(op: str, inputs: list[str], name: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [f"pool/{name}"], f"pool/{name}", **attrs))
+        return f"pool/{name}"
+
+    def reduce_sum(x: str, name: str, keepdims: int = 0, axis: int = 1) -> str:
+        # ReduceSum's axes are an input from opset 13 on
+        if opset >= 13:
+            return node("ReduceSum", [x, const(f"{name}_axes", np.array([axis], np.int64))],
+                        name, keepdims=keepdims)
+        return node("ReduceSum", [x], name, axes=[axis], keepdims=keepdims)
+
+    hidden = "last_hidden_state"
+    if pooling.mode == "cls":
+        out = node("Gather", [hidden, const("first", np.array(0, np.int64))], "cls", axis=1)
+    else:
+        mask = node("Cast", ["attention_mask"], "mask", to=TensorProto.FLOAT)
+        if opset >= 13:
+            mask = node("Unsqueeze", [mask, const("last", np.array([-1], np.int64))], "mask3")
+        else:
+            mask = node("Unsqueeze", [mask], "mask3", axes=[-1])
+        total = reduce_sum(node("Mul", [hidden, mask], "masked"), "sum")
+        count = node("Max", [reduce_sum(mask, "count"),
+                             const("tiny", np.array(1e-9, np.float32))], "count_min")
+        out = node("Div", [total, count], "mean")
+    if pooling.normalize:
+        # the norm as sqrt(sum(x^2)): onnxruntime's symbolic shape inference (which int8 fusion
+        # runs) does not see through ReduceL2 (nor ReduceMax) with their axes as an input
+        squares = reduce_sum(node("Mul", [out, out], "squares"), "sum_squares", keepdims=1,
+                             axis=-1)
+        norm = node("Max", [node("Sqrt", [squares], "l2"),
+                            const("eps", np.array(1e-12, np.float32))], "l2_min")
+        out = node("Div", [out, norm], "normalized")
+    nodes.append(helper.make_node("Identity", [out], [EMBEDDING_OUTPUT], "pool/output"))
+    width = next(o for o in graph.output if o.name == hidden).type.tensor_type.shape.dim[2]
+    graph.node.extend(nodes)
+    graph.initializer.extend(consts)
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(
+        EMBEDDING_OUTPUT, TensorProto.FLOAT,
+        ["batch_size", width.dim_value or width.dim_param or "width"]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
 
 
 @contextlib.contextmanager

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 
 from ..data import tokenize
+from ..pooling import carried, pool
 
 # the column of a training set that holds the teacher's logits for each example
 TEACHER_LOGITS = "teacher_logits"
+# ... and the one holding a sentence embedder's embedding of each example
+TEACHER_EMBEDDING = "teacher_embedding"
 
 
 def add_teacher_logits(dataset, teacher, collator, batch_size: int = 64):
@@ -48,6 +51,27 @@ def with_teacher_logits(tokenized, texts, teacher, tokenizer, teacher_tokenizer=
     scored = add_teacher_logits(tokenize(texts, teacher_tokenizer, max_length), teacher,
                                 DataCollatorWithPadding(teacher_tokenizer), batch_size)
     return tokenized.add_column(TEACHER_LOGITS, scored[TEACHER_LOGITS])
+
+
+def teacher_embeddings(teacher, tokenizer, texts: list[str], max_length: int = 128,
+                       batch_size: int = 64) -> list[list[float]]:
+    """The sentence embedder ``teacher``'s embedding of each text (its pooling carried in its
+    config), computed once: the teacher is frozen, so the targets are the same every epoch.
+    Texts go in batches of similar length, so padding stays small."""
+    pooling = carried(teacher.config)
+    device = next(teacher.parameters()).device
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    rows: list[list[float]] = [[]] * len(texts)
+    teacher.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length,
+                              padding=True, return_tensors="pt").to(device)
+            hidden = teacher(**batch).last_hidden_state
+            for i, row in zip(idx, pool(hidden, batch["attention_mask"], pooling).float()):
+                rows[i] = row.cpu().tolist()
+    return rows
 
 
 def is_causal_lm(model) -> bool:

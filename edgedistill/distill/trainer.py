@@ -21,7 +21,7 @@ from transformers import Trainer, TrainingArguments
 from ..errors import EdgeDistillError
 from ..recipe import DistillConfig, check_limits
 from .features import forward_with_features
-from .losses import LOGIT_LOSSES, get_loss
+from .losses import LOGIT_LOSSES, embedding_losses, get_loss
 from .losses.token import TOKEN_LOSSES, get_token_loss
 from .matching import PROJECTIONS, attach_projections, check_match_spec, resolve_matches
 from .student import find_blocks
@@ -104,7 +104,8 @@ def check_distill_settings(settings, prefix: str = "") -> None:
         get_token_loss(settings.distill_loss, f"{prefix}distill_loss",
                        **(settings.loss_options or {}))
     else:
-        get_loss(settings.distill_loss, {**LOGIT_LOSSES, **TOKEN_LOSSES}, f"{prefix}distill_loss")
+        get_loss(settings.distill_loss, {**LOGIT_LOSSES, **TOKEN_LOSSES, **embedding_losses()},
+                 f"{prefix}distill_loss")
         if settings.loss_options:
             raise EdgeDistillError(f"{prefix}loss_options: {settings.distill_loss} takes no "
                                    "options; they are for the token-level losses of causal LMs")
@@ -129,10 +130,12 @@ def check_distill_settings(settings, prefix: str = "") -> None:
 def check_classifier_settings(settings, prefix: str = "") -> None:
     """What distilling a classifier refuses, on training arguments or a recipe's ``distill``
     block (the task's preflight and the trainer both call this: one place for the rules)."""
-    if settings.distill_loss in TOKEN_LOSSES:
+    if settings.distill_loss in TOKEN_LOSSES or settings.distill_loss in embedding_losses():
+        what = ("a token-level loss for task: causal-lm" if settings.distill_loss in TOKEN_LOSSES
+                else "a loss for task: sentence-embedding")
         raise EdgeDistillError(
-            f"{prefix}distill_loss: '{settings.distill_loss}' is a token-level loss for task: "
-            f"causal-lm; a classifier takes one of {', '.join(LOGIT_LOSSES)}")
+            f"{prefix}distill_loss: '{settings.distill_loss}' is {what}; a classifier takes "
+            f"one of {', '.join(LOGIT_LOSSES)}")
     get_loss(settings.distill_loss, LOGIT_LOSSES, f"{prefix}distill_loss")
     if getattr(settings, "lmbda", 0.0) > 0:
         raise EdgeDistillError(f"{prefix}lmbda: on-policy batches are for causal LMs (the "
@@ -318,17 +321,26 @@ class DistillationTrainer(Trainer):
 
         t_logits, t_features = cached, {}
         if self.teacher is not None and (self.matches or (cached is None and args.alpha_distill > 0)):
-            # no_grad, not inference_mode: the teacher's outputs enter the student's autograd
-            # graph as constants, which inference tensors are not allowed to do.
-            with torch.no_grad():
-                t_out, t_features = forward_with_features(
-                    self.teacher, inputs, {(m.feature, m.teacher_layer) for m in self.matches})
+            t_out, t_features = self._teacher_features(inputs)
             t_logits = t_out.logits if cached is None else cached
         if t_logits is not None and args.alpha_distill > 0:
             parts["distill"] = args.alpha_distill * self.logit_loss(
                 logits, t_logits.to(logits.dtype), args.temperature)
+        self._add_matches(parts, student, s_features, t_features, inputs.get("attention_mask"))
+        return self._total(model, parts, logits, return_outputs)
+
+    def _teacher_features(self, inputs: dict) -> dict:
+        """The live teacher's features that the matches compare (and its outputs)."""
+        # no_grad, not inference_mode: the teacher's outputs enter the student's autograd
+        # graph as constants, which inference tensors are not allowed to do.
+        with torch.no_grad():
+            return forward_with_features(self.teacher, inputs,
+                                         {(m.feature, m.teacher_layer) for m in self.matches})
+
+    def _add_matches(self, parts: dict, student, s_features: dict, t_features: dict,
+                     mask) -> None:
+        """Add each match's weighted loss to ``parts`` (one entry per loss name)."""
         projections = getattr(student, PROJECTIONS, {})
-        mask = inputs.get("attention_mask")
         for i, m in enumerate(self.matches):
             s = s_features[m.feature, m.student_layer]
             if str(i) in projections:
@@ -336,8 +348,6 @@ class DistillationTrainer(Trainer):
             value = m.weight * m.spec.fn(s, t_features[m.feature, m.teacher_layer], mask,
                                          **m.options)
             parts[m.loss] = parts[m.loss] + value if m.loss in parts else value
-
-        return self._total(model, parts, logits, return_outputs)
 
     def _total(self, model, parts: dict[str, torch.Tensor], logits, return_outputs):
         """The sum of the weighted parts (see :meth:`_finish`)."""

@@ -1,5 +1,5 @@
-"""Load a saved classifier on its backend (PyTorch, onnxruntime or OpenVINO) behind one small
-interface.
+"""Load a saved classifier or sentence embedder on its backend (PyTorch, onnxruntime or
+OpenVINO) behind one small interface.
 
 Evaluation, export validation and the benchmark worker all run models through this, so a model
 is fed the same inputs whichever backend it is on.
@@ -15,11 +15,17 @@ import numpy as np
 
 from ..artifacts import OPENVINO_SETTINGS, backend_of, onnx_file, openvino_file
 from ..errors import EdgeDistillError
+from ..pooling import pool, read_pooling
 from .session import check_cpu_only, open_onnx_session, open_openvino_model
 
 
+# the output of an exported sentence embedder (its pooling runs inside the graph)
+EMBEDDING_OUTPUT = "sentence_embedding"
+
+
 class Predictor:
-    """``logits(encoding)`` for a batch of numpy token arrays; ``input_names`` it accepts."""
+    """``logits(encoding)`` for a batch of numpy token arrays (a classifier's logits, or an
+    embedder's sentence embeddings); ``input_names`` it accepts."""
 
     backend: str
     input_names: list[str]
@@ -37,12 +43,15 @@ class TorchPredictor(Predictor):
 
     def __init__(self, folder: Path, threads: int | None = None):
         import torch
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoModel, AutoModelForSequenceClassification
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        # a sentence embedder is its encoder (no head) followed by its pooling
+        self.pooling = read_pooling(folder)
+        auto = AutoModel if self.pooling else AutoModelForSequenceClassification
+        self.model = auto.from_pretrained(folder).eval()
         accepted = inspect.signature(self.model.forward).parameters
         self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
                             if n in accepted]
@@ -50,7 +59,11 @@ class TorchPredictor(Predictor):
     def logits(self, encoding):
         with self.torch.inference_mode():
             batch = {k: self.torch.from_numpy(v) for k, v in self.feed(encoding).items()}
-            return self.model(**batch).logits.float().numpy()
+            out = self.model(**batch)
+            if self.pooling:
+                return pool(out.last_hidden_state, batch["attention_mask"],
+                            self.pooling).float().numpy()
+            return out.logits.float().numpy()
 
 
 class OnnxPredictor(Predictor):
@@ -60,9 +73,11 @@ class OnnxPredictor(Predictor):
                  providers: list[str] | None = None):
         self.session = open_onnx_session(onnx_file(folder), threads, providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output = EMBEDDING_OUTPUT if EMBEDDING_OUTPUT in outputs else "logits"
 
     def logits(self, encoding):
-        return self.session.run(["logits"], self.feed(encoding))[0]
+        return self.session.run([self.output], self.feed(encoding))[0]
 
 
 class OpenVinoPredictor(Predictor):

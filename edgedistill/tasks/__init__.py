@@ -11,6 +11,7 @@ from ..errors import EdgeDistillError
 from .base import Column, ReportView, Task
 from .causal_lm import CausalLMTask
 from .classification import ClassificationTask
+from .sentence_embedding import SentenceEmbeddingTask
 
 TASKS: dict[str, Task] = {}
 
@@ -53,5 +54,6 @@ def get_task(name: str) -> Task:
 
 register_task(ClassificationTask())
 register_task(CausalLMTask())
+register_task(SentenceEmbeddingTask())
 
 __all__ = ["Column", "ReportView", "TASKS", "Task", "get_task", "register_task"]

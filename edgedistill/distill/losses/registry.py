@@ -8,6 +8,9 @@ then name it like a built-in, with no edit to the package:
 - ``token``: ``fn(s_logp, t_logp, **options) -> per-position divergence`` on a causal LM's
   log-probabilities (see :mod:`.token`); named by ``distill.distill_loss``, options from
   ``distill.loss_options``;
+- ``embedding``: ``fn(student, teacher) -> scalar`` between the pooled sentence embeddings
+  (batch, width) of a sentence embedder and its teacher (task sentence-embedding); named by
+  ``distill.distill_loss``, as are the relation losses that compare pooled vectors;
 - ``match``: ``fn(student, teacher, mask, **options) -> scalar`` between matched layers; named
   by ``distill.matches[].loss``, options from ``matches[].options``. ``features`` are the model
   outputs it accepts, the first being the default (see :class:`MatchLoss`).
@@ -50,7 +53,7 @@ from dataclasses import dataclass
 
 from ...errors import EdgeDistillError
 
-KINDS = ("logit", "token", "match")
+KINDS = ("logit", "token", "embedding", "match")
 FEATURES = ("hidden", "attention", "pooled", "cls", "qkv")  # what features.py can read out
 
 
@@ -73,10 +76,13 @@ class MatchLoss:
 # (monkeypatch.setitem); code adds entries with register_loss only.
 LOGIT_LOSSES: dict[str, Callable] = {}
 TOKEN_LOSSES: dict[str, Callable] = {}
+EMBEDDING_LOSSES: dict[str, Callable] = {}
 MATCH_LOSSES: dict[str, MatchLoss] = {}
-_TABLES: dict[str, dict] = {"logit": LOGIT_LOSSES, "token": TOKEN_LOSSES, "match": MATCH_LOSSES}
+_TABLES: dict[str, dict] = {"logit": LOGIT_LOSSES, "token": TOKEN_LOSSES,
+                            "embedding": EMBEDDING_LOSSES, "match": MATCH_LOSSES}
 _ARGS = {"logit": ("student_logits", "teacher_logits", "temperature"),
-         "token": ("s_logp", "t_logp"), "match": ("student", "teacher", "mask")}
+         "token": ("s_logp", "t_logp"), "embedding": ("student", "teacher"),
+         "match": ("student", "teacher", "mask")}
 
 
 def register_loss(name: str, kind: str, *, features: str | tuple[str, ...] = (),
@@ -145,5 +151,5 @@ def _origin(entry) -> tuple[str, str]:
     return getattr(fn, "__module__", None) or "?", getattr(fn, "__qualname__", None) or repr(fn)
 
 
-__all__ = ["FEATURES", "KINDS", "LOGIT_LOSSES", "MATCH_LOSSES", "TOKEN_LOSSES", "MatchLoss",
+__all__ = ["EMBEDDING_LOSSES", "FEATURES", "KINDS", "LOGIT_LOSSES", "MATCH_LOSSES", "TOKEN_LOSSES", "MatchLoss",
            "get_loss", "register_loss"]

@@ -1,0 +1,186 @@
+"""Sentence embeddings: a sentence-transformers teacher, a smaller encoder student whose pooled
+embedding learns the teacher's on unlabelled text, exported with its pooling inside the graph,
+scored by how well it keeps the teacher's embedding space and timed one sentence at a time and
+as a batch of 32 (an index build)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from datasets import Dataset
+from transformers import AutoModel, DataCollatorWithPadding
+
+from ..bench.runner import BenchSettings, benchmark
+from ..data import load_task_data
+from ..distill.embedding_trainer import check_embedding_settings, embedding_agreement
+from ..distill.student import shares_tokenizer
+from ..distill.teacher_outputs import TEACHER_EMBEDDING, teacher_embeddings
+from ..evaluation import embed, embedding_metrics
+from ..pooling import carry, require_pooling
+from ..progress import silenced
+from ..recipe import Recipe
+from ..sources import resolve_model
+from .base import (
+    NAME_WIDTH,
+    Column,
+    ReportView,
+    Task,
+    literal,
+    print_over_budget,
+    refuse,
+    snippet_opening,
+)
+
+# sentences per batch of the throughput measurement: an index build embeds many at once
+INDEX_BATCH = 32
+
+
+def embedding_sets(tokenizer, args, data, data_cfg, teacher=None, cache_dir=None,
+                   cache_top_k: int = 64, transfer=None, transfer_cache=None,
+                   teacher_tokenizer=None):
+    """Training and validation texts tokenized for the student, each with the teacher's
+    embedding (computed once, read the teacher's way when the student has its own tokenizer:
+    the target is one vector per text), the collator, the validation score and the teacher
+    the trainer still runs (only for layer matches). The signature is every task's
+    ``training_sets``'; ``cache_*`` and ``transfer*`` do not apply (preflight refuses them)."""
+    length = data_cfg.max_length
+
+    def prepared(split: Dataset) -> Dataset:
+        texts = list(split["text"])
+        encoded = split.map(lambda b: tokenizer(b["text"], truncation=True, max_length=length),
+                            batched=True, remove_columns=split.column_names, desc="tokenize")
+        targets = teacher_embeddings(teacher, teacher_tokenizer or tokenizer, texts, length)
+        return encoded.add_column(TEACHER_EMBEDDING, targets)
+
+    live = teacher if args.matches and teacher_tokenizer is None else None
+    return (prepared(data.train), prepared(data.validation), DataCollatorWithPadding(tokenizer),
+            embedding_agreement, live, {})
+
+
+class SentenceEmbeddingTask(Task):
+    name = "sentence-embedding"
+    labelled = False  # labels, where a recipe names them (data.labels), serve k-NN scoring only
+    auto_model = AutoModel
+    report = ReportView(
+        columns=(Column("cosine to teacher", "metrics.cosine"),
+                 Column("Spearman vs teacher", "metrics.spearman"),
+                 Column("recall@10", "metrics.recall_at_k"),
+                 Column("k-NN accuracy", "metrics.knn_accuracy"),
+                 Column("p50 ms", "latency.p50_ms", 2), Column("p99 ms", "latency.p99_ms", 2),
+                 Column(f"sentences/s (batch {INDEX_BATCH})", "index.throughput_per_s", 0)),
+        summary=("Spearman vs teacher", "p50 ms", f"sentences/s (batch {INDEX_BATCH})"),
+        setting=("Test split: {test_rows} texts; agreement with the teacher's embeddings by "
+                 "cosine similarity. Latency: batch {batch_size}, sequence {sequence_length}, "
+                 "{threads} threads, profile `{profile}`; each model in its own process."),
+        quality="metrics.spearman", quality_label="Spearman correlation with the teacher's "
+                                                  "similarities",
+        higher_is_better=True, timing="latency", speed_label="latency per sentence, ms",
+        roofline_measure="p50", validation="validation cosine to teacher {cosine:.3f}")
+    hub_pipeline = "sentence-similarity"
+    example_text = "The medicine helped me sleep."
+
+    def load_data(self, cfg, seed):
+        return load_task_data(cfg, seed, labelled=bool(cfg.labels))
+
+    def load_model(self, path, trust_remote_code=False, **head):
+        """The encoder in ``path`` with its pooling carried in its config."""
+        pooling = require_pooling(path, "teacher.model" if not head else "student.model")
+        # a sentence-transformers folder has no pooler weights: transformers' notice that
+        # they are newly initialised concerns a layer the embedding never uses
+        with silenced("transformers.modeling_utils", "newly initialized"):
+            model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+        carry(model.config, pooling)
+        return model
+
+    def student_head(self, teacher_config):
+        return {"student": True}  # tells load_model which key names a folder without pooling
+
+    def selection(self, cfg, data):
+        # the best epoch: the highest mean cosine with the teacher's validation embeddings
+        return dict(metric_for_best_model="cosine", greater_is_better=True,
+                    per_device_eval_batch_size=64)
+
+    def training_sets(self, tokenizer, args, data, data_cfg, **kw):
+        return embedding_sets(tokenizer, args, data, data_cfg, **kw)
+
+    # ------------------------------------------------------------------ preflight
+
+    def check(self, r: Recipe) -> None:
+        require_pooling(resolve_model(r.teacher.model), "teacher.model")
+        check_embedding_settings(r.distill, "distill.")
+        refuse(r.teacher.finetune, "teacher.finetune: a sentence-embedding teacher is used as "
+               "it is (its embeddings are the targets; there is no labelled objective to "
+               "fine-tune it on); set teacher.finetune: false")
+        q, d = r.quantize, r.distill
+        refuse(d.cache_teacher or q.int4 or q.pytorch_int4 or d.qat_epochs > 0,
+               "distill.cache_teacher, distill.qat_epochs, quantize.int4 and "
+               "quantize.pytorch_int4 are not built for task sentence-embedding; its int8 path "
+               "is quantize.mode")
+        refuse(q.tolerable_loss is not None, "quantize.tolerable_loss: accuracy-aware tuning "
+               "scores classifiers; for task sentence-embedding leave it unset")
+        refuse(r.transfer.active, "transfer: a sentence embedder learns from unlabelled text "
+               "already; put more text in data.source instead of a transfer set")
+
+    def check_student(self, r: Recipe, config, teacher_tokenizer, student_tokenizer, labels):
+        # the target is one vector per text, so a student may read its own tokens; layer
+        # matches compare token positions and still need one tokenizer
+        refuse(bool(r.distill.matches) and not shares_tokenizer(teacher_tokenizer,
+                                                                 student_tokenizer),
+               "student.model: its tokenizer differs from the teacher's, and distill.matches "
+               "compare the two models token by token; drop distill.matches")
+
+    # ------------------------------------------------------------------ stages
+
+    def evaluate(self, run, models: list[dict]) -> dict:
+        test, r = run.data.test, run.recipe
+        texts = list(test["text"])
+        labels = list(test["label"]) if run.data.labels else None
+        results, reference = {}, None
+        for m in models:
+            vectors = embed(m["path"], texts, r.evaluate.batch_size, r.data.max_length,
+                            desc=f"embed {m['name']}")
+            if reference is None:
+                reference = vectors
+            metrics = embedding_metrics(vectors, reference, labels)
+            results[m["name"]] = metrics
+            knn = (f"  k-NN accuracy {metrics['knn_accuracy']:.3f}" if labels else "")
+            run.console.print(f"  {m['name']:<{NAME_WIDTH}} Spearman {metrics['spearman']:.3f}  "
+                              f"recall@{metrics['k']} {metrics['recall_at_k']:.3f}{knn}")
+        return {"test_rows": len(test), "labels": run.data.labels, "models": results}
+
+    def bench(self, run, models: list[dict]) -> dict:
+        b = run.recipe.bench
+        one = BenchSettings(b.warmup, b.iterations, b.min_seconds, b.batch_size,
+                            b.sequence_length, b.real_length_samples,
+                            run.recipe.data.max_length, rounds=b.rounds)
+        texts, paths = list(run.data.test["text"]), [m["path"] for m in models]
+        single = benchmark(paths, run.target, texts, one)
+        # an index build: many sentences a call; fewer iterations (each is 32 sentences)
+        index = benchmark(paths, run.target, texts,
+                          replace(one, batch_size=INDEX_BATCH, real_length_samples=0,
+                                  iterations=max(5, b.iterations // 8)))
+        rows = {}
+        for m, result, batch in zip(models, single, index):
+            if not print_over_budget(run.console, m["name"], result):
+                result["index"] = batch.get("latency", {})
+                run.console.print(
+                    f"  {m['name']:<{NAME_WIDTH}} p50 {result['latency']['p50_ms']:.2f} ms  "
+                    f"batch {INDEX_BATCH}: {result['index'].get('throughput_per_s', 0):.0f}/s  "
+                    f"RSS {result['peak_rss_mb']:.0f} MB")
+            rows[m["name"]] = result
+        return {"models": rows}
+
+    # ------------------------------------------------------------------ model card
+
+    def onnxruntime_snippet(self, location: str, file_name: str) -> str:
+        # the graph pools (and normalises) itself: its output is the sentence embedding
+        return "\n".join([
+            *snippet_opening(location, file_name),
+            (f"texts = [{literal(self.example_text)}, "
+             f"{literal('It let me sleep through the night.')}]"),
+            'inputs = tokenizer(texts, padding=True, truncation=True, return_tensors="np")',
+            "names = {i.name for i in session.get_inputs()}",
+            "feed = {k: v.astype(np.int64) for k, v in inputs.items() if k in names}",
+            'embeddings = session.run(["sentence_embedding"], feed)[0]',
+            "unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)",
+            'print(embeddings.shape, "cosine", float(unit[0] @ unit[1]))'])

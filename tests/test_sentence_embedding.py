@@ -1,0 +1,162 @@
+"""Task sentence-embedding on a tiny random sentence-transformers folder: pooling read and
+written in sentence-transformers' files, the pooling inside the exported graph, the metrics of
+agreement with the teacher, the whole pipeline, and its refusals."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import AutoModel, BertConfig, BertModel
+
+from edgedistill.cli import main
+from edgedistill.errors import EdgeDistillError
+from edgedistill.evaluation import embedding_metrics
+from edgedistill.export import export_onnx
+from edgedistill.pooling import Pooling, pool, read_pooling, write_sentence_transformers_files
+from edgedistill.recipe import load_recipe
+from edgedistill.runtime.classifier import load_predictor
+from edgedistill.tasks import get_task
+from tests.conftest import WORDS, make_tokenizer, write_tsv
+
+
+def make_embedder(folder, pooling=Pooling("mean", True), layers=4, seed=0):
+    """A tiny BERT encoder saved as sentence-transformers saves one."""
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=layers,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    make_tokenizer(folder).save_pretrained(folder)
+    if pooling is not None:
+        write_sentence_transformers_files(folder, pooling, 32, 64)
+    return folder
+
+
+@pytest.mark.parametrize("pooling", [Pooling("mean", True), Pooling("cls", False)])
+def test_exported_graph_pools_as_pytorch_does_with_padding(tmp_path, pooling):
+    folder = make_embedder(tmp_path / "st", pooling)
+    assert read_pooling(folder) == pooling
+    export_onnx(folder, tmp_path / "onnx")
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    assert [o.name for o in session.get_outputs()] == ["sentence_embedding"]
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    # rows of different lengths: padding must not count
+    enc = tokenizer(["good", "bad pain week headache sleep dose worse"], padding=True,
+                    return_tensors="pt")
+    model = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = pool(model(**enc).last_hidden_state, enc["attention_mask"], pooling).numpy()
+        alone = pool(model(**tokenizer(["good"], return_tensors="pt")).last_hidden_state,
+                     torch.ones(1, 3, dtype=torch.long), pooling).numpy()
+    got = session.run(None, {k: v.numpy() for k, v in enc.items()})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(got[0], alone[0], atol=1e-5)  # padded row == the row alone
+    # the runtime of evaluation and benchmark returns the same vectors on either backend
+    np.testing.assert_allclose(load_predictor(folder).logits({k: v.numpy() for k, v in enc.items()}),
+                               expected, atol=1e-5)
+
+
+def test_pooling_files_that_edgedistill_cannot_export_are_refused(tmp_path):
+    folder = make_embedder(tmp_path / "st")
+    settings = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    settings["pooling_mode_max_tokens"] = True
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(settings))
+    with pytest.raises(EdgeDistillError, match="not one that edgedistill exports"):
+        read_pooling(folder)
+    assert read_pooling(make_embedder(tmp_path / "plain", pooling=None)) is None
+
+
+def test_metrics_are_perfect_for_the_reference_and_drop_for_noise():
+    rng = np.random.default_rng(0)
+    teacher = rng.normal(size=(60, 16)).astype(np.float32)
+    labels = [0] * 30 + [1] * 30
+    teacher[:30] += 3.0  # two clusters: k-NN can tell the labels apart
+    same = embedding_metrics(teacher, teacher, labels)
+    assert same["cosine"] == pytest.approx(1.0) and same["spearman"] == pytest.approx(1.0)
+    assert same["recall_at_k"] == pytest.approx(1.0) and same["knn_accuracy"] > 0.9
+    noisy = embedding_metrics(teacher + rng.normal(scale=2.0, size=teacher.shape), teacher)
+    assert noisy["spearman"] < 0.9 and noisy["recall_at_k"] < 0.9
+    other_width = embedding_metrics(rng.normal(size=(60, 8)), teacher)
+    assert other_width["cosine"] is None and -0.5 < other_width["spearman"] < 0.5
+
+
+RECIPE = """
+version: 1
+task: sentence-embedding
+data: {{source: {data}, max_length: 32{labels}}}
+teacher: {{model: {teacher}, finetune: false}}
+student: {{num_layers: 2}}
+distill: {{epochs: 3, batch_size: 16, learning_rate: 1.0e-3, distill_loss: embedding_mse}}
+quantize: {{runtimes: [onnxruntime]}}
+bench: {{iterations: 5, min_seconds: 0.05, warmup: 1, real_length_samples: 0,
+         sequence_length: 32, rounds: 1}}
+"""
+
+
+def write_recipe(tmp_path, labels=True, **changes):
+    data = write_tsv(tmp_path / "data", 90, 40)
+    text = RECIPE.format(data=data, teacher=make_embedder(tmp_path / "teacher"),
+                         labels=", labels: [negative, neutral, positive]" if labels else "")
+    for old, new in changes.items():
+        text = text.replace(old, new)
+    (tmp_path / "recipe.yaml").write_text(text)
+    return tmp_path / "recipe.yaml"
+
+
+def test_pipeline_distils_exports_quantizes_and_reports_an_embedder(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(write_recipe(tmp_path)), "--output", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {m["name"]: m for m in report["models"]}
+    assert list(rows) == ["teacher", "teacher-onnx", "student", "student-onnx", "student-int8"]
+    assert rows["teacher"]["metrics"]["spearman"] == pytest.approx(1.0)
+    assert rows["teacher-onnx"]["metrics"]["spearman"] == pytest.approx(1.0, abs=1e-3)
+    for name in ("teacher-onnx", "student", "student-onnx", "student-int8"):
+        m = rows[name]["metrics"]
+        assert -1 <= m["spearman"] <= 1 and 0 <= m["recall_at_k"] <= 1
+        assert "knn_accuracy" in m and rows[name]["index"]["throughput_per_s"] > 0
+    # the ONNX student gives the PyTorch student's embeddings: same scores
+    assert rows["student-onnx"]["metrics"]["spearman"] == pytest.approx(
+        rows["student"]["metrics"]["spearman"], abs=1e-3)
+    student = out / "distill" / "model"
+    assert read_pooling(student) == Pooling("mean", True)
+    assert json.loads((student / "modules.json").read_text())[1]["path"] == "1_Pooling"
+    assert "Spearman vs teacher" in (out / "report.md").read_text()
+    # the validation score that chose the epoch is the cosine to the teacher
+    record = json.loads((out / "distill" / "manifest.json").read_text())["record"]
+    assert record["selection"]["metric"] == "cosine"
+    assert len(record["selection"]["per_epoch"]) == 3
+
+
+def test_labels_are_read_only_when_the_recipe_names_them(tmp_path):
+    task = get_task("sentence-embedding")
+    unlabelled = task.load_data(load_recipe(write_recipe(tmp_path, labels=False)).data, 42)
+    assert unlabelled.labels == [] and unlabelled.test.column_names == ["text"]
+    labelled = task.load_data(load_recipe(write_recipe(tmp_path)).data, 42)
+    assert labelled.labels == ["negative", "neutral", "positive"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"finetune: false": "finetune: true"}, "teacher.finetune: a sentence-embedding teacher"),
+    ({"distill_loss: embedding_mse": "distill_loss: soft_cross_entropy"},
+     "distill.distill_loss: 'soft_cross_entropy' does not compare sentence embeddings"),
+    ({"distill_loss: embedding_mse": "distill_loss: embedding_mse, alpha_distill: 0"},
+     "distill.alpha_distill: 0"),
+])
+def test_bad_settings_are_one_line_and_nothing_is_written(tmp_path, capsys, change, message):
+    out = tmp_path / "out"
+    assert main(["run", str(write_recipe(tmp_path, **change)), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not (out / "teacher").exists()
+
+
+def test_teacher_without_pooling_is_refused_in_one_line(tmp_path, capsys):
+    recipe = write_recipe(tmp_path)
+    for name in ("modules.json", "sentence_bert_config.json"):
+        (tmp_path / "teacher" / name).unlink()
+    assert main(["run", str(recipe), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.model" in err and "has no pooling information" in err
+    assert not (tmp_path / "out" / "teacher").exists()
