@@ -19,6 +19,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .artifacts import SIDECAR_FILES, onnx_file, write_atomic
+from .distill.losses import embedding_losses
 from .errors import EdgeDistillError
 from .report import fmt, value_at
 from .sources import looks_like_hub_id
@@ -163,10 +164,14 @@ def _recipe_lines(report: dict, model: dict) -> list[str]:
             shape = f"{s['num_layers']} randomly initialised blocks {s.get('config') or ''}"
         lines.append(f"- Student: {shape.strip()}.")
         matches = ", ".join(m["loss"] for m in d.get("matches", []))
+        # an embedding loss has no temperature and no hard labels beside it
+        target = (f"between the student's and the teacher's sentence embeddings (weight "
+                  f"{d['alpha_distill']:g})" if d["distill_loss"] in embedding_losses() else
+                  f"on the teacher's outputs at temperature {d['temperature']:g} (weight "
+                  f"{d['alpha_distill']:g}; hard labels {d['alpha_ce']:g})")
         lines.append(
-            f"- Distillation: `{d['distill_loss']}` on the teacher's outputs at temperature "
-            f"{d['temperature']:g} (weight {d['alpha_distill']:g}; hard labels "
-            f"{d['alpha_ce']:g})" + (f", layer losses {matches}" if matches else "")
+            f"- Distillation: `{d['distill_loss']}` {target}"
+            + (f", layer losses {matches}" if matches else "")
             + f"; {d['epochs']:g} epochs, batch {d['batch_size']}, learning rate "
             f"{d['learning_rate']:g}.")
     lines.append(f"- Data: split `{data['train_split']}` of `{data['source']}`, texts cut to "

@@ -19,6 +19,7 @@ from edgedistill.recipe import load_recipe
 from edgedistill.runtime.classifier import load_predictor
 from edgedistill.tasks import get_task
 from tests.conftest import WORDS, make_tokenizer, write_tsv
+from tests.test_model_card import execute, python_blocks
 
 
 def make_embedder(folder, pooling=Pooling("mean", True), layers=4, seed=0):
@@ -87,7 +88,8 @@ task: sentence-embedding
 data: {{source: {data}, max_length: 32{labels}}}
 teacher: {{model: {teacher}, finetune: false}}
 student: {{num_layers: 2}}
-distill: {{epochs: 3, batch_size: 16, learning_rate: 1.0e-3, distill_loss: embedding_mse}}
+distill: {{epochs: 3, batch_size: 16, learning_rate: 1.0e-3, distill_loss: embedding_mse,
+          alpha_distill: 1.0}}
 quantize: {{runtimes: [onnxruntime]}}
 bench: {{iterations: 5, min_seconds: 0.05, warmup: 1, real_length_samples: 0,
          sequence_length: 32, rounds: 1}}
@@ -123,6 +125,11 @@ def test_pipeline_distils_exports_quantizes_and_reports_an_embedder(tmp_path, ca
     assert read_pooling(student) == Pooling("mean", True)
     assert json.loads((student / "modules.json").read_text())[1]["path"] == "1_Pooling"
     assert "Spearman vs teacher" in (out / "report.md").read_text()
+    # the int8 model's card: its loading code runs and prints the embedding's shape
+    card = (out / "quantize" / "student-int8" / "README.md").read_text()
+    assert "sentence embeddings (weight 1)" in card and "temperature" not in card
+    printed = execute(python_blocks(card)[0])
+    assert printed.startswith("(2, 32) cosine")
     # the validation score that chose the epoch is the cosine to the teacher
     record = json.loads((out / "distill" / "manifest.json").read_text())["record"]
     assert record["selection"]["metric"] == "cosine"
@@ -141,7 +148,7 @@ def test_labels_are_read_only_when_the_recipe_names_them(tmp_path):
     ({"finetune: false": "finetune: true"}, "teacher.finetune: a sentence-embedding teacher"),
     ({"distill_loss: embedding_mse": "distill_loss: soft_cross_entropy"},
      "distill.distill_loss: 'soft_cross_entropy' does not compare sentence embeddings"),
-    ({"distill_loss: embedding_mse": "distill_loss: embedding_mse, alpha_distill: 0"},
+    ({"alpha_distill: 1.0": "alpha_distill: 0"},
      "distill.alpha_distill: 0"),
 ])
 def test_bad_settings_are_one_line_and_nothing_is_written(tmp_path, capsys, change, message):

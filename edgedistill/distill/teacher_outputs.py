@@ -6,6 +6,7 @@ import torch
 
 from ..data import tokenize
 from ..pooling import carried, pool
+from ..progress import track
 
 # the column of a training set that holds the teacher's logits for each example
 TEACHER_LOGITS = "teacher_logits"
@@ -64,7 +65,7 @@ def teacher_embeddings(teacher, tokenizer, texts: list[str], max_length: int = 1
     rows: list[list[float]] = [[]] * len(texts)
     teacher.eval()
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
+        for start in track(range(0, len(order), batch_size), "teacher embeddings"):
             idx = order[start:start + batch_size]
             batch = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length,
                               padding=True, return_tensors="pt").to(device)

@@ -1,0 +1,187 @@
+"""A distilled sentence embedder against what a user would ship without edgedistill, over seeds.
+
+For each seed the packaged recipe ``mpnet-embeddings`` runs whole (all-mpnet-base-v2 teaches
+a 2-block student on tweets' text; export with the pooling in the graph; int8; evaluation on
+the seed's 2,000 test tweets). Beside it, on the same test texts:
+
+- **peer**: sentence-transformers' own route for the teacher, its dynamic-int8 ONNX export
+  (``SentenceTransformer(..., backend="onnx")`` then ``export_dynamic_quantized_onnx_model``
+  with the ``avx512_vnni`` config, as its documentation shows);
+- **small off the shelf**: all-MiniLM-L6-v2 (22.7M parameters), the small model a user would
+  take instead of distilling, through the same sentence-transformers int8 route.
+
+Quality is agreement with the fp32 teacher (Spearman of pairwise similarities, recall@10 of
+its neighbours) and k-NN accuracy on the tweets' sentiment labels. Speed is measured in one
+process per seed, the models taking turns sentence by sentence (tokenizer included for all:
+``encode`` for the sentence-transformers models, the tokenizer and an onnxruntime session for
+ours, both on the same threads), so the ratios compare like with like on a shared machine.
+
+    python benchmarks/sentence_embedding.py --seeds 42 43 44
+
+Needs ./setup.sh --workloads and sentence-transformers (pip install --no-deps
+sentence-transformers==5.7.0: it installs beside the pinned stack). Writes
+benchmarks/results/sentence_embedding.{json,md}; finished runs stay in benchmarks/work/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgedistill.evaluation import embed, embedding_metrics
+from edgedistill.host import environment
+from edgedistill.pipeline import run
+from edgedistill.sources import resolve_model
+
+HERE = Path(__file__).parent
+WORK = HERE / "work" / "embeddings"
+RECIPE = HERE.parent / "recipes" / "mpnet-embeddings.yaml"
+TEACHER = "sentence-transformers/all-mpnet-base-v2"
+SMALL = "sentence-transformers/all-MiniLM-L6-v2"
+THREADS = 2
+INT8_FILE = "onnx/model_qint8_avx512_vnni.onnx"
+
+
+def st_int8(model_id: str):
+    """``model_id`` through sentence-transformers' dynamic-int8 ONNX route (exported once into
+    a copy of its folder)."""
+    from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model
+
+    folder = WORK / "peer" / model_id.split("/")[-1]
+    if not (folder / INT8_FILE).is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(resolve_model(model_id), folder)
+        fp32 = SentenceTransformer(str(folder), backend="onnx", device="cpu")
+        fp32.save_pretrained(str(folder))  # onnx/model.onnx beside the weights
+        export_dynamic_quantized_onnx_model(fp32, "avx512_vnni", str(folder))
+    return SentenceTransformer(str(folder), backend="onnx", device="cpu",
+                               model_kwargs={"file_name": INT8_FILE,
+                                             "provider": "CPUExecutionProvider"})
+
+
+class OnnxEmbedder:
+    """Our exported student as an app runs it: its tokenizer, then one onnxruntime call."""
+
+    def __init__(self, folder: Path, max_length: int):
+        from transformers import AutoTokenizer
+
+        from edgedistill.runtime.classifier import load_predictor
+
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.predictor = load_predictor(folder, threads=THREADS)
+        self.max_length = max_length
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        enc = dict(self.tokenizer(texts, padding=True, truncation=True,
+                                  max_length=self.max_length, return_tensors="np"))
+        return self.predictor.logits(enc)
+
+
+def timed_turns(models: dict, texts: list[str], rounds: int = 3) -> dict:
+    """p50 ms per sentence of each model, taking turns sentence by sentence, ``rounds`` times."""
+    times = {name: [] for name in models}
+    for model in models.values():  # warm up every model before any timing
+        for text in texts[:10]:
+            model.encode([text])
+    for _ in range(rounds):
+        for text in texts:
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model.encode([text])
+                times[name].append(time.perf_counter() - t0)
+    return {name: {"p50_ms": 1000 * statistics.median(t), "samples": len(t)}
+            for name, t in times.items()}
+
+
+def one_seed(seed: int, sentences: int) -> dict:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    out = WORK / f"seed-{seed}"
+    report = run(RECIPE, out, overrides=[f"seed={seed}"])
+    rows = {m["name"]: m for m in report["models"]}
+    from edgedistill.recipe import load_recipe
+    from edgedistill.tasks import get_task
+
+    recipe = load_recipe(RECIPE, [f"seed={seed}"])
+    data = get_task("sentence-embedding").load_data(recipe.data, seed)
+    texts, labels = list(data.test["text"]), list(data.test["label"])
+    reference = embed(out / "teacher" / "model", texts, 64, recipe.data.max_length)
+    peers = {"teacher-st-int8": st_int8(TEACHER), "minilm-st-int8": st_int8(SMALL)}
+    quality = {name: embedding_metrics(np.asarray(model.encode(texts, batch_size=64)),
+                                       reference, labels)
+               for name, model in peers.items()}
+    for name in ("teacher", "student", "student-int8"):
+        quality[name] = rows[name]["metrics"]
+    ours = OnnxEmbedder(out / "quantize" / "student-int8", recipe.data.max_length)
+    speed = timed_turns({**peers, "student-int8": ours}, texts[:sentences])
+    return {"seed": seed, "quality": quality, "speed": speed,
+            "pipeline_bench": {n: {"p50_ms": rows[n]["latency"]["p50_ms"],
+                                   "batch32_per_s": rows[n]["index"]["throughput_per_s"],
+                                   "size_mb": rows[n].get("size_mb")}
+                               for n in ("teacher", "teacher-onnx", "student", "student-int8")},
+            "distill_seconds": report.get("stages", {}).get("distill", {}).get("seconds")}
+
+
+def mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def write_results(runs: list[dict]) -> None:
+    names = ("teacher", "teacher-st-int8", "minilm-st-int8", "student", "student-int8")
+    lines = ["# Sentence embeddings: distilled MPNet student vs sentence-transformers' routes", "",
+             f"Recipe `mpnet-embeddings`, seeds {', '.join(str(r['seed']) for r in runs)}; "
+             "2,000 test tweets per seed; mean ± sd over seeds. Agreement is with the fp32 "
+             "teacher's embeddings (cosine similarity).", "",
+             "| model | Spearman vs teacher | recall@10 | k-NN accuracy | p50 ms / sentence "
+             "(with tokenizer) | speed-up over teacher-st-int8 |",
+             "|---|---|---|---|---|---|"]
+    for name in names:
+        q = [r["quality"][name] for r in runs]
+        speed = [r["speed"][name]["p50_ms"] for r in runs if name in r["speed"]]
+        ratio = [r["speed"]["teacher-st-int8"]["p50_ms"] / r["speed"][name]["p50_ms"]
+                 for r in runs if name in r["speed"]]
+        lines.append(f"| {name} | {mean_sd([m['spearman'] for m in q])} | "
+                     f"{mean_sd([m['recall_at_k'] for m in q])} | "
+                     f"{mean_sd([m['knn_accuracy'] for m in q])} | "
+                     f"{mean_sd(speed) if speed else '-'} | "
+                     f"{mean_sd(ratio) if ratio else '-'} |")
+    lines += ["", "Per seed (student-int8): " + "; ".join(
+        f"seed {r['seed']}: Spearman {r['quality']['student-int8']['spearman']:.3f}, "
+        f"{r['speed']['teacher-st-int8']['p50_ms'] / r['speed']['student-int8']['p50_ms']:.2f}x "
+        "faster than teacher-st-int8" for r in runs), "",
+              "Pipeline's own benchmark (session only, padded to 64 tokens, one process per "
+              "model): " + "; ".join(
+                  f"seed {r['seed']}: teacher {r['pipeline_bench']['teacher']['p50_ms']:.1f} ms, "
+                  f"student-int8 {r['pipeline_bench']['student-int8']['p50_ms']:.2f} ms, "
+                  f"batch 32 {r['pipeline_bench']['student-int8']['batch32_per_s']:.0f} vs "
+                  f"{r['pipeline_bench']['teacher']['batch32_per_s']:.0f} sentences/s"
+                  for r in runs)]
+    results = HERE / "results"
+    (results / "sentence_embedding.md").write_text("\n".join(lines) + "\n")
+    (results / "sentence_embedding.json").write_text(json.dumps(
+        {"runs": runs, "environment": environment()}, indent=2, default=str))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    parser.add_argument("--sentences", type=int, default=200,
+                        help="test sentences each model encodes per timing round")
+    args = parser.parse_args()
+    runs = []
+    for seed in args.seeds:
+        runs.append(one_seed(seed, args.sentences))
+        write_results(runs)
+        print((HERE / "results" / "sentence_embedding.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
