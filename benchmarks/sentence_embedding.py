@@ -2,7 +2,7 @@
 
 For each seed the packaged recipe ``mpnet-embeddings`` runs whole (all-mpnet-base-v2 teaches
 a 2-block student on tweets' text; export with the pooling in the graph; int8; evaluation on
-the seed's 2,000 test tweets). Beside it, on the same test texts:
+the seed's 1,000 test tweets). Beside it, on the same test texts:
 
 - **peer**: sentence-transformers' own route for the teacher, its dynamic-int8 ONNX export
   (``SentenceTransformer(..., backend="onnx")`` then ``export_dynamic_quantized_onnx_model``
@@ -51,7 +51,10 @@ INT8_FILE = "onnx/model_qint8_avx512_vnni.onnx"
 def st_int8(model_id: str):
     """``model_id`` through sentence-transformers' dynamic-int8 ONNX route (exported once into
     a copy of its folder)."""
-    from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model
+    from sentence_transformers import (
+        SentenceTransformer,
+        export_dynamic_quantized_onnx_model,
+    )
 
     folder = WORK / "peer" / model_id.split("/")[-1]
     if not (folder / INT8_FILE).is_file():
@@ -137,11 +140,11 @@ def mean_sd(values: list[float]) -> str:
 def write_results(runs: list[dict]) -> None:
     names = ("teacher", "teacher-st-int8", "minilm-st-int8", "student", "student-int8")
     lines = ["# Sentence embeddings: distilled MPNet student vs sentence-transformers' routes", "",
-             f"Recipe `mpnet-embeddings`, seeds {', '.join(str(r['seed']) for r in runs)}; "
-             "2,000 test tweets per seed; mean ± sd over seeds. Agreement is with the fp32 "
-             "teacher's embeddings (cosine similarity).", "",
-             "| model | Spearman vs teacher | recall@10 | k-NN accuracy | p50 ms / sentence "
-             "(with tokenizer) | speed-up over teacher-st-int8 |",
+             (f"Recipe `mpnet-embeddings`, seeds {', '.join(str(r['seed']) for r in runs)}; "
+              "1,000 test tweets per seed; mean ± sd over seeds. Agreement is with the fp32 "
+              "teacher's embeddings (cosine similarity)."), "",
+             ("| model | Spearman vs teacher | recall@10 | k-NN accuracy | p50 ms / sentence "
+              "(with tokenizer) | speed-up over teacher-st-int8 |"),
              "|---|---|---|---|---|---|"]
     for name in names:
         q = [r["quality"][name] for r in runs]

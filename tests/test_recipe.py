@@ -80,7 +80,8 @@ def test_every_setting_has_help():
 
 def test_packaged_recipes_load_by_name():
     assert load_recipe("smollm2-distill").task == "causal-lm"
-    with pytest.raises(EdgeDistillError, match="drug-reviews-minilm, smollm2-distill"):
+    assert load_recipe("mpnet-embeddings").task == "sentence-embedding"
+    with pytest.raises(EdgeDistillError, match="drug-reviews-minilm, mpnet-embeddings, smollm2"):
         load_recipe("smollm3-distill")
 
 

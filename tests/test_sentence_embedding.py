@@ -14,15 +14,22 @@ from edgedistill.cli import main
 from edgedistill.errors import EdgeDistillError
 from edgedistill.evaluation import embedding_metrics
 from edgedistill.export import export_onnx
-from edgedistill.pooling import Pooling, pool, read_pooling, write_sentence_transformers_files
+from edgedistill.pooling import (
+    Pooling,
+    pool,
+    read_pooling,
+    write_sentence_transformers_files,
+)
 from edgedistill.recipe import load_recipe
 from edgedistill.runtime.classifier import load_predictor
 from edgedistill.tasks import get_task
 from tests.conftest import WORDS, make_tokenizer, write_tsv
 from tests.test_model_card import execute, python_blocks
 
+MEAN_UNIT = Pooling("mean", True)  # all-MiniLM-L6-v2's and all-mpnet-base-v2's pooling
 
-def make_embedder(folder, pooling=Pooling("mean", True), layers=4, seed=0):
+
+def make_embedder(folder, pooling=MEAN_UNIT, layers=4, seed=0):
     """A tiny BERT encoder saved as sentence-transformers saves one."""
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=layers,
@@ -108,7 +115,11 @@ def write_recipe(tmp_path, labels=True, **changes):
 
 def test_pipeline_distils_exports_quantizes_and_reports_an_embedder(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["run", str(write_recipe(tmp_path)), "--output", str(out)]) == 0
+    # a layer match beside the embedding loss: the live teacher runs for it
+    recipe = write_recipe(tmp_path, **{"alpha_distill: 1.0": (
+        "alpha_distill: 1.0,\n          matches: [{loss: hidden_mse, strategy: uniform, "
+        "weight: 0.5}]")})
+    assert main(["run", str(recipe), "--output", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     rows = {m["name"]: m for m in report["models"]}
     assert list(rows) == ["teacher", "teacher-onnx", "student", "student-onnx", "student-int8"]
@@ -134,6 +145,8 @@ def test_pipeline_distils_exports_quantizes_and_reports_an_embedder(tmp_path, ca
     record = json.loads((out / "distill" / "manifest.json").read_text())["record"]
     assert record["selection"]["metric"] == "cosine"
     assert len(record["selection"]["per_epoch"]) == 3
+    losses = [h for h in record["log_history"] if "loss_distill" in h]
+    assert losses and all(h["loss_hidden_mse"] > 0 for h in losses)
 
 
 def test_labels_are_read_only_when_the_recipe_names_them(tmp_path):
@@ -150,6 +163,8 @@ def test_labels_are_read_only_when_the_recipe_names_them(tmp_path):
      "distill.distill_loss: 'soft_cross_entropy' does not compare sentence embeddings"),
     ({"alpha_distill: 1.0": "alpha_distill: 0"},
      "distill.alpha_distill: 0"),
+    ({"student: {num_layers: 2}": "student: {init: pruned, config: {hidden_size: 16}}"},
+     "student: its width 16 differs from the teacher's 32"),
 ])
 def test_bad_settings_are_one_line_and_nothing_is_written(tmp_path, capsys, change, message):
     out = tmp_path / "out"

@@ -329,7 +329,7 @@ class DistillationTrainer(Trainer):
         self._add_matches(parts, student, s_features, t_features, inputs.get("attention_mask"))
         return self._total(model, parts, logits, return_outputs)
 
-    def _teacher_features(self, inputs: dict) -> dict:
+    def _teacher_features(self, inputs: dict) -> tuple:
         """The live teacher's features that the matches compare (and its outputs)."""
         # no_grad, not inference_mode: the teacher's outputs enter the student's autograd
         # graph as constants, which inference tensors are not allowed to do.

@@ -18,7 +18,6 @@ from ..errors import EdgeDistillError
 from ..pooling import pool, read_pooling
 from .session import check_cpu_only, open_onnx_session, open_openvino_model
 
-
 # the output of an exported sentence embedder (its pooling runs inside the graph)
 EMBEDDING_OUTPUT = "sentence_embedding"
 

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..bench.runner import BenchSettings
 from ..data import TaskData, load_task_data
 from ..distill.student import check_same_tokenizer
 from ..errors import EdgeDistillError
@@ -196,6 +197,14 @@ class Task:
             "tokenizer = AutoTokenizer.from_pretrained(model_id)",
             f"pipe = pipeline({literal(self.hub_pipeline)}, model=model, tokenizer=tokenizer)",
             f"print(pipe({literal(self.example_text)}{options}))"])
+
+
+def bench_settings(run) -> BenchSettings:
+    """The timing settings of a run's bench block, for a model timed one forward pass at a
+    time (classifiers, sentence embedders)."""
+    b = run.recipe.bench
+    return BenchSettings(b.warmup, b.iterations, b.min_seconds, b.batch_size, b.sequence_length,
+                         b.real_length_samples, run.recipe.data.max_length, rounds=b.rounds)
 
 
 def model_row(name: str, role: str, backend: str, precision: str, path: Path) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification
 
-from ..bench.runner import BenchSettings, benchmark
+from ..bench.runner import benchmark
 from ..distill.qat import fake_quant_matches_onnxruntime, int8_scheme
 from ..distill.student import shares_tokenizer
 from ..distill.trainer import check_classifier_settings
@@ -21,6 +21,7 @@ from .base import (
     Column,
     ReportView,
     Task,
+    bench_settings,
     literal,
     model_row,
     print_over_budget,
@@ -205,12 +206,8 @@ class ClassificationTask(Task):
         return {"test_rows": len(test), "labels": run.data.labels, "models": results}
 
     def bench(self, run, models: list[dict]) -> dict:
-        b = run.recipe.bench
-        settings = BenchSettings(b.warmup, b.iterations, b.min_seconds, b.batch_size,
-                                 b.sequence_length, b.real_length_samples,
-                                 run.recipe.data.max_length, rounds=b.rounds)
         results = benchmark([m["path"] for m in models], run.target,
-                            list(run.data.test["text"]), settings)
+                            list(run.data.test["text"]), bench_settings(run))
         for m, result in zip(models, results):
             if not print_over_budget(run.console, m["name"], result):
                 run.console.print(f"  {m['name']:<{NAME_WIDTH}} p50 {result['latency']['p50_ms']:.2f} ms"

@@ -8,13 +8,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 from datasets import Dataset
-from transformers import AutoModel, DataCollatorWithPadding
+from transformers import AutoConfig, AutoModel, DataCollatorWithPadding
 
-from ..bench.runner import BenchSettings, benchmark
+from ..bench.runner import benchmark
 from ..data import load_task_data
 from ..distill.embedding_trainer import check_embedding_settings, embedding_agreement
 from ..distill.student import shares_tokenizer
 from ..distill.teacher_outputs import TEACHER_EMBEDDING, teacher_embeddings
+from ..distill.training import plan_student
 from ..evaluation import embed, embedding_metrics
 from ..pooling import carry, require_pooling
 from ..progress import silenced
@@ -25,6 +26,7 @@ from .base import (
     Column,
     ReportView,
     Task,
+    bench_settings,
     literal,
     print_over_budget,
     refuse,
@@ -106,8 +108,18 @@ class SentenceEmbeddingTask(Task):
     # ------------------------------------------------------------------ preflight
 
     def check(self, r: Recipe) -> None:
-        require_pooling(resolve_model(r.teacher.model), "teacher.model")
+        path = resolve_model(r.teacher.model)
+        require_pooling(path, "teacher.model")
         check_embedding_settings(r.distill, "distill.")
+        teacher = AutoConfig.from_pretrained(path, trust_remote_code=r.teacher.trust_remote_code)
+        student, _ = plan_student(path, teacher, r.student)
+        # the student's embedding is compared with the teacher's dimension by dimension
+        refuse(student.hidden_size != teacher.hidden_size,
+               f"student: its width {student.hidden_size} differs from the teacher's "
+               f"{teacher.hidden_size}; a sentence embedder's student keeps the teacher's "
+               "width (no projection between the two is built): leave "
+               "student.config.hidden_size out, or take a student.model of width "
+               f"{teacher.hidden_size}")
         refuse(r.teacher.finetune, "teacher.finetune: a sentence-embedding teacher is used as "
                "it is (its embeddings are the targets; there is no labelled objective to "
                "fine-tune it on); set teacher.finetune: false")
@@ -149,16 +161,13 @@ class SentenceEmbeddingTask(Task):
         return {"test_rows": len(test), "labels": run.data.labels, "models": results}
 
     def bench(self, run, models: list[dict]) -> dict:
-        b = run.recipe.bench
-        one = BenchSettings(b.warmup, b.iterations, b.min_seconds, b.batch_size,
-                            b.sequence_length, b.real_length_samples,
-                            run.recipe.data.max_length, rounds=b.rounds)
+        one = bench_settings(run)
         texts, paths = list(run.data.test["text"]), [m["path"] for m in models]
         single = benchmark(paths, run.target, texts, one)
         # an index build: many sentences a call; fewer iterations (each is 32 sentences)
         index = benchmark(paths, run.target, texts,
                           replace(one, batch_size=INDEX_BATCH, real_length_samples=0,
-                                  iterations=max(5, b.iterations // 8)))
+                                  iterations=max(5, one.iterations // 8)))
         rows = {}
         for m, result, batch in zip(models, single, index):
             if not print_over_budget(run.console, m["name"], result):
