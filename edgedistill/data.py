@@ -1,7 +1,9 @@
-"""Load a text-classification data set into train / validation / test splits and tokenize it.
+"""Load a data set into train / validation / test splits and tokenize it: texts with a class
+(classification, language modelling, sentence embeddings) or words with a tag each (token
+classification).
 
 Everything goes through `datasets`: packaged offline copies, local files (csv, tsv, json,
-jsonl, parquet), folders written by ``save_to_disk``, and hub ids.
+jsonl, parquet, and CoNLL files for tags), folders written by ``save_to_disk``, and hub ids.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from .errors import EdgeDistillError
 from .packaged_data import PACKAGED_DATASETS, packaged_dataset_files
 from .recipe import DataConfig, check_limits
 
-_LOADERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_LOADERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+            ".conll": "conll"}
 
 
 @dataclass
@@ -100,8 +103,33 @@ def _load_files(files: dict[str, Path], source: str) -> DatasetDict:
         raise EdgeDistillError(
             f"data.source: {source}: use files of one type among {', '.join(_LOADERS)}")
     suffix = suffixes.pop()
+    if suffix == ".conll":
+        return DatasetDict({split: _read_conll(path) for split, path in files.items()})
     kw = {"delimiter": "\t"} if suffix == ".tsv" else {}
     return load_dataset(_LOADERS[suffix], data_files={k: str(v) for k, v in files.items()}, **kw)
+
+
+def _read_conll(path: Path) -> Dataset:
+    """A CoNLL file (a word per line, its tag in the last column, a blank line between
+    sentences, ``-DOCSTART-`` lines skipped) as columns ``tokens`` and ``tags``. Read here:
+    `datasets` has no builder for local CoNLL files (the hub's conll2003 is a script)."""
+    sentences, tokens, tags = [], [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if tokens:
+                sentences.append((tokens, tags))
+            tokens, tags = [], []
+            continue
+        if len(fields) < 2:
+            raise EdgeDistillError(f"data.source: {path}, line {number}: '{line.strip()}' has no "
+                                   "tag; CoNLL lines are 'word ... TAG', separated by spaces")
+        tokens.append(fields[0])
+        tags.append(fields[-1])
+    if tokens:
+        sentences.append((tokens, tags))
+    return Dataset.from_dict({"tokens": [t for t, _ in sentences],
+                              "tags": [g for _, g in sentences]})
 
 
 def _clean(text: str) -> str:
@@ -180,6 +208,60 @@ def load_task_data(cfg: DataConfig, seed: int = 42, labelled: bool = True) -> Ta
         parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed)
     splits = DatasetDict(train=parts["train"], validation=parts["test"], test=test)
     return TaskData(splits=splits, labels=labels, dropped={k: v for k, v in dropped.items() if v})
+
+
+def load_tagged_data(cfg: DataConfig, seed: int = 42) -> TaskData:
+    """Read words with a tag each: ``data.text_column`` holds each example's words (a list),
+    ``data.label_column`` their tags (as many), e.g. BIO tags (``B-PER``, ``I-PER``, ``O``).
+    The splits keep ``tokens``, ``tags`` (tag ids) and ``text`` (the words joined by spaces:
+    what calibration, pruning and the benchmark read)."""
+    check_limits(DataConfig, cfg, "data.")
+    raw = _read_raw(cfg)
+    for split in (cfg.train_split, cfg.test_split):
+        if split not in raw:
+            raise EdgeDistillError(
+                f"data.source: {cfg.source}: has no split '{split}' (has: {', '.join(raw)}); "
+                f"set data.train_split / data.test_split")
+        for col, key in ((cfg.text_column, "text_column"), (cfg.label_column, "label_column")):
+            if col not in raw[split].column_names:
+                raise EdgeDistillError(
+                    f"data.{key}: column '{col}' is missing from split '{split}' of "
+                    f"{cfg.source} (columns: {', '.join(raw[split].column_names)}); tagged data "
+                    "hold a list of words and a list of tags per row")
+    train, test = raw[cfg.train_split], raw[cfg.test_split]
+    labels = cfg.labels or sorted({str(t) for row in train[cfg.label_column] for t in row})
+    index = {name: i for i, name in enumerate(labels)}
+
+    def prepare(ds: Dataset, split: str, limit: int | None) -> Dataset:
+        if limit is not None:
+            ds = ds.shuffle(seed=seed).select(range(min(limit, len(ds))))
+        rows = []
+        for i, (words, tags) in enumerate(zip(ds[cfg.text_column], ds[cfg.label_column])):
+            where = f"data.source: {cfg.source}, split '{split}', row {i}"
+            if not isinstance(words, list) or not isinstance(tags, list):
+                raise EdgeDistillError(f"{where}: expected a list of words and a list of tags, "
+                                       f"got {type(words).__name__} and {type(tags).__name__}")
+            if not words:
+                if cfg.drop_empty:
+                    continue
+                raise EdgeDistillError(f"{where}: has no words; remove it, or set "
+                                       "data.drop_empty: true to leave such rows out")
+            if len(words) != len(tags):
+                raise EdgeDistillError(f"{where}: {len(words)} words but {len(tags)} tags; "
+                                       "give every word one tag")
+            bad = sorted({str(t) for t in tags} - set(index))
+            if bad:
+                raise EdgeDistillError(f"{where}: tags {bad[:5]} are not in the label set "
+                                       f"{labels}; fix the data or set data.labels")
+            rows.append(([str(w) for w in words], [index[str(t)] for t in tags]))
+        return Dataset.from_dict({"tokens": [w for w, _ in rows], "tags": [t for _, t in rows],
+                                  "text": [" ".join(w) for w, _ in rows]})
+
+    train = prepare(train, cfg.train_split, cfg.max_train_samples)
+    test = prepare(test, cfg.test_split, cfg.max_test_samples)
+    parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed)
+    return TaskData(DatasetDict(train=parts["train"], validation=parts["test"], test=test),
+                    labels)
 
 
 def _is_empty(value) -> bool:

@@ -1,6 +1,6 @@
 """Task metrics for a saved model on any backend: accuracy, macro-F1 and agreement with a
-reference for classifiers, agreement with the teacher's embedding space for sentence
-embedders, perplexity for causal LMs."""
+reference for classifiers, entity F1 for token classifiers, agreement with the teacher's
+embedding space for sentence embedders, perplexity for causal LMs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
+from .errors import EdgeDistillError
 from .progress import track
 from .runtime.causal_lm import load_causal_lm
 from .runtime.classifier import load_predictor
@@ -58,6 +59,77 @@ def evaluate(model_dir: str | Path, dataset, label_names: list[str] | None = Non
     if reference_predictions is not None:
         metrics["agreement"] = float(np.mean(predictions == np.asarray(reference_predictions)))
     metrics["predictions"] = predictions.tolist()
+    return metrics
+
+
+# ------------------------------------------------------------------ token classifiers
+
+def align_tags(tokenizer, words: list[list[str]], tags: list[list[int]] | None,
+               max_length: int, **padding):
+    """Tokenize pre-split ``words`` and give each token its word's tag: the first sub-token of
+    a word carries it, the other sub-tokens and the special tokens -100 (not scored), as
+    transformers' token-classification examples do. Words past ``max_length`` are cut."""
+    if not tokenizer.is_fast:
+        raise EdgeDistillError(f"{tokenizer.name_or_path}: token classification needs a fast "
+                               "tokenizer (it maps tokens back to words); save the model with "
+                               "its tokenizer.json")
+    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length,
+                    **padding)
+    firsts = []
+    for i in range(len(words)):
+        previous, row = None, []
+        for w in enc.word_ids(i):
+            row.append(-100 if w is None or w == previous else w)
+            previous = w
+        firsts.append(row)
+    if tags is not None:
+        enc["labels"] = [[-100 if w == -100 else row_tags[w] for w in row]
+                         for row, row_tags in zip(firsts, tags)]
+    return enc, firsts
+
+
+def tag_words(model_dir: str | Path, words: list[list[str]], batch_size: int = 32,
+              max_length: int = 128, desc: str | None = None) -> list[list[int]]:
+    """The tag id the model in ``model_dir`` gives each word (its first sub-token's argmax;
+    a word cut off by ``max_length`` gets tag 0, which the label set should make 'O')."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    predictor = load_predictor(model_dir)
+    order = np.argsort([len(w) for w in words])
+    tagged: list[list[int]] = [[] for _ in words]
+    for start in track(range(0, len(words), batch_size), desc or f"tag {Path(model_dir).name}"):
+        idx = order[start:start + batch_size]
+        enc, firsts = align_tags(tokenizer, [words[i] for i in idx], None, max_length,
+                                 padding=True, return_tensors="np")
+        predicted = predictor.logits(dict(enc)).argmax(-1)
+        for row, i in enumerate(idx):
+            tags = [0] * len(words[i])
+            for position, w in enumerate(firsts[row]):
+                if w != -100:
+                    tags[w] = int(predicted[row, position])
+            tagged[i] = tags
+    return tagged
+
+
+def tagging_metrics(predicted: list[list[int]], gold: list[list[int]], label_names: list[str],
+                    reference: list[list[int]] | None = None) -> dict:
+    """Entity-level precision, recall and F1 (seqeval's default, CoNLL-2000's conlleval rules:
+    an entity counts when its type and both ends match), word accuracy, and with ``reference``
+    (the teacher's tags) the share of words tagged as it tags them and the entity F1 against
+    its entities."""
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    names = lambda rows: [[label_names[t] for t in row] for row in rows]  # noqa: E731
+    p, g = names(predicted), names(gold)
+    flat = lambda rows: np.asarray([t for row in rows for t in row])  # noqa: E731
+    metrics = {"entity_f1": float(f1_score(g, p, zero_division=0)),
+               "entity_precision": float(precision_score(g, p, zero_division=0)),
+               "entity_recall": float(recall_score(g, p, zero_division=0)),
+               "word_accuracy": float(np.mean(flat(predicted) == flat(gold)))}
+    if reference is not None:
+        metrics["agreement"] = float(np.mean(flat(predicted) == flat(reference)))
+        metrics["entity_f1_vs_teacher"] = float(f1_score(names(reference), p, zero_division=0))
     return metrics
 
 

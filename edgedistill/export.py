@@ -33,7 +33,7 @@ CAUSAL_TASK = "text-generation-with-past"
 # pools (edgedistill.pooling)
 EMBEDDING_TASK = "feature-extraction"
 TASKS = {"ForSequenceClassification": "text-classification", "ForCausalLM": CAUSAL_TASK,
-         "Model": EMBEDDING_TASK}
+         "ForTokenClassification": "token-classification", "Model": EMBEDDING_TASK}
 
 
 def infer_task(model_dir: Path) -> str:
@@ -182,7 +182,7 @@ def validate_onnx(model_dir: Path, onnx_dir: Path, atol: float,
         enc = dict(tokenizer(text, truncation=True, max_length=max_length, return_tensors="np"))
         a, b = torch_model.logits(enc), onnx_model.logits(enc)
         worst = max(worst, float(np.abs(a - b).max()))
-        agree += int(a.argmax(-1)[0] == b.argmax(-1)[0])
+        agree += int((a.argmax(-1) == b.argmax(-1)).all())  # per text, or every token
     record = {"max_abs_diff": worst, "atol": atol, "samples": len(texts),
               "argmax_agreement": agree / len(texts)}
     if worst > atol:

@@ -324,8 +324,13 @@ class DistillationTrainer(Trainer):
             t_out, t_features = self._teacher_features(inputs)
             t_logits = t_out.logits if cached is None else cached
         if t_logits is not None and args.alpha_distill > 0:
+            s_scored, t_scored = logits, t_logits.to(logits.dtype)
+            if logits.dim() == 3:  # a tag per token: only the positions the labels score
+                keep = (labels != -100) if labels is not None else \
+                    inputs["attention_mask"].bool()
+                s_scored, t_scored = s_scored[keep], t_scored[keep]
             parts["distill"] = args.alpha_distill * self.logit_loss(
-                logits, t_logits.to(logits.dtype), args.temperature)
+                s_scored, t_scored, args.temperature)
         self._add_matches(parts, student, s_features, t_features, inputs.get("attention_mask"))
         return self._total(model, parts, logits, return_outputs)
 

@@ -23,8 +23,8 @@ EMBEDDING_OUTPUT = "sentence_embedding"
 
 
 class Predictor:
-    """``logits(encoding)`` for a batch of numpy token arrays (a classifier's logits, or an
-    embedder's sentence embeddings); ``input_names`` it accepts."""
+    """``logits(encoding)`` for a batch of numpy token arrays (a classifier's logits, per text
+    or per token, or an embedder's sentence embeddings); ``input_names`` it accepts."""
 
     backend: str
     input_names: list[str]
@@ -42,14 +42,19 @@ class TorchPredictor(Predictor):
 
     def __init__(self, folder: Path, threads: int | None = None):
         import torch
-        from transformers import AutoModel, AutoModelForSequenceClassification
+        from transformers import (AutoModel, AutoModelForSequenceClassification,
+                                  AutoModelForTokenClassification)
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        # a sentence embedder is its encoder (no head) followed by its pooling
+        # a sentence embedder is its encoder (no head) followed by its pooling; a token
+        # classifier gives logits per token
         self.pooling = read_pooling(folder)
-        auto = AutoModel if self.pooling else AutoModelForSequenceClassification
+        tokens = any(a.endswith("ForTokenClassification") for a in json.loads(
+            (folder / "config.json").read_text()).get("architectures") or [])
+        auto = (AutoModel if self.pooling else AutoModelForTokenClassification if tokens
+                else AutoModelForSequenceClassification)
         self.model = auto.from_pretrained(folder).eval()
         accepted = inspect.signature(self.model.forward).parameters
         self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")

@@ -12,6 +12,7 @@ from .base import Column, ReportView, Task
 from .causal_lm import CausalLMTask
 from .classification import ClassificationTask
 from .sentence_embedding import SentenceEmbeddingTask
+from .token_classification import TokenClassificationTask
 
 TASKS: dict[str, Task] = {}
 
@@ -55,5 +56,6 @@ def get_task(name: str) -> Task:
 register_task(ClassificationTask())
 register_task(CausalLMTask())
 register_task(SentenceEmbeddingTask())
+register_task(TokenClassificationTask())
 
 __all__ = ["Column", "ReportView", "TASKS", "Task", "get_task", "register_task"]

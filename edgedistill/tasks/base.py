@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bench.runner import BenchSettings
+from ..bench.runner import BenchSettings, benchmark
 from ..data import TaskData, load_task_data
 from ..distill.student import check_same_tokenizer
 from ..errors import EdgeDistillError
@@ -205,6 +205,17 @@ def bench_settings(run) -> BenchSettings:
     b = run.recipe.bench
     return BenchSettings(b.warmup, b.iterations, b.min_seconds, b.batch_size, b.sequence_length,
                          b.real_length_samples, run.recipe.data.max_length, rounds=b.rounds)
+
+
+def time_forward_passes(run, models: list[dict]) -> dict:
+    """The bench stage of a task timed one forward pass at a time on the test texts."""
+    results = benchmark([m["path"] for m in models], run.target, list(run.data.test["text"]),
+                        bench_settings(run))
+    for m, result in zip(models, results):
+        if not print_over_budget(run.console, m["name"], result):
+            run.console.print(f"  {m['name']:<{NAME_WIDTH}} p50 {result['latency']['p50_ms']:.2f} ms"
+                              f"  peak RSS {result['peak_rss_mb']:.0f} MB")
+    return {"models": {m["name"]: r for m, r in zip(models, results)}}
 
 
 def model_row(name: str, role: str, backend: str, precision: str, path: Path) -> dict:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification
 
-from ..bench.runner import benchmark
 from ..distill.qat import fake_quant_matches_onnxruntime, int8_scheme
 from ..distill.student import shares_tokenizer
 from ..distill.trainer import check_classifier_settings
@@ -21,12 +20,11 @@ from .base import (
     Column,
     ReportView,
     Task,
-    bench_settings,
     literal,
     model_row,
-    print_over_budget,
     refuse,
     snippet_opening,
+    time_forward_passes,
 )
 
 # what tuning reports about its search, apart from the chosen model's quantize record
@@ -206,10 +204,4 @@ class ClassificationTask(Task):
         return {"test_rows": len(test), "labels": run.data.labels, "models": results}
 
     def bench(self, run, models: list[dict]) -> dict:
-        results = benchmark([m["path"] for m in models], run.target,
-                            list(run.data.test["text"]), bench_settings(run))
-        for m, result in zip(models, results):
-            if not print_over_budget(run.console, m["name"], result):
-                run.console.print(f"  {m['name']:<{NAME_WIDTH}} p50 {result['latency']['p50_ms']:.2f} ms"
-                                  f"  peak RSS {result['peak_rss_mb']:.0f} MB")
-        return {"models": {m["name"]: r for m, r in zip(models, results)}}
+        return time_forward_passes(run, models)
