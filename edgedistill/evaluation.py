@@ -120,9 +120,13 @@ def tagging_metrics(predicted: list[list[int]], gold: list[list[int]], label_nam
     its entities."""
     from seqeval.metrics import f1_score, precision_score, recall_score
 
-    names = lambda rows: [[label_names[t] for t in row] for row in rows]  # noqa: E731
+    def names(rows):
+        return [[label_names[t] for t in row] for row in rows]
+
+    def flat(rows):
+        return np.asarray([t for row in rows for t in row])
+
     p, g = names(predicted), names(gold)
-    flat = lambda rows: np.asarray([t for row in rows for t in row])  # noqa: E731
     metrics = {"entity_f1": float(f1_score(g, p, zero_division=0)),
                "entity_precision": float(precision_score(g, p, zero_division=0)),
                "entity_recall": float(recall_score(g, p, zero_division=0)),

@@ -11,6 +11,7 @@ from transformers import BertConfig, BertForTokenClassification
 
 from edgedistill.cli import main
 from edgedistill.distill.losses import soft_cross_entropy
+from edgedistill.distill.trainer import DistillationTrainer, DistillationTrainingArguments
 from edgedistill.evaluation import align_tags, tagging_metrics
 from edgedistill.recipe import load_recipe
 from edgedistill.tasks import get_task
@@ -103,8 +104,6 @@ def test_conll_and_jsonl_read_alike(tmp_path):
 
 def test_per_token_distillation_counts_only_scored_positions(tmp_path):
     """Padding and continuation sub-tokens (label -100) are left out of the soft-target loss."""
-    from edgedistill.distill.trainer import DistillationTrainer, DistillationTrainingArguments
-
     teacher = BertForTokenClassification.from_pretrained(make_tagger(tmp_path / "t")).eval()
     torch.manual_seed(1)
     student = BertForTokenClassification(teacher.config).eval()

@@ -5,7 +5,10 @@ scored by entity-level F1 on the test split and timed one forward pass at a time
 from __future__ import annotations
 
 from datasets import Dataset
-from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
+from transformers import (
+    AutoModelForTokenClassification,
+    DataCollatorForTokenClassification,
+)
 
 from ..data import load_tagged_data
 from ..distill.trainer import check_classifier_settings
@@ -23,7 +26,7 @@ from .base import (
 )
 
 
-def _scored_tags(prediction, labels: list[str]):
+def _scored_tags(prediction):
     """(gold, predicted) tag ids per row at the scored positions (label != -100) of a Trainer
     evaluation."""
     predicted = prediction.predictions.argmax(-1)
@@ -51,7 +54,7 @@ def tagging_sets(tokenizer, args, data, data_cfg, teacher=None, cache_dir=None,
                          desc="tokenize")
 
     def metrics(prediction):
-        gold, guess = _scored_tags(prediction, data.labels)
+        gold, guess = _scored_tags(prediction)
         m = tagging_metrics(guess, gold, data.labels)
         return {"entity_f1": m["entity_f1"], "word_accuracy": m["word_accuracy"]}
 
