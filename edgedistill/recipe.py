@@ -76,8 +76,10 @@ class DataConfig:
     source: str = _f("drug-reviews", "Packaged data set (drug-reviews; with ./setup.sh "
                      "--workloads: tweets, trec, sms-spam, rotten-tomatoes), local file/folder, "
                      "or hub id.")
-    text_column: str = _f("review", "Column holding the input text.")
-    label_column: str = _f("rating", "Column holding the class label.")
+    text_column: str = _f("review", "Column holding the input text (token-classification: "
+                          "each row's list of words).")
+    label_column: str = _f("rating", "Column holding the class label (token-classification: "
+                           "each row's list of tags).")
     labels: Optional[list[str]] = _f(None, "Label names in index order; inferred when empty.")
     train_split: str = _f("train", "Split used for training.")
     test_split: str = _f("test", "Split used for the reported metrics; never trained on.")
@@ -443,7 +445,10 @@ class Recipe:
     name: str = _f("run", "Run name, shown in the report.")
     task: str = _f("classification", "A registered task (edgedistill.tasks): classification, "
                                      "a text classifier scored by macro-F1; causal-lm, a "
-                                     "language model scored by perplexity on held-out text.")
+                                     "language model scored by perplexity on held-out text; "
+                                     "sentence-embedding, a sentence-transformers model scored "
+                                     "by agreement with its teacher's embeddings; "
+                                     "token-classification, a tagger scored by entity F1.")
     seed: int = _f(42, "Random seed for splits, initialisation and training.", ge=0)
     output_dir: str = _f("runs/run", "Where stage artifacts and the report go.")
     data: DataConfig = field(default_factory=DataConfig)

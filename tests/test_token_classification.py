@@ -11,7 +11,10 @@ from transformers import BertConfig, BertForTokenClassification
 
 from edgedistill.cli import main
 from edgedistill.distill.losses import soft_cross_entropy
-from edgedistill.distill.trainer import DistillationTrainer, DistillationTrainingArguments
+from edgedistill.distill.trainer import (
+    DistillationTrainer,
+    DistillationTrainingArguments,
+)
 from edgedistill.evaluation import align_tags, tagging_metrics
 from edgedistill.recipe import load_recipe
 from edgedistill.tasks import get_task

@@ -178,7 +178,9 @@ class DistillationTrainer(Trainer):
     without gradients and is never wrapped by DDP: it only produces targets. Under FSDP2 it is
     sharded over the processes like the student (:meth:`_shard_teacher_fsdp2`). When the data
     carry a ``teacher_logits`` column (see :func:`.teacher_outputs.add_teacher_logits`), those
-    are used instead of running the teacher for the logit loss.
+    are used instead of running the teacher for the logit loss. A token classifier's logits
+    (one row per token) are compared where the labels score (not -100), or on the real tokens
+    where there are no labels.
     """
 
     def __init__(self, *args, teacher_model=None, tokenizer=None, **kwargs):
