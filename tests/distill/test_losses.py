@@ -324,7 +324,7 @@ def test_a_taken_name_is_an_error_unless_replaced(registry):
 
 
 @pytest.mark.parametrize("kind, extra, fragment", [
-    ("logits", {}, "kind 'logits' is unknown; valid: logit, token, match"),
+    ("logits", {}, "kind 'logits' is unknown; valid: logit, token, embedding, match"),
     ("match", {}, "a match loss needs features among hidden, attention"),
     ("match", {"features": "pooler"}, "needs features among"),
     ("logit", {"features": "hidden"}, "describe match losses only"),

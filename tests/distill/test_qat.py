@@ -12,9 +12,18 @@ from edgedistill.distill.qat import (attach_fake_quant, fake_quant_matches_onnxr
                                      int8_scheme, is_fake_quantized, remove_fake_quant)
 from edgedistill.errors import EdgeDistillError
 from edgedistill.export import export_onnx
+from edgedistill.host import host_isa
 from edgedistill.quantization import int8_config, quantize
 from edgedistill.recipe import QuantizeConfig
 from tests.conftest import make_bert, make_texts, make_tokenizer
+
+# onnxruntime's int8 products are the exact integer math only where the CPU has VNNI
+# (vpdpbusd); an AVX2-only x86 CPU takes them through 16-bit pair sums that saturate, so no
+# simulation of the integer math can match it there (measured on an AMD EPYC without AVX-512:
+# the fake-quantized logits 0.83 from onnxruntime's at most, the float ones 0.76)
+EXACT_INT8 = host_isa() == "avx512_vnni"
+needs_exact_int8 = pytest.mark.skipif(not EXACT_INT8, reason="this CPU's int8 kernels saturate "
+                                      "(no VNNI): onnxruntime's int8 is not exact integer math")
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +41,7 @@ def exported(tmp_path_factory):
     return d
 
 
+@needs_exact_int8
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_fake_quantization_computes_what_the_int8_model_computes(exported, per_channel):
     out = exported / f"int8-{per_channel}"
@@ -84,7 +94,7 @@ def test_a_text_is_rounded_by_its_own_range_whatever_its_batch():
 def test_the_scheme_follows_the_quantization_settings():
     avx2 = int8_scheme(int8_config(QuantizeConfig(preset="avx2"))[0])  # optimum's avx2 preset: uint8 weights
     assert (avx2.weight_min, avx2.weight_max) == (0, 255)
-    qconfig = int8_config()[0]
+    qconfig = int8_config(QuantizeConfig(preset="avx512_vnni"))[0]  # int8 weights
     qconfig.reduce_range = True  # a profile's 'reduce_range: true'
     assert (int8_scheme(qconfig).weight_min, int8_scheme(qconfig).weight_max) == (-64, 64)
     assert int8_scheme(int8_config(QuantizeConfig(per_channel=False))[0]).per_channel is False
@@ -118,7 +128,8 @@ def test_a_recipe_with_an_int8_aware_phase(recipe, tmp_path):
     assert not any("parametrizations" in k for k in keys)
     assert not (out / "distill" / "qat").exists()
     check = json.loads((out / "quantize" / "manifest.json").read_text())["record"]["qat_check"]
-    assert check["fake_quant_max_abs_diff"] < check["fp32_max_abs_diff"]
+    if EXACT_INT8:  # see needs_exact_int8
+        assert check["fake_quant_max_abs_diff"] < check["fp32_max_abs_diff"]
     assert "int8-aware phase: 1 epochs" in (out / "report.md").read_text()
 
 
