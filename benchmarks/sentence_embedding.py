@@ -5,8 +5,10 @@ a 2-block student on tweets' text; export with the pooling in the graph; int8; e
 the seed's 1,000 test tweets). Beside it, on the same test texts:
 
 - **peer**: sentence-transformers' own route for the teacher, its dynamic-int8 ONNX export
-  (``SentenceTransformer(..., backend="onnx")`` then ``export_dynamic_quantized_onnx_model``
-  with the ``avx512_vnni`` config, as its documentation shows);
+  (``SentenceTransformer(..., backend="onnx")`` then ``export_dynamic_quantized_onnx_model``)
+  with the config of this host's instruction set (``avx2``, ``avx512``, ``avx512_vnni``; its
+  documentation's example, ``avx512_vnni``, gives int8 weights whose products onnxruntime's
+  AVX2 kernels saturate: on an AVX2-only host that model's embeddings are noise);
 - **small off the shelf**: all-MiniLM-L6-v2 (22.7M parameters), the small model a user would
   take instead of distilling, through the same sentence-transformers int8 route.
 
@@ -35,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from edgedistill.evaluation import embed, embedding_metrics
-from edgedistill.host import environment
+from edgedistill.host import environment, host_isa
 from edgedistill.pipeline import run
 from edgedistill.sources import resolve_model
 
@@ -45,7 +47,8 @@ RECIPE = HERE.parent / "recipes" / "mpnet-embeddings.yaml"
 TEACHER = "sentence-transformers/all-mpnet-base-v2"
 SMALL = "sentence-transformers/all-MiniLM-L6-v2"
 THREADS = 2
-INT8_FILE = "onnx/model_qint8_avx512_vnni.onnx"
+ISA = host_isa()  # sentence-transformers names its int8 configs as optimum does, as we do
+INT8_FILE = f"onnx/model_qint8_{ISA}.onnx"
 
 
 def st_int8(model_id: str):
@@ -62,7 +65,7 @@ def st_int8(model_id: str):
         shutil.copytree(resolve_model(model_id), folder)
         fp32 = SentenceTransformer(str(folder), backend="onnx", device="cpu")
         fp32.save_pretrained(str(folder))  # onnx/model.onnx beside the weights
-        export_dynamic_quantized_onnx_model(fp32, "avx512_vnni", str(folder))
+        export_dynamic_quantized_onnx_model(fp32, ISA, str(folder))
     return SentenceTransformer(str(folder), backend="onnx", device="cpu",
                                model_kwargs={"file_name": INT8_FILE,
                                              "provider": "CPUExecutionProvider"})
@@ -124,7 +127,7 @@ def one_seed(seed: int, sentences: int) -> dict:
         quality[name] = rows[name]["metrics"]
     ours = OnnxEmbedder(out / "quantize" / "student-int8", recipe.data.max_length)
     speed = timed_turns({**peers, "student-int8": ours}, texts[:sentences])
-    return {"seed": seed, "quality": quality, "speed": speed,
+    return {"seed": seed, "peer_int8_config": ISA, "quality": quality, "speed": speed,
             "pipeline_bench": {n: {"p50_ms": rows[n]["latency"]["p50_ms"],
                                    "batch32_per_s": rows[n]["index"]["throughput_per_s"],
                                    "size_mb": rows[n].get("size_mb")}
@@ -142,7 +145,8 @@ def write_results(runs: list[dict]) -> None:
     lines = ["# Sentence embeddings: distilled MPNet student vs sentence-transformers' routes", "",
              (f"Recipe `mpnet-embeddings`, seeds {', '.join(str(r['seed']) for r in runs)}; "
               "1,000 test tweets per seed; mean ± sd over seeds. Agreement is with the fp32 "
-              "teacher's embeddings (cosine similarity)."), "",
+              "teacher's embeddings (cosine similarity). sentence-transformers' int8 config: "
+              f"{runs[0].get('peer_int8_config', '?')} (this host's)."), "",
              ("| model | Spearman vs teacher | recall@10 | k-NN accuracy | p50 ms / sentence "
               "(with tokenizer) | speed-up over teacher-st-int8 |"),
              "|---|---|---|---|---|---|"]
@@ -160,7 +164,7 @@ def write_results(runs: list[dict]) -> None:
         f"seed {r['seed']}: Spearman {r['quality']['student-int8']['spearman']:.3f}, "
         f"{r['speed']['teacher-st-int8']['p50_ms'] / r['speed']['student-int8']['p50_ms']:.2f}x "
         "faster than teacher-st-int8" for r in runs), "",
-              "Pipeline's own benchmark (session only, padded to 64 tokens, one process per "
+              "Pipeline's own benchmark (session only, padded to 48 tokens, one process per "
               "model): " + "; ".join(
                   f"seed {r['seed']}: teacher {r['pipeline_bench']['teacher']['p50_ms']:.1f} ms, "
                   f"student-int8 {r['pipeline_bench']['student-int8']['p50_ms']:.2f} ms, "
