@@ -48,7 +48,8 @@ TEACHER = "sentence-transformers/all-mpnet-base-v2"
 SMALL = "sentence-transformers/all-MiniLM-L6-v2"
 THREADS = 2
 ISA = host_isa()  # sentence-transformers names its int8 configs as optimum does, as we do
-INT8_FILE = f"onnx/model_qint8_{ISA}.onnx"
+# what its export writes: model_qint8_<isa>.onnx, or model_quint8_avx2.onnx (uint8 weights)
+INT8_GLOB = f"onnx/model_q*int8_{ISA}.onnx"
 
 
 def st_int8(model_id: str):
@@ -60,14 +61,14 @@ def st_int8(model_id: str):
     )
 
     folder = WORK / "peer" / model_id.split("/")[-1]
-    if not (folder / INT8_FILE).is_file():
+    if not any(folder.glob(INT8_GLOB)):
         shutil.rmtree(folder, ignore_errors=True)
         shutil.copytree(resolve_model(model_id), folder)
         fp32 = SentenceTransformer(str(folder), backend="onnx", device="cpu")
-        fp32.save_pretrained(str(folder))  # onnx/model.onnx beside the weights
         export_dynamic_quantized_onnx_model(fp32, ISA, str(folder))
+    int8 = next(folder.glob(INT8_GLOB)).relative_to(folder)
     return SentenceTransformer(str(folder), backend="onnx", device="cpu",
-                               model_kwargs={"file_name": INT8_FILE,
+                               model_kwargs={"file_name": str(int8),
                                              "provider": "CPUExecutionProvider"})
 
 
