@@ -137,11 +137,8 @@ def _clean(text: str) -> str:
     return html.unescape(text).strip().strip('"').strip()
 
 
-def load_task_data(cfg: DataConfig, seed: int = 42, labelled: bool = True) -> TaskData:
-    """Read ``cfg.source``, check columns and labels, split off validation from train.
-
-    ``labelled=False`` (language modelling) keeps the text column alone: no label column is
-    needed and ``labels`` is empty."""
+def _train_and_test(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """The source's training and test splits, as the recipe names them."""
     check_limits(DataConfig, cfg, "data.")  # a recipe's limits, for a DataConfig built in code
     raw = _read_raw(cfg)
     for split in (cfg.train_split, cfg.test_split):
@@ -149,7 +146,15 @@ def load_task_data(cfg: DataConfig, seed: int = 42, labelled: bool = True) -> Ta
             raise EdgeDistillError(
                 f"data.source: {cfg.source}: has no split '{split}' (has: {', '.join(raw)}); "
                 f"set data.train_split / data.test_split")
-    train, test = raw[cfg.train_split], raw[cfg.test_split]
+    return raw[cfg.train_split], raw[cfg.test_split]
+
+
+def load_task_data(cfg: DataConfig, seed: int = 42, labelled: bool = True) -> TaskData:
+    """Read ``cfg.source``, check columns and labels, split off validation from train.
+
+    ``labelled=False`` (language modelling) keeps the text column alone: no label column is
+    needed and ``labels`` is empty."""
+    train, test = _train_and_test(cfg)
     for name, ds in ((cfg.train_split, train), (cfg.test_split, test)):
         columns = [(cfg.text_column, "text_column")]
         if labelled:
@@ -215,20 +220,14 @@ def load_tagged_data(cfg: DataConfig, seed: int = 42) -> TaskData:
     ``data.label_column`` their tags (as many), e.g. BIO tags (``B-PER``, ``I-PER``, ``O``).
     The splits keep ``tokens``, ``tags`` (tag ids) and ``text`` (the words joined by spaces:
     what calibration, pruning and the benchmark read)."""
-    check_limits(DataConfig, cfg, "data.")
-    raw = _read_raw(cfg)
-    for split in (cfg.train_split, cfg.test_split):
-        if split not in raw:
-            raise EdgeDistillError(
-                f"data.source: {cfg.source}: has no split '{split}' (has: {', '.join(raw)}); "
-                f"set data.train_split / data.test_split")
+    train, test = _train_and_test(cfg)
+    for split, ds in ((cfg.train_split, train), (cfg.test_split, test)):
         for col, key in ((cfg.text_column, "text_column"), (cfg.label_column, "label_column")):
-            if col not in raw[split].column_names:
+            if col not in ds.column_names:
                 raise EdgeDistillError(
                     f"data.{key}: column '{col}' is missing from split '{split}' of "
-                    f"{cfg.source} (columns: {', '.join(raw[split].column_names)}); tagged data "
+                    f"{cfg.source} (columns: {', '.join(ds.column_names)}); tagged data "
                     "hold a list of words and a list of tags per row")
-    train, test = raw[cfg.train_split], raw[cfg.test_split]
     labels = cfg.labels or sorted({str(t) for row in train[cfg.label_column] for t in row})
     index = {name: i for i, name in enumerate(labels)}
 

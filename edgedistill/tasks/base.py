@@ -199,6 +199,19 @@ class Task:
             f"print(pipe({literal(self.example_text)}{options}))"])
 
 
+def label_head(labels: list[str]) -> dict:
+    """Loading keywords that give a model a fresh classification head for ``labels`` (per text
+    or per token, as the model class says)."""
+    return dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
+
+
+def head_like(config) -> dict:
+    """Loading keywords that give another pretrained model the head of ``config``'s labels."""
+    return dict(num_labels=config.num_labels, id2label=config.id2label,
+                label2id=config.label2id, ignore_mismatched_sizes=True)
+
+
 def bench_settings(run) -> BenchSettings:
     """The timing settings of a run's bench block, for a model timed one forward pass at a
     time (classifiers, sentence embedders)."""
@@ -253,6 +266,19 @@ def refuse(condition: bool, message: str) -> None:
     """Preflight's one-line refusal."""
     if condition:
         raise EdgeDistillError(message)
+
+
+def refuse_classifier_and_lm_extras(r: Recipe, task: str) -> None:
+    """Refuse what is built for text classifiers and language models only: the teacher cache,
+    the int8-aware phase, int4, accuracy-aware tuning and transfer sets."""
+    q, d = r.quantize, r.distill
+    refuse(d.cache_teacher or q.int4 or q.pytorch_int4 or d.qat_epochs > 0,
+           f"distill.cache_teacher, distill.qat_epochs, quantize.int4 and quantize.pytorch_int4 "
+           f"are not built for task {task}; its int8 path is quantize.mode")
+    refuse(q.tolerable_loss is not None, "quantize.tolerable_loss: accuracy-aware tuning scores "
+           f"text classifiers; for task {task} leave it unset")
+    refuse(r.transfer.active, "transfer: transfer sets are built for text classifiers and "
+           f"language models, not for task {task}")
 
 
 # the width of the model-name column in the stages' lines: the longest name a run writes

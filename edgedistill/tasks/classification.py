@@ -20,6 +20,8 @@ from .base import (
     Column,
     ReportView,
     Task,
+    head_like,
+    label_head,
     literal,
     model_row,
     refuse,
@@ -54,12 +56,10 @@ class ClassificationTask(Task):
     example_text = "It helped a lot and I slept better."
 
     def new_head(self, labels):
-        return dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                    label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
+        return label_head(labels)
 
     def student_head(self, config):
-        return dict(num_labels=config.num_labels, id2label=config.id2label,
-                    label2id=config.label2id, ignore_mismatched_sizes=True)
+        return head_like(config)
 
     def selection(self, cfg, data):
         # the best epoch by validation macro-F1

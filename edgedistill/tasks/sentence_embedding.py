@@ -30,6 +30,7 @@ from .base import (
     literal,
     print_over_budget,
     refuse,
+    refuse_classifier_and_lm_extras,
     snippet_opening,
 )
 
@@ -123,15 +124,9 @@ class SentenceEmbeddingTask(Task):
         refuse(r.teacher.finetune, "teacher.finetune: a sentence-embedding teacher is used as "
                "it is (its embeddings are the targets; there is no labelled objective to "
                "fine-tune it on); set teacher.finetune: false")
-        q, d = r.quantize, r.distill
-        refuse(d.cache_teacher or q.int4 or q.pytorch_int4 or d.qat_epochs > 0,
-               "distill.cache_teacher, distill.qat_epochs, quantize.int4 and "
-               "quantize.pytorch_int4 are not built for task sentence-embedding; its int8 path "
-               "is quantize.mode")
-        refuse(q.tolerable_loss is not None, "quantize.tolerable_loss: accuracy-aware tuning "
-               "scores classifiers; for task sentence-embedding leave it unset")
-        refuse(r.transfer.active, "transfer: a sentence embedder learns from unlabelled text "
-               "already; put more text in data.source instead of a transfer set")
+        # a sentence embedder learns from unlabelled text already: more text goes in
+        # data.source, not in a transfer set
+        refuse_classifier_and_lm_extras(r, self.name)
 
     def check_student(self, r: Recipe, config, teacher_tokenizer, student_tokenizer, labels):
         # the target is one vector per text, so a student may read its own tokens; layer

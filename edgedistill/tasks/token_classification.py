@@ -19,8 +19,11 @@ from .base import (
     Column,
     ReportView,
     Task,
+    head_like,
+    label_head,
     literal,
     refuse,
+    refuse_classifier_and_lm_extras,
     snippet_opening,
     time_forward_passes,
 )
@@ -90,12 +93,10 @@ class TokenClassificationTask(Task):
         return load_tagged_data(cfg, seed)
 
     def new_head(self, labels):
-        return dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                    label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
+        return label_head(labels)
 
     def student_head(self, config):
-        return dict(num_labels=config.num_labels, id2label=config.id2label,
-                    label2id=config.label2id, ignore_mismatched_sizes=True)
+        return head_like(config)
 
     def selection(self, cfg, data):
         # the best epoch by validation entity F1
@@ -108,15 +109,7 @@ class TokenClassificationTask(Task):
 
     def check(self, r: Recipe) -> None:
         check_classifier_settings(r.distill, "distill.")
-        q, d = r.quantize, r.distill
-        refuse(d.cache_teacher or q.int4 or q.pytorch_int4 or d.qat_epochs > 0,
-               "distill.cache_teacher, distill.qat_epochs, quantize.int4 and "
-               "quantize.pytorch_int4 are not built for task token-classification; its int8 "
-               "path is quantize.mode")
-        refuse(q.tolerable_loss is not None, "quantize.tolerable_loss: accuracy-aware tuning "
-               "scores text classifiers; for task token-classification leave it unset")
-        refuse(r.transfer.active, "transfer: transfer sets are built for text classifiers and "
-               "language models, not yet for task token-classification")
+        refuse_classifier_and_lm_extras(r, self.name)
         for block in ("teacher", "distill"):
             refuse(getattr(r, block).class_weights != "none",
                    f"{block}.class_weights: class weights are built for text classifiers; "
