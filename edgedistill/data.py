@@ -19,6 +19,8 @@ from .errors import EdgeDistillError
 from .packaged_data import PACKAGED_DATASETS, packaged_dataset_files
 from .recipe import DataConfig, check_limits
 
+# the seed of a test split held out of the training split (data.test_fraction)
+TEST_SPLIT_SEED = 1234
 _LOADERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
             ".conll": "conll"}
 
@@ -141,12 +143,19 @@ def _train_and_test(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     """The source's training and test splits, as the recipe names them."""
     check_limits(DataConfig, cfg, "data.")  # a recipe's limits, for a DataConfig built in code
     raw = _read_raw(cfg)
-    for split in (cfg.train_split, cfg.test_split):
+    held_out = cfg.test_split not in raw and cfg.test_fraction is not None
+    for split in (cfg.train_split,) if held_out else (cfg.train_split, cfg.test_split):
         if split not in raw:
             raise EdgeDistillError(
                 f"data.source: {cfg.source}: has no split '{split}' (has: {', '.join(raw)}); "
-                f"set data.train_split / data.test_split")
-    return raw[cfg.train_split], raw[cfg.test_split]
+                "set data.train_split / data.test_split, or data.test_fraction to hold out part "
+                "of the training split as the test split")
+    if not held_out:
+        return raw[cfg.train_split], raw[cfg.test_split]
+    # a fixed seed, not the recipe's: every seed of a comparison is scored on the same rows
+    parts = raw[cfg.train_split].train_test_split(test_size=cfg.test_fraction,
+                                                  seed=TEST_SPLIT_SEED)
+    return parts["train"], parts["test"]
 
 
 def load_task_data(cfg: DataConfig, seed: int = 42, labelled: bool = True) -> TaskData:

@@ -83,6 +83,10 @@ class DataConfig:
     labels: Optional[list[str]] = _f(None, "Label names in index order; inferred when empty.")
     train_split: str = _f("train", "Split used for training.")
     test_split: str = _f("test", "Split used for the reported metrics; never trained on.")
+    test_fraction: Optional[float] = _f(
+        None, "When the source has no test split (one file, or a set with only a training "
+              "split): the part of the training split held out as the test split (seeded, the "
+              "same for every recipe seed).", gt=0, lt=1)
     validation_fraction: float = _f(0.1, "Part of the training split held out for validation.",
                                      gt=0, lt=1)
     max_length: int = _f(128, "Tokens per example after truncation.", gt=0)

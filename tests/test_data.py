@@ -54,8 +54,20 @@ def test_missing_source_and_split(tmp_path):
         load_task_data(cfg(tmp_path / "nowhere"))
     folder = write_tsv(tmp_path / "d", 30, 10)
     (folder / "test.tsv").unlink()
-    with pytest.raises(EdgeDistillError, match="has no split 'test'"):
+    with pytest.raises(EdgeDistillError, match="has no split 'test'.*data.test_fraction"):
         load_task_data(cfg(folder))
+
+
+def test_a_test_split_held_out_of_the_training_split(tmp_path):
+    folder = write_tsv(tmp_path / "d", 100, 10)
+    (folder / "test.tsv").unlink()
+    first = load_task_data(cfg(folder, test_fraction=0.2), seed=1)
+    again = load_task_data(cfg(folder, test_fraction=0.2), seed=2)
+    assert len(first.test) == 20 and len(first.train) + len(first.validation) == 80
+    # the same test rows whatever the recipe's seed (the training rows are the other 80)
+    assert list(first.test["text"]) == list(again.test["text"])
+    assert sorted([*first.train["text"], *first.validation["text"]]) == sorted(
+        [*again.train["text"], *again.validation["text"]])
 
 
 def test_text_that_is_not_utf8(tmp_path):
