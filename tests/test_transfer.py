@@ -124,6 +124,27 @@ def test_unlabelled_from_txt_jsonl_and_training_column(tmp_path):
                            exclude=test_texts) == ["better sleep"]
 
 
+def test_a_labelled_subsets_own_split_gives_max_samples_new_texts(tmp_path):
+    # tweets-mpnet: 8,000 tweets are labelled, more of the same split feed the transfer set; the
+    # labelled ones leave before the sample is drawn, so max_samples counts only new texts
+    from datasets import DatasetDict
+
+    from edgedistill.data import TaskData
+    from edgedistill.distill.training import _unlabelled
+    from edgedistill.recipe import TransferConfig, UnlabelledConfig
+
+    pool = [f"tweet number {i}" for i in range(40)]
+    (tmp_path / "pool.txt").write_text("\n".join(pool))
+    split = lambda texts: Dataset.from_dict({"text": texts, "label": [0] * len(texts)})  # noqa: E731
+    data = TaskData(DatasetDict(train=split(pool[:10]), validation=split(pool[10:12]),
+                                test=split(pool[12:14])), labels=LABELS)
+    cfg = TransferConfig(unlabelled=[UnlabelledConfig(str(tmp_path / "pool.txt"), max_samples=20)])
+    got = _unlabelled(cfg, data, seed=0, labelled=pool[:10])[str(tmp_path / "pool.txt")]
+    assert len(got) == 20 and not set(got) & set(pool[:14])
+    # without labelled texts the sample may hold training rows (a language model's extra text)
+    assert set(_unlabelled(cfg, data, seed=1)[str(tmp_path / "pool.txt")]) & set(pool[:10])
+
+
 def test_unlabelled_from_a_saved_dataset(tmp_path):
     Dataset.from_dict({"text": ["bad day", "good week"]}).save_to_disk(tmp_path / "saved")
     assert load_unlabelled(str(tmp_path / "saved"), exclude=["good  week"]) == ["bad day"]

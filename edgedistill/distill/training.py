@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import zipfile
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -278,8 +279,14 @@ def _evaluation_texts(data: TaskData) -> list[str]:
     return [*data.validation["text"], *data.test["text"]]
 
 
-def _unlabelled(cfg: TransferConfig, data: TaskData, seed: int) -> dict[str, list[str]]:
-    return {u.source: load_unlabelled(asdict(u), data.train, _evaluation_texts(data), seed=seed)
+def _unlabelled(cfg: TransferConfig, data: TaskData, seed: int,
+                labelled: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Each unlabelled source's texts. ``labelled`` texts (a classifier's training rows) are
+    left out before ``max_samples`` draws its sample, so that a source holding them (the
+    training split of the data set whose labelled subset is trained on) yields that many new
+    texts."""
+    exclude = [*_evaluation_texts(data), *labelled]
+    return {u.source: load_unlabelled(asdict(u), data.train, exclude, seed=seed)
             for u in cfg.unlabelled}
 
 
@@ -293,7 +300,7 @@ def classifier_transfer(train, cfg: TransferConfig, data: TaskData, teacher, tok
         if aug.paraphrases else ([], 0.0)
     transfer, record = build_transfer_set(
         texts, teacher, tokenizer, factor=aug.factor, methods=aug.methods, seed=seed,
-        unlabelled=_unlabelled(cfg, data, seed), exclude=_evaluation_texts(data),
+        unlabelled=_unlabelled(cfg, data, seed, labelled=texts), exclude=_evaluation_texts(data),
         max_length=max_length, batch_size=cfg.batch_size, logits=logits, paraphrased=paraphrased,
         teacher_tokenizer=teacher_tokenizer)
     log.info("transfer set: %d rows %s", record["size"], record["sources"])

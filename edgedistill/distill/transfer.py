@@ -421,7 +421,7 @@ def load_unlabelled(spec, train=None, exclude: Sequence[str] = (), max_samples: 
     if max_samples is not None and len(kept) > max_samples:
         kept = Dataset.from_dict({"text": kept}).shuffle(seed=seed).select(
             range(max_samples))["text"]
-    log.info("unlabelled %s: %d of %d rows kept (%d evaluation texts removed)",
+    log.info("unlabelled %s: %d of %d rows kept (%d evaluation or labelled texts left out)",
              source, len(kept), len(ds), overlap)
     return list(kept)
 
