@@ -1,14 +1,16 @@
 """Load a data set into train / validation / test splits and tokenize it: texts with a class
-(classification, language modelling, sentence embeddings) or words with a tag each (token
-classification).
+(classification, language modelling, sentence embeddings), words with a tag each (token
+classification) or questions with answers in a context (question answering).
 
 Everything goes through `datasets`: packaged offline copies, local files (csv, tsv, json,
-jsonl, parquet, and CoNLL files for tags), folders written by ``save_to_disk``, and hub ids.
+jsonl, parquet, CoNLL files for tags, SQuAD's nested JSON for questions), folders written by
+``save_to_disk``, and hub ids.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +109,12 @@ def _load_files(files: dict[str, Path], source: str) -> DatasetDict:
     suffix = suffixes.pop()
     if suffix == ".conll":
         return DatasetDict({split: _read_conll(path) for split, path in files.items()})
+    if suffix == ".json":  # SQuAD's nested files are flattened here, other JSON read as it is
+        squad = {split: _read_squad(path) for split, path in files.items()}
+        if any(ds is not None for ds in squad.values()):
+            return DatasetDict({split: load_dataset("json", data_files=str(files[split]),
+                                                    split="train") if ds is None else ds
+                                for split, ds in squad.items()})
     kw = {"delimiter": "\t"} if suffix == ".tsv" else {}
     return load_dataset(_LOADERS[suffix], data_files={k: str(v) for k, v in files.items()}, **kw)
 
@@ -132,6 +140,37 @@ def _read_conll(path: Path) -> Dataset:
         sentences.append((tokens, tags))
     return Dataset.from_dict({"tokens": [t for t, _ in sentences],
                               "tags": [g for _, g in sentences]})
+
+
+def _read_squad(path: Path) -> Dataset | None:
+    """A file in SQuAD's own nested layout (``{"data": [{"title", "paragraphs": [{"context",
+    "qas": [{"id", "question", "answers": [{"text", "answer_start"}]}]}]}]}``) as one row per
+    question, with the columns of `datasets`' flat SQuAD (id, title, context, question, answers
+    as {text, answer_start}); None for any other JSON file, which `datasets` reads. Flattened
+    here: `datasets` reads such a file as a single row."""
+    with open(path, encoding="utf-8") as f:
+        if f.read(1) != "{":
+            return None
+        f.seek(0)
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError:  # JSON lines
+            return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        return None
+    rows = []
+    for article in doc["data"]:
+        for paragraph in article.get("paragraphs", []):
+            for qa in paragraph.get("qas", []):
+                answers = qa.get("answers") or []
+                rows.append({"id": str(qa.get("id", len(rows))), "title": article.get("title", ""),
+                             "context": paragraph.get("context"), "question": qa.get("question"),
+                             "answers": {"text": [a.get("text") for a in answers],
+                                         "answer_start": [a.get("answer_start") for a in answers]}})
+    if not rows:
+        raise EdgeDistillError(f"data.source: {path}: a SQuAD file with no questions (data -> "
+                               "paragraphs -> qas is empty)")
+    return Dataset.from_list(rows)
 
 
 def _clean(text: str) -> str:
@@ -270,6 +309,64 @@ def load_tagged_data(cfg: DataConfig, seed: int = 42) -> TaskData:
     parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed)
     return TaskData(DatasetDict(train=parts["train"], validation=parts["test"], test=test),
                     labels)
+
+
+# the columns of a question-answering data set: `datasets`' flat SQuAD layout
+QA_COLUMNS = ("question", "context", "answers")
+
+
+def load_qa_data(cfg: DataConfig, seed: int = 42) -> TaskData:
+    """Read questions with answers in a context (SQuAD's nested JSON, or rows with
+    ``question``, ``context`` and ``answers`` = {text: [...], answer_start: [...]}, the layout
+    of `datasets`' SQuAD). Every answer must sit in its context at its ``answer_start``
+    (characters); the test split may give several answers per question (any one counts). The
+    splits keep ``id``, those three columns, and ``text`` (question and context: what
+    calibration and the benchmark read); there is no label set. Validation is split off by
+    question, as the test split is."""
+    train, test = _train_and_test(cfg)
+
+    def prepare(ds: Dataset, split: str, limit: int | None) -> Dataset:
+        missing = [c for c in QA_COLUMNS if c not in ds.column_names]
+        if missing:
+            raise EdgeDistillError(
+                f"data.source: {cfg.source}: split '{split}' has no column {', '.join(missing)} "
+                f"(columns: {', '.join(ds.column_names)}); questions need question, context and "
+                "answers {text: [...], answer_start: [...]} (SQuAD's layout)")
+        if limit is not None:
+            ds = ds.shuffle(seed=seed).select(range(min(limit, len(ds))))
+        ids = ds["id"] if "id" in ds.column_names else [str(i) for i in range(len(ds))]
+        rows = []
+        for i, (qid, question, context, answers) in enumerate(
+                zip(ids, ds["question"], ds["context"], ds["answers"])):
+            where = f"data.source: {cfg.source}, split '{split}', question {qid} (row {i})"
+            if not (isinstance(question, str) and question.strip() and isinstance(context, str)
+                    and context.strip()):
+                raise EdgeDistillError(f"{where}: needs a question and a context (text)")
+            texts, starts = (answers or {}).get("text") or [], (answers or {}).get(
+                "answer_start") or []
+            if not texts or len(texts) != len(starts):
+                raise EdgeDistillError(
+                    f"{where}: needs answers {{text: [...], answer_start: [...]}} with one start "
+                    "per text; questions without an answer (SQuAD 2.0) are not supported")
+            for text, start in zip(texts, starts):
+                found = context[start:start + len(text)] if isinstance(start, int) else None
+                if not text or found != text:
+                    at = context.find(text) if text else -1
+                    hint = (f"it is at character {at}: fix answer_start" if at >= 0 else
+                            "the context does not contain it: fix the answer or the context")
+                    raise EdgeDistillError(f"{where}: answer {text!r} is not at character "
+                                           f"{start} of its context; {hint}")
+            rows.append({"id": str(qid), "question": question.strip(), "context": context,
+                         "answers": {"text": list(texts), "answer_start": list(starts)},
+                         "text": f"{question.strip()} {context}"})
+        if not rows:
+            raise EdgeDistillError(f"data.source: split '{split}' of {cfg.source} is empty")
+        return Dataset.from_list(rows)
+
+    train = prepare(train, cfg.train_split, cfg.max_train_samples)
+    test = prepare(test, cfg.test_split, cfg.max_test_samples)
+    parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed)
+    return TaskData(DatasetDict(train=parts["train"], validation=parts["test"], test=test), [])
 
 
 def _is_empty(value) -> bool:

@@ -33,7 +33,8 @@ CAUSAL_TASK = "text-generation-with-past"
 # pools (edgedistill.pooling)
 EMBEDDING_TASK = "feature-extraction"
 TASKS = {"ForSequenceClassification": "text-classification", "ForCausalLM": CAUSAL_TASK,
-         "ForTokenClassification": "token-classification", "Model": EMBEDDING_TASK}
+         "ForTokenClassification": "token-classification",
+         "ForQuestionAnswering": "question-answering", "Model": EMBEDDING_TASK}
 
 
 def infer_task(model_dir: Path) -> str:

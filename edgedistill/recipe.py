@@ -77,7 +77,8 @@ class DataConfig:
                      "--workloads: tweets, trec, sms-spam, rotten-tomatoes), local file/folder, "
                      "or hub id.")
     text_column: str = _f("review", "Column holding the input text (token-classification: "
-                          "each row's list of words).")
+                          "each row's list of words; question-answering reads SQuAD's columns "
+                          "question, context and answers instead).")
     label_column: str = _f("rating", "Column holding the class label (token-classification: "
                            "each row's list of tags).")
     labels: Optional[list[str]] = _f(None, "Label names in index order; inferred when empty.")
@@ -90,6 +91,9 @@ class DataConfig:
     validation_fraction: float = _f(0.1, "Part of the training split held out for validation.",
                                      gt=0, lt=1)
     max_length: int = _f(128, "Tokens per example after truncation.", gt=0)
+    doc_stride: int = _f(128, "question-answering: tokens of context that consecutive windows "
+                              "of a long context share (each window holds the question and "
+                              "max_length tokens in all).", gt=0)
     max_train_samples: Optional[int] = _f(None, "Cap on training rows (quick trials).", gt=0)
     max_test_samples: Optional[int] = _f(None, "Cap on test rows (quick trials).", gt=0)
     drop_empty: bool = _f(False, "Leave out rows whose text or label cell is empty (counted in "
@@ -452,7 +456,9 @@ class Recipe:
                                      "language model scored by perplexity on held-out text; "
                                      "sentence-embedding, a sentence-transformers model scored "
                                      "by agreement with its teacher's embeddings; "
-                                     "token-classification, a tagger scored by entity F1.")
+                                     "token-classification, a tagger scored by entity F1; "
+                                     "question-answering, answers found in a context, scored "
+                                     "by SQuAD's exact match and F1.")
     seed: int = _f(42, "Random seed for splits, initialisation and training.", ge=0)
     output_dir: str = _f("runs/run", "Where stage artifacts and the report go.")
     data: DataConfig = field(default_factory=DataConfig)

@@ -1,5 +1,5 @@
-"""Load a saved classifier or sentence embedder on its backend (PyTorch, onnxruntime or
-OpenVINO) behind one small interface.
+"""Load a saved classifier, sentence embedder or question answerer on its backend (PyTorch,
+onnxruntime or OpenVINO) behind one small interface.
 
 Evaluation, export validation and the benchmark worker all run models through this, so a model
 is fed the same inputs whichever backend it is on.
@@ -20,11 +20,15 @@ from .session import check_cpu_only, open_onnx_session, open_openvino_model
 
 # the output of an exported sentence embedder (its pooling runs inside the graph)
 EMBEDDING_OUTPUT = "sentence_embedding"
+# the outputs of a question answerer: a score per token for the answer's first and last token
+SPAN_OUTPUTS = ("start_logits", "end_logits")
 
 
 class Predictor:
     """``logits(encoding)`` for a batch of numpy token arrays (a classifier's logits, per text
-    or per token, or an embedder's sentence embeddings); ``input_names`` it accepts."""
+    or per token; an embedder's sentence embeddings; a question answerer's start and end
+    logits stacked as (batch, 2, tokens), so that argmax(-1) is the span); ``input_names`` it
+    accepts."""
 
     backend: str
     input_names: list[str]
@@ -42,19 +46,22 @@ class TorchPredictor(Predictor):
 
     def __init__(self, folder: Path, threads: int | None = None):
         import torch
-        from transformers import (AutoModel, AutoModelForSequenceClassification,
+        from transformers import (AutoModel, AutoModelForQuestionAnswering,
+                                  AutoModelForSequenceClassification,
                                   AutoModelForTokenClassification)
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
         # a sentence embedder is its encoder (no head) followed by its pooling; a token
-        # classifier gives logits per token
+        # classifier gives logits per token, a question answerer two per token
         self.pooling = read_pooling(folder)
-        tokens = any(a.endswith("ForTokenClassification") for a in json.loads(
-            (folder / "config.json").read_text()).get("architectures") or [])
-        auto = (AutoModel if self.pooling else AutoModelForTokenClassification if tokens
-                else AutoModelForSequenceClassification)
+        heads = {"ForTokenClassification": AutoModelForTokenClassification,
+                 "ForQuestionAnswering": AutoModelForQuestionAnswering}
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures")
+        auto = AutoModel if self.pooling else next(
+            (heads[h] for a in architectures or [] for h in heads if a.endswith(h)),
+            AutoModelForSequenceClassification)
         self.model = auto.from_pretrained(folder).eval()
         accepted = inspect.signature(self.model.forward).parameters
         self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
@@ -67,6 +74,8 @@ class TorchPredictor(Predictor):
             if self.pooling:
                 return pool(out.last_hidden_state, batch["attention_mask"],
                             self.pooling).float().numpy()
+            if "start_logits" in out:
+                return self.torch.stack([out[n] for n in SPAN_OUTPUTS], 1).float().numpy()
             return out.logits.float().numpy()
 
 
@@ -78,10 +87,12 @@ class OnnxPredictor(Predictor):
         self.session = open_onnx_session(onnx_file(folder), threads, providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
-        self.output = EMBEDDING_OUTPUT if EMBEDDING_OUTPUT in outputs else "logits"
+        self.outputs = ([EMBEDDING_OUTPUT] if EMBEDDING_OUTPUT in outputs else
+                        list(SPAN_OUTPUTS) if SPAN_OUTPUTS[0] in outputs else ["logits"])
 
     def logits(self, encoding):
-        return self.session.run([self.output], self.feed(encoding))[0]
+        out = self.session.run(self.outputs, self.feed(encoding))
+        return np.stack(out, 1) if len(out) > 1 else out[0]
 
 
 class OpenVinoPredictor(Predictor):

@@ -11,6 +11,7 @@ from ..errors import EdgeDistillError
 from .base import Column, ReportView, Task
 from .causal_lm import CausalLMTask
 from .classification import ClassificationTask
+from .question_answering import QuestionAnsweringTask
 from .sentence_embedding import SentenceEmbeddingTask
 from .token_classification import TokenClassificationTask
 
@@ -57,5 +58,6 @@ register_task(ClassificationTask())
 register_task(CausalLMTask())
 register_task(SentenceEmbeddingTask())
 register_task(TokenClassificationTask())
+register_task(QuestionAnsweringTask())
 
 __all__ = ["Column", "ReportView", "TASKS", "Task", "get_task", "register_task"]
