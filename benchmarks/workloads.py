@@ -10,12 +10,17 @@ students with the same initialisation, labelled rows and epochs:
   labels).
 
 Each student is exported, quantized and evaluated on the held-out test split (fp32 and int8,
-agreement with the teacher); latency is measured in every run, and the speed-up is the ratio
+agreement with the teacher; a text classifier by macro-F1, a tagger by entity F1, see
+``SCORES``); latency is measured in every run, and the speed-up is the ratio
 of the teacher's and the int8 student's p50 within one run (ratios, not times: the machines
 are shared). Writes benchmarks/results/<recipe>.{json,md} after every run (what has run so
 far); finished runs are kept in benchmarks/work/, so a rerun continues where one stopped.
 
     python benchmarks/workloads.py trec-speaker --seeds 42 43 44
+    python benchmarks/workloads.py reviews-ner --seeds 42 43 44
+
+A recipe without a transfer set (a tagger: transfer sets are built for text classifiers) runs
+``kd`` and ``labels`` only.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ VARIANTS = {
 }
 # run in this order, seed by seed within a group: the pair that answers "is KD worth it" first
 GROUPS = (("kd", "labels"), ("kd+transfer",))
+# per task: the report's quality metric, its second metric and the quality's name in the table
+# (the row keys stay "f1" / "accuracy" whatever the task)
+SCORES = {"classification": ("macro_f1", "accuracy", "macro-F1"),
+          "token-classification": ("entity_f1", "word_accuracy", "entity F1")}
 
 
 def by_name(report: dict) -> dict:
@@ -49,6 +58,7 @@ def by_name(report: dict) -> dict:
 
 def one_run(recipe: str, folder: Path, overrides: list[str]) -> dict:
     report = run(recipe, folder, overrides)
+    quality, second, _ = SCORES[report["task"]]
     models = by_name(report)
     # the stages' own times (their manifests): a rerun that skips finished stages keeps them
     seconds = sum(json.loads(m.read_text())["seconds"] for m in folder.glob("*/manifest.json"))
@@ -62,7 +72,7 @@ def one_run(recipe: str, folder: Path, overrides: list[str]) -> dict:
     for name in ("teacher", "student", "student-int8"):
         metrics = models[name]["metrics"]
         key = name.replace("-", "_")
-        row[f"{key}_f1"], row[f"{key}_accuracy"] = metrics["macro_f1"], metrics["accuracy"]
+        row[f"{key}_f1"], row[f"{key}_accuracy"] = metrics[quality], metrics[second]
         row[f"{key}_agreement"] = metrics["agreement"]
     return row
 
@@ -115,14 +125,15 @@ def summarise(runs: list[dict]) -> dict:
 
 def to_markdown(result: dict) -> str:
     s, runs = result["summary"], result["runs"]
+    _, _, score = SCORES[result["recipe"]["task"]]
     fmt = lambda d: f"{d['mean']:.4f} ± {d['stdev']:.4f}"  # noqa: E731
     lines = [f"# {result['recipe']['name']}: what distillation is worth", "",
              f"{result['environment']['cpu']}, {result['environment']['cpu_count']} cores; "
              f"profile {result['recipe']['bench']['profile']}. Teacher fine-tuned once "
              f"({result['teacher_minutes']:.1f} min), shared by every student. Test split "
              "only; mean ± stdev over the seeds each variant ran.", "",
-             "| student | seeds | fp32 macro-F1 | int8 macro-F1 | int8 accuracy | int8 "
-             "agreement with teacher | int8 / teacher macro-F1 | minutes per run |",
+             f"| student | seeds | fp32 {score} | int8 {score} | int8 accuracy | int8 "
+             f"agreement with teacher | int8 / teacher {score} | minutes per run |",
              "|---|---|---|---|---|---|---|---|"]
     for v in VARIANTS:
         if v not in s:
@@ -133,7 +144,7 @@ def to_markdown(result: dict) -> str:
                      f"{fmt(d['student_int8_agreement'])} | {fmt(s[f'{v}_int8_over_teacher'])} "
                      f"| {d['minutes']['mean']:.1f} |")
     first = next(iter(s[v] for v in VARIANTS if v in s))
-    lines += ["", f"Teacher macro-F1 {first['teacher_f1']['mean']:.4f}, accuracy "
+    lines += ["", f"Teacher {score} {first['teacher_f1']['mean']:.4f}, accuracy "
               f"{first['teacher_accuracy']['mean']:.4f}.", ""]
     speed = result.get("one_core")
     if speed:
@@ -144,7 +155,7 @@ def to_markdown(result: dict) -> str:
                   f"{speed['teacher_pytorch_p50_ms']:.2f} ms, student int8 "
                   f"{speed['student_int8_p50_ms']:.2f} ms, **{speed['speedup']:.1f}x**.", ""]
     lines += [
-              "| gain in int8 macro-F1 over labels-only | seeds | per seed | spread (largest "
+              f"| gain in int8 {score} over labels-only | seeds | per seed | spread (largest "
               "stdev) | > 2x spread on every seed |", "|---|---|---|---|---|"]
     for v in ("kd", "kd+transfer"):
         g = s.get(f"{v}_over_labels")
@@ -152,7 +163,7 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {v} | {', '.join(map(str, g['seeds']))} | "
                          f"{', '.join(f'{x:+.4f}' for x in g['per_seed'])} | {g['spread']:.4f} "
                          f"| {g['beats_by_twice_the_spread_on_every_seed']} |")
-    lines += ["", "| seed | variant | int8 macro-F1 | agreement | int8 p50 ms on the profile "
+    lines += ["", f"| seed | variant | int8 {score} | agreement | int8 p50 ms on the profile "
               "| over the memory budget | transfer rows | minutes |",
               "|---|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -196,7 +207,8 @@ def main() -> None:
               "export.export_teacher=false"]
     runs = {seed: {"seed": seed} for seed in args.seeds}
     one_core = None
-    for group in GROUPS:
+    transfer = load_recipe(args.recipe).transfer.active
+    for group in GROUPS if transfer else GROUPS[:1]:
         for seed in args.seeds:
             for variant in group:
                 folder = work / f"seed-{seed}-{variant}"
@@ -204,7 +216,7 @@ def main() -> None:
                 runs[seed][variant] = row
                 if one_core is None:  # the same shapes in every run: measured once
                     one_core = one_core_speedup(folder, load_recipe(args.recipe).bench.profile)
-                print(f"seed {seed} {variant}: int8 macro-F1 {row['student_int8_f1']:.4f}, "
+                print(f"seed {seed} {variant}: int8 score {row['student_int8_f1']:.4f}, "
                       f"agreement {row['student_int8_agreement']:.4f}, {row['minutes']:.1f} min",
                       flush=True)
                 write(args.results, args.recipe, list(runs.values()), teacher_minutes, one_core)

