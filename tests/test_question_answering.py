@@ -13,7 +13,10 @@ from transformers import BertConfig, BertForQuestionAnswering
 from edgedistill.answers import best_answers, normalize_answer, squad_scores, windows
 from edgedistill.cli import main
 from edgedistill.distill.losses import soft_cross_entropy
-from edgedistill.distill.trainer import DistillationTrainer, DistillationTrainingArguments
+from edgedistill.distill.trainer import (
+    DistillationTrainer,
+    DistillationTrainingArguments,
+)
 from edgedistill.recipe import load_recipe
 from edgedistill.tasks import get_task
 from tests.conftest import WORDS, make_bert, make_tokenizer

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModel, BertConfig, BertModel
 
 from edgedistill.cli import main
+from edgedistill.distill.losses import embedding_similarity
 from edgedistill.errors import EdgeDistillError
 from edgedistill.evaluation import embedding_metrics
 from edgedistill.export import export_onnx
@@ -141,12 +142,39 @@ def test_pipeline_distils_exports_quantizes_and_reports_an_embedder(tmp_path, ca
     assert "sentence embeddings (weight 1)" in card and "temperature" not in card
     printed = execute(python_blocks(card)[0])
     assert printed.startswith("(2, 32) cosine")
-    # the validation score that chose the epoch is the cosine to the teacher
+    # the validation score that chose the epoch: Spearman agreement with the teacher's
+    # similarities (the cosine to its embeddings is logged beside it)
     record = json.loads((out / "distill" / "manifest.json").read_text())["record"]
-    assert record["selection"]["metric"] == "cosine"
+    assert record["selection"]["metric"] == "spearman"
+    assert all("eval_cosine" in h for h in record["log_history"] if "eval_spearman" in h)
     assert len(record["selection"]["per_epoch"]) == 3
     losses = [h for h in record["log_history"] if "loss_distill" in h]
     assert losses and all(h["loss_hidden_mse"] > 0 for h in losses)
+
+
+def test_similarity_loss_ignores_width_and_rotation():
+    torch.manual_seed(0)
+    teacher = torch.randn(6, 8)
+    rotation, _ = torch.linalg.qr(torch.randn(12, 12))
+    wider = torch.cat([teacher, torch.zeros(6, 4)], 1) @ rotation  # same similarities
+    assert embedding_similarity(wider, teacher) == pytest.approx(0.0, abs=1e-6)
+    assert embedding_similarity(torch.randn(6, 4), teacher) > 0.05
+
+
+def test_a_narrower_student_learns_the_teachers_similarities(tmp_path):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, **{
+        "student: {num_layers: 2}": "student: {init: pruned, config: {hidden_size: 16}}",
+        "distill_loss: embedding_mse": "distill_loss: embedding_similarity"})
+    assert main(["run", str(recipe), "--output", str(out)]) == 0
+    rows = {m["name"]: m["metrics"] for m in json.loads((out / "report.json").read_text())[
+        "models"]}
+    for name in ("student", "student-int8"):
+        assert rows[name]["cosine"] is None and -1 <= rows[name]["spearman"] <= 1
+    record = json.loads((out / "distill" / "manifest.json").read_text())["record"]
+    first, *_, last = [h["eval_spearman"] for h in record["log_history"] if "eval_spearman" in h]
+    assert last > first  # it learns the teacher's similarities
+    assert read_pooling(out / "distill" / "model") == Pooling("mean", True)
 
 
 def test_labels_are_read_only_when_the_recipe_names_them(tmp_path):
@@ -164,7 +192,8 @@ def test_labels_are_read_only_when_the_recipe_names_them(tmp_path):
     ({"alpha_distill: 1.0": "alpha_distill: 0"},
      "distill.alpha_distill: 0"),
     ({"student: {num_layers: 2}": "student: {init: pruned, config: {hidden_size: 16}}"},
-     "student: its width 16 differs from the teacher's 32"),
+     "student: its width 16 differs from the teacher's 32, and distill.distill_loss "
+     "embedding_mse compares"),
 ])
 def test_bad_settings_are_one_line_and_nothing_is_written(tmp_path, capsys, change, message):
     out = tmp_path / "out"

@@ -5,7 +5,8 @@ Built by ``DistillationTrainer(model=...)`` when the model carries a pooling in 
 model). The teacher's embeddings come precomputed in the ``teacher_embedding`` column
 (:func:`.teacher_outputs.teacher_embeddings`), which also serves as the label of evaluation:
 the validation score is the mean cosine between the student's embeddings and the teacher's.
-A live teacher is needed only for layer matches (``distill.matches``).
+A live teacher is needed only for layer matches (``distill.matches``). A student narrower than
+its teacher learns with a loss that compares similarities (not in ``POINTWISE``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EdgeDistillError
+from ..evaluation import embedding_metrics
 from ..pooling import carried, pool, write_sentence_transformers_files
 from .features import forward_with_features
-from .losses import embedding_loss, embedding_losses
+from .losses import POINTWISE, embedding_loss, embedding_losses
 from .teacher_outputs import TEACHER_EMBEDDING
 from .trainer import DistillationTrainer
 
@@ -39,12 +41,13 @@ def check_embedding_settings(settings, prefix: str = "") -> None:
 
 
 def embedding_agreement(prediction) -> dict:
-    """The validation score: mean cosine of the student's embeddings (predictions) with the
-    teacher's (the label column), as compute_metrics receives them."""
+    """The validation scores, from the student's embeddings (predictions) and the teacher's
+    (the label column) as compute_metrics receives them: the Spearman correlation of the two
+    models' similarities of pairs of texts (the score that chooses the epoch, whatever the two
+    widths), and the mean cosine of each text's two embeddings where the widths match."""
     s, t = np.asarray(prediction.predictions), np.asarray(prediction.label_ids)
-    cos = (s * t).sum(-1) / np.maximum(np.linalg.norm(s, axis=-1) * np.linalg.norm(t, axis=-1),
-                                       1e-12)
-    return {"cosine": float(cos.mean())}
+    scores = embedding_metrics(s, t, k=1)
+    return {k: scores[k] for k in ("spearman", "cosine") if scores[k] is not None}
 
 
 class EmbeddingDistillationTrainer(DistillationTrainer):
@@ -87,11 +90,12 @@ class EmbeddingDistillationTrainer(DistillationTrainer):
             model, inputs, {(m.feature, m.student_layer) for m in self.matches}, student)
         mask = inputs["attention_mask"]
         embedding = pool(outputs.last_hidden_state, mask, self.pooling)
-        if embedding.shape[-1] != target.shape[-1]:
+        if embedding.shape[-1] != target.shape[-1] and self.args.distill_loss in POINTWISE:
             raise EdgeDistillError(
                 f"the student's embeddings have {embedding.shape[-1]} dimensions, the "
-                f"teacher's {target.shape[-1]}; use a student of the teacher's width "
-                "(student.config.hidden_size)")
+                f"teacher's {target.shape[-1]}; {self.args.distill_loss} compares them "
+                "coordinate by coordinate: use a student of the teacher's width, or a loss "
+                "that compares similarities (embedding_similarity)")
         parts = {"distill": self.args.alpha_distill * self.embedding_loss(
             embedding, target.to(embedding.dtype))}
         if self.matches:

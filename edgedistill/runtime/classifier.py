@@ -46,9 +46,12 @@ class TorchPredictor(Predictor):
 
     def __init__(self, folder: Path, threads: int | None = None):
         import torch
-        from transformers import (AutoModel, AutoModelForQuestionAnswering,
-                                  AutoModelForSequenceClassification,
-                                  AutoModelForTokenClassification)
+        from transformers import (
+            AutoModel,
+            AutoModelForQuestionAnswering,
+            AutoModelForSequenceClassification,
+            AutoModelForTokenClassification,
+        )
 
         if threads:
             torch.set_num_threads(threads)

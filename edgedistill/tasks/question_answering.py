@@ -6,7 +6,11 @@ back from the context, and timed one window at a time."""
 from __future__ import annotations
 
 from datasets import Dataset
-from transformers import AutoConfig, AutoModelForQuestionAnswering, DataCollatorWithPadding
+from transformers import (
+    AutoConfig,
+    AutoModelForQuestionAnswering,
+    DataCollatorWithPadding,
+)
 
 from ..answers import answer_questions, best_answers, squad_scores, windows
 from ..data import load_qa_data
@@ -150,8 +154,8 @@ class QuestionAnsweringTask(Task):
         return "\n".join([
             *snippet_opening(location, file_name),
             f"question, context = {literal(self.example_text)}, {literal(EXAMPLE_CONTEXT)}",
-            'inputs = tokenizer(question, context, return_offsets_mapping=True, '
-            'return_tensors="np")',
+            ('inputs = tokenizer(question, context, return_offsets_mapping=True, '
+             'return_tensors="np")'),
             'offsets = inputs.pop("offset_mapping")[0]',
             "names = {i.name for i in session.get_inputs()}",
             "feed = {k: v.astype(np.int64) for k, v in inputs.items() if k in names}",

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModel, DataCollatorWithPadding
 from ..bench.runner import benchmark
 from ..data import load_task_data
 from ..distill.embedding_trainer import check_embedding_settings, embedding_agreement
+from ..distill.losses import POINTWISE
 from ..distill.student import shares_tokenizer
 from ..distill.teacher_outputs import TEACHER_EMBEDDING, teacher_embeddings
 from ..distill.training import plan_student
@@ -78,7 +79,7 @@ class SentenceEmbeddingTask(Task):
         quality="metrics.spearman", quality_label="Spearman correlation with the teacher's "
                                                   "similarities",
         higher_is_better=True, timing="latency", speed_label="latency per sentence, ms",
-        roofline_measure="p50", validation="validation cosine to teacher {cosine:.3f}")
+        roofline_measure="p50", validation="validation Spearman vs teacher {spearman:.3f}")
     hub_pipeline = "sentence-similarity"
     example_text = "The medicine helped me sleep."
 
@@ -99,8 +100,8 @@ class SentenceEmbeddingTask(Task):
         return {"student": True}  # tells load_model which key names a folder without pooling
 
     def selection(self, cfg, data):
-        # the best epoch: the highest mean cosine with the teacher's validation embeddings
-        return dict(metric_for_best_model="cosine", greater_is_better=True,
+        # the best epoch: the closest to the teacher's similarities of validation pairs
+        return dict(metric_for_best_model="spearman", greater_is_better=True,
                     per_device_eval_batch_size=64)
 
     def training_sets(self, tokenizer, args, data, data_cfg, **kw):
@@ -115,12 +116,13 @@ class SentenceEmbeddingTask(Task):
         teacher = AutoConfig.from_pretrained(path, trust_remote_code=r.teacher.trust_remote_code)
         student, _ = plan_student(path, teacher, r.student)
         # the student's embedding is compared with the teacher's dimension by dimension
-        refuse(student.hidden_size != teacher.hidden_size,
+        # the pointwise losses compare each text's two embeddings coordinate by coordinate
+        refuse(student.hidden_size != teacher.hidden_size and r.distill.distill_loss in POINTWISE,
                f"student: its width {student.hidden_size} differs from the teacher's "
-               f"{teacher.hidden_size}; a sentence embedder's student keeps the teacher's "
-               "width (no projection between the two is built): leave "
-               "student.config.hidden_size out, or take a student.model of width "
-               f"{teacher.hidden_size}")
+               f"{teacher.hidden_size}, and distill.distill_loss {r.distill.distill_loss} "
+               "compares the two embeddings coordinate by coordinate: use "
+               "embedding_similarity (or a relation loss), which compares how texts relate "
+               "within each model, or a student of the teacher's width")
         refuse(r.teacher.finetune, "teacher.finetune: a sentence-embedding teacher is used as "
                "it is (its embeddings are the targets; there is no labelled objective to "
                "fine-tune it on); set teacher.finetune: false")

@@ -19,7 +19,8 @@ losses register the same way and are then named in a recipe like these (see :mod
 
 from __future__ import annotations
 
-from .embedding import embedding_cosine, embedding_loss, embedding_losses, embedding_mse
+from .embedding import (POINTWISE, embedding_cosine, embedding_loss, embedding_losses,
+                        embedding_mse, embedding_similarity)
 from .feature import attention_kl, attention_mse, hidden_cosine, hidden_mse, masked_mean
 from .logit import kl_divergence, logit_mse, reverse_kl_divergence, soft_cross_entropy
 from .registry import (EMBEDDING_LOSSES, LOGIT_LOSSES, MATCH_LOSSES, TOKEN_LOSSES, MatchLoss,
@@ -30,11 +31,12 @@ from .token import (forward_kl, generalized_jsd, get_token_loss, reverse_kl, ske
                     skew_reverse_kl)
 
 __all__ = [
-    "EMBEDDING_LOSSES", "LOGIT_LOSSES", "MATCH_LOSSES", "TOKEN_LOSSES", "MatchLoss",
+    "EMBEDDING_LOSSES", "LOGIT_LOSSES", "MATCH_LOSSES", "POINTWISE", "TOKEN_LOSSES", "MatchLoss",
     "embedding_loss", "embedding_losses", "get_loss", "get_token_loss", "masked_mean",
     "register_loss",
     # the built-in losses
     "attention_kl", "attention_mse", "contrastive_relation", "embedding_cosine", "embedding_mse",
+    "embedding_similarity",
     "forward_kl", "generalized_jsd",
     "hidden_cosine", "hidden_mse", "kl_divergence", "logit_mse", "minilm_relation",
     "reverse_kl", "reverse_kl_divergence", "rkd_angle", "rkd_distance", "similarity_preserving",

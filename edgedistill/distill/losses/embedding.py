@@ -44,6 +44,37 @@ def embedding_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
     return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
 
 
+@register_loss("embedding_similarity", kind="embedding")
+def embedding_similarity(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between the two models' cosine similarities of every pair of
+    texts in the batch: ``mean_{i != j} (cos(s_i, s_j) - cos(t_i, t_j))^2``.
+
+    It asks for the teacher's similarities, not its vectors, so the student may be narrower (a
+    different width, another pretrained encoder): what a semantic-search index ranks by is
+    kept, and the index is built with the student alone. The pairwise form of the relational
+    objectives (Park et al., "Relational Knowledge Distillation", CVPR 2019, compare distances
+    and angles; Tung & Mori 2019, row-normalised Gram matrices) on exactly the quantity a
+    cosine-similarity search reads. A batch of one text (the last of an epoch, say) has no
+    pair and adds nothing.
+
+    Recipe block::
+
+        distill:
+          distill_loss: embedding_similarity
+    """
+    s, t = (F.normalize(x.float(), dim=-1) for x in (student, teacher))
+    if len(s) < 2:
+        return s.sum() * 0.0
+    off_diagonal = ~torch.eye(len(s), dtype=torch.bool, device=s.device)
+    return ((s @ s.t() - t @ t.t())[off_diagonal]).pow(2).mean()
+
+
+# the losses that compare each text's two embeddings coordinate by coordinate: the student
+# must have the teacher's width for these; every other embedding loss compares how texts relate
+# within each model
+POINTWISE = ("embedding_mse", "embedding_cosine")
+
+
 def embedding_losses() -> dict:
     """What a sentence embedder's ``distill_loss`` may name: the embedding losses and the
     relation losses that compare one vector per sample (called without a mask)."""
