@@ -21,6 +21,7 @@ from pathlib import Path
 from ..bench.runner import BenchSettings, benchmark
 from ..data import TaskData, load_task_data
 from ..distill.student import check_same_tokenizer
+from ..distill.trainer import check_classifier_settings
 from ..errors import EdgeDistillError
 from ..mobile import phone_artifact
 from ..profiles import Target
@@ -279,6 +280,31 @@ def refuse_classifier_and_lm_extras(r: Recipe, task: str) -> None:
            f"text classifiers; for task {task} leave it unset")
     refuse(r.transfer.active, "transfer: transfer sets are built for text classifiers and "
            f"language models, not for task {task}")
+
+
+def check_per_token_task(r: Recipe, task: str) -> None:
+    """The preflight of the tasks that distil logits per token (tags, answer spans): the
+    classifiers' logit losses, and none of what is built for text classifiers and language
+    models only (class weights included)."""
+    check_classifier_settings(r.distill, "distill.")
+    refuse_classifier_and_lm_extras(r, task)
+    for block in ("teacher", "distill"):
+        refuse(getattr(r, block).class_weights != "none",
+               f"{block}.class_weights: class weights are built for text classifiers; leave it "
+               f"'none' for task {task}")
+
+
+# the heads transformers names its task classes by
+TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+              "ForCausalLM")
+
+
+def refuse_other_heads(config, own: str, what: str) -> None:
+    """Refuse a ``student.model`` whose head is another task's (``own``: this task's head)."""
+    heads = [a for a in config.architectures or [] if a.endswith(TASK_HEADS)
+             and not a.endswith(own)]
+    refuse(bool(heads), f"student.model: its head ({heads[0] if heads else ''}) is not a "
+           f"{what}'s; use the model without its head (its encoder)")
 
 
 # the width of the model-name column in the stages' lines: the longest name a run writes

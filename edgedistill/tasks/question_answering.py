@@ -15,7 +15,6 @@ from transformers import (
 from ..answers import answer_questions, best_answers, squad_scores, windows
 from ..data import load_qa_data
 from ..distill.qa_trainer import QuestionAnsweringDistillationTrainer  # noqa: F401  (registers it)
-from ..distill.trainer import check_classifier_settings
 from ..recipe import Recipe
 from ..sources import resolve_model
 from .base import (
@@ -23,15 +22,14 @@ from .base import (
     Column,
     ReportView,
     Task,
+    check_per_token_task,
     literal,
     refuse,
-    refuse_classifier_and_lm_extras,
+    refuse_other_heads,
     snippet_opening,
     time_forward_passes,
 )
 
-# the heads of other tasks: a model with one is no question answerer
-_OTHER_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForCausalLM")
 EXAMPLE_CONTEXT = "The tablets helped with the pain after two days, but made me sleepy."
 
 
@@ -101,12 +99,7 @@ class QuestionAnsweringTask(Task):
     # ------------------------------------------------------------------ preflight
 
     def check(self, r: Recipe) -> None:
-        check_classifier_settings(r.distill, "distill.")
-        refuse_classifier_and_lm_extras(r, self.name)
-        for block in ("teacher", "distill"):
-            refuse(getattr(r, block).class_weights != "none",
-                   f"{block}.class_weights: class weights are built for text classifiers; "
-                   "leave it 'none' for task question-answering")
+        check_per_token_task(r, self.name)
         refuse(r.data.doc_stride >= r.data.max_length,
                f"data.doc_stride: {r.data.doc_stride} tokens shared by consecutive windows "
                f"must be fewer than data.max_length ({r.data.max_length})")
@@ -121,9 +114,7 @@ class QuestionAnsweringTask(Task):
 
     def check_student(self, r: Recipe, config, teacher_tokenizer, student_tokenizer, labels):
         super().check_student(r, config, teacher_tokenizer, student_tokenizer, labels)
-        heads = [a for a in config.architectures or [] if a.endswith(_OTHER_HEADS)]
-        refuse(bool(heads), f"student.model: its head ({heads[0] if heads else ''}) is not a "
-               "question answerer's; use the model without its head (its encoder)")
+        refuse_other_heads(config, "ForQuestionAnswering", "question answerer")
 
     # ------------------------------------------------------------------ stages
 

@@ -11,7 +11,6 @@ from transformers import (
 )
 
 from ..data import load_tagged_data
-from ..distill.trainer import check_classifier_settings
 from ..evaluation import align_tags, tag_words, tagging_metrics
 from ..recipe import Recipe
 from .base import (
@@ -19,11 +18,11 @@ from .base import (
     Column,
     ReportView,
     Task,
+    check_per_token_task,
     head_like,
     label_head,
     literal,
-    refuse,
-    refuse_classifier_and_lm_extras,
+    refuse_other_heads,
     snippet_opening,
     time_forward_passes,
 )
@@ -108,19 +107,11 @@ class TokenClassificationTask(Task):
     # ------------------------------------------------------------------ preflight
 
     def check(self, r: Recipe) -> None:
-        check_classifier_settings(r.distill, "distill.")
-        refuse_classifier_and_lm_extras(r, self.name)
-        for block in ("teacher", "distill"):
-            refuse(getattr(r, block).class_weights != "none",
-                   f"{block}.class_weights: class weights are built for text classifiers; "
-                   "leave it 'none' for task token-classification")
+        check_per_token_task(r, self.name)
 
     def check_student(self, r: Recipe, config, teacher_tokenizer, student_tokenizer, labels):
         super().check_student(r, config, teacher_tokenizer, student_tokenizer, labels)
-        heads = [a for a in config.architectures or [] if a.endswith(
-            ("ForSequenceClassification", "ForCausalLM", "ForQuestionAnswering"))]
-        refuse(bool(heads), f"student.model: its head ({heads[0] if heads else ''}) is not a "
-               "token classifier's; use the model without its head (its encoder)")
+        refuse_other_heads(config, "ForTokenClassification", "token classifier")
 
     # ------------------------------------------------------------------ stages
 
