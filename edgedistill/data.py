@@ -342,13 +342,17 @@ def load_qa_data(cfg: DataConfig, seed: int = 42) -> TaskData:
             if not (isinstance(question, str) and question.strip() and isinstance(context, str)
                     and context.strip()):
                 raise EdgeDistillError(f"{where}: needs a question and a context (text)")
-            texts, starts = (answers or {}).get("text") or [], (answers or {}).get(
-                "answer_start") or []
+            if isinstance(answers, list) and all(isinstance(a, dict) for a in answers):
+                answers = {"text": [a.get("text") for a in answers],  # SQuAD's own answer list
+                           "answer_start": [a.get("answer_start") for a in answers]}
+            answers = answers if isinstance(answers, dict) else {}
+            texts, starts = answers.get("text") or [], answers.get("answer_start") or []
             if not texts or len(texts) != len(starts):
                 raise EdgeDistillError(
                     f"{where}: needs answers {{text: [...], answer_start: [...]}} with one start "
                     "per text; questions without an answer (SQuAD 2.0) are not supported")
             for text, start in zip(texts, starts):
+                text = text if isinstance(text, str) else ""
                 found = context[start:start + len(text)] if isinstance(start, int) else None
                 if not text or found != text:
                     at = context.find(text) if text else -1

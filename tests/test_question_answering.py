@@ -206,12 +206,20 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys, change, 
     assert not (out / "teacher").exists()
 
 
-def test_an_answer_not_in_its_context_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("answers, message", [
+    ("shifted", "answer 'WORD' is not at character"),
+    ({"text": [], "answer_start": []}, "needs answers {text: [...], answer_start: [...]}"),
+])
+def test_an_answer_not_in_its_context_is_refused(tmp_path, capsys, answers, message):
     recipe = write_recipe(tmp_path)
     path = tmp_path / "data" / "test.json"
     rows = json.loads(path.read_text())
-    rows[2]["answers"]["answer_start"] = [rows[2]["answers"]["answer_start"][0] + 1]
+    word = rows[2]["answers"]["text"][0]
+    if answers == "shifted":
+        answers = {"text": [word], "answer_start": [rows[2]["answers"]["answer_start"][0] + 1]}
+    rows[2]["answers"] = answers
     path.write_text(json.dumps(rows))
     assert main(["run", str(recipe), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "question t2" in err and "fix answer_start" in err
+    assert "question t2" in err and message.replace("WORD", word) in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out" / "teacher").exists()
