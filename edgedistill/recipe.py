@@ -172,7 +172,8 @@ class DistillConfig(TrainingConfig):
     alpha_distill: float = _f(0.5, "Weight of the soft-target loss.", ge=0)
     distill_loss: str = _f("soft_cross_entropy", "Logit loss name (see edgedistill.distill.losses); "
                           "causal LMs: forward_kl, reverse_kl, generalized_jsd, skew_forward_kl, "
-                          "skew_reverse_kl.")
+                          "skew_reverse_kl; sentence embedders: embedding_mse, embedding_cosine, "
+                          "embedding_similarity or a relation loss.")
     loss_options: dict[str, Any] = _f({}, "Settings of the logit loss, e.g. {beta: 0.5} "
                                           "(generalized_jsd) or {alpha: 0.1} (skew KL).")
     matches: list[MatchConfig] = _f([], "Feature and relation losses between matched layers.")
