@@ -636,6 +636,10 @@ def _build(cls, raw: Any, source: str, prefix: str):
     return cls(**kwargs)
 
 
+# a number as YAML 1.2 and people write it (1e-4, 5E-5, .5, 3.), not YAML 1.1's stricter form
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(tp, value: Any, source: str, where: str):
     """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
     origin = typing.get_origin(tp)
@@ -664,6 +668,8 @@ def _coerce(tp, value: Any, source: str, where: str):
         if not isinstance(value, list):
             raise EdgeDistillError(f"{source}: {where}: expected a list, got {value!r}")
         return [_coerce(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)  # PyYAML follows YAML 1.1, which reads 1e-4 (no dot) as text
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),

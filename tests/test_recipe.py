@@ -39,6 +39,11 @@ def test_overrides_are_typed():
     r = load_recipe(overrides=["distill.temperature=4", "student.num_layers=3", "name=x y"])
     assert r.distill.temperature == 4.0 and isinstance(r.distill.temperature, float)
     assert r.student.num_layers == 3 and r.name == "x y"
+    # YAML 1.1 reads 5e-5 (no dot) as text; a float setting takes it as the number it is
+    r = load_recipe(overrides=["distill.learning_rate=5e-5", "teacher.learning_rate=1E-4"])
+    assert (r.distill.learning_rate, r.teacher.learning_rate) == (5e-5, 1e-4)
+    with pytest.raises(EdgeDistillError, match="expected float, got str 'nan'"):
+        load_recipe(overrides=["distill.learning_rate=nan"])
 
 
 @pytest.mark.parametrize("text,message", [
