@@ -74,6 +74,8 @@ def one_run(recipe: str, folder: Path, overrides: list[str]) -> dict:
         key = name.replace("-", "_")
         row[f"{key}_f1"], row[f"{key}_accuracy"] = metrics[quality], metrics[second]
         row[f"{key}_agreement"] = metrics["agreement"]
+        if "entity_f1_vs_teacher" in metrics:  # a tagger: per word, and per entity
+            row[f"{key}_entity_agreement"] = metrics["entity_f1_vs_teacher"]
     return row
 
 
@@ -146,6 +148,11 @@ def to_markdown(result: dict) -> str:
     first = next(iter(s[v] for v in VARIANTS if v in s))
     lines += ["", f"Teacher {score} {first['teacher_f1']['mean']:.4f}, accuracy "
               f"{first['teacher_accuracy']['mean']:.4f}.", ""]
+    if "student_int8_entity_agreement" in first:  # a tagger's entities against the teacher's
+        lines += ["| student | int8 entity F1 against the teacher's entities |", "|---|---|"]
+        lines += [f"| {v} | {fmt(s[v]['student_int8_entity_agreement'])} |"
+                  for v in VARIANTS if v in s]
+        lines.append("")
     speed = result.get("one_core")
     if speed:
         lines += [f"Speed on {speed['threads']} thread(s), {speed['sequence_length']} tokens "
@@ -164,15 +171,18 @@ def to_markdown(result: dict) -> str:
                          f"{', '.join(f'{x:+.4f}' for x in g['per_seed'])} | {g['spread']:.4f} "
                          f"| {g['beats_by_twice_the_spread_on_every_seed']} |")
     lines += ["", f"| seed | variant | int8 {score} | agreement | int8 p50 ms on the profile "
-              "| over the memory budget | transfer rows | minutes |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| PyTorch teacher p50 / int8 p50, same run | over the memory budget | transfer "
+              "rows | minutes |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
     for r in runs:
         for v in VARIANTS:
             if v in r:
                 x = r[v]
+                int8, teacher = (x["p50_ms"].get(n, nan) for n in ("student-int8", "teacher"))
+                ratio = f"{teacher / int8:.1f}x" if teacher == teacher else "-"  # nan: not timed
                 lines.append(f"| {r['seed']} | {v} | {x['student_int8_f1']:.4f} | "
-                             f"{x['student_int8_agreement']:.4f} | "
-                             f"{x['p50_ms'].get('student-int8', float('nan')):.2f} | "
+                             f"{x['student_int8_agreement']:.4f} | {int8:.2f} | {ratio} | "
                              f"{', '.join(x['over_budget']) or '-'} | {x['transfer_rows']} | "
                              f"{x['minutes']:.1f} |")
     return "\n".join(lines) + "\n"
