@@ -190,7 +190,7 @@ def test_pipeline_fine_tunes_distils_exports_and_answers(tmp_path):
 @pytest.mark.parametrize("change, classifier, message", [
     ({"doc_stride: 8": "doc_stride: 32"}, None, "data.doc_stride: 32 tokens"),
     ({"learning_rate: 5.0e-3}\nstudent": "learning_rate: 5.0e-3, finetune: false}\nstudent"},
-     "teacher", "does not answer questions"),
+     "teacher", "is not a question answerer; set teacher.finetune: true"),
     ({}, "student", "is not a question answerer's"),
 ])
 def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys, change, classifier,

@@ -18,7 +18,7 @@ from edgedistill.distill.trainer import (
 from edgedistill.evaluation import align_tags, tagging_metrics
 from edgedistill.recipe import load_recipe
 from edgedistill.tasks import get_task
-from tests.conftest import WORDS, make_tokenizer
+from tests.conftest import WORDS, make_bert, make_tokenizer
 from tests.test_model_card import execute, python_blocks
 
 TAGS = ["O", "B-SYM", "I-SYM", "B-TIME"]
@@ -190,3 +190,17 @@ def test_words_and_tags_of_different_lengths_are_refused(tmp_path, capsys):
     path.write_text("\n".join([*rows[:3], json.dumps(bad), *rows[4:]]) + "\n")
     assert main(["run", str(recipe), "--output", str(tmp_path / "out")]) == 2
     assert "row" in (err := capsys.readouterr().err) and "give every word one tag" in err
+
+
+def test_a_teacher_used_as_it_is_needs_a_tagging_head(tmp_path, capsys):
+    recipe = write_recipe(tmp_path)
+    seq = tmp_path / "seq"
+    make_bert().save_pretrained(seq)
+    make_tokenizer(seq)
+    text = recipe.read_text().replace(str(tmp_path / "teacher"), str(seq)).replace(
+        "epochs: 3, batch_size: 8", "finetune: false, epochs: 3, batch_size: 8")
+    recipe.write_text(text)
+    assert main(["run", str(recipe), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.model: BertForSequenceClassification is not a token classifier" in err
+    assert not (tmp_path / "out" / "teacher").exists()

@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import AutoConfig
+
 from ..bench.runner import BenchSettings, benchmark
 from ..data import TaskData, load_task_data
 from ..distill.student import check_same_tokenizer
@@ -28,6 +30,7 @@ from ..profiles import Target
 from ..progress import silenced
 from ..quantization import quantize
 from ..recipe import DataConfig, QuantizeConfig, Recipe, TrainingConfig
+from ..sources import resolve_model
 
 
 @dataclass(frozen=True)
@@ -282,16 +285,24 @@ def refuse_classifier_and_lm_extras(r: Recipe, task: str) -> None:
            f"language models, not for task {task}")
 
 
-def check_per_token_task(r: Recipe, task: str) -> None:
+def check_per_token_task(r: Recipe, task: str, head: str, what: str) -> None:
     """The preflight of the tasks that distil logits per token (tags, answer spans): the
-    classifiers' logit losses, and none of what is built for text classifiers and language
-    models only (class weights included)."""
+    classifiers' logit losses, none of what is built for text classifiers and language models
+    only (class weights included), and a teacher used as it is must have the task's ``head``
+    (``what``: the task's model, in words)."""
     check_classifier_settings(r.distill, "distill.")
     refuse_classifier_and_lm_extras(r, task)
     for block in ("teacher", "distill"):
         refuse(getattr(r, block).class_weights != "none",
                f"{block}.class_weights: class weights are built for text classifiers; leave it "
                f"'none' for task {task}")
+    if not r.teacher.finetune:
+        heads = AutoConfig.from_pretrained(resolve_model(r.teacher.model), trust_remote_code=(
+            r.teacher.trust_remote_code)).architectures or []
+        refuse(not any(a.endswith(head) for a in heads),
+               f"teacher.model: {', '.join(heads) or 'a model without a head'} is not a {what}; "
+               f"set teacher.finetune: true to give it that head and train it, or take a "
+               f"*{head} model")
 
 
 # the heads transformers names its task classes by

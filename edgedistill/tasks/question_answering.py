@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from datasets import Dataset
 from transformers import (
-    AutoConfig,
     AutoModelForQuestionAnswering,
     DataCollatorWithPadding,
 )
@@ -16,7 +15,6 @@ from ..answers import answer_questions, best_answers, squad_scores, windows
 from ..data import load_qa_data
 from ..distill.qa_trainer import QuestionAnsweringDistillationTrainer  # noqa: F401  (registers it)
 from ..recipe import Recipe
-from ..sources import resolve_model
 from .base import (
     NAME_WIDTH,
     Column,
@@ -99,18 +97,10 @@ class QuestionAnsweringTask(Task):
     # ------------------------------------------------------------------ preflight
 
     def check(self, r: Recipe) -> None:
-        check_per_token_task(r, self.name)
+        check_per_token_task(r, self.name, "ForQuestionAnswering", "question answerer")
         refuse(r.data.doc_stride >= r.data.max_length,
                f"data.doc_stride: {r.data.doc_stride} tokens shared by consecutive windows "
                f"must be fewer than data.max_length ({r.data.max_length})")
-        if not r.teacher.finetune:  # its head must already answer questions
-            config = AutoConfig.from_pretrained(resolve_model(r.teacher.model),
-                                                trust_remote_code=r.teacher.trust_remote_code)
-            heads = config.architectures or []
-            refuse(not any(a.endswith("ForQuestionAnswering") for a in heads),
-                   f"teacher.model: {', '.join(heads) or 'a model without a head'} does not "
-                   "answer questions; set teacher.finetune: true to give it a question-"
-                   "answering head and train it, or take a *ForQuestionAnswering model")
 
     def check_student(self, r: Recipe, config, teacher_tokenizer, student_tokenizer, labels):
         super().check_student(r, config, teacher_tokenizer, student_tokenizer, labels)

@@ -107,7 +107,7 @@ class TokenClassificationTask(Task):
     # ------------------------------------------------------------------ preflight
 
     def check(self, r: Recipe) -> None:
-        check_per_token_task(r, self.name)
+        check_per_token_task(r, self.name, "ForTokenClassification", "token classifier")
 
     def check_student(self, r: Recipe, config, teacher_tokenizer, student_tokenizer, labels):
         super().check_student(r, config, teacher_tokenizer, student_tokenizer, labels)
