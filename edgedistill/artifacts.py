@@ -23,6 +23,8 @@ WEIGHT_ONLY_SETTINGS = "weight_only.json"
 # an OpenVINO model: its graph (XML), the weights beside it (.bin) and the settings it runs with
 OPENVINO_XML = "openvino_model.xml"
 OPENVINO_SETTINGS = "openvino_config.json"
+# an onnxruntime-genai package: the graph with the settings its Generator runs it by
+GENAI_CONFIG = "genai_config.json"
 
 
 def onnx_file(folder: str | Path) -> Path | None:
@@ -39,7 +41,7 @@ def openvino_file(folder: str | Path) -> Path | None:
 
 def backend_of(folder: str | Path) -> str:
     if onnx_file(folder) is not None:
-        return "onnxruntime"
+        return "onnxruntime-genai" if (Path(folder) / GENAI_CONFIG).is_file() else "onnxruntime"
     return "openvino" if openvino_file(folder) is not None else "pytorch"
 
 
@@ -47,8 +49,8 @@ def size_on_disk_mb(folder: str | Path) -> float:
     """Size of the weights a device has to ship (model files, not tokenizer or configs)."""
     folder = Path(folder)
     onnx, xml = onnx_file(folder), openvino_file(folder)
-    if onnx is not None:  # the graph and its external weights, if it has any
-        files = [onnx, *folder.glob(onnx.name + "_data")]
+    if onnx is not None:  # the graph and its external weights (optimum: _data, others .data)
+        files = [onnx, *folder.glob(onnx.name + "_data"), *folder.glob(onnx.name + ".data")]
     elif xml is not None:
         files = [xml, xml.with_suffix(".bin")]
     else:

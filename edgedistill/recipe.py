@@ -357,6 +357,11 @@ class QuantizeConfig:
         None, "Causal LMs: also a 4-bit weight-only PyTorch model rounded by Intel Neural "
               "Compressor (rtn, gptq or awq; groups of int4_block_size), for targets that run "
               "PyTorch: smaller, not faster on CPU.")
+    genai: bool = _f(False, "Causal LMs: also an onnxruntime-genai package (student-int4-genai: "
+                            "int4 weights and a 4-bit embedding shared with the tied head, "
+                            "built by onnxruntime-genai's model builder; blocks of "
+                            "int4_block_size, compute int4_accuracy_level), the folder an app "
+                            "runs with onnxruntime_genai.Model.")
     int4_algorithm: Literal["rtn", "gptq"] = _f(
         "rtn", "int4 rounding: rtn (to nearest, seconds) or gptq (error-correcting, calibrated "
                "on calibration_samples training texts, minutes).")

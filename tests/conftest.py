@@ -96,6 +96,24 @@ def make_llm_tokenizer():
                                    model_input_names=["input_ids", "attention_mask"])
 
 
+def make_bpe_tokenizer():
+    """A byte-level BPE tokenizer learnt over WORDS, with a causal LM's special tokens: the
+    kind onnxruntime-genai's tokenizer reads (it cannot read make_llm_tokenizer's word-level
+    one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator([" ".join(WORDS)] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>", model_max_length=64,
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
 def make_llama(num_layers: int = 4, hidden: int = 32, seed: int = 0, vocab_size: int = len(WORDS) + 4):
     """A tiny Llama-style causal LM (grouped-query attention, tied embeddings)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -107,6 +125,17 @@ def make_llama(num_layers: int = 4, hidden: int = 32, seed: int = 0, vocab_size:
                          tie_word_embeddings=True, pad_token_id=0, bos_token_id=2,
                          eos_token_id=3)
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_llama_bpe_dir(tmp_path) -> Path:
+    """A tiny causal LM with a byte-level BPE tokenizer (one onnxruntime-genai reads)."""
+    folder = tmp_path / "llama-bpe"
+    tokenizer = make_bpe_tokenizer()
+    # heads of 16 dimensions: onnxruntime-genai's attention runs no smaller ones
+    make_llama(hidden=64, vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture

@@ -150,3 +150,44 @@ def test_a_language_model_teacher_is_fine_tuned_on_the_text_first(tmp_path, tiny
     assert record["finetuned"] and record["selection"]["metric"] == "loss"
     assert record["selection"]["greater_is_better"] is False
     assert (out / "distill" / "model" / "config.json").is_file()
+
+
+def test_an_onnxruntime_genai_package_is_built_evaluated_and_timed(tmp_path,
+                                                                    tiny_llama_bpe_dir):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, tiny_llama_bpe_dir)
+    assert main(["run", str(recipe), "--output", str(out), "--set", "quantize.int4=false",
+                 "--set", "quantize.pytorch_int4=null", "--set", "quantize.genai=true",
+                 "--set", "report.targets=[]"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    by_name = {m["name"]: m for m in report["models"]}
+    assert list(by_name) == ["teacher", "student", "student-onnx", "student-int8",
+                             "student-int4-genai"]
+    genai = by_name["student-int4-genai"]
+    assert genai["backend"] == "onnxruntime-genai" and genai["precision"] == "int4"
+    assert (out / "quantize" / "student-int4-genai" / "genai_config.json").is_file()
+    # its Generator picks the tokens onnxruntime picks on the same graph, on every prompt
+    assert genai["metrics"]["same_tokens_as_onnxruntime"] == 1.0
+    assert genai["metrics"]["perplexity"] == pytest.approx(
+        by_name["student-onnx"]["metrics"]["perplexity"], rel=0.2)
+    assert genai["decode_tokens_per_s"] > 0 and genai["peak_rss_mb"] > 0
+    assert genai["size_mb"] < by_name["student-onnx"]["size_mb"]
+    assert report["quantization"]["genai"]["embedding"] == "4-bit, shared with the output head"
+
+
+def test_a_genai_package_for_an_architecture_not_checked_is_refused_first(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.conftest import make_llm_tokenizer
+
+    teacher = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=2)).save_pretrained(
+        teacher)
+    make_llm_tokenizer().save_pretrained(teacher)
+    recipe = write_recipe(tmp_path, teacher)
+    assert main(["run", str(recipe), "--output", str(tmp_path / "o"),
+                 "--set", "quantize.genai=true"]) == 2
+    err = capsys.readouterr().err
+    assert "quantize.genai: onnxruntime-genai packages are built here for" in err
+    assert "not GPT2LMHeadModel" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "teacher").exists()

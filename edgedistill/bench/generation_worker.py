@@ -8,6 +8,7 @@ deployment would use.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -40,7 +41,9 @@ def main(spec_path: str, out_path: str) -> None:
 
     from ..runtime.causal_lm import load_causal_lm
 
-    lm, load = measured_load(load_causal_lm, spec)
+    # an onnxruntime-genai Generator allocates its cache for the whole generation up front
+    length = len(spec["prompt_ids"]) + spec["new_tokens"]
+    lm, load = measured_load(functools.partial(load_causal_lm, max_length=length), spec)
 
     prompt = np.asarray([spec["prompt_ids"]], dtype=np.int64)
     n = spec["new_tokens"]

@@ -4,6 +4,9 @@ Evaluation, export validation and the generation benchmark all go through this o
 interface, so a prompt is fed the same way (same masks, same position ids) on either backend
 and their logits can be compared token for token.
 
+An onnxruntime-genai package (a graph with ``genai_config.json``) runs on that library's
+``Generator``, the runtime a phone or desktop app links against.
+
 The ONNX side drives an ``onnxruntime.InferenceSession`` itself instead of optimum's
 ``ORTModelForCausalLM``: that class pulls in torch and transformers (~400 MB resident), which
 a deployment of the ONNX model does not load, and the benchmark worker's memory figure must
@@ -229,14 +232,73 @@ class OnnxCausalLM(CausalLM):
         return self._run(np.array([[token_id]], dtype=np.int64), state.past, state.length)
 
 
+class GenaiCausalLM(CausalLM):
+    """An onnxruntime-genai package run by its ``Generator``. The prompt and each chosen token
+    go in with ``append_tokens`` and the last position's logits come back, so the greedy choice
+    is made here as on the other backends and the timed work is the same. ``logits`` (every
+    position, for perplexity) runs the same graph on a plain onnxruntime session, opened the
+    first time it is asked for, so a benchmark process holds only the Generator's model.
+
+    ``max_length`` (prompt and new tokens) sizes the Generator's KV cache, which it allocates
+    whole when a generation starts; None takes the package's ``search.max_length``."""
+
+    backend = "onnxruntime-genai"
+
+    def __init__(self, folder: Path, threads: int | None = None, max_length: int | None = None):
+        import onnxruntime_genai as og
+
+        self.folder, self.threads, self.max_length = folder, threads, max_length
+        self.path = onnx_file(folder)
+        self.config = json.loads((folder / "config.json").read_text())
+        config = og.Config(str(folder))
+        if threads:  # the package's session options, as onnxruntime sessions get them here
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+        try:
+            self.model = og.Model(config)
+        except Exception as e:  # onnxruntime-genai raises RuntimeError with its own text
+            raise EdgeDistillError(f"{folder}: onnxruntime-genai cannot load this package "
+                                   f"({str(e).splitlines()[0][:200]}); build it again with "
+                                   "quantize.genai") from None
+        self._og, self._onnx = og, None
+
+    def logits(self, input_ids, attention_mask=None):
+        if self._onnx is None:
+            self._onnx = OnnxCausalLM(self.folder, self.threads)
+        return self._onnx.logits(input_ids, attention_mask)
+
+    def prefill(self, input_ids):
+        ids = _single_row(input_ids)
+        params = self._og.GeneratorParams(self.model)
+        if self.max_length:
+            params.set_search_options(max_length=self.max_length)
+        generator = self._og.Generator(self.model, params)
+        generator.append_tokens(ids.astype(np.int32))
+        return self._last(generator), DecodeState(generator, ids.shape[1])
+
+    def step(self, token_id, state):
+        state.past.append_tokens(np.array([[token_id]], dtype=np.int32))
+        return self._last(state.past), DecodeState(state.past, state.length + 1)
+
+    @staticmethod
+    def _last(generator) -> np.ndarray:
+        return generator.get_logits()[0, -1].astype(np.float32, copy=False)
+
+
 def load_causal_lm(folder: str | Path, threads: int | None = None,
-                   providers: list[str] | None = None) -> CausalLM:
-    """The model in ``folder`` on the backend its content calls for: an ``.onnx`` file runs on
-    onnxruntime (without importing torch), a saved ``AutoModelForCausalLM`` on PyTorch."""
+                   providers: list[str] | None = None,
+                   max_length: int | None = None) -> CausalLM:
+    """The model in ``folder`` on the backend its content calls for: an onnxruntime-genai
+    package on onnxruntime-genai (``max_length``: see :class:`GenaiCausalLM`), another
+    ``.onnx`` file on onnxruntime (neither imports torch), a saved ``AutoModelForCausalLM`` on
+    PyTorch."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EdgeDistillError(f"{folder}: model folder does not exist")
     backend = backend_of(folder)
+    if backend == "onnxruntime-genai":
+        check_cpu_only(folder, providers, "an onnxruntime-genai package")
+        return GenaiCausalLM(folder, threads, max_length)
     if backend == "onnxruntime":
         return OnnxCausalLM(folder, threads, providers)
     if backend == "openvino":
@@ -248,5 +310,5 @@ def load_causal_lm(folder: str | Path, threads: int | None = None,
     return TorchCausalLM(folder, threads)
 
 
-__all__ = ["CausalLM", "DecodeState", "OnnxCausalLM", "TorchCausalLM", "load_causal_lm",
+__all__ = ["CausalLM", "DecodeState", "GenaiCausalLM", "OnnxCausalLM", "TorchCausalLM", "load_causal_lm",
            "position_ids"]

@@ -276,9 +276,9 @@ def refuse_classifier_and_lm_extras(r: Recipe, task: str) -> None:
     """Refuse what is built for text classifiers and language models only: the teacher cache,
     the int8-aware phase, int4, accuracy-aware tuning and transfer sets."""
     q, d = r.quantize, r.distill
-    refuse(d.cache_teacher or q.int4 or q.pytorch_int4 or d.qat_epochs > 0,
-           f"distill.cache_teacher, distill.qat_epochs, quantize.int4 and quantize.pytorch_int4 "
-           f"are not built for task {task}; its int8 path is quantize.mode")
+    refuse(d.cache_teacher or q.int4 or q.pytorch_int4 or q.genai or d.qat_epochs > 0,
+           f"distill.cache_teacher, distill.qat_epochs, quantize.int4, quantize.pytorch_int4 "
+           f"and quantize.genai are not built for task {task}; its int8 path is quantize.mode")
     refuse(q.tolerable_loss is not None, "quantize.tolerable_loss: accuracy-aware tuning scores "
            f"text classifiers; for task {task} leave it unset")
     refuse(r.transfer.active, "transfer: transfer sets are built for text classifiers and "

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..bench.generation import GenerationSettings, benchmark_generation
 from ..data import lm_blocks
@@ -15,8 +15,11 @@ from ..distill.trainer import check_causal_lm_settings
 from ..distill.training import lm_sets
 from ..evaluation import evaluate_lm
 from ..quantization import quantize_int4
+from ..quantization.genai import build_genai_package, check_architecture
 from ..quantization.weight_only import quantize_weight_only
 from ..recipe import QuantizeConfig, Recipe
+from ..runtime.causal_lm import OnnxCausalLM
+from ..sources import resolve_model
 from .base import (
     NAME_WIDTH,
     Column,
@@ -97,6 +100,10 @@ class CausalLMTask(Task):
         refuse(bool(aug.factor or aug.paraphrases), "transfer.augment.factor: augmentation is "
                "for classifiers; a language model learns from teacher generations "
                "(transfer.generate.prompts)")
+        if q.genai:  # a student cut from the teacher keeps the teacher's architecture
+            config = AutoConfig.from_pretrained(resolve_model(r.student.model or r.teacher.model),
+                                                trust_remote_code=r.teacher.trust_remote_code)
+            check_architecture(config.to_dict(), "quantize.genai")
 
     def needs_calibration(self, q: QuantizeConfig, runtimes) -> bool:
         return (q.int4 and q.int4_algorithm == "gptq") or q.pytorch_int4 in ("gptq", "awq")
@@ -111,6 +118,9 @@ class CausalLMTask(Task):
                 onnx_dir, out / "student-int4", q.int4_block_size, q.int4_accuracy_level,
                 algorithm=q.int4_algorithm, calibration_texts=texts,
                 calibration_samples=q.calibration_samples, max_length=length)
+        if q.genai:
+            record["genai"] = build_genai_package(student_dir, out / "student-int4-genai",
+                                                  q.int4_block_size, q.int4_accuracy_level)
         if q.pytorch_int4:
             record["pytorch_int4"] = quantize_weight_only(
                 student_dir, out / "student-int4-pytorch", q.pytorch_int4,
@@ -124,6 +134,9 @@ class CausalLMTask(Task):
         if q.int4:
             models.append(model_row("student-int4", "student", "onnxruntime", "int4",
                                     quantized / "student-int4"))
+        if q.genai:
+            models.append(model_row("student-int4-genai", "student", "onnxruntime-genai",
+                                    "int4", quantized / "student-int4-genai"))
         if q.pytorch_int4:
             models.append(model_row("student-int4-pytorch", "student", "pytorch", "int4",
                                     quantized / "student-int4-pytorch"))
@@ -148,6 +161,11 @@ class CausalLMTask(Task):
             if reference is None:
                 reference = metrics["predictions"]
                 metrics["next_token_agreement"] = 1.0
+            if m["backend"] == "onnxruntime-genai":  # its Generator vs onnxruntime, same graph
+                plain = OnnxCausalLM(m["path"])
+                metrics["same_tokens_as_onnxruntime"] = float(np.mean([
+                    plain.greedy([p], cfg.generation_tokens, tokenizer.eos_token_id) == g
+                    for p, g in zip(prompts, metrics["generations"])])) if prompts else None
             metrics["generations"] = [
                 {"prompt": tokenizer.decode(p), "continuation": tokenizer.decode(g)}
                 for p, g in zip(prompts, metrics["generations"])]

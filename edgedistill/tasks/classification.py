@@ -87,10 +87,10 @@ class ClassificationTask(Task):
     def check(self, r: Recipe) -> None:
         check_classifier_settings(r.distill, "distill.")
         q, d, t = r.quantize, r.distill, r.transfer
-        refuse(d.cache_teacher or q.int4 or q.pytorch_int4,
-               "distill.cache_teacher, quantize.int4 and quantize.pytorch_int4 are for task "
-               "causal-lm; a classifier's logits are cached already and its int8 path is "
-               "quantize.mode")
+        refuse(d.cache_teacher or q.int4 or q.pytorch_int4 or q.genai,
+               "distill.cache_teacher, quantize.int4, quantize.pytorch_int4 and quantize.genai "
+               "are for task causal-lm; a classifier's logits are cached already and its int8 "
+               "path is quantize.mode")
         refuse(bool(t.generate.prompts), "transfer.generate.prompts: teacher generations are "
                "for task causal-lm; a classifier takes transfer.augment / unlabelled")
         refuse(t.active and d.alpha_distill <= 0, "transfer: the transfer rows have only the "

@@ -1,0 +1,171 @@
+"""An onnxruntime-genai package of a causal LM: the folder a phone or desktop app loads with
+``onnxruntime_genai.Model(folder)`` and runs with its ``Generator`` (a graph, its weights,
+``genai_config.json`` and the tokenizer).
+
+It is built by onnxruntime-genai's own model builder from the student's transformers folder,
+not from our optimum export: the builder writes the decoder with onnxruntime's fused operators
+(GroupQueryAttention, SkipSimplifiedLayerNormalization), 4-bit MatMul weights (MatMulNBits,
+one scale per ``block_size`` weights) and, for a model whose output head is tied to its token
+embedding, one 4-bit matrix for both (GatherBlockQuantized reads the embedding rows out of the
+head's MatMulNBits weight): the embedding, a fifth of a small LM's parameters, no longer stays
+float. An untied model gets a 4-bit embedding of its own.
+
+The builder of onnxruntime-genai 0.18 is written against transformers 5, and the pinned stack
+has 4.57 (optimum-onnx needs < 4.58). Two differences matter for the decoders built here, and
+the builder's process (``python -m edgedistill.quantization.genai``) bridges them before it
+runs the builder's own command line: the builder imports two Qwen3.5 classes that 4.57 lacks
+(placeholders stand in; those architectures are refused before), and it reads the rotary
+settings from ``config.rope_parameters`` (transformers 5), built here from 4.57's
+``rope_theta`` and ``rope_scaling``. Running the builder in its own process keeps both changes
+out of the pipeline's transformers. The architectures below were checked end to end (built,
+loaded, greedy tokens equal to transformers' in fp32: tests/test_genai.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..artifacts import copy_sidecars, size_on_disk_mb
+from ..errors import EdgeDistillError
+
+log = logging.getLogger(__name__)
+
+# the decoders whose packages were checked with the bridge above (see the module docstring)
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                 "GemmaForCausalLM")
+PRECISIONS = ("int4", "fp32")
+_ERROR = "edgedistill-genai-error: "  # how the builder's process names the failure it reports
+
+
+def check_architecture(config: dict, where: str) -> None:
+    """Refuse, in one line, a model the package cannot be built for (``config``: its
+    config.json)."""
+    names = config.get("architectures") or ["a model without architectures"]
+    if names[0] not in ARCHITECTURES:
+        raise EdgeDistillError(
+            f"{where}: onnxruntime-genai packages are built here for {', '.join(ARCHITECTURES)}"
+            f", not {names[0]}; set quantize.genai: false (the int4 ONNX model still ships)")
+    # the builder's attention is onnxruntime's GroupQueryAttention, whose CPU kernel refuses
+    # other head sizes when it runs (the builder itself does not check)
+    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if head % 16:
+        raise EdgeDistillError(f"{where}: attention heads of {head} dimensions; onnxruntime-"
+                               "genai's attention runs heads of a multiple of 16 dimensions; "
+                               "set quantize.genai: false")
+
+
+def build_genai_package(model_dir: str | Path, output_dir: str | Path, block_size: int = 32,
+                        accuracy_level: int | None = 4, precision: str = "int4") -> dict:
+    """Build the onnxruntime-genai package of the transformers causal LM in ``model_dir``
+    into ``output_dir`` (``precision`` int4, or fp32 to check the builder against the source
+    model). ``accuracy_level`` 4 runs MatMulNBits with int8 activations (the fast CPU path).
+    The package is loaded, tokenizer included, before this returns: one that onnxruntime-genai
+    cannot run is an error, not an artifact."""
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    if output_dir.exists():
+        raise EdgeDistillError(f"{output_dir}: already exists; the package is built into a new "
+                               "folder (remove it or choose another)")
+    if precision not in PRECISIONS:
+        raise EdgeDistillError(f"precision: '{precision}' is not built; valid: "
+                               f"{', '.join(PRECISIONS)}")
+    config = json.loads((model_dir / "config.json").read_text())
+    check_architecture(config, str(model_dir))
+    options = [f"block_size={block_size}"]
+    if accuracy_level is not None:
+        options.append(f"accuracy_level={accuracy_level}")
+    tied = config.get("tie_word_embeddings", True)  # transformers' default for these models
+    options.append("shared_embeddings=true" if tied else "op_types_to_quantize=MatMul/Gather")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as cache:  # the builder's scratch files
+        command = [sys.executable, "-m", __name__, "-i", str(model_dir), "-o", str(output_dir),
+                   "-p", precision, "-e", "cpu", "-c", cache, "--extra_options", *options]
+        done = subprocess.run(command, capture_output=True, text=True)
+    for stream in (done.stdout, done.stderr):  # the builder's own lines, for the stage's log
+        if stream.strip():
+            log.info("onnxruntime-genai builder:\n%s", stream.strip()[-20000:])
+    if done.returncode != 0:
+        shutil.rmtree(output_dir, ignore_errors=True)  # no half-built package stays behind
+        reported = [line[len(_ERROR):] for line in done.stderr.splitlines()
+                    if line.startswith(_ERROR)]
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgeDistillError(f"{model_dir}: {reported[-1] if reported else last[:300]}")
+    copy_sidecars(model_dir, output_dir)  # config.json: the runtimes read its sizes
+    record = {"builder": "onnxruntime-genai model builder", "precision": precision,
+              "block_size": block_size, "accuracy_level": accuracy_level,
+              "embedding": ("4-bit, shared with the output head" if tied else "4-bit")
+              if precision == "int4" else "float",
+              "size_mb": round(size_on_disk_mb(output_dir), 3),
+              "build_seconds": round(time.perf_counter() - start, 1)}
+    (output_dir / "quantize_config.json").write_text(json.dumps(record, indent=2) + "\n")
+    log.info("onnxruntime-genai %s package: %.1f MB", precision, record["size_mb"])
+    return record
+
+
+# ----------------------------------------------------------------- the builder's process
+
+def _bridge_transformers() -> None:
+    """What onnxruntime-genai 0.18's builder expects of transformers 5, on 4.57 (see the
+    module docstring)."""
+    import transformers
+
+    class _Absent:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("this architecture needs transformers 5")
+
+    for name in ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"):
+        if not hasattr(transformers, name):
+            setattr(transformers, name, type(name, (_Absent,), {}))
+    read = transformers.AutoConfig.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        config = read(*args, **kwargs)
+        if not hasattr(config, "rope_parameters") and hasattr(config, "rope_theta"):
+            scaling = dict(getattr(config, "rope_scaling", None) or {})
+            scaling.setdefault("rope_type", scaling.pop("type", "default"))
+            config.rope_parameters = {**scaling, "rope_theta": config.rope_theta}
+        if getattr(config, "rope_scaling", 0) is None:
+            del config.rope_scaling  # transformers 5 has no such attribute when unset
+        return config
+
+    transformers.AutoConfig.from_pretrained = from_pretrained
+
+
+def _check_package(folder: str) -> None:
+    """Load the package and its tokenizer as an app would, and encode a sentence."""
+    import onnxruntime_genai as og
+
+    model = og.Model(folder)
+    try:
+        og.Tokenizer(model).encode("The best way to sleep better is")
+    except Exception as e:  # onnxruntime-genai raises RuntimeError with its own text
+        reason = str(e).strip()[:160] or "no reason given"
+        raise RuntimeError(
+            f"onnxruntime-genai cannot read this tokenizer ({reason}); it reads Hugging Face "
+            "tokenizer.json files of the BPE, SentencePiece and WordPiece kinds") from None
+
+
+def _main(argv: list[str]) -> int:
+    import runpy
+
+    _bridge_transformers()
+    output = argv[argv.index("-o") + 1]
+    sys.argv = ["onnxruntime_genai.models.builder", *argv]
+    try:
+        runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+        _check_package(output)
+    except Exception as e:
+        print(f"{_ERROR}{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,120 @@
+"""onnxruntime-genai packages built by its model builder from tiny random decoders: what the
+builder writes computes what transformers computes, the int4 package keeps one 4-bit matrix
+for the embedding and the tied head, an app-style generation runs, and what cannot be built is
+refused in one line with nothing left behind."""
+
+import numpy as np
+import onnx
+import onnxruntime_genai as og
+import pytest
+import torch
+import transformers
+
+from edgedistill.artifacts import onnx_file, size_on_disk_mb
+from edgedistill.errors import EdgeDistillError
+from edgedistill.quantization.genai import ARCHITECTURES, build_genai_package
+from edgedistill.runtime.causal_lm import GenaiCausalLM, OnnxCausalLM, load_causal_lm
+from tests.conftest import make_bpe_tokenizer, make_llama, make_llm_tokenizer
+
+
+def tiny_decoder(folder, architecture: str):
+    """A two-block decoder of ``architecture`` whose weights are scaled up, so greedy decoding
+    wanders over the vocabulary instead of repeating one token."""
+    tokenizer = make_bpe_tokenizer()
+    config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    torch.manual_seed(0)
+    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
+                          pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    model = getattr(transformers, architecture)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_the_fp32_package_generates_what_transformers_generates(tmp_path, architecture):
+    model, tokenizer = tiny_decoder(tmp_path / "model", architecture)
+    record = build_genai_package(tmp_path / "model", tmp_path / "genai", precision="fp32")
+    assert record["precision"] == "fp32" and (tmp_path / "genai" / "genai_config.json").is_file()
+    prompt = np.array([tokenizer("the cat saw a dog")["input_ids"]])
+    ids = torch.from_numpy(prompt)
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=16, min_new_tokens=16)[0, prompt.shape[1]:].tolist()
+    package = load_causal_lm(tmp_path / "genai")
+    assert isinstance(package, GenaiCausalLM)
+    assert package.greedy(prompt, 16) == expected
+    # the same graph on a plain onnxruntime session, and its logits at every position
+    assert OnnxCausalLM(tmp_path / "genai").greedy(prompt, 16) == expected
+    with torch.no_grad():
+        reference = model(ids).logits.numpy()
+    np.testing.assert_allclose(package.logits(prompt), reference, atol=1e-3)
+
+
+def test_the_int4_package_shares_one_4bit_matrix_and_generates_like_an_app(tmp_path):
+    tiny_decoder(tmp_path / "model", "LlamaForCausalLM")
+    fp32 = build_genai_package(tmp_path / "model", tmp_path / "fp32", precision="fp32")
+    record = build_genai_package(tmp_path / "model", tmp_path / "int4", block_size=16)
+    assert record["embedding"] == "4-bit, shared with the output head"
+    graph = onnx.load(str(onnx_file(tmp_path / "int4"))).graph
+    producer = {out: n for n in graph.node for out in n.output}
+    head = [n for n in graph.node if n.op_type == "MatMulNBits"][-1]
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    table = producer[gather.input[0]]  # the head's packed weight, reshaped into rows
+    assert table.op_type == "Reshape" and table.input[0] == head.input[1]
+    vocab = len(make_bpe_tokenizer())
+    assert not [t.name for t in graph.initializer if list(t.dims) == [vocab, 64]]  # no float table
+    assert record["size_mb"] == pytest.approx(size_on_disk_mb(tmp_path / "int4"), abs=1e-3)
+    assert record["size_mb"] < 0.35 * fp32["size_mb"]
+
+    # an app's loop: the package's own tokenizer, onnxruntime-genai's greedy search
+    model = og.Model(str(tmp_path / "int4"))
+    tokenizer = og.Tokenizer(model)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=24, do_sample=False)
+    generator = og.Generator(model, params)
+    prompt = tokenizer.encode("the cat saw a dog")
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    new = list(generator.get_sequence(0))[len(prompt):]
+    assert len(new) == 24 - len(prompt)
+    assert isinstance(tokenizer.decode(new), str)
+    assert load_causal_lm(tmp_path / "int4").greedy(np.array([prompt]), len(new)) == new
+
+
+def test_an_architecture_not_checked_is_refused_before_building(tmp_path):
+    config = transformers.GPT2Config(vocab_size=40, n_embd=32, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(EdgeDistillError, match="built here for LlamaForCausalLM, .*not "
+                                               "GPT2LMHeadModel; set quantize.genai: false"):
+        build_genai_package(tmp_path / "gpt2", tmp_path / "genai")
+    assert not (tmp_path / "genai").exists()
+
+
+def test_a_tokenizer_onnxruntime_genai_cannot_read_is_one_line_and_nothing_stays(tmp_path):
+    # a word-level tokenizer: onnxruntime-genai reads no such tokenizer.json
+    make_llama(hidden=64).save_pretrained(tmp_path / "llama")
+    make_llm_tokenizer().save_pretrained(tmp_path / "llama")
+    with pytest.raises(EdgeDistillError) as e:
+        build_genai_package(tmp_path / "llama", tmp_path / "genai")
+    assert "onnxruntime-genai cannot read this tokenizer" in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "genai").exists()
+
+
+def test_an_existing_folder_is_not_overwritten(tmp_path, tiny_llama_bpe_dir):
+    (tmp_path / "genai").mkdir()
+    (tmp_path / "genai" / "keep.txt").write_text("mine")
+    with pytest.raises(EdgeDistillError, match="already exists"):
+        build_genai_package(tiny_llama_bpe_dir, tmp_path / "genai")
+    assert (tmp_path / "genai" / "keep.txt").read_text() == "mine"
+
+
+def test_heads_the_attention_kernel_cannot_run_are_refused(tmp_path, tiny_llama_dir):
+    # tiny_llama_dir: 32 hidden units over 4 heads, 8 dimensions each
+    with pytest.raises(EdgeDistillError, match="attention heads of 8 dimensions"):
+        build_genai_package(tiny_llama_dir, tmp_path / "genai")
