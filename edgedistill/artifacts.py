@@ -23,8 +23,10 @@ WEIGHT_ONLY_SETTINGS = "weight_only.json"
 # an OpenVINO model: its graph (XML), the weights beside it (.bin) and the settings it runs with
 OPENVINO_XML = "openvino_model.xml"
 OPENVINO_SETTINGS = "openvino_config.json"
-# an onnxruntime-genai package: the graph with the settings its Generator runs it by
+# an onnxruntime-genai package: the graph with the settings its Generator runs it by, and the
+# name of that backend in runtimes and reports
 GENAI_CONFIG = "genai_config.json"
+GENAI_BACKEND = "onnxruntime-genai"
 
 
 def onnx_file(folder: str | Path) -> Path | None:
@@ -41,7 +43,7 @@ def openvino_file(folder: str | Path) -> Path | None:
 
 def backend_of(folder: str | Path) -> str:
     if onnx_file(folder) is not None:
-        return "onnxruntime-genai" if (Path(folder) / GENAI_CONFIG).is_file() else "onnxruntime"
+        return GENAI_BACKEND if (Path(folder) / GENAI_CONFIG).is_file() else "onnxruntime"
     return "openvino" if openvino_file(folder) is not None else "pytorch"
 
 

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 LIBRARIES = ("edgedistill", "torch", "transformers", "optimum", "optimum-onnx", "onnx",
-             "onnxruntime", "openvino", "nncf", "datasets", "numpy")
+             "onnxruntime", "onnxruntime-genai", "openvino", "nncf", "datasets", "numpy")
 
 
 def cpu_model() -> str:

@@ -18,7 +18,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .artifacts import SIDECAR_FILES, onnx_file, write_atomic
+from .artifacts import GENAI_BACKEND, GENAI_CONFIG, SIDECAR_FILES, onnx_file, write_atomic
 from .distill.losses import embedding_losses
 from .errors import EdgeDistillError
 from .report import fmt, value_at
@@ -28,7 +28,8 @@ from .tasks import get_task
 # What a push uploads from a model folder: the graph (and its external weights), what loading
 # needs beside it, the card. Not run records (manifest.json, quantize_config.json) nor the
 # temporary files of an interrupted write.
-UPLOAD_PATTERNS = ["*.onnx", "*.onnx_data", "ort_config.json", "README.md", *SIDECAR_FILES]
+UPLOAD_PATTERNS = ["*.onnx", "*.onnx_data", "*.onnx.data", "ort_config.json", GENAI_CONFIG,
+                   "README.md", *SIDECAR_FILES]
 IGNORE_PATTERNS = ["*.part", "*.partial", "*.tmp"]
 
 # the Hub's library tags name modelling libraries, not formats: transformers loads the config
@@ -86,7 +87,7 @@ def model_card(report: dict, model: dict, location: str, file_name: str | None =
         f"# {html.escape(report['name'])}: {model['name']}", "", _what(report, model, file_name),
         "", "## Results", "", *_results(report, model),
         "", "## How it was made", "", *_recipe_lines(report, model),
-        "", "## How to use", "", *_usage(task, location, file_name),
+        "", "## How to use", "", *_usage(task, location, file_name, model),
         "", "## Limitations", "", *[f"- {line}" for line in _limitations(report, model)], ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(sections)).content
 
@@ -102,14 +103,17 @@ def _what(report: dict, model: dict, file_name: str) -> str:
                 "the reference the distilled students of this run are measured against.")
         line += f" {_count(theirs)} parameters." if theirs else ""
     else:
-        line = (f"An {model['precision']} ONNX model for {what}, distilled from {teacher} with "
+        kind = "onnxruntime-genai package" if model["backend"] == GENAI_BACKEND else "ONNX model"
+        line = (f"An {model['precision']} {kind} for {what}, distilled from {teacher} with "
                 "[edgedistill](https://pypi.org/project/edgedistill/).")
         if ours:
             share = f" ({ours / theirs:.0%} of the teacher's)" if theirs else ""
             line += f" {_count(ours)} parameters{share}."
     if model.get("size_mb"):
         line += f" `{file_name}` is {model['size_mb']:.2f} MB."
-    return line + " It runs on onnxruntime without PyTorch."
+    runtime = ("onnxruntime-genai's Generator" if model["backend"] == GENAI_BACKEND
+               else "onnxruntime")
+    return line + f" It runs on {runtime} without PyTorch."
 
 
 def _results(report: dict, model: dict) -> list[str]:
@@ -193,18 +197,22 @@ def _quantization(report: dict, model: dict) -> str:
     if model["precision"] == "fp32":
         return ""
     q = report.get("quantization") or {}
-    record = q if model["precision"] == "int8" else q.get(model["precision"]) or {}
+    record = (q.get("genai") if model["backend"] == GENAI_BACKEND else
+              q if model["precision"] == "int8" else q.get(model["precision"])) or {}
     settings = [f"{k.replace('_', ' ')} {_setting(record[k])}" for k in QUANT_KEYS
                 if k in record]
-    return f"{model['precision']} by onnxruntime" + (f" ({', '.join(settings)})"
-                                                     if settings else "")
+    by = "onnxruntime-genai's model builder" if model["backend"] == GENAI_BACKEND else "onnxruntime"
+    return f"{model['precision']} by {by}" + (f" ({', '.join(settings)})" if settings else "")
 
 
 def _setting(value) -> str:
     return "on" if value is True else "off" if value is False else str(value)
 
 
-def _usage(task, location: str, file_name: str) -> list[str]:
+def _usage(task, location: str, file_name: str, model: dict) -> list[str]:
+    if model["backend"] == GENAI_BACKEND:
+        return ["With onnxruntime-genai (`pip install onnxruntime-genai`), as an app runs it:",
+                "", "```python", task.genai_snippet(location), "```"]
     lines = ["With onnxruntime alone (`pip install onnxruntime transformers`):", "",
              "```python", task.onnxruntime_snippet(location, file_name), "```"]
     pipeline = task.pipeline_snippet(location, file_name)
@@ -266,7 +274,7 @@ def _folder(run_dir: Path, path: str) -> Path | None:
 def _onnx_models(report: dict, run_dir: Path) -> dict[str, Path]:
     """The run's ONNX models whose folders still exist, by name."""
     folders = {m["name"]: _folder(run_dir, m["path"]) for m in report["models"]
-               if m["backend"] == "onnxruntime"}
+               if m["backend"] in ("onnxruntime", GENAI_BACKEND)}
     return {name: folder for name, folder in folders.items() if folder}
 
 

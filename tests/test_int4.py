@@ -7,14 +7,16 @@ asymmetric runs here use blocks of 16.
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from edgedistill.errors import EdgeDistillError
 from edgedistill.artifacts import copy_sidecars
 from edgedistill.quantization import int4, quantize_int4
 from edgedistill.recipe import load_recipe
 from edgedistill.artifacts import onnx_file
-from tests.conftest import make_texts
+from tests.conftest import make_llm_tokenizer, make_texts
 from tests.test_export_causal import causal, logits_on_texts, ops, session  # noqa: F401
 
 CALIBRATION = make_texts(64, seed=5)[0]  # "training" texts; logits_on_texts reads seed 3
@@ -171,3 +173,64 @@ def test_recipe_takes_int4_algorithm_rtn_or_gptq():
     assert load_recipe(None, ["quantize.int4_algorithm=gptq"]).quantize.int4_algorithm == "gptq"
     with pytest.raises(EdgeDistillError, match="int4_algorithm: 'awq' is not one of rtn, gptq"):
         load_recipe(None, ["quantize.int4_algorithm=awq"])
+
+
+def float_tables(graph) -> list[str]:
+    """The float vocabulary x hidden matrices (the embedding, and a float head): the tiny
+    Llama's hidden size is 32."""
+    shape = sorted([len(make_llm_tokenizer()), 32])
+    return [t.name for t in graph.initializer
+            if t.data_type == onnx.TensorProto.FLOAT and sorted(t.dims) == shape]
+
+
+def dequantized_head(graph) -> np.ndarray:
+    """The lm_head's rows (one per token) as its MatMulNBits blocks decode: (q - zero point) x
+    scale, 4-bit values packed low nibble first, zero points 2^(bits-1) when not stored."""
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    head = next(n for n in graph.node if "logits" in n.output)
+    a = {x.name: x.i for x in head.attribute}
+    packed = inits[head.input[1]].reshape(a["N"], -1)
+    scales = inits[head.input[2]].reshape(a["N"], -1)
+    blocks = scales.shape[1]
+    if a["bits"] == 4:
+        packed = np.stack([packed & 15, packed >> 4], -1).reshape(a["N"], -1)
+    if len(head.input) > 3:
+        zero = inits[head.input[3]].reshape(a["N"], -1)
+        if a["bits"] == 4:
+            zero = np.stack([zero & 15, zero >> 4], -1).reshape(a["N"], -1)[:, :blocks]
+    else:
+        zero = np.full(scales.shape, 2 ** (a["bits"] - 1))
+    q = packed.reshape(a["N"], blocks, -1).astype(np.float32) - zero[..., None]
+    return (q * scales[..., None]).reshape(a["N"], -1)
+
+
+@pytest.mark.parametrize("head_bits, symmetric", [(8, False), (8, True), (4, False), (4, True)])
+def test_a_tied_embedding_gathers_its_rows_from_the_quantized_head(causal, tmp_path, head_bits,
+                                                                    symmetric):
+    root, _ = causal
+    record = quantize_int4(root / "onnx", tmp_path / "int4", block_size=16, symmetric=symmetric,
+                           lm_head_bits=head_bits)
+    assert record["embedding"] == f"{head_bits}-bit, shared with the lm_head"
+    model = onnx.load(str(onnx_file(tmp_path / "int4")))
+    onnx.checker.check_model(model)
+    assert not float_tables(model.graph)  # the float embedding is gone
+    # the rows it gathers are exactly the head's decoded blocks
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    model.graph.output.append(onnx.helper.make_tensor_value_info(gather.output[0],
+                                                                 onnx.TensorProto.FLOAT, None))
+    ids = np.array([[4, 9, 2, 17]], dtype=np.int64)
+    probe = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+            "position_ids": np.arange(4, dtype=np.int64)[None]}
+    for i in probe.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feed[i.name] = np.zeros((1, 2, 0, 8), np.float32)
+    rows = probe.run([gather.output[0]], feed)[0]
+    np.testing.assert_allclose(rows[0], dequantized_head(model.graph)[ids[0]], rtol=1e-6)
+
+
+def test_a_float_head_keeps_the_float_embedding(causal, tmp_path):
+    root, _ = causal
+    record = quantize_int4(root / "onnx", tmp_path / "int4", block_size=16, lm_head_bits=32)
+    assert record["embedding"] == "float"
+    assert len(float_tables(onnx.load(str(onnx_file(tmp_path / "int4"))).graph)) == 1

@@ -6,6 +6,7 @@ import pytest
 
 from edgedistill.cli import main
 from tests.conftest import write_tsv
+from tests.test_model_card import execute, python_blocks
 
 RECIPE = """
 version: 1
@@ -173,6 +174,11 @@ def test_an_onnxruntime_genai_package_is_built_evaluated_and_timed(tmp_path,
     assert genai["decode_tokens_per_s"] > 0 and genai["peak_rss_mb"] > 0
     assert genai["size_mb"] < by_name["student-onnx"]["size_mb"]
     assert report["quantization"]["genai"]["embedding"] == "4-bit, shared with the output head"
+    # its model card loads it as an app would, and the code runs as pasted
+    card = (out / "quantize" / "student-int4-genai" / "README.md").read_text()
+    assert "int4 onnxruntime-genai package" in card and "model builder" in card
+    (code,) = python_blocks(card)
+    assert execute(code).startswith("The best way to sleep better is")
 
 
 def test_a_genai_package_for_an_architecture_not_checked_is_refused_first(tmp_path, capsys):

@@ -108,8 +108,10 @@ def quantize_int4(onnx_dir: str | Path, output_dir: str | Path, block_size: int 
     graph = fp32_graph(model_file)
     total = sum(node.op_type == "MatMul" for node in graph.node)
     model = onnx.load(str(model_file))  # with its external data, if any
-    untied = _untie(model.graph) if lm_head_bits != 32 else []
+    untied = _untie(model.graph) if lm_head_bits != 32 else {}
     head = _head_matmul(model.graph)
+    # the embedding table the head was untied from, if the model was tied
+    table = untied.get(next((n.input[1] for n in model.graph.node if n.name == head), ""))
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head]
     settings = dict(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level)
     if head and lm_head_bits == 8:  # first the head alone in 8 bits, then the rest in 4
@@ -128,6 +130,7 @@ def quantize_int4(onnx_dir: str | Path, output_dir: str | Path, block_size: int 
                        "calibration_tokens": reader.tokens, "gptq": dict(GPTQ_SETTINGS)}
     else:
         model = _blockwise(model, 4, exclude=exclude, **settings)
+    embedding = _share_embedding(model.graph, table) if table else "float"
     output_dir.mkdir(parents=True, exist_ok=True)
     large = sum(t.ByteSize() for t in model.graph.initializer) >= PROTOBUF_LIMIT
     onnx.save_model(model, str(output_dir / OUTPUT_NAME), save_as_external_data=large,
@@ -137,7 +140,8 @@ def quantize_int4(onnx_dir: str | Path, output_dir: str | Path, block_size: int 
     record = {"algorithm": algorithm, "bits": 4, "block_size": block_size,
               "accuracy_level": accuracy_level, "symmetric": symmetric,
               "lm_head_bits": lm_head_bits, "matmuls_quantized": quantized,
-              "matmuls_total": total, "untied": untied, "lm_head": _lm_head(model.graph),
+              "matmuls_total": total, "untied": list(untied), "lm_head": _lm_head(model.graph),
+              "embedding": embedding,
               "size_mb_before": round(size_on_disk_mb(onnx_dir), 3),
               "size_mb_after": round(size_on_disk_mb(output_dir), 3), **calibration}
     (output_dir / "quantize_config.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -366,7 +370,7 @@ def _head_matmul(graph: onnx.GraphProto) -> str | None:
     return None
 
 
-def _untie(graph: onnx.GraphProto) -> list[str]:
+def _untie(graph: onnx.GraphProto) -> dict[str, str]:
     """Turn each ``MatMul(x, Transpose(initializer))`` into a MatMul on a transposed initializer.
 
     That is how optimum exports a tied lm_head: one float embedding, read by the Gather and,
@@ -374,11 +378,12 @@ def _untie(graph: onnx.GraphProto) -> list[str]:
     initializer, so the tied lm_head would stay float, and onnxruntime folds the Transpose
     into a second float copy of the embedding when it loads the model anyway. Untied, the
     lm_head (the largest matrix of a small LM) runs in 4 bits and that copy is int4; the
-    Gather keeps the float embedding. Returns the names of the weights untied.
+    Gather keeps the float embedding until ``_share_embedding`` points it at the quantized
+    head. Returns each weight untied, with the initializer it was transposed from.
     """
     producers = {out: node for node in graph.node for out in node.output}
     inits = {t.name: t for t in graph.initializer}
-    untied = []
+    untied = {}
     for node in graph.node:
         source = producers.get(node.input[1]) if node.op_type == "MatMul" else None
         if source is None or source.op_type != "Transpose" or source.input[0] not in inits:
@@ -391,8 +396,52 @@ def _untie(graph: onnx.GraphProto) -> list[str]:
         graph.initializer.append(numpy_helper.from_array(weight.T.copy(), source.output[0]))
         graph.node.remove(source)
         producers.pop(source.output[0])
-        untied.append(source.output[0])
+        untied[source.output[0]] = source.input[0]
     return untied
+
+
+def _share_embedding(graph: onnx.GraphProto, table: str) -> str:
+    """Let the token embedding read its rows out of the quantized lm_head; returns what the
+    embedding became.
+
+    In a tied model the lm_head is the embedding ``table`` transposed, so once MatMulNBits has
+    quantized the head, its weight holds every embedding row in blocks along the hidden axis:
+    the layout onnxruntime's ``GatherBlockQuantized`` gathers rows from (MatMulNBits stores a
+    row as (blocks, bytes per block); a Reshape lays it flat). The float Gather becomes that
+    node over the head's blocks, scales and zero points, and the float table, a fifth of a
+    small LM's parameters, leaves the file. Written here because neither library does it for
+    this graph: onnxruntime's quantizer turns a Gather into GatherBlockQuantized only from
+    opset 21 and then keeps a second table, and onnxruntime-genai's builder shares only
+    symmetric 4-bit blocks (its 8-bit or zero-point variants write graphs onnxruntime cannot
+    load, tried with 0.18).
+    """
+    producers = {out: node for node in graph.node for out in node.output}
+    head = producers.get("logits")
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == table
+               and all(a.i == 0 for a in n.attribute if a.name == "axis")]
+    if head is None or head.op_type != "MatMulNBits" or len(gathers) != 1:
+        return "float"
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
+    if attrs["K"] % attrs["block_size"]:  # padded blocks: rows longer than the embedding's
+        return "float"
+    shape = f"{table}_rows_shape"
+    graph.initializer.append(numpy_helper.from_array(
+        np.array([attrs["N"], attrs["K"] * attrs["bits"] // 8], dtype=np.int64), shape))
+    gather, rows = gathers[0], f"{table}_rows_quantized"
+    nodes = [onnx.helper.make_node("Reshape", [head.input[1], shape], [rows],
+                                   name=f"{gather.name}_rows"),
+             onnx.helper.make_node("GatherBlockQuantized",
+                                   [rows, gather.input[1], *head.input[2:4]], list(gather.output),
+                                   name=f"{gather.name}_quantized", domain="com.microsoft",
+                                   gather_axis=0, quantize_axis=1,
+                                   block_size=attrs["block_size"], bits=attrs["bits"])]
+    at = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    for node in reversed(nodes):
+        graph.node.insert(at, node)
+    if not any(table in n.input for n in graph.node):
+        graph.initializer.remove(next(t for t in graph.initializer if t.name == table))
+    return f"{attrs['bits']}-bit, shared with the lm_head"
 
 
 def _lm_head(graph: onnx.GraphProto) -> str:

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..artifacts import WEIGHT_ONLY_SETTINGS, backend_of, onnx_file
+from ..artifacts import GENAI_BACKEND, WEIGHT_ONLY_SETTINGS, backend_of, onnx_file
 from ..errors import EdgeDistillError
 from .session import check_cpu_only, open_onnx_session
 from .weight_only import load_weight_only
@@ -242,7 +242,7 @@ class GenaiCausalLM(CausalLM):
     ``max_length`` (prompt and new tokens) sizes the Generator's KV cache, which it allocates
     whole when a generation starts; None takes the package's ``search.max_length``."""
 
-    backend = "onnxruntime-genai"
+    backend = GENAI_BACKEND
 
     def __init__(self, folder: Path, threads: int | None = None, max_length: int | None = None):
         import onnxruntime_genai as og
@@ -296,7 +296,7 @@ def load_causal_lm(folder: str | Path, threads: int | None = None,
     if not folder.is_dir():
         raise EdgeDistillError(f"{folder}: model folder does not exist")
     backend = backend_of(folder)
-    if backend == "onnxruntime-genai":
+    if backend == GENAI_BACKEND:
         check_cpu_only(folder, providers, "an onnxruntime-genai package")
         return GenaiCausalLM(folder, threads, max_length)
     if backend == "onnxruntime":
@@ -310,5 +310,5 @@ def load_causal_lm(folder: str | Path, threads: int | None = None,
     return TorchCausalLM(folder, threads)
 
 
-__all__ = ["CausalLM", "DecodeState", "GenaiCausalLM", "OnnxCausalLM", "TorchCausalLM", "load_causal_lm",
-           "position_ids"]
+__all__ = ["CausalLM", "DecodeState", "GenaiCausalLM", "OnnxCausalLM", "TorchCausalLM",
+           "load_causal_lm", "position_ids"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..artifacts import GENAI_BACKEND
 from ..bench.generation import GenerationSettings, benchmark_generation
 from ..data import lm_blocks
 from ..distill.trainer import check_causal_lm_settings
@@ -83,6 +84,20 @@ class CausalLMTask(Task):
             "logits = session.run(None, {k: v for k, v in feed.items() if k in names})[0]",
             "print(tokenizer.decode([int(logits[0, -1].argmax())]))"])
 
+    def genai_snippet(self, location: str) -> str:
+        # a local folder or a downloaded repo: onnxruntime-genai reads folders only
+        return "\n".join([
+            "import onnxruntime_genai as og", "",
+            f"model = og.Model({literal(location)})",
+            "tokenizer = og.Tokenizer(model)",
+            "params = og.GeneratorParams(model)",
+            "params.set_search_options(max_length=64, do_sample=False)",
+            "generator = og.Generator(model, params)",
+            f"generator.append_tokens(tokenizer.encode({literal(self.example_text)}))",
+            "while not generator.is_done():",
+            "    generator.generate_next_token()",
+            "print(tokenizer.decode(generator.get_sequence(0)))"])
+
     # ------------------------------------------------------------------ preflight
 
     def check(self, r: Recipe) -> None:
@@ -135,8 +150,8 @@ class CausalLMTask(Task):
             models.append(model_row("student-int4", "student", "onnxruntime", "int4",
                                     quantized / "student-int4"))
         if q.genai:
-            models.append(model_row("student-int4-genai", "student", "onnxruntime-genai",
-                                    "int4", quantized / "student-int4-genai"))
+            models.append(model_row("student-int4-genai", "student", GENAI_BACKEND, "int4",
+                                    quantized / "student-int4-genai"))
         if q.pytorch_int4:
             models.append(model_row("student-int4-pytorch", "student", "pytorch", "int4",
                                     quantized / "student-int4-pytorch"))
@@ -161,7 +176,7 @@ class CausalLMTask(Task):
             if reference is None:
                 reference = metrics["predictions"]
                 metrics["next_token_agreement"] = 1.0
-            if m["backend"] == "onnxruntime-genai":  # its Generator vs onnxruntime, same graph
+            if m["backend"] == GENAI_BACKEND:  # its Generator vs onnxruntime, same graph
                 plain = OnnxCausalLM(m["path"])
                 metrics["same_tokens_as_onnxruntime"] = float(np.mean([
                     plain.greedy([p], cfg.generation_tokens, tokenizer.eos_token_id) == g

@@ -1,0 +1,113 @@
+"""The SmolLM2 student's two int4 routes side by side, in one pipeline run:
+
+- ``student-int4``: edgedistill's optimum export + onnxruntime's MatMulNBits quantizer (GPTQ on
+  32 training texts, asymmetric blocks of 32, the output head in 8 bits, the 28M-parameter
+  token embedding left float), run on onnxruntime;
+- ``student-int4-genai``: onnxruntime-genai's model builder from the same distilled student
+  (round-to-nearest symmetric blocks of 32, fused attention, the embedding in 4 bits and shared
+  with the tied head), run by onnxruntime-genai's Generator;
+
+beside the fp32 ONNX student, the int8 student and the PyTorch teacher: file size, perplexity
+on the recipe's held-out test blocks, greedy tokens against onnxruntime on the same graph,
+first token and decode speed (each model in its own process, ``--rounds`` rounds taking
+turns), peak RSS. The run goes to ``work/genai/`` and is resumed: a second call with another
+``--rounds`` only benchmarks again. Writes results/genai_package.{json,md}.
+
+    python benchmarks/genai_package.py --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from edgedistill.host import environment
+from edgedistill.pipeline import run
+
+HERE = Path(__file__).parent
+RECIPE = "smollm2-distill"
+MODELS = ("teacher", "student", "student-onnx", "student-int8", "student-int4",
+          "student-int4-genai")
+# the issue's goals: (what, row, per row, key, at most / at least)
+GOALS = (("int4 file <= 0.25x the fp32 ONNX file", "size_mb", "student-onnx", "at_most", 0.25),
+         ("int4 perplexity <= 1.03x the fp32 student", "perplexity", "student", "at_most", 1.03),
+         ("int4 decode tokens/s >= 8x the PyTorch teacher", "decode_tokens_per_s", "teacher",
+          "at_least", 8.0))
+
+
+def figures(m: dict) -> dict:
+    return {"size_mb": m["size_mb"], "perplexity": m["metrics"]["perplexity"],
+            "next_token_agreement": m["metrics"]["next_token_agreement"],
+            "same_tokens_as_onnxruntime": m["metrics"].get("same_tokens_as_onnxruntime"),
+            "ttft_p50_ms": m["ttft_ms"]["p50_ms"], "tpot_p50_ms": m["tpot_ms"]["p50_ms"],
+            "decode_tokens_per_s": m["decode_tokens_per_s"], "peak_rss_mb": m["peak_rss_mb"],
+            "round_tpot_p50_ms": m["round_tpot_p50_ms"], "backend": m["backend"],
+            "prompt_tokens": m.get("prompt_tokens"), "new_tokens": m.get("new_tokens"),
+            "threads": m.get("threads")}
+
+
+def markdown(rows: dict, goals: list[dict], result: dict, rounds: int) -> str:
+    b, env = result["models"]["student-int4-genai"], result["environment"]
+    lines = [
+        "# SmolLM2 student: optimum + MatMulNBits int4 vs onnxruntime-genai's package", "",
+        f"Recipe `{RECIPE}` with `quantize.genai: true`; one run, {rounds} benchmark rounds "
+        f"(each model in a fresh process per round, taking turns); prompt of "
+        f"{b['prompt_tokens']} tokens, {b['new_tokens']} greedy tokens, batch 1, "
+        f"{b['threads']} threads. Perplexity on {result['test_tokens']} held-out test tokens.",
+        "",
+        "| model | runtime | file MB | x fp32 ONNX | perplexity | x fp32 student | "
+        "first token p50 ms | decode tokens/s | x teacher | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['backend']} | {r['size_mb']:.1f} | "
+            f"{r['size_mb'] / rows['student-onnx']['size_mb']:.3f} | {r['perplexity']:.2f} | "
+            f"{r['perplexity'] / rows['student']['perplexity']:.3f} | {r['ttft_p50_ms']:.1f} | "
+            f"{r['decode_tokens_per_s']:.1f} | "
+            f"{r['decode_tokens_per_s'] / rows['teacher']['decode_tokens_per_s']:.2f} | "
+            f"{r['peak_rss_mb']:.0f} |")
+    genai = rows["student-int4-genai"]
+    lines += ["", "Per round p50 ms per token: " + "; ".join(
+        f"{n} {', '.join(f'{t:.2f}' for t in r['round_tpot_p50_ms'])}" for n, r in rows.items()),
+        "", f"onnxruntime-genai's Generator picked the same greedy tokens as onnxruntime on the "
+        f"same graph for {genai['same_tokens_as_onnxruntime']:.0%} of the report's prompts.", "",
+        "Goals (issue: a language model a phone can hold):", ""]
+    for g in goals:
+        lines.append(f"- {g['goal']}: " + ", ".join(
+            f"{n} {v:.3f} ({'met' if ok else 'missed'})" for n, v, ok in g["values"]))
+    lines += ["", f"Host: {env['cpu']}, {env['cpu_count']} cores, {env['int8_isa']}; "
+              f"onnxruntime {env['libraries'].get('onnxruntime')}, onnxruntime-genai "
+              f"{env['libraries'].get('onnxruntime-genai')}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=HERE / "work" / "genai")
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    report = run(RECIPE, args.work, ["quantize.genai=true", f"bench.rounds={args.rounds}"])
+    by_name = {m["name"]: m for m in report["models"]}
+    rows = {name: figures(by_name[name]) for name in MODELS}
+    goals = []
+    for goal, key, per, direction, bound in GOALS:
+        values = []
+        for name in ("student-int4", "student-int4-genai"):
+            ratio = rows[name][key] / rows[per][key]
+            values.append((name, ratio, ratio <= bound if direction == "at_most"
+                           else ratio >= bound))
+        goals.append({"goal": goal, "values": values})
+    args.results.mkdir(parents=True, exist_ok=True)
+    result = {"recipe": RECIPE, "rounds": args.rounds, "models": rows, "goals": goals,
+              "quantization": {k: report["quantization"].get(k) for k in ("int4", "genai")},
+              "test_tokens": report["test_tokens"], "bench": report["recipe"]["bench"],
+              "environment": environment()}
+    (args.results / "genai_package.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.results / "genai_package.md").write_text(markdown(rows, goals, result, args.rounds))
+    print(markdown(rows, goals, result, args.rounds))
+
+
+if __name__ == "__main__":
+    main()
