@@ -1,0 +1,257 @@
+"""The phone artifacts on arm64, checked rather than assumed: the same inputs through the same
+files on this x86 host and on arm64 under emulation (qemu-user), and their outputs compared.
+
+- a classifier's ``.ort`` int8 model (``quantize/student-int8-mobile`` of a run on profile
+  mobile-arm64): the logits of ``--texts`` test texts must agree within int8 tolerance, and
+  give the same predicted class for every text. The tolerance is measured, not chosen: the
+  int8 model's own largest logit error against its fp32 model (``--classifier-fp32``, the
+  run's ``export/student``) on x86. Each side's agreement with fp32 is reported too: int8
+  kernels round differently on each ISA (x86 without VNNI saturates u8 x s8 products), so
+  when the two sides differ, fp32 says which is closer;
+- a causal LM's onnxruntime-genai package (``quantize/student-int4-genai``): its greedy tokens
+  after three test prompts must be identical for ``--tokens`` tokens. ``--float-compute`` also
+  checks a copy whose MatMulNBits run in float (accuracy level unset) instead of the package's
+  int8 activations, which tells a kernel's rounding from a wrong graph when tokens differ.
+
+The arm64 side is Debian 12's arm64 Python 3.11 (debootstrap's first stage into
+``work/arm64/root``, packages unpacked, no chroot needed) running under qemu-aarch64-static,
+with onnxruntime, onnxruntime-genai and numpy installed from PyPI's aarch64 wheels at the
+host's versions (``work/arm64/site``). Set up once by this script (root, for apt and the mount
+namespace). onnxruntime's CPU detection (PyTorch's cpuinfo) reads /sys and /proc/cpuinfo, which
+under qemu-user describe the x86 host, and crashes on them; the device side therefore runs in
+its own mount namespace with an arm64 /proc/cpuinfo (a Neoverse-N1's features) and an empty
+/sys/devices/system/cpu. Emulated time means nothing for a phone: no latency is measured.
+
+    python benchmarks/arm64_check.py --classifier RUN/quantize/student-int8-mobile \\
+        --llm RUN2/quantize/student-int4-genai
+
+Writes results/arm64_check.{json,md}; exits 1 when an artifact differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+DEVICE = HERE / "arm64_device.py"
+PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib")
+MIRROR = "http://deb.debian.org/debian"
+CPUINFO = "".join(
+    f"processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 "
+    "crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\n"
+    "CPU architecture: 8\nCPU variant\t: 0x3\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n"
+    for i in range(2))
+
+
+def sh(*command: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, check=True, **kwargs)
+
+
+def setup(work: Path) -> Path:
+    """The arm64 Python and its wheels under ``work`` (made once); returns ``work``."""
+    root, site = work / "root", work / "site"
+    if not shutil.which("qemu-aarch64-static") or not shutil.which("debootstrap"):
+        sh("apt-get", "install", "-y", "-q", "qemu-user-static", "debootstrap",
+           stdout=subprocess.DEVNULL)
+    if not (root / "usr/bin/python3.11").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        print("debootstrap: Debian 12 arm64 with Python 3.11 ...", flush=True)
+        sh("debootstrap", "--foreign", "--arch=arm64", "--variant=minbase",
+           f"--include={','.join(PACKAGES)}", "bookworm", str(root), MIRROR,
+           stdout=subprocess.DEVNULL)
+        # the first stage downloads the included packages without unpacking them all; the
+        # second would run arm64 maintainer scripts, which nothing here needs
+        for deb in sorted((root / "var/cache/apt/archives").glob("*.deb")):
+            sh("dpkg", "-x", str(deb), str(root))
+    if not (site / "onnxruntime_genai").is_dir():
+        from importlib.metadata import version
+
+        wanted = [f"{p}=={version(p)}" for p in ("onnxruntime", "onnxruntime-genai", "numpy")]
+        print(f"aarch64 wheels: {', '.join(wanted)} ...", flush=True)
+        sh(sys.executable, "-m", "pip", "install", "-q", "--target", str(site),
+           "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux2014_aarch64",
+           "--python-version", "3.11", "--implementation", "cp", "--only-binary=:all:",
+           *wanted)
+    (work / "cpuinfo").write_text(CPUINFO)
+    (work / "empty").mkdir(exist_ok=True)
+    return work
+
+
+def on_arm64(work: Path, spec: Path, out: Path) -> dict:
+    """The device script under qemu-aarch64 in its own mount namespace (see the docstring)."""
+    script = (f"mount --bind {work / 'cpuinfo'} /proc/cpuinfo && "
+              f"mount --bind {work / 'empty'} /sys/devices/system/cpu && "
+              f"PYTHONPATH={work / 'site'} exec qemu-aarch64-static -L {work / 'root'} "
+              f"{work / 'root/usr/bin/python3.11'} {DEVICE} {spec} {out}")
+    sh("unshare", "-m", "bash", "-c", script)
+    return json.loads(out.read_text())
+
+
+def on_host(spec: Path, out: Path) -> dict:
+    sh(sys.executable, str(DEVICE), str(spec), str(out))
+    return json.loads(out.read_text())
+
+
+def compare(reference: dict, other: dict, fp32: dict | None = None) -> dict:
+    """Each artifact's verdict: ``other`` (arm64) against ``reference`` (x86); ``fp32``: the
+    classifiers' fp32 logits on x86 (by artifact name), which set the tolerance."""
+    verdicts = {}
+    for name, ref in reference["results"].items():
+        got = other["results"][name]
+        if "logits" in ref:
+            a, b = np.asarray(ref["logits"]), np.asarray(got["logits"])
+            if a.shape != b.shape:
+                verdicts[name] = {"rows": len(a), "passed": False,
+                                  "error": f"shapes differ: {a.shape} and {b.shape}"}
+                continue
+            diff = float(np.abs(a - b).max())
+            same = float(np.mean(a.argmax(-1) == b.argmax(-1)))
+            verdict = {"rows": len(a), "max_logit_difference": diff, "same_prediction": same}
+            if fp32 and name in fp32:
+                f = np.asarray(fp32[name])
+                verdict.update(
+                    tolerance=float(np.abs(a - f).max()),
+                    x86_same_prediction_as_fp32=float(np.mean(a.argmax(-1) == f.argmax(-1))),
+                    arm64_same_prediction_as_fp32=float(np.mean(b.argmax(-1) == f.argmax(-1))),
+                    x86_mean_error=float(np.abs(a - f).mean()),
+                    arm64_mean_error=float(np.abs(b - f).mean()))
+            else:  # a float model against itself: only summation order may differ
+                verdict["tolerance"] = 1e-4 * float(np.abs(a).max())
+            verdict["passed"] = diff <= verdict["tolerance"] and same == 1.0
+            verdicts[name] = verdict
+        else:
+            equal = [r == g for r, g in zip(ref["tokens"], got["tokens"])]
+            verdicts[name] = {"prompts": len(ref["tokens"]),
+                              "tokens_per_prompt": len(ref["tokens"][0]),
+                              "identical_prompts": sum(equal),
+                              "passed": len(equal) == len(got["tokens"]) and all(equal)}
+    return verdicts
+
+
+def classifier_spec(folder: Path, texts: list[str], max_length: int, work: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    ort_file = next(folder.glob("*.ort"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="np")
+    inputs = work / "classifier_inputs.npz"
+    np.savez(inputs, **{k: v.astype(np.int64) for k, v in encoded.items()})
+    return {"kind": "classifier", "model": str(ort_file), "inputs": str(inputs)}
+
+
+def float_compute(folder: Path, out: Path) -> Path:
+    """A copy of the package in ``folder`` whose MatMulNBits compute in float."""
+    import onnx
+
+    if not (out / "model.onnx").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        model = onnx.load(str(folder / "model.onnx"))
+        for node in model.graph.node:
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+        onnx.save_model(model, str(out / "model.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="model.onnx.data")
+        for sidecar in folder.iterdir():
+            if sidecar.suffix in (".json", ".jinja"):
+                shutil.copy(sidecar, out / sidecar.name)
+    return out
+
+
+def generator_spec(folder: Path, texts: list[str], new_tokens: int) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"][:16] for t in texts[:3]]
+    return {"kind": "generator", "model": str(folder), "prompts": prompts,
+            "new_tokens": new_tokens}
+
+
+def markdown(verdicts: dict, arm: dict, host: dict) -> str:
+    lines = ["# Phone artifacts on arm64 (qemu-user) against x86", "",
+             f"Device side: Python on `{arm['machine']}` under qemu-aarch64-static against "
+             f"`{host['machine']}` natively, same files and inputs (emulated time is not "
+             "latency and none is reported).", "", "| artifact | check | result | passed |",
+             "|---|---|---|---|"]
+    for name, v in verdicts.items():
+        if "rows" in v and "error" in v:
+            lines.append(f"| {name} | logits of {v['rows']} test texts | {v['error']} | False |")
+        elif "rows" in v:
+            fp32 = (f"; same prediction as fp32: x86 {v['x86_same_prediction_as_fp32']:.1%}, "
+                    f"arm64 {v['arm64_same_prediction_as_fp32']:.1%}; mean error against fp32: "
+                    f"x86 {v['x86_mean_error']:.4f}, arm64 {v['arm64_mean_error']:.4f}"
+                    if "x86_mean_error" in v else "")
+            lines.append(f"| {name} | logits of {v['rows']} test texts | max difference "
+                         f"{v['max_logit_difference']:.4f} (tolerance {v['tolerance']:.4f}), "
+                         f"same prediction {v['same_prediction']:.1%}{fp32} | {v['passed']} |")
+        else:
+            lines.append(f"| {name} | greedy tokens after {v['prompts']} prompts | "
+                         f"{v['identical_prompts']} of {v['prompts']} identical for "
+                         f"{v['tokens_per_prompt']} tokens | {v['passed']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classifier", type=Path, help="a folder with the .ort int8 model")
+    parser.add_argument("--classifier-fp32", type=Path,
+                        help="its fp32 ONNX model's folder (the run's export/student): sets the "
+                             "int8 tolerance")
+    parser.add_argument("--llm", type=Path, help="an onnxruntime-genai package folder")
+    parser.add_argument("--float-compute", action="store_true",
+                        help="also the package with MatMulNBits in float (see the docstring)")
+    parser.add_argument("--texts", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--work", type=Path, default=HERE / "work" / "arm64")
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    if not (args.classifier or args.llm):
+        parser.error("give --classifier and/or --llm")
+    from edgedistill.data import load_task_data
+    from edgedistill.recipe import load_recipe
+
+    work = setup(args.work.resolve())
+    recipe = load_recipe()  # the drug reviews' held-out texts feed both artifacts
+    texts = list(load_task_data(recipe.data, recipe.seed).test["text"])[:args.texts]
+    artifacts = {}
+    if args.classifier:
+        artifacts["classifier-int8-ort"] = classifier_spec(args.classifier.resolve(), texts,
+                                                           recipe.data.max_length, work)
+    if args.llm:
+        artifacts["llm-int4-genai"] = generator_spec(args.llm.resolve(), texts, args.tokens)
+    if args.llm and args.float_compute:
+        copy = float_compute(args.llm.resolve(), work / "float-compute")
+        artifacts["llm-int4-genai-float-compute"] = generator_spec(copy, texts, args.tokens)
+    spec = work / "spec.json"
+    spec.write_text(json.dumps({"artifacts": artifacts}))
+    host = on_host(spec, work / "x86.json")
+    fp32 = None
+    if args.classifier and args.classifier_fp32:  # the same inputs through the fp32 model
+        reference = dict(artifacts["classifier-int8-ort"],
+                         model=str(next(args.classifier_fp32.resolve().glob("*.onnx"))))
+        fp32_spec = work / "fp32-spec.json"
+        fp32_spec.write_text(json.dumps({"artifacts": {"classifier-int8-ort": reference}}))
+        fp32 = {k: v["logits"] for k, v in
+                on_host(fp32_spec, work / "fp32.json")["results"].items()}
+    print("x86 done; arm64 under emulation ...", flush=True)
+    arm = on_arm64(work, spec, work / "arm64.json")
+    verdicts = compare(host, arm, fp32)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "arm64_check.json").write_text(json.dumps(
+        {"verdicts": verdicts, "artifacts": {k: v["model"] for k, v in artifacts.items()},
+         "x86": host, "arm64": arm}, indent=1) + "\n")
+    (args.results / "arm64_check.md").write_text(markdown(verdicts, arm, host))
+    print(markdown(verdicts, arm, host))
+    return 0 if all(v["passed"] for v in verdicts.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The arm64 checker's own verdicts (benchmarks/arm64_check.py), run natively on both sides: a
+model against itself passes, a wrong model fails. The emulated arm64 run itself is a benchmark
+(slow, needs root and Debian's packages), not a test."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+spec = importlib.util.spec_from_file_location("arm64_check", BENCHMARKS / "arm64_check.py")
+arm64_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(arm64_check)
+
+
+def tiny_classifier(path: Path, seed: int) -> Path:
+    """input_ids (batch, tokens) -> logits (batch, 3): an embedding table, averaged over tokens,
+    times a matrix."""
+    rng = np.random.default_rng(seed)
+    table = numpy_helper.from_array(rng.normal(size=(50, 8)).astype(np.float32), "table")
+    head = numpy_helper.from_array(rng.normal(size=(8, 3)).astype(np.float32), "head")
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["vectors"]),
+         helper.make_node("ReduceMean", ["vectors", "axes"], ["mean"], keepdims=0),
+         helper.make_node("MatMul", ["mean", "head"], ["logits"])],
+        "tiny", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [None, None])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 3])],
+        [table, head, axes])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+                    str(path))
+    return path
+
+
+def device_outputs(tmp_path: Path, model: Path, name: str) -> dict:
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, input_ids=np.random.default_rng(0).integers(0, 50, (20, 12)),
+             attention_mask=np.ones((20, 12), dtype=np.int64))  # not a graph input: left out
+    spec_file = tmp_path / f"{name}.json"
+    spec_file.write_text(json.dumps({"artifacts": {"classifier": {
+        "kind": "classifier", "model": str(model), "inputs": str(inputs)}}}))
+    return arm64_check.on_host(spec_file, tmp_path / f"{name}-out.json")
+
+
+def test_the_same_model_passes_and_a_wrong_one_fails(tmp_path):
+    right = tiny_classifier(tmp_path / "right.onnx", seed=1)
+    reference = device_outputs(tmp_path, right, "reference")
+    same = arm64_check.compare(reference, device_outputs(tmp_path, right, "again"))
+    assert same["classifier"]["passed"] and same["classifier"]["max_logit_difference"] == 0
+    wrong = tiny_classifier(tmp_path / "wrong.onnx", seed=2)
+    verdict = arm64_check.compare(reference, device_outputs(tmp_path, wrong, "wrong"))
+    assert not verdict["classifier"]["passed"]
+    assert verdict["classifier"]["max_logit_difference"] > verdict["classifier"]["tolerance"]
+
+
+def test_the_int8_tolerance_is_the_int8_models_own_error_against_fp32():
+    fp32 = np.array([[1.0, 0.0, -1.0], [0.0, 2.0, 0.5]])
+    x86 = fp32 + [[0.2, 0.0, 0.0], [0.0, -0.1, 0.0]]  # its error against fp32: at most 0.2
+    close = {"results": {"c": {"logits": (x86 + 0.15).tolist()}}}
+    far = {"results": {"c": {"logits": (x86 + [[0.0, 0.0, 0.0], [0.0, 0.0, 0.3]]).tolist()}}}
+    reference = {"results": {"c": {"logits": x86.tolist()}}}
+    verdict = arm64_check.compare(reference, close, {"c": fp32.tolist()})["c"]
+    assert verdict["passed"] and verdict["tolerance"] == pytest.approx(0.2)
+    assert not arm64_check.compare(reference, far, {"c": fp32.tolist()})["c"]["passed"]
+
+
+def test_generated_tokens_must_be_identical():
+    reference = {"results": {"llm": {"tokens": [[5, 6, 7], [8, 9, 10]]}}}
+    assert arm64_check.compare(reference, reference)["llm"]["passed"]
+    other = {"results": {"llm": {"tokens": [[5, 6, 7], [8, 9, 11]]}}}
+    verdict = arm64_check.compare(reference, other)["llm"]
+    assert not verdict["passed"] and verdict["identical_prompts"] == 1
