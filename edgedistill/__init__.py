@@ -12,6 +12,7 @@ _API = {
     "DistillationTrainer": "distill", "DistillationTrainingArguments": "distill",
     "make_student": "distill", "EdgeDistillError": "errors", "evaluate": "evaluation",
     "export_onnx": "export", "quantize": "quantization", "quantize_int4": "quantization",
+    "build_genai_package": "quantization.genai",
     "benchmark": "bench", "benchmark_generation": "bench", "evaluate_lm": "evaluation",
     "load_causal_lm": "runtime.causal_lm", "Recipe": "recipe",
     "load_recipe": "recipe", "run": "pipeline", "register_loss": "distill.losses",
