@@ -102,7 +102,8 @@ def test_a_tokenizer_onnxruntime_genai_cannot_read_is_one_line_and_nothing_stays
     make_llm_tokenizer().save_pretrained(tmp_path / "llama")
     with pytest.raises(EdgeDistillError) as e:
         build_genai_package(tmp_path / "llama", tmp_path / "genai")
-    assert "onnxruntime-genai cannot read this tokenizer" in str(e.value)
+    # onnxruntime-genai misparses it: an error, other ids or a crash, by the run; each refused
+    assert "onnxruntime-genai" in str(e.value) and "this tokenizer" in str(e.value)
     assert "\n" not in str(e.value) and not (tmp_path / "genai").exists()
 
 

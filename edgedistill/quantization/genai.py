@@ -41,7 +41,13 @@ log = logging.getLogger(__name__)
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                  "GemmaForCausalLM")
 PRECISIONS = ("int4", "fp32")
-_ERROR = "edgedistill-genai-error: "  # how the builder's process names the failure it reports
+# how the builder's process names the failure it reports, and each step it starts (a native
+# crash, seen with a tokenizer onnxruntime-genai cannot parse, reports nothing itself)
+_ERROR = "edgedistill-genai-error: "
+_STEP = "edgedistill-genai-step: "
+_TOKENIZER = "reading the tokenizer"
+_TOKENIZERS_READ = ("it reads Hugging Face tokenizer.json files of the BPE, SentencePiece and "
+                    "WordPiece kinds")
 
 
 def check_architecture(config: dict, where: str) -> None:
@@ -92,10 +98,7 @@ def build_genai_package(model_dir: str | Path, output_dir: str | Path, block_siz
             log.info("onnxruntime-genai builder:\n%s", stream.strip()[-20000:])
     if done.returncode != 0:
         shutil.rmtree(output_dir, ignore_errors=True)  # no half-built package stays behind
-        reported = [line[len(_ERROR):] for line in done.stderr.splitlines()
-                    if line.startswith(_ERROR)]
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise EdgeDistillError(f"{model_dir}: {reported[-1] if reported else last[:300]}")
+        raise EdgeDistillError(f"{model_dir}: {_failure(done.stderr, done.returncode)}")
     copy_sidecars(model_dir, output_dir)  # config.json: the runtimes read its sizes
     record = {"builder": "onnxruntime-genai model builder", "precision": precision,
               "block_size": block_size, "accuracy_level": accuracy_level,
@@ -137,18 +140,51 @@ def _bridge_transformers() -> None:
     transformers.AutoConfig.from_pretrained = from_pretrained
 
 
+def _failure(stderr: str, returncode: int) -> str:
+    """What the builder's process failed at, in one line: the error it reported, or, when it
+    died without one (a native crash), the step it had started."""
+    lines = stderr.splitlines()
+    reported = [line[len(_ERROR):] for line in lines if line.startswith(_ERROR)]
+    if reported:
+        return reported[-1]
+    steps = [line[len(_STEP):] for line in lines if line.startswith(_STEP)]
+    step = steps[-1] if steps else "starting"
+    how = f"signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
+    if step == _TOKENIZER:
+        return (f"onnxruntime-genai cannot read this tokenizer (it crashed, {how}); "
+                f"{_TOKENIZERS_READ}")
+    return f"onnxruntime-genai's builder process died ({how}) while {step}; rerun with --debug"
+
+
+def _step(what: str) -> None:
+    print(f"{_STEP}{what}", file=sys.stderr, flush=True)
+
+
 def _check_package(folder: str) -> None:
     """Load the package and its tokenizer as an app would, and encode a sentence."""
     import onnxruntime_genai as og
 
+    _step("loading the package")
     model = og.Model(folder)
+    _step(_TOKENIZER)
+    text = "The best way to sleep better is"
     try:
-        og.Tokenizer(model).encode("The best way to sleep better is")
+        ids = [int(i) for i in og.Tokenizer(model).encode(text)]
     except Exception as e:  # onnxruntime-genai raises RuntimeError with its own text
         reason = str(e).strip()[:160] or "no reason given"
-        raise RuntimeError(
-            f"onnxruntime-genai cannot read this tokenizer ({reason}); it reads Hugging Face "
-            "tokenizer.json files of the BPE, SentencePiece and WordPiece kinds") from None
+        raise RuntimeError(f"onnxruntime-genai cannot read this tokenizer ({reason}); "
+                           f"{_TOKENIZERS_READ}") from None
+    # a tokenizer it misparses may still load (seen with a word-level one: sometimes an error,
+    # sometimes other ids), so its ids must be transformers' ids
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(folder)
+    expected = [reference(text)["input_ids"],
+                reference(text, add_special_tokens=False)["input_ids"]]
+    if ids not in expected:
+        raise RuntimeError(f"onnxruntime-genai reads this tokenizer differently from transformers "
+                           f"({ids[:6]} against {expected[0][:6]} for a sample sentence); "
+                           f"{_TOKENIZERS_READ}")
 
 
 def _main(argv: list[str]) -> int:
@@ -158,6 +194,7 @@ def _main(argv: list[str]) -> int:
     output = argv[argv.index("-o") + 1]
     sys.argv = ["onnxruntime_genai.models.builder", *argv]
     try:
+        _step("building the graph")
         runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
         _check_package(output)
     except Exception as e:
