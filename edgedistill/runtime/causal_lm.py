@@ -248,7 +248,6 @@ class GenaiCausalLM(CausalLM):
         import onnxruntime_genai as og
 
         self.folder, self.threads, self.max_length = folder, threads, max_length
-        self.path = onnx_file(folder)
         self.config = json.loads((folder / "config.json").read_text())
         config = og.Config(str(folder))
         if threads:  # the package's session options, as onnxruntime sessions get them here
