@@ -242,7 +242,8 @@ def gguf_to_folder(gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stat = gguf.stat()
-    target = cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    # the suffix names the conversion's version: a folder written by an older one is redone
+    target = cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}-t2"
     if (target / "config.json").is_file():
         return target
     log.warning("converting %s to a transformers folder (once): %s", gguf.name, target)
@@ -264,12 +265,44 @@ def gguf_to_folder(gguf: Path) -> Path:
             setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
     if tokenizer.pad_token is None:  # batching needs one; padded positions never train
         tokenizer.pad_token = tokenizer.eos_token
+    _plain_byte_level(tokenizer)
+    # transformers' conversion adds the BOS token whatever the file says; SmolLM2's file says
+    # not to (as its own tokenizer does not), and llama.cpp and onnxruntime-genai follow the file
+    add_bos = _gguf_value(gguf, "tokenizer.ggml.add_bos_token")
+    if isinstance(add_bos, bool) and hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = add_bos
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     publish_folder(partial, target)  # written in full, then renamed: a killed conversion is redone
     return target
+
+
+def _gguf_value(gguf: Path, key: str):
+    """A metadata value of a GGUF file, or None where it has none."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _plain_byte_level(tokenizer) -> None:
+    """Write a byte-level BPE from GGUF as the plain byte-level BPE it is.
+
+    transformers converts a GGUF "gpt2"-style tokenizer (SmolLM2's) into a byte-level BPE that
+    also carries SentencePiece's byte fallback and decoder. They change nothing for transformers
+    (a byte-level vocabulary already spells every byte, so the fallback never fires), but
+    onnxruntime-genai takes such a file for SentencePiece and reads most words as id -1. Without
+    them the ids and the decoded text stay the same (tests/test_sources.py checks both).
+    """
+    from tokenizers import decoders
+
+    backend = tokenizer.backend_tokenizer
+    if (type(backend.pre_tokenizer).__name__ == "ByteLevel"
+            and getattr(backend.model, "byte_fallback", False)):
+        backend.model.byte_fallback = False
+        backend.decoder = decoders.ByteLevel()
 
 
 def check_remote_code(model_dir: Path, trusted: bool, setting: str) -> None:

@@ -1,7 +1,8 @@
 import pytest
 
 from edgedistill.errors import EdgeDistillError
-from edgedistill.sources import resolve_model
+from edgedistill.sources import _plain_byte_level, resolve_model
+from tests.conftest import make_bpe_tokenizer
 
 
 def test_local_folder(tiny_teacher_dir):
@@ -19,6 +20,7 @@ def test_missing_path():
 
 
 def test_hub_id_falls_back_to_the_packaged_copy(monkeypatch, caplog):
+    caplog.set_level("INFO", logger="edgedistill")  # the line is INFO: alone, caplog sees WARNING+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = resolve_model("sentence-transformers/all-MiniLM-L6-v2")
     assert (path / "model.safetensors").is_file()
@@ -54,6 +56,32 @@ def test_packaged_gguf_teacher_is_converted_once(tmp_path, monkeypatch, caplog):
     tokenizer = AutoTokenizer.from_pretrained(path)
     # the GGUF tokenizer names '<|im_start|>' as its end token; the model's config says 2
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == config["eos_token_id"]
+    # written as plain byte-level BPE, which onnxruntime-genai reads (tested below on a tiny one)
+    assert json.loads((path / "tokenizer.json").read_text())["decoder"]["type"] == "ByteLevel"
+    text = "Café au lait, 3€ — 🙂"
+    assert tokenizer.decode(tokenizer(text).input_ids) == text  # and no BOS: the file says none
     caplog.clear()
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == path
     assert "converting" not in caplog.text
+
+
+def test_a_gguf_byte_level_tokenizer_is_written_without_sentencepiece_parts():
+    from tokenizers import decoders
+
+    plain = make_bpe_tokenizer()
+    converted = make_bpe_tokenizer()  # as transformers converts SmolLM2's GGUF tokenizer
+    converted.backend_tokenizer.model.byte_fallback = True
+    converted.backend_tokenizer.decoder = decoders.Sequence([
+        decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("\u2581", " "),
+        decoders.ByteLevel()])
+    _plain_byte_level(converted)
+    assert not converted.backend_tokenizer.model.byte_fallback
+    assert type(converted.backend_tokenizer.decoder).__name__ == "ByteLevel"
+    text = "alpha beta, Café 3€ 🙂"
+    assert converted(text).input_ids == plain(text).input_ids
+    assert converted.decode(converted(text).input_ids) == text
+    word_level = make_bpe_tokenizer()
+    word_level.backend_tokenizer.model.byte_fallback = True  # not byte-level: left alone
+    word_level.backend_tokenizer.pre_tokenizer = None
+    _plain_byte_level(word_level)
+    assert word_level.backend_tokenizer.model.byte_fallback
