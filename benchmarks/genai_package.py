@@ -14,11 +14,6 @@ turns), peak RSS. The run goes to ``work/genai/`` and is resumed: a second call 
 ``--rounds`` only benchmarks again. Writes results/genai_package.{json,md}.
 
     python benchmarks/genai_package.py --rounds 3
-
-The recorded results predate the build's tokenizer check, which now refuses this student's
-tokenizer (onnxruntime-genai 0.18 misreads the one transformers converts from the GGUF file;
-README, "A package an app runs"): the run stops at the quantize stage until that conversion
-is fixed. The figures measure the graph, which is fed token ids.
 """
 
 from __future__ import annotations
