@@ -243,7 +243,9 @@ def gguf_to_folder(gguf: Path) -> Path:
 
     stat = gguf.stat()
     # the suffix names the conversion's version: a folder written by an older one is redone
-    target = cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}-t2"
+    # (and removed once this one is written: it holds the whole model in fp32)
+    older = cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    target = older.with_name(older.name + "-t2")
     if (target / "config.json").is_file():
         return target
     log.warning("converting %s to a transformers folder (once): %s", gguf.name, target)
@@ -276,6 +278,9 @@ def gguf_to_folder(gguf: Path) -> Path:
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     publish_folder(partial, target)  # written in full, then renamed: a killed conversion is redone
+    if older.is_dir():
+        log.warning("removing %s, converted by an earlier edgedistill", older)
+        shutil.rmtree(older, ignore_errors=True)
     return target
 
 

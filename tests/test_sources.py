@@ -50,7 +50,15 @@ def test_packaged_gguf_teacher_is_converted_once(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("EDGEDISTILL_CACHE", str(tmp_path))
+    from edgedistill.sources import PACKAGED_MODELS, package_dir
+
+    entry = PACKAGED_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    gguf = package_dir(entry.package) / entry.path
+    older = tmp_path / "models" / f"{gguf.stem}-{gguf.stat().st_size}-{gguf.stat().st_mtime_ns}"
+    (older / "config.json").parent.mkdir(parents=True)
+    (older / "config.json").write_text("{}")  # an earlier version's conversion of the same file
     path = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert path != older and not older.exists()  # converted again, the old copy removed
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
     tokenizer = AutoTokenizer.from_pretrained(path)
