@@ -145,3 +145,10 @@ def tiny_llama_dir(tmp_path) -> Path:
     make_llama().save_pretrained(folder)
     make_llm_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _teacher_logits_in_tmp(tmp_path, monkeypatch):
+    """Teacher logits kept between runs go to the test's folder, not the user's cache."""
+    from edgedistill.distill import teacher_outputs
+    monkeypatch.setattr(teacher_outputs, "logits_cache", lambda: tmp_path / "teacher-logits")

@@ -57,7 +57,7 @@ def _shard_name(i: int) -> str:
 
 # ------------------------------------------------------------------------------ fingerprint
 
-def _hash_tensor(h, tensor: torch.Tensor) -> None:
+def hash_tensor(h, tensor: torch.Tensor) -> None:
     t = tensor.detach()
     if t.device.type == "meta":
         raise EdgeDistillError("teacher cache: the teacher has weights on the meta device "
@@ -65,6 +65,14 @@ def _hash_tensor(h, tensor: torch.Tensor) -> None:
     t = t.to("cpu").contiguous().reshape(-1)
     h.update(f"{t.dtype}:{tuple(tensor.shape)}:".encode())
     h.update(t.view(torch.uint8).numpy().data)
+
+
+def hash_weights(h, model: torch.nn.Module) -> None:
+    """Feed ``model``'s weights to the hash ``h``: ``state_dict`` in name order (names,
+    dtypes, shapes, bytes)."""
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        hash_tensor(h, tensor)
 
 
 def cache_fingerprint(teacher: torch.nn.Module, tokenizer, input_ids: torch.Tensor,
@@ -79,16 +87,14 @@ def cache_fingerprint(teacher: torch.nn.Module, tokenizer, input_ids: torch.Tens
     model).
     """
     h = hashlib.sha256(FORMAT.encode())
-    for name, tensor in sorted(teacher.state_dict().items()):
-        h.update(name.encode())
-        _hash_tensor(h, tensor)
+    hash_weights(h, teacher)
     if tokenizer is not None:
         vocab = sorted(tokenizer.get_vocab().items())
         special = sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())
         h.update(json.dumps([vocab, special], ensure_ascii=False).encode())
-    _hash_tensor(h, input_ids.to(torch.int64))
+    hash_tensor(h, input_ids.to(torch.int64))
     if attention_mask is not None:
-        _hash_tensor(h, attention_mask.to(torch.int64))
+        hash_tensor(h, attention_mask.to(torch.int64))
     h.update(json.dumps({"max_length": int(max_length), "top_k": int(top_k),
                          "temperature": float(temperature)}, sort_keys=True).encode())
     return h.hexdigest()[:16]

@@ -48,7 +48,7 @@ from transformers import GenerationConfig
 
 from ..errors import EdgeDistillError
 from ..progress import track
-from .teacher_cache import _hash_tensor
+from .teacher_cache import hash_tensor, hash_weights
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +168,11 @@ def _fingerprint(teacher, tokenizer, prompt_ids: torch.Tensor, settings: dict) -
     """16 hex digits of sha256 over the teacher's weights (as the teacher cache hashes them),
     the tokenizer's vocabulary and special tokens, the prompts and the settings."""
     h = hashlib.sha256(FORMAT.encode())
-    for name, tensor in sorted(teacher.state_dict().items()):
-        h.update(name.encode())
-        _hash_tensor(h, tensor)
+    hash_weights(h, teacher)
     vocab = sorted(tokenizer.get_vocab().items())
     special = sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())
     h.update(json.dumps([type(tokenizer).__name__, vocab, special], ensure_ascii=False).encode())
-    _hash_tensor(h, prompt_ids)
+    hash_tensor(h, prompt_ids)
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:16]
 

@@ -155,6 +155,48 @@ def test_precomputed_teacher_logits_match_the_live_teacher(tmp_path):
     assert any("loss_distill" in h for h in run.state.log_history)
 
 
+def test_teacher_logits_are_kept_for_the_next_run_with_the_same_teacher_and_rows(tmp_path):
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    teacher, collator = make_bert(), DataCollatorWithPadding(tokenizer)
+    rows = tiny_dataset(tokenizer, 40)  # texts of 5-14 words: batches sorted by length
+    first = add_teacher_logits(rows, teacher, collator, batch_size=8)
+    # row by row, as the model reads each example alone: the sorted batches kept the order
+    with torch.no_grad():
+        for i in (0, 17, 39):
+            alone = teacher(input_ids=torch.tensor([rows[i]["input_ids"]])).logits[0]
+            assert torch.allclose(torch.tensor(first[i]["teacher_logits"]), alone, atol=1e-5)
+    files = list((tmp_path / "teacher-logits").glob("*.safetensors"))
+    assert len(files) == 1
+
+    class Refuses(torch.nn.Module):  # the same weights, but running it fails the test
+        def __init__(self, model):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def state_dict(self, *a, **k):
+            return self.inner.state_dict(*a, **k)
+
+        def forward(self, **batch):
+            raise AssertionError("the teacher ran although its logits were kept")
+
+    again = add_teacher_logits(rows, Refuses(teacher), collator, batch_size=8)
+    assert list(again["teacher_logits"]) == list(first["teacher_logits"])
+
+    # other weights, or other rows: computed again, into a file of their own
+    other = make_bert(seed=1)
+    changed = add_teacher_logits(rows, other, collator)
+    assert list(changed["teacher_logits"]) != list(first["teacher_logits"])
+    add_teacher_logits(rows.select(range(20)), teacher, collator)
+    assert len(list((tmp_path / "teacher-logits").glob("*.safetensors"))) == 3
+    # a file cut short (a run killed while writing it) is not read: the teacher runs again
+    files[0].write_bytes(files[0].read_bytes()[:40])
+    with pytest.raises(AssertionError, match="the teacher ran"):
+        add_teacher_logits(rows, Refuses(teacher), collator)
+    recomputed = list(add_teacher_logits(rows, teacher, collator)["teacher_logits"])
+    assert torch.allclose(torch.tensor(recomputed), torch.tensor(list(first["teacher_logits"])),
+                          atol=1e-5)
+
+
 def test_matches_without_a_live_teacher_are_refused(tmp_path):
     with pytest.raises(EdgeDistillError, match="matches need teacher_model"):
         _trainer(tmp_path, make_bert(num_layers=1), None, matches=[{"loss": "hidden_mse"}])
