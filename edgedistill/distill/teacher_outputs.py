@@ -65,10 +65,10 @@ def add_teacher_logits(dataset, teacher, collator, batch_size: int = 64):
     distillation from 228 s to 160 s (the teacher's forward pass is most of a 2-layer
     student's step). Feature losses still need the live teacher's hidden states.
 
-    They are also the same in the next run with the same teacher and data (another seed,
-    another student, a resumed or repeated run): they are kept in :func:`logits_cache` under a
-    fingerprint of the teacher's weights and the token ids, so an MPNet teacher labels 8,000
-    tweets once (~9 min on 2 cores) rather than once per student. Rows go to the teacher
+    They are also the same in the next run with the same teacher and rows (another student,
+    other losses, a transfer set added, a repeated run): they are kept in :func:`logits_cache`
+    under a fingerprint of the teacher's weights and the token ids, so an MPNet teacher labels
+    8,000 tweets once (~7 min on 2 cores) rather than once per student. Rows go to the teacher
     shortest first, so a batch pads to texts of about its own length.
     """
     from torch.utils.data import DataLoader
