@@ -147,25 +147,6 @@ def classifier_spec(folder: Path, texts: list[str], max_length: int, work: Path)
     return {"kind": "classifier", "model": str(ort_file), "inputs": str(inputs)}
 
 
-def float_compute(folder: Path, out: Path) -> Path:
-    """A copy of the package in ``folder`` whose MatMulNBits compute in float."""
-    import onnx
-
-    if not (out / "model.onnx").is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        model = onnx.load(str(folder / "model.onnx"))
-        for node in model.graph.node:
-            kept = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend(kept)
-        onnx.save_model(model, str(out / "model.onnx"), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location="model.onnx.data")
-        for sidecar in folder.iterdir():
-            if sidecar.suffix in (".json", ".jinja"):
-                shutil.copy(sidecar, out / sidecar.name)
-    return out
-
-
 def generator_spec(folder: Path, texts: list[str], new_tokens: int) -> dict:
     from transformers import AutoTokenizer
 
@@ -216,6 +197,7 @@ def main() -> int:
     if not (args.classifier or args.llm):
         parser.error("give --classifier and/or --llm")
     from edgedistill.data import load_task_data
+    from edgedistill.quantization.int4 import float_compute_copy
     from edgedistill.recipe import load_recipe
 
     work = setup(args.work.resolve())
@@ -228,7 +210,7 @@ def main() -> int:
     if args.llm:
         artifacts["llm-int4-genai"] = generator_spec(args.llm.resolve(), texts, args.tokens)
     if args.llm and args.float_compute:
-        copy = float_compute(args.llm.resolve(), work / "float-compute")
+        copy = float_compute_copy(args.llm.resolve(), work / "float-compute")
         artifacts["llm-int4-genai-float-compute"] = generator_spec(copy, texts, args.tokens)
     spec = work / "spec.json"
     spec.write_text(json.dumps({"artifacts": artifacts}))

@@ -35,7 +35,6 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
-import onnx
 
 from edgedistill.data import lm_blocks, load_task_data
 from edgedistill.host import environment
@@ -82,22 +81,6 @@ def inc_quantized(out: Path, algorithm: str, texts: list[str], max_length: int) 
                                       calibration_samples=max(1, len(texts)))
         record_file.write_text(json.dumps(record))
     return json.loads(record_file.read_text())
-
-
-def float_compute(folder: Path, out: Path) -> Path:
-    """A copy of the int4 model in ``folder`` with MatMulNBits' accuracy level unset."""
-    if onnx_file(out) is None:
-        out.mkdir(parents=True, exist_ok=True)
-        model = onnx.load(str(onnx_file(folder)))
-        for node in model.graph.node:
-            kept = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend(kept)
-        onnx.save_model(model, str(out / int4.OUTPUT_NAME))
-        for sidecar in folder.iterdir():
-            if sidecar.suffix in (".json", ".jinja"):
-                shutil.copy(sidecar, out / sidecar.name)
-    return out
 
 
 def main() -> None:
@@ -152,8 +135,8 @@ def main() -> None:
     for name, (record, seconds) in variants.items():
         folder = args.work / name
         metrics = evaluate_lm(folder, blocks, batch, reference["predictions"])
-        exact = evaluate_lm(float_compute(folder, args.work / f"{name}-float-compute"), blocks,
-                            batch)
+        copy = int4.float_compute_copy(folder, args.work / f"{name}-float-compute")
+        exact = evaluate_lm(copy, blocks, batch)
         rows[name] = {"perplexity": metrics["perplexity"],
                       "perplexity_float_compute": exact["perplexity"],
                       "next_token_agreement": metrics["next_token_agreement"],

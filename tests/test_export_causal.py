@@ -12,6 +12,7 @@ from edgedistill.errors import EdgeDistillError
 from edgedistill.export import export_onnx, validate_causal_onnx
 from edgedistill.runtime.causal_lm import OnnxCausalLM, load_causal_lm
 from edgedistill.quantization import quantize, quantize_int4
+from edgedistill.quantization.int4 import float_compute_copy
 from edgedistill.artifacts import onnx_file, size_on_disk_mb
 from tests.conftest import make_llama, make_llm_tokenizer, make_texts
 
@@ -118,6 +119,23 @@ def test_int4_lm_head_can_stay_float_or_go_to_4_bits(causal, tmp_path, bits, qua
     assert record["matmuls_quantized"] == quantized and record["lm_head"].startswith(head)
     assert record["untied"] == ([] if bits == 32 else ["model.embed_tokens.weight_transposed"])
     assert np.isfinite(logits_on_texts(tmp_path / "int4")).all()
+
+
+def test_a_float_compute_copy_keeps_the_4_bit_weights_only(causal, tmp_path):
+    root, _ = causal
+    quantize_int4(root / "onnx", tmp_path / "int4", accuracy_level=4)
+    copy = float_compute_copy(tmp_path / "int4", tmp_path / "float")
+    nodes = [n for n in onnx.load(str(onnx_file(copy))).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 29 and not any(a.name == "accuracy_level" for n in nodes
+                                        for a in n.attribute)
+    assert (copy / "tokenizer.json").is_file()
+    fp32, int8_act, float_act = (logits_on_texts(f) for f in (root / "onnx", tmp_path / "int4",
+                                                              copy))
+    assert not np.array_equal(int8_act, float_act)  # the activations were rounded before
+    # the weights' rounding is most of the error: the copy is not the fp32 model again
+    assert np.abs(float_act - int8_act).max() < np.abs(float_act - fp32).max()
+    with pytest.raises(EdgeDistillError, match="no ONNX model to copy"):
+        float_compute_copy(tmp_path, tmp_path / "none")
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -17,6 +17,8 @@ import contextlib
 import io
 import json
 import logging
+import os
+import shutil
 from itertools import islice
 from pathlib import Path
 
@@ -148,6 +150,40 @@ def quantize_int4(onnx_dir: str | Path, output_dir: str | Path, block_size: int 
     log.info("int4: %d of %d MatMuls quantized, %.1f -> %.1f MB", quantized, total,
              record["size_mb_before"], record["size_mb_after"])
     return record
+
+
+def float_compute_copy(folder: str | Path, out: str | Path) -> Path:
+    """A copy of the int4 model in ``folder`` (a quantize-stage folder or an onnxruntime-genai
+    package) whose MatMulNBits compute in float: their ``accuracy_level`` dropped, so the same
+    4-bit weights meet float activations, not int8-rounded ones, whose rounding differs between
+    CPU instruction sets. It tells a wrong graph from int8 arithmetic that rounds otherwise
+    (benchmarks/arm64_check.py) and gives the perplexity the 4-bit weights alone cost
+    (benchmarks/int4_gptq.py); it decodes about 3x slower on x86. Kept if already written."""
+    folder, out = Path(folder), Path(out)
+    source = onnx_file(folder)
+    if source is None:
+        raise EdgeDistillError(f"{folder}: no ONNX model to copy; give a quantize-stage int4 "
+                               "folder or an onnxruntime-genai package")
+    target = out / source.name
+    if target.is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(source))
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+    for sidecar in folder.iterdir():
+        if sidecar.suffix in (".json", ".jinja"):  # configs, tokenizer, chat template
+            shutil.copy(sidecar, out / sidecar.name)
+    # the weights beside the graph where the source kept them so (a genai package does)
+    external = any(f.suffix == ".data" for f in folder.iterdir())
+    part = out / f"{source.name}.part"  # renamed once whole: a killed copy is not "kept"
+    onnx.save_model(model, str(part), save_as_external_data=external,
+                    all_tensors_to_one_file=True, location=f"{source.name}.data")
+    os.replace(part, target)
+    return out
 
 
 def _blockwise(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bool,
