@@ -22,12 +22,12 @@ log = logging.getLogger(__name__)
 
 # the column of a training set that holds the teacher's logits for each example
 TEACHER_LOGITS = "teacher_logits"
+# ... and the one holding a sentence embedder's embedding of each example
+TEACHER_EMBEDDING = "teacher_embedding"
 # the columns of a tokenized set that a classifier reads
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # bumped when what the logits cache holds changes meaning
 _LOGITS_FORMAT = "edgedistill-teacher-logits-v1"
-# ... and the one holding a sentence embedder's embedding of each example
-TEACHER_EMBEDDING = "teacher_embedding"
 
 
 def logits_cache() -> Path:
@@ -79,6 +79,8 @@ def add_teacher_logits(dataset, teacher, collator, batch_size: int = 64):
     if logits is not None:
         log.info("teacher logits for %d rows read from %s", len(dataset), path)
         return dataset.add_column(TEACHER_LOGITS, logits.tolist())
+    if not len(dataset):
+        return dataset.add_column(TEACHER_LOGITS, [])
     device = next(teacher.parameters()).device
     lengths = [len(ids) for ids in dataset["input_ids"]]
     order = sorted(range(len(dataset)), key=lengths.__getitem__)
@@ -90,14 +92,18 @@ def add_teacher_logits(dataset, teacher, collator, batch_size: int = 64):
         for batch in track(loader, "teacher logits"):
             batch = {k: v.to(device) for k, v in batch.items()}
             chunks.append(teacher(**batch).logits.float().cpu())
-    logits = torch.empty(len(dataset), chunks[0].shape[-1]) if chunks else torch.empty(0, 0)
-    if chunks:
-        logits[torch.tensor(order)] = torch.cat(chunks)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    by_length = torch.cat(chunks)
+    logits = torch.empty_like(by_length)
+    logits[torch.tensor(order)] = by_length
     # written whole, then renamed: a run killed while writing leaves no file that looks whole
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file({"logits": logits.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"logits": logits}, str(tmp))
+        os.replace(tmp, path)
+    except OSError as err:  # a full or read-only disk costs the next run the pass, not this one
+        tmp.unlink(missing_ok=True)
+        log.warning("teacher logits not kept for later runs (%s); this run goes on", err)
     return dataset.add_column(TEACHER_LOGITS, logits.tolist())
 
 

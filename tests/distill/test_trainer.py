@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -9,6 +10,7 @@ from edgedistill import DistillationTrainer, DistillationTrainingArguments, make
 from safetensors.torch import load_file
 
 from edgedistill.distill.losses import MATCH_LOSSES, hidden_mse, rkd_distance, soft_cross_entropy
+from edgedistill.distill import teacher_outputs
 from edgedistill.distill.teacher_outputs import add_teacher_logits
 from edgedistill.errors import EdgeDistillError
 from tests.conftest import LABELS, make_bert, make_texts, make_tokenizer
@@ -155,7 +157,8 @@ def test_precomputed_teacher_logits_match_the_live_teacher(tmp_path):
     assert any("loss_distill" in h for h in run.state.log_history)
 
 
-def test_teacher_logits_are_kept_for_the_next_run_with_the_same_teacher_and_rows(tmp_path):
+def test_teacher_logits_are_kept_for_the_next_run_with_the_same_teacher_and_rows(
+        tmp_path, monkeypatch, caplog):
     tokenizer = make_tokenizer(tmp_path / "tok")
     teacher, collator = make_bert(), DataCollatorWithPadding(tokenizer)
     rows = tiny_dataset(tokenizer, 40)  # texts of 5-14 words: batches sorted by length
@@ -192,7 +195,14 @@ def test_teacher_logits_are_kept_for_the_next_run_with_the_same_teacher_and_rows
     files[0].write_bytes(files[0].read_bytes()[:40])
     with pytest.raises(AssertionError, match="the teacher ran"):
         add_teacher_logits(rows, Refuses(teacher), collator)
-    recomputed = list(add_teacher_logits(rows, teacher, collator)["teacher_logits"])
+    # where nothing can be written (a full disk), the run goes on without keeping them
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(teacher_outputs, "save_file", full)
+    with caplog.at_level(logging.WARNING, logger=teacher_outputs.__name__):
+        recomputed = list(add_teacher_logits(rows, teacher, collator)["teacher_logits"])
+    assert "not kept for later runs" in caplog.text
     assert torch.allclose(torch.tensor(recomputed), torch.tensor(list(first["teacher_logits"])),
                           atol=1e-5)
 
