@@ -149,6 +149,6 @@ def tiny_llama_dir(tmp_path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _teacher_logits_in_tmp(tmp_path, monkeypatch):
-    """Teacher logits kept between runs go to the test's folder, not the user's cache."""
-    from edgedistill.distill import teacher_outputs
-    monkeypatch.setattr(teacher_outputs, "logits_cache", lambda: tmp_path / "teacher-logits")
+    """Teacher logits kept between runs go to the test's folder, not the user's cache (an
+    environment variable, so the commands a test starts in a subprocess follow it)."""
+    monkeypatch.setenv("EDGEDISTILL_LOGITS_CACHE", str(tmp_path / "teacher-logits"))

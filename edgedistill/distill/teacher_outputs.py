@@ -31,8 +31,10 @@ _LOGITS_FORMAT = "edgedistill-teacher-logits-v1"
 
 
 def logits_cache() -> Path:
-    """Where the teacher's logits are kept between runs (``$EDGEDISTILL_CACHE/teacher-logits``)."""
-    return cache_dir() / "teacher-logits"
+    """Where the teacher's logits are kept between runs: ``$EDGEDISTILL_LOGITS_CACHE``, else
+    ``teacher-logits`` in the cache (``$EDGEDISTILL_CACHE``, ``~/.cache/edgedistill``)."""
+    own = os.environ.get("EDGEDISTILL_LOGITS_CACHE")
+    return Path(own) if own else cache_dir() / "teacher-logits"
 
 
 def _fingerprint(teacher, dataset, inputs: list[str]) -> str:
