@@ -218,18 +218,21 @@ def main() -> None:
     runs = {seed: {"seed": seed} for seed in args.seeds}
     one_core = None
     transfer = load_recipe(args.recipe).transfer.active
-    for group in GROUPS if transfer else GROUPS[:1]:
-        for seed in args.seeds:
-            for variant in group:
-                folder = work / f"seed-{seed}-{variant}"
-                row = one_run(args.recipe, folder, [f"seed={seed}", *shared, *VARIANTS[variant]])
-                runs[seed][variant] = row
-                if one_core is None:  # the same shapes in every run: measured once
-                    one_core = one_core_speedup(folder, load_recipe(args.recipe).bench.profile)
-                print(f"seed {seed} {variant}: int8 score {row['student_int8_f1']:.4f}, "
-                      f"agreement {row['student_int8_agreement']:.4f}, {row['minutes']:.1f} min",
-                      flush=True)
-                write(args.results, args.recipe, list(runs.values()), teacher_minutes, one_core)
+    plan = [(seed, variant) for group in (GROUPS if transfer else GROUPS[:1])
+            for seed in args.seeds for variant in group]
+    # finished runs first (a rerun only reads them back), so the results show every one of
+    # them while the others still train; the rest keep their order
+    plan.sort(key=lambda run_: not (work / f"seed-{run_[0]}-{run_[1]}" / "report.json").is_file())
+    for seed, variant in plan:
+        folder = work / f"seed-{seed}-{variant}"
+        row = one_run(args.recipe, folder, [f"seed={seed}", *shared, *VARIANTS[variant]])
+        runs[seed][variant] = row
+        if one_core is None:  # the same shapes in every run: measured once
+            one_core = one_core_speedup(folder, load_recipe(args.recipe).bench.profile)
+        print(f"seed {seed} {variant}: int8 score {row['student_int8_f1']:.4f}, "
+              f"agreement {row['student_int8_agreement']:.4f}, {row['minutes']:.1f} min",
+              flush=True)
+        write(args.results, args.recipe, list(runs.values()), teacher_minutes, one_core)
     print(write(args.results, args.recipe, list(runs.values()), teacher_minutes, one_core))
 
 
