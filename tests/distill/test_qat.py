@@ -158,10 +158,12 @@ def test_a_killed_int8_aware_phase_resumes_after_the_float_phase(recipe, tmp_pat
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
+    real_phase = training._quantization_aware
     monkeypatch.setattr(training, "_quantization_aware", killed)
     assert main(["distill", str(recipe), "--output", str(out), *sets]) == 130
     assert (out / "distill.partial" / "distilled.json").is_file()
-    monkeypatch.undo()
+    # only this patch goes (undo() would also drop the suite's own, e.g. the logits cache's)
+    monkeypatch.setattr(training, "_quantization_aware", real_phase)
     calls = []
     real_fit = training._fit
     monkeypatch.setattr(training, "_fit", lambda *a, **k: calls.append(a[3]) or real_fit(*a, **k))
