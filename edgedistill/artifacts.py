@@ -74,11 +74,15 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     The temporary name carries the process id, so concurrent writers do not collide."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:  # a full disk, say: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def publish_folder(partial: Path, final: Path) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from ..artifacts import write_atomic
 from ..data import tokenize
 from ..pooling import carried, pool
 from ..progress import track
@@ -97,14 +98,10 @@ def add_teacher_logits(dataset, teacher, collator, batch_size: int = 64):
     by_length = torch.cat(chunks)
     logits = torch.empty_like(by_length)
     logits[torch.tensor(order)] = by_length
-    # written whole, then renamed: a run killed while writing leaves no file that looks whole
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"logits": logits}, str(tmp))
-        os.replace(tmp, path)
+        write_atomic(path, save({"logits": logits}))  # a killed run leaves no file that looks whole
     except OSError as err:  # a full or read-only disk costs the next run the pass, not this one
-        tmp.unlink(missing_ok=True)
         log.warning("teacher logits not kept for later runs (%s); this run goes on", err)
     return dataset.add_column(TEACHER_LOGITS, logits.tolist())
 

@@ -199,7 +199,7 @@ def test_teacher_logits_are_kept_for_the_next_run_with_the_same_teacher_and_rows
     def full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(teacher_outputs, "save_file", full)
+    monkeypatch.setattr(teacher_outputs, "write_atomic", full)
     with caplog.at_level(logging.WARNING, logger=teacher_outputs.__name__):
         recomputed = list(add_teacher_logits(rows, teacher, collator)["teacher_logits"])
     assert "not kept for later runs" in caplog.text
