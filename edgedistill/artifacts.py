@@ -80,7 +80,7 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
         else:
             tmp.write_text(data, encoding="utf-8")
         os.replace(tmp, path)
-    except OSError:  # a full disk, say: no half-written file left behind
+    except BaseException:  # a full disk, Ctrl-C: no half-written file left behind
         tmp.unlink(missing_ok=True)
         raise
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from edgedistill.artifacts import write_atomic
 from edgedistill.cli import main
 from edgedistill.distill import losses
 from edgedistill.distill.training import last_good_checkpoint
@@ -104,6 +105,25 @@ def test_incomplete_checkpoint_is_skipped(tmp_path):
     assert last_good_checkpoint(folder) == str(folder / "checkpoint-10")
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-10"]
     assert last_good_checkpoint(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize("stop", [OSError(errno.ENOSPC, "No space left on device"),
+                                  KeyboardInterrupt()])
+def test_an_atomic_write_stopped_midway_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch,
+                                                                             stop):
+    path = tmp_path / "logits.safetensors"
+    path.write_bytes(b"old")
+    real = Path.write_bytes
+
+    def cut(self, data):  # half the bytes reach the disk, then the write stops
+        real(self, data[: len(data) // 2])
+        raise stop
+
+    monkeypatch.setattr(Path, "write_bytes", cut)
+    with pytest.raises(type(stop)):
+        write_atomic(path, b"new bytes")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_checkpoint_with_a_cut_rng_state_of_another_process_is_skipped(tmp_path):
