@@ -152,3 +152,12 @@ def _teacher_logits_in_tmp(tmp_path, monkeypatch):
     """Teacher logits kept between runs go to the test's folder, not the user's cache (an
     environment variable, so the commands a test starts in a subprocess follow it)."""
     monkeypatch.setenv("EDGEDISTILL_LOGITS_CACHE", str(tmp_path / "teacher-logits"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _teacher_logits_out_of_the_users_cache(tmp_path_factory):
+    """The same for module-scoped fixtures (a whole pipeline run, say), which pytest sets up
+    before any test's own fixtures: one folder for the session."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGEDISTILL_LOGITS_CACHE", str(tmp_path_factory.mktemp("teacher-logits")))
+        yield

@@ -39,15 +39,19 @@ def logits_cache() -> Path:
 
 
 def _fingerprint(teacher, dataset, inputs: list[str]) -> str:
-    """A sha256 of what the logits depend on: the teacher's weights (names, dtypes, shapes,
-    bytes) and configuration, and the token ids it reads. The folder it came from is left
-    out, so a teacher copied elsewhere still finds its logits; ~0.5 s for a 110M model."""
+    """A sha256 of what the logits depend on: the teacher's class, weights (names, dtypes,
+    shapes, bytes) and configuration, and the token ids it reads. The folder it came from is
+    left out, so a teacher copied elsewhere still finds its logits; ~0.5 s for a 110M model."""
     h = hashlib.sha256(_LOGITS_FORMAT.encode())
+    h.update(f"{type(teacher).__module__}.{type(teacher).__qualname__}".encode())
     hash_weights(h, teacher)
-    config = {k: v for k, v in teacher.config.to_dict().items() if k != "_name_or_path"}
+    config = getattr(teacher, "config", None)
+    config = {k: v for k, v in (config.to_dict() if config else {}).items()
+              if k != "_name_or_path"}
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    plain = dataset.with_format(None)  # lists of ints, whatever format the caller set
     for column in inputs:
-        h.update(json.dumps([column, list(dataset[column])]).encode())
+        h.update(json.dumps([column, list(plain[column])]).encode())
     return h.hexdigest()[:24]
 
 
@@ -85,7 +89,7 @@ def add_teacher_logits(dataset, teacher, collator, batch_size: int = 64):
     if not len(dataset):
         return dataset.add_column(TEACHER_LOGITS, [])
     device = next(teacher.parameters()).device
-    lengths = [len(ids) for ids in dataset["input_ids"]]
+    lengths = [len(ids) for ids in dataset.with_format(None)["input_ids"]]
     order = sorted(range(len(dataset)), key=lengths.__getitem__)
     loader = DataLoader(dataset.select_columns(inputs).select(order), batch_size=batch_size,
                         collate_fn=collator, shuffle=False)

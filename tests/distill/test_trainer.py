@@ -13,6 +13,7 @@ from edgedistill.distill.losses import MATCH_LOSSES, hidden_mse, rkd_distance, s
 from edgedistill.distill import teacher_outputs
 from edgedistill.distill.teacher_outputs import add_teacher_logits
 from edgedistill.errors import EdgeDistillError
+from edgedistill.sources import cache_dir
 from tests.conftest import LABELS, make_bert, make_texts, make_tokenizer
 
 
@@ -171,18 +172,17 @@ def test_teacher_logits_are_kept_for_the_next_run_with_the_same_teacher_and_rows
     files = list((tmp_path / "teacher-logits").glob("*.safetensors"))
     assert len(files) == 1
 
-    class Refuses(torch.nn.Module):  # the same weights, but running it fails the test
-        def __init__(self, model):
-            super().__init__()
-            self.inner, self.config = model, model.config
+    def refuse(**batch):  # the same teacher, but running it fails the test
+        raise AssertionError("the teacher ran although its logits were kept")
 
-        def state_dict(self, *a, **k):
-            return self.inner.state_dict(*a, **k)
-
-        def forward(self, **batch):
-            raise AssertionError("the teacher ran although its logits were kept")
-
-    again = add_teacher_logits(rows, Refuses(teacher), collator, batch_size=8)
+    with monkeypatch.context() as patch:
+        patch.setattr(teacher, "forward", refuse)
+        again = add_teacher_logits(rows, teacher, collator, batch_size=8)
+        # the rows in torch format (as a caller may hand them over) are the same rows
+        rows.set_format("torch")
+        kept = add_teacher_logits(rows, teacher, collator).with_format(None)["teacher_logits"]
+        rows.reset_format()
+        assert kept == list(first["teacher_logits"])
     assert list(again["teacher_logits"]) == list(first["teacher_logits"])
 
     # other weights, or other rows: computed again, into a file of their own
@@ -193,8 +193,9 @@ def test_teacher_logits_are_kept_for_the_next_run_with_the_same_teacher_and_rows
     assert len(list((tmp_path / "teacher-logits").glob("*.safetensors"))) == 3
     # a file cut short (a run killed while writing it) is not read: the teacher runs again
     files[0].write_bytes(files[0].read_bytes()[:40])
-    with pytest.raises(AssertionError, match="the teacher ran"):
-        add_teacher_logits(rows, Refuses(teacher), collator)
+    with monkeypatch.context() as patch, pytest.raises(AssertionError, match="the teacher ran"):
+        patch.setattr(teacher, "forward", refuse)
+        add_teacher_logits(rows, teacher, collator)
     # where nothing can be written (a full disk), the run goes on without keeping them
     def full(*args):
         raise OSError(28, "No space left on device")
@@ -205,6 +206,16 @@ def test_teacher_logits_are_kept_for_the_next_run_with_the_same_teacher_and_rows
     assert "not kept for later runs" in caplog.text
     assert torch.allclose(torch.tensor(recomputed), torch.tensor(list(first["teacher_logits"])),
                           atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def logits_cache_of_a_module_fixture():
+    return teacher_outputs.logits_cache()  # set up before any test's own fixtures
+
+
+def test_module_fixtures_keep_teacher_logits_out_of_the_users_cache(
+        logits_cache_of_a_module_fixture):
+    assert not logits_cache_of_a_module_fixture.is_relative_to(cache_dir())
 
 
 def test_matches_without_a_live_teacher_are_refused(tmp_path):
