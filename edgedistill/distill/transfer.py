@@ -41,7 +41,7 @@ from datasets import (
 
 from ..data import tokenize
 from ..errors import EdgeDistillError
-from ..packaged_data import PACKAGED_DATASETS, packaged_dataset_files
+from ..packaged_data import PACKAGED_DATASETS, packaged_dataset_files, text_cleaner
 from ..sources import resolve_model
 from .teacher_generations import (
     batch_seed,
@@ -351,6 +351,10 @@ def _read(source: str, column: str, split: str, train) -> tuple[Dataset, str]:
             raise EdgeDistillError("unlabelled.source: 'train' needs the training data")
         return (train if isinstance(train, Dataset) else Dataset.from_dict(dict(train))), column
     if isinstance(source, str) and source in PACKAGED_DATASETS:  # movie-dialogs, say
+        if PACKAGED_DATASETS[source].text_column is None:
+            texts = [name for name, entry in PACKAGED_DATASETS.items() if entry.text_column]
+            raise EdgeDistillError(f"unlabelled.source: {source} holds tagged words, not texts; "
+                                   f"use one of {', '.join(texts)} or a file of texts")
         files = packaged_dataset_files(source)
         if split not in files:
             raise EdgeDistillError(f"unlabelled.split: {source} has no split '{split}' "
@@ -407,6 +411,8 @@ def load_unlabelled(spec, train=None, exclude: Sequence[str] = (), max_samples: 
     if len(ds) == 0:
         raise EdgeDistillError(f"unlabelled.source: {source} has no rows")
     banned = {normalise(t) for t in exclude}
+    # cleaned as the same set's labelled rows are, so its evaluation texts are recognised
+    clean = text_cleaner(source)
     kept, seen, overlap = [], set(), 0
     for i, text in enumerate(ds[column]):
         if text is None:
@@ -414,6 +420,7 @@ def load_unlabelled(spec, train=None, exclude: Sequence[str] = (), max_samples: 
         if not isinstance(text, str):
             raise EdgeDistillError(f"unlabelled.column: '{column}' of {source}, row {i}: "
                                    f"expected text, got {type(text).__name__}")
+        text = clean(text) if clean else text
         key = normalise(text)
         overlap += key in banned
         if key and key not in banned and key not in seen:
