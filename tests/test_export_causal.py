@@ -134,6 +134,17 @@ def test_a_float_compute_copy_keeps_the_4_bit_weights_only(causal, tmp_path):
     assert not np.array_equal(int8_act, float_act)  # the activations were rounded before
     # the weights' rounding is most of the error: the copy is not the fp32 model again
     assert np.abs(float_act - int8_act).max() < np.abs(float_act - fp32).max()
+    # weights beside the graph (a genai package): a copy killed before its rename left them;
+    # the next copy replaces them instead of appending another model's worth
+    outside = tmp_path / "external"
+    outside.mkdir()
+    onnx.save_model(onnx.load(str(onnx_file(tmp_path / "int4"))), str(outside / "model.onnx"),
+                    save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    weights = float_compute_copy(outside, tmp_path / "again") / "model.onnx.data"
+    size = weights.stat().st_size
+    (tmp_path / "again" / "model.onnx").unlink()
+    float_compute_copy(outside, tmp_path / "again")
+    assert weights.stat().st_size == size
     with pytest.raises(EdgeDistillError, match="no ONNX model to copy"):
         float_compute_copy(tmp_path, tmp_path / "none")
 

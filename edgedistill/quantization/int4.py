@@ -180,6 +180,8 @@ def float_compute_copy(folder: str | Path, out: str | Path) -> Path:
     # the weights beside the graph where the source kept them so (a genai package does)
     external = any(f.suffix == ".data" for f in folder.iterdir())
     part = out / f"{source.name}.part"  # renamed once whole: a killed copy is not "kept"
+    # onnx appends to a weights file that is there: a killed copy's would grow by a model
+    (out / f"{source.name}.data").unlink(missing_ok=True)
     onnx.save_model(model, str(part), save_as_external_data=external,
                     all_tensors_to_one_file=True, location=f"{source.name}.data")
     os.replace(part, target)
