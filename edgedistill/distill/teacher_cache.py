@@ -75,6 +75,14 @@ def hash_weights(h, model: torch.nn.Module) -> None:
         hash_tensor(h, tensor)
 
 
+def hash_tokenizer(h, tokenizer, *before) -> None:
+    """Feed ``tokenizer``'s vocabulary (sorted ``get_vocab()`` items) and special tokens to the
+    hash ``h``, after the JSON-able values ``before``."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())
+    h.update(json.dumps([*before, vocab, special], ensure_ascii=False).encode())
+
+
 def cache_fingerprint(teacher: torch.nn.Module, tokenizer, input_ids: torch.Tensor,
                       max_length: int, top_k: int, temperature: float,
                       attention_mask: torch.Tensor | None = None) -> str:
@@ -89,9 +97,7 @@ def cache_fingerprint(teacher: torch.nn.Module, tokenizer, input_ids: torch.Tens
     h = hashlib.sha256(FORMAT.encode())
     hash_weights(h, teacher)
     if tokenizer is not None:
-        vocab = sorted(tokenizer.get_vocab().items())
-        special = sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())
-        h.update(json.dumps([vocab, special], ensure_ascii=False).encode())
+        hash_tokenizer(h, tokenizer)
     hash_tensor(h, input_ids.to(torch.int64))
     if attention_mask is not None:
         hash_tensor(h, attention_mask.to(torch.int64))

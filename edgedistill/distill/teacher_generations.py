@@ -48,7 +48,7 @@ from transformers import GenerationConfig
 
 from ..errors import EdgeDistillError
 from ..progress import track
-from .teacher_cache import hash_tensor, hash_weights
+from .teacher_cache import hash_tensor, hash_tokenizer, hash_weights
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +169,7 @@ def _fingerprint(teacher, tokenizer, prompt_ids: torch.Tensor, settings: dict) -
     the tokenizer's vocabulary and special tokens, the prompts and the settings."""
     h = hashlib.sha256(FORMAT.encode())
     hash_weights(h, teacher)
-    vocab = sorted(tokenizer.get_vocab().items())
-    special = sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())
-    h.update(json.dumps([type(tokenizer).__name__, vocab, special], ensure_ascii=False).encode())
+    hash_tokenizer(h, tokenizer, type(tokenizer).__name__)
     hash_tensor(h, prompt_ids)
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:16]
