@@ -20,7 +20,8 @@ from .errors import EdgeDistillError
 from .packaged_data import PACKAGED_DATASETS, packaged_dataset_files, text_cleaner
 from .recipe import DataConfig, check_limits
 
-# the seed of a test split held out of the training split (data.test_fraction)
+# the seed of a test split held out of the training split (data.test_fraction) and of the
+# rows data.max_test_samples keeps: the same for every recipe seed
 TEST_SPLIT_SEED = 1234
 _LOADERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
             ".conll": "conll"}
@@ -172,6 +173,13 @@ def _read_squad(path: Path) -> Dataset | None:
     return Dataset.from_list(rows)
 
 
+def _sample(ds: Dataset, limit: int | None, seed: int) -> Dataset:
+    """``limit`` rows of a ``seed``-ed shuffle, or all rows. Training rows are drawn with the
+    recipe's seed (a seed of a comparison trains on its own rows); test rows with
+    TEST_SPLIT_SEED, so every seed is scored on the same rows."""
+    return ds if limit is None else ds.shuffle(seed=seed).select(range(min(limit, len(ds))))
+
+
 def _train_and_test(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     """The source's training and test splits, as the recipe names them."""
     check_limits(DataConfig, cfg, "data.")  # a recipe's limits, for a DataConfig built in code
@@ -222,9 +230,8 @@ def load_task_data(cfg: DataConfig, seed: int = 42, labelled: bool = True) -> Ta
     index = {name: i for i, name in enumerate(labels)}
     clean = text_cleaner(cfg.source)
 
-    def prepare(ds: Dataset, split: str, limit: int | None) -> Dataset:
-        if limit is not None:
-            ds = ds.shuffle(seed=seed).select(range(min(limit, len(ds))))
+    def prepare(ds: Dataset, split: str, limit: int | None, sample_seed: int) -> Dataset:
+        ds = _sample(ds, limit, sample_seed)
         bad = sorted({str(v) for v in ds[cfg.label_column]} - set(index)) if labelled else []
         if bad:
             raise EdgeDistillError(
@@ -243,8 +250,8 @@ def load_task_data(cfg: DataConfig, seed: int = 42, labelled: bool = True) -> Ta
                                  "label": [index[str(v)] for v in ds[cfg.label_column]]})
         return out.cast_column("label", ClassLabel(names=labels))
 
-    train = prepare(train, cfg.train_split, cfg.max_train_samples)
-    test = prepare(test, cfg.test_split, cfg.max_test_samples)
+    train = prepare(train, cfg.train_split, cfg.max_train_samples, seed)
+    test = prepare(test, cfg.test_split, cfg.max_test_samples, TEST_SPLIT_SEED)
     # Stratify so rare classes (36 'neutral' test reviews in the default data) appear in both.
     try:
         parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed,
@@ -271,9 +278,8 @@ def load_tagged_data(cfg: DataConfig, seed: int = 42) -> TaskData:
     labels = cfg.labels or sorted({str(t) for row in train[cfg.label_column] for t in row})
     index = {name: i for i, name in enumerate(labels)}
 
-    def prepare(ds: Dataset, split: str, limit: int | None) -> Dataset:
-        if limit is not None:
-            ds = ds.shuffle(seed=seed).select(range(min(limit, len(ds))))
+    def prepare(ds: Dataset, split: str, limit: int | None, sample_seed: int) -> Dataset:
+        ds = _sample(ds, limit, sample_seed)
         rows = []
         for i, (words, tags) in enumerate(zip(ds[cfg.text_column], ds[cfg.label_column])):
             where = f"data.source: {cfg.source}, split '{split}', row {i}"
@@ -296,8 +302,8 @@ def load_tagged_data(cfg: DataConfig, seed: int = 42) -> TaskData:
         return Dataset.from_dict({"tokens": [w for w, _ in rows], "tags": [t for _, t in rows],
                                   "text": [" ".join(w) for w, _ in rows]})
 
-    train = prepare(train, cfg.train_split, cfg.max_train_samples)
-    test = prepare(test, cfg.test_split, cfg.max_test_samples)
+    train = prepare(train, cfg.train_split, cfg.max_train_samples, seed)
+    test = prepare(test, cfg.test_split, cfg.max_test_samples, TEST_SPLIT_SEED)
     parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed)
     return TaskData(DatasetDict(train=parts["train"], validation=parts["test"], test=test),
                     labels)
@@ -317,15 +323,14 @@ def load_qa_data(cfg: DataConfig, seed: int = 42) -> TaskData:
     question, as the test split is."""
     train, test = _train_and_test(cfg)
 
-    def prepare(ds: Dataset, split: str, limit: int | None) -> Dataset:
+    def prepare(ds: Dataset, split: str, limit: int | None, sample_seed: int) -> Dataset:
         missing = [c for c in QA_COLUMNS if c not in ds.column_names]
         if missing:
             raise EdgeDistillError(
                 f"data.source: {cfg.source}: split '{split}' has no column {', '.join(missing)} "
                 f"(columns: {', '.join(ds.column_names)}); questions need question, context and "
                 "answers {text: [...], answer_start: [...]} (SQuAD's layout)")
-        if limit is not None:
-            ds = ds.shuffle(seed=seed).select(range(min(limit, len(ds))))
+        ds = _sample(ds, limit, sample_seed)
         ids = ds["id"] if "id" in ds.column_names else [str(i) for i in range(len(ds))]
         rows = []
         for i, (qid, question, context, answers) in enumerate(
@@ -359,8 +364,8 @@ def load_qa_data(cfg: DataConfig, seed: int = 42) -> TaskData:
             raise EdgeDistillError(f"data.source: split '{split}' of {cfg.source} is empty")
         return Dataset.from_list(rows)
 
-    train = prepare(train, cfg.train_split, cfg.max_train_samples)
-    test = prepare(test, cfg.test_split, cfg.max_test_samples)
+    train = prepare(train, cfg.train_split, cfg.max_train_samples, seed)
+    test = prepare(test, cfg.test_split, cfg.max_test_samples, TEST_SPLIT_SEED)
     parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed)
     return TaskData(DatasetDict(train=parts["train"], validation=parts["test"], test=test), [])
 

@@ -210,7 +210,11 @@ class Run:
         models = self.task.models(self, teacher / "model", distilled / "model", exported,
                                   quantized)
         upstream = {k: self.fingerprints[k] for k in ("teacher", "distill", "export", "quantize")}
-        self.stage("evaluate", {**upstream, "data": data_cfg, "evaluate": asdict(r.evaluate)},
+        # the rows themselves, not only the settings that pick them: an evaluation of other
+        # rows (another edgedistill's sampling, a changed file) is not reused
+        test_rows = fingerprint(self.data.test.to_dict())
+        self.stage("evaluate", {**upstream, "data": data_cfg, "test_rows": test_rows,
+                                "evaluate": asdict(r.evaluate)},
                    lambda d: {**self.task.evaluate(self, models),
                               "dropped_rows": self.data.dropped})
         self.stage("bench", {**upstream, "bench": asdict(r.bench), "data": data_cfg},

@@ -95,7 +95,8 @@ class DataConfig:
                               "of a long context share (each window holds the question and "
                               "max_length tokens in all).", gt=0)
     max_train_samples: Optional[int] = _f(None, "Cap on training rows (quick trials).", gt=0)
-    max_test_samples: Optional[int] = _f(None, "Cap on test rows (quick trials).", gt=0)
+    max_test_samples: Optional[int] = _f(
+        None, "Cap on test rows: the same seeded subset whatever the recipe's seed.", gt=0)
     drop_empty: bool = _f(False, "Leave out rows whose text or label cell is empty (counted in "
                                  "the report); otherwise such rows are an error.")
 

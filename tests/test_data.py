@@ -121,3 +121,14 @@ def test_an_empty_label_or_text_is_an_error_or_dropped_and_counted(tmp_path):
     data = load_task_data(DataConfig(source=str(folder), drop_empty=True))
     assert data.labels == LABELS and data.dropped == {"train": 2}
     assert len(data.train) + len(data.validation) == 38
+
+
+def test_capped_test_rows_are_the_same_for_every_seed_and_training_rows_are_not(tmp_path):
+    folder = write_tsv(tmp_path / "d", 100, 60)
+    first, again = (load_task_data(cfg(folder, max_train_samples=30, max_test_samples=20),
+                                   seed=seed) for seed in (1, 2))
+    # a comparison over seeds scores every seed on the same rows
+    assert len(first.test) == 20 and list(first.test["text"]) == list(again.test["text"])
+    # and each seed trains on its own sample of the training split
+    assert sorted([*first.train["text"], *first.validation["text"]]) != sorted(
+        [*again.train["text"], *again.validation["text"]])
