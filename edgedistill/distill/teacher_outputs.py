@@ -50,9 +50,8 @@ def _fingerprint(teacher, dataset, inputs: list[str]) -> str:
     config = {k: v for k, v in (config.to_dict() if config else {}).items()
               if k != "_name_or_path"}
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    plain = dataset.with_format(None)  # lists of ints, whatever format the caller set
     for column in inputs:
-        h.update(json.dumps([column, list(plain[column])]).encode())
+        h.update(json.dumps([column, list(dataset[column])]).encode())
     return h.hexdigest()[:24]
 
 
@@ -82,7 +81,8 @@ def add_teacher_logits(dataset, teacher, collator, batch_size: int = 64):
     from torch.utils.data import DataLoader
 
     inputs = [c for c in _INPUTS if c in dataset.column_names]
-    path = logits_cache() / f"{_fingerprint(teacher, dataset, inputs)}.safetensors"
+    plain = dataset.with_format(None)  # lists of ints, whatever format the caller set
+    path = logits_cache() / f"{_fingerprint(teacher, plain, inputs)}.safetensors"
     logits = _cached_logits(path, len(dataset))
     if logits is not None:
         log.info("teacher logits for %d rows read from %s", len(dataset), path)
@@ -90,7 +90,7 @@ def add_teacher_logits(dataset, teacher, collator, batch_size: int = 64):
     if not len(dataset):
         return dataset.add_column(TEACHER_LOGITS, [])
     device = next(teacher.parameters()).device
-    lengths = [len(ids) for ids in dataset.with_format(None)["input_ids"]]
+    lengths = [len(ids) for ids in plain["input_ids"]]
     order = sorted(range(len(dataset)), key=lengths.__getitem__)
     loader = DataLoader(dataset.select_columns(inputs).select(order), batch_size=batch_size,
                         collate_fn=collator, shuffle=False)
