@@ -9,6 +9,9 @@ shared with the distillation-methods benchmark):
 - search: ``edgedistill search`` with that budget (depths 1-4, widths 1 / 0.75 / 0.5,
   temperatures, soft-target weights, feature and relation losses), then every stage on the
   chosen student;
+- one_se: the search's own trials judged by ``search.selection: one_se`` instead of the
+  highest validation score (their validation predictions are in its record), its pick
+  distilled in full through every stage; the same row as search where both pick one trial;
 - half: the same search with half that budget (on the first seed unless --half-seeds).
 
 Reports each run's test macro-F1 of student-int8 and its p50 measured by its own bench stage
@@ -25,19 +28,24 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 from distill_methods import teacher_for
+from transformers import AutoConfig
 
-from edgedistill import run
+from edgedistill import run, search
 from edgedistill.artifacts import write_atomic
 from edgedistill.errors import EdgeDistillError
 from edgedistill.host import environment
+from edgedistill.recipe import Recipe, load_recipe
+from edgedistill.tasks import get_task
 
 HERE = Path(__file__).parent
 
 
-def one_run(seed: int, name: str, work: Path, teacher: Path, extra: list[str]) -> dict:
+def one_run(seed: int, name: str, work: Path, teacher: Path, extra: list[str],
+            recipe: Recipe | None = None) -> dict:
     out = work / f"seed-{seed}" / name
     out.mkdir(parents=True, exist_ok=True)
     cache = work / "search-cache"  # the shapes' costs, measured once for every run
@@ -46,8 +54,8 @@ def one_run(seed: int, name: str, work: Path, teacher: Path, extra: list[str]) -
         (out / "search-cache").symlink_to(cache.resolve())
     # the seed's fine-tuned teacher as it is: every run of a seed distils from the same one
     try:
-        report = run(None, out, [f"seed={seed}", f"teacher.model={teacher}",
-                                 "teacher.finetune=false", *extra])
+        report = run(recipe, out, [f"seed={seed}", f"teacher.model={teacher}",
+                                   "teacher.finetune=false", *extra])
     except EdgeDistillError as e:  # a budget no candidate meets: its one line is the result
         return {"seed": seed, "run": name, "error": str(e)}
     rows = {m["name"]: m for m in report["models"]}
@@ -69,6 +77,28 @@ def one_run(seed: int, name: str, work: Path, teacher: Path, extra: list[str]) -
                       search_seconds=found["seconds"],
                       within_budget_at_bench=int8["latency"]["p50_ms"] <= found["budget_ms"])
     return result
+
+
+def one_se_recipe(seed: int, searched: Path, teacher: Path) -> tuple[Recipe | None, dict]:
+    """The finished search's own trials judged by search.selection one_se instead of best
+    (their validation predictions are in its record; the test split is never read): the
+    recipe that distils one_se's pick in full, or None where it is best's pick too."""
+    found = json.loads((searched / "report.json").read_text())["search"]
+    recipe = load_recipe(None, [f"seed={seed}"])
+    task = get_task(recipe.task)
+    done = {t["number"]: t["predictions"] for t in found["trials"]
+            if t["state"] == "COMPLETE" and "repeat_of" not in t}
+    scores = task.resampled_scores(done, task.load_data(recipe.data, seed), found["metric"],
+                                   search.BOOTSTRAP_DRAWS, seed)
+    sizes = {c["name"]: c["parameters"] for c in found["candidates"]}
+    chosen, how = search.choose(found["trials"], "one_se", found["greater_is_better"], sizes,
+                                scores)
+    how["chosen_trial"] = chosen["number"]
+    if chosen["number"] == found["chosen"]["trial"]:
+        return None, how
+    shapes = {c.name: c for c in search.candidates(recipe, AutoConfig.from_pretrained(teacher))}
+    return replace(recipe, student=shapes[chosen["student"]].student,
+                   distill=search.distill_settings(recipe, chosen)), how
 
 
 def summary(rows: list[dict], name: str, baseline: dict[int, dict]) -> dict:
@@ -108,6 +138,14 @@ def markdown(rows: list[dict], sums: list[dict], env: dict, trials: int) -> str:
         else:
             lines.append(f"| {r['seed']} | {r['run']} (2L-w1, defaults) | | | | | | "
                          f"{r['macro_f1']:.3f} | {r['p50_ms']:.2f} | | |")
+    for r in rows:
+        if r["run"] == "one_se" and "selection" in r:
+            how = r["selection"]
+            lines.append(f"\nSeed {r['seed']}, one_se on the search's own trials: trial "
+                         f"{how['chosen_trial']} ({r.get('chosen', '?')}), of "
+                         f"{len(how['within'])} within one bootstrap SE of the best, trial "
+                         f"{how['best_trial']}"
+                         + (" (the same pick as best)" if r.get("same_as_best") else "") + ".")
     lines += ["", ("| run | test macro-F1 int8 (mean ± sd) | minus baseline, by seed | "
                    "of the teacher's macro-F1 | p50 ms |"), "|---|---|---|---|---|"]
     lines += [f"| {s['run']} | {s['macro_f1']:.3f} ± {s['macro_f1_stdev']:.3f} | "
@@ -138,8 +176,16 @@ def main() -> None:
                                     ["bench.real_length_samples=0",
                                      f"search.budget_ms={budget * factor:.4f}",
                                      f"search.trials={args.trials}"]))
+            if name == "search":  # the audit: the same trials, chosen by one_se
+                picked, how = one_se_recipe(seed, args.work / f"seed-{seed}" / "search",
+                                            teacher)
+                same = next(r for r in rows[::-1] if r["run"] == "search")
+                row = (dict(same, same_as_best=True) if picked is None else
+                       one_run(seed, "one_se", args.work, teacher,
+                               ["bench.real_length_samples=0"], picked))
+                rows.append(dict(row, run="one_se", selection=how))
         print(json.dumps(rows[-1], indent=1))
-    sums = [summary(rows, name, baseline) for name in ("baseline", "search", "half")]
+    sums = [summary(rows, name, baseline) for name in ("baseline", "search", "one_se", "half")]
     env = environment()
     results = HERE / "results"
     write_atomic(results / "search_budget.json",

@@ -283,7 +283,7 @@ class Run:
         resolve_matches([asdict(m) for m in r.distill.matches], s_config, t_config, kept,
                         "distill.matches")
         if r.search.active:
-            search.check(r, model_path, t_config)
+            search.check(r, model_path, t_config, self.task)
         for who, config in (("teacher", t_config), ("student", s_config)):
             positions = getattr(config, "max_position_embeddings", None)
             for key, length in (("data.max_length", r.data.max_length),

@@ -19,8 +19,18 @@ def verdict(found: dict) -> str:
             f"{fits} of {len(found['candidates'])} shapes fit (each measured untrained, as int8, "
             f"before any training). Chosen: trial {chosen['trial']}, {chosen['name']} "
             f"({chosen['p50_ms']:.2f} ms p50), validation {found['metric']} "
-            f"{chosen['value']:.4f} after its short distillation; then distilled in full. "
+            f"{chosen['value']:.4f} after its short distillation{why(found)}; then distilled "
+            "in full. "
             f"Search cost: {cost['measuring']:.0f} s measuring, {cost['trials']:.0f} s of trials.")
+
+
+def why(found: dict) -> str:
+    """How search.selection one_se came to its pick (nothing for best: the table shows it)."""
+    how = found.get("selection") or {}
+    if how.get("rule") != "one_se":
+        return ""
+    return (f" (one_se: the largest student of the {len(how['within'])} trials within one "
+            f"bootstrap standard error of the best, trial {how['best_trial']})")
 
 
 def rows(found: dict) -> list[list[str]]:

@@ -14,6 +14,10 @@ int8 model meets a latency (and memory) budget on the run's hardware profile.
    distillation that reports its validation score after every epoch; the successive-halving
    pruner stops the weak ones early. The study lives in SQLite in the stage's folder, so a
    killed search resumes from its finished trials (the trial it was in is run again).
+4. **Choosing**: ``search.selection`` best takes the highest validation score; one_se the
+   student with the most parameters within one bootstrap standard error of it (:func:`choose`).
+   A finished trial keeps its validation predictions (classification), for one_se and for an
+   audit of both rules on the same trials (benchmarks/search_budget.py).
 
 Why one objective (the validation score) and not two: the latency of a shape is measured
 before any training and the budget is a constraint, so there is nothing to learn about it; and
@@ -31,6 +35,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 from transformers import AutoConfig, AutoTokenizer, TrainerCallback
@@ -51,6 +56,7 @@ from .tasks.base import model_row
 log = logging.getLogger(__name__)
 NO_MATCH = "none"  # search.match_losses: the logit loss alone
 STUDY = "student"
+BOOTSTRAP_DRAWS = 1000  # resamples of the validation rows for search.selection: one_se
 
 
 @dataclass
@@ -116,9 +122,13 @@ def chosen_blocks(record: dict) -> tuple[StudentConfig, DistillConfig]:
     return StudentConfig(**chosen["student"]), DistillConfig(**distill)
 
 
-def check(recipe: Recipe, teacher_path: Path, teacher_config) -> None:
-    """Preflight: every candidate can be built, and every loss of search.match_losses can
-    match it to the teacher."""
+def check(recipe: Recipe, teacher_path: Path, teacher_config, task) -> None:
+    """Preflight: the task can take the selection rule, every candidate can be built, and
+    every loss of search.match_losses can match it to the teacher."""
+    if recipe.search.selection == "one_se" and not task.per_row_validation:
+        raise EdgeDistillError(f"search.selection: one_se resamples per-row validation "
+                               f"predictions, which the {task.name} task does not give; "
+                               "use best")
     for c in candidates(recipe, teacher_config):
         config, kept = plan_student(teacher_path, teacher_config, c.student)
         for loss in recipe.search.match_losses:
@@ -235,6 +245,36 @@ def pareto(trials: list[dict], greater_is_better: bool) -> list[int]:
                        for o in done)]
 
 
+def choose(trials: list[dict], rule: str, greater: bool, parameters: dict[str, int],
+           scores: dict | None = None) -> tuple[dict, dict]:
+    """The winning trial among the finished ones, and how it was picked.
+
+    ``best``: the highest validation score (of equal scores, the faster student). ``one_se``:
+    of the trials whose gap to the best is at most one standard error of that gap, the one
+    with the most ``parameters`` (by student name), then the better score. The standard error
+    is of the paired difference over ``scores`` (trial number -> the score on each bootstrap
+    resample of the validation rows, the same resamples for every trial), so the shared
+    difficulty of the rows cancels. Why the biggest student: the budget is met by every
+    candidate, and a short trial's small lead on a few validation rows is not worth giving up
+    capacity for the full distillation."""
+    sign = 1 if greater else -1
+    done = [t for t in trials if t["state"] == "COMPLETE" and "repeat_of" not in t]
+    best = max(done, key=lambda t: (sign * t["value"], -t["p50_ms"]))
+    if rule == "best":
+        return best, {"rule": rule, "best_trial": best["number"]}
+    within = []
+    for t in done:
+        gap = sign * (best["value"] - t["value"])
+        se = float(np.std(sign * (scores[best["number"]] - scores[t["number"]]), ddof=1))
+        if gap <= se:
+            within.append({"trial": t["number"], "gap": round(gap, 6), "se": round(se, 6)})
+    near = {w["trial"] for w in within}
+    chosen = max((t for t in done if t["number"] in near),
+                 key=lambda t: (parameters[t["student"]], sign * t["value"], -t["p50_ms"]))
+    return chosen, {"rule": rule, "best_trial": best["number"], "within": within,
+                    "draws": len(next(iter(scores.values())))}
+
+
 def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
     """The search stage's work (see the module docstring); ``out`` is its partial folder."""
     r, s = run.recipe, run.recipe.search
@@ -297,6 +337,9 @@ def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
                 distill_settings(r, params, s.trial_epochs), run.data, r.data, folder, r.seed,
                 r.teacher.trust_remote_code, cache_dir=run.out / "teacher-cache",
                 callbacks=[reporter])
+            if run.task.per_row_validation:  # kept for one_se (and an audit of the rules)
+                trial.set_user_attr("predictions", run.task.validation_predictions(
+                    folder / "model", run.data, r.data.max_length))
         except optuna.TrialPruned:
             progress.note(f"  trial {trial.number}: stopped after epoch {reporter.epochs}, "
                           "behind the trials before it")
@@ -314,9 +357,14 @@ def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
                **t.user_attrs} for t in study.get_trials(deepcopy=False)
               if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     shutil.rmtree(out / "trials", ignore_errors=True)
-    sign = 1 if greater else -1  # of equal scores, the faster student
-    best = max((t for t in trials if t["state"] == "COMPLETE"),
-               key=lambda t: (sign * t["value"], -t["p50_ms"]))  # a repeat comes after its first
+    scores = None
+    if s.selection == "one_se":
+        scores = run.task.resampled_scores(
+            {t["number"]: t["predictions"] for t in trials
+             if t["state"] == "COMPLETE" and "repeat_of" not in t},
+            run.data, metric, BOOTSTRAP_DRAWS, r.seed)
+    best, selection = choose(trials, s.selection, greater,
+                             {c.name: costs[c.name]["parameters"] for c in shapes}, scores)
     chosen = by_name[best["student"]]
     distill = distill_settings(r, best)
     record = {
@@ -325,7 +373,7 @@ def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
         "candidates": [{"name": c.name, "layers": c.student.num_layers, "width": c.width,
                         "config": c.student.config, **costs[c.name],
                         "within_budget": c in fitting} for c in shapes],
-        "trials": trials, "pareto": pareto(trials, greater),
+        "trials": trials, "pareto": pareto(trials, greater), "selection": selection,
         "chosen": {"trial": best["number"], "name": chosen.name, "value": best["value"],
                    "p50_ms": costs[chosen.name]["p50_ms"], "student": asdict(chosen.student),
                    "distill": asdict(distill)},

@@ -19,7 +19,8 @@ data: {{source: {data}, labels: [negative, neutral, positive], max_length: 32}}
 teacher: {{model: {teacher}, epochs: 1, batch_size: 16, learning_rate: 1.0e-3}}
 distill: {{epochs: 2, batch_size: 16, learning_rate: 1.0e-3}}
 search: {{trials: 3, trial_epochs: 2, layers: [1, 2], widths: [1.0, 0.5],
-          temperatures: [2.0], alpha_distill: [0.5, 0.9], match_losses: [none, hidden_mse]}}
+          temperatures: [2.0], alpha_distill: [0.5, 0.9], match_losses: [none, hidden_mse],
+          selection: one_se}}
 quantize: {{runtimes: [onnxruntime]}}
 bench: {{iterations: 5, min_seconds: 0.05, warmup: 1, real_length_samples: 0,
          sequence_length: 32, rounds: 1}}
@@ -45,8 +46,15 @@ def test_search_chooses_a_student_within_budget_then_runs_every_stage(recipe, tm
     assert all(c["p50_ms"] > 0 and c["within_budget"] for c in found["candidates"])
     assert len(found["trials"]) == 3
     chosen = found["chosen"]
+    # one_se: the trial with the most parameters among those within one SE of the best
+    how = found["selection"]
     best = max(t["value"] for t in found["trials"] if t["state"] == "COMPLETE")
-    assert chosen["value"] == best and chosen["trial"] in found["pareto"]
+    assert how["rule"] == "one_se" and how["draws"] == 1000
+    assert next(t for t in found["trials"] if t["number"] == how["best_trial"])["value"] == best
+    near = [t for t in found["trials"] if t["number"] in {w["trial"] for w in how["within"]}]
+    size = {c["name"]: c["parameters"] for c in found["candidates"]}
+    assert chosen["trial"] in {t["number"] for t in near}
+    assert size[chosen["name"]] == max(size[t["student"]] for t in near)
     # the full distillation ran on the chosen student with the chosen settings
     assert report["recipe"]["student"] == chosen["student"]
     assert report["recipe"]["distill"]["alpha_distill"] == chosen["distill"]["alpha_distill"]
@@ -55,6 +63,10 @@ def test_search_chooses_a_student_within_budget_then_runs_every_stage(recipe, tm
     assert (out / "plots" / "search.png").is_file()
     assert "Student search" in (out / "report.md").read_text()
     assert not (out / "search" / "trials").exists()
+    assert "one_se: the largest student of the" in (out / "report.md").read_text()
+    # each finished trial kept its validation predictions, for one_se and for an audit
+    done = [t for t in found["trials"] if t["state"] == "COMPLETE" and "repeat_of" not in t]
+    assert done and all(len(t["predictions"]) == 6 for t in done)  # 10% of 60 rows
 
     # a second run reuses the search and applies its choice again: nothing is retrained
     assert main(["run", str(recipe), "--output", str(out), "--set", "search.budget_ms=1000"]) == 0
@@ -150,3 +162,71 @@ def test_a_sigkilled_search_resumes_where_it_stopped(tmp_path, tiny_teacher_dir)
     found = json.loads((out / "report.json").read_text())["search"]
     assert [t["number"] for t in found["trials"]] == [0, 2, 3]  # trial 1 ran again as 3
     assert found["trials"][2]["alpha_distill"] is not None
+
+
+def trial(number, student, value, p50=1.0, state="COMPLETE", **extra):
+    return {"number": number, "student": student, "value": value, "p50_ms": p50,
+            "state": state, **extra}
+
+
+def test_one_se_takes_the_biggest_student_within_one_standard_error_of_the_best():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    # the difficulty of each resample, shared by every trial: it cancels in the paired gap
+    noise = rng.normal(0, 0.05, 1000)
+    trials = [trial(0, "1L-w1", 0.62), trial(1, "2L-w0.5", 0.60), trial(2, "2L-w1", 0.40),
+              trial(3, "2L-w1", None, state="PRUNED"), trial(4, "1L-w1", 0.62, repeat_of=0),
+              trial(5, "1L-w0.5", 0.61)]
+    scores = {0: 0.62 + noise + rng.normal(0, 0.03, 1000),  # paired: own noise 0.03 each
+              1: 0.60 + noise + rng.normal(0, 0.03, 1000),
+              2: 0.40 + noise + rng.normal(0, 0.03, 1000),
+              5: 0.61 + noise + rng.normal(0, 0.03, 1000)}
+    sizes = {"1L-w1": 10, "1L-w0.5": 5, "2L-w0.5": 12, "2L-w1": 20}
+    chosen, how = search.choose(trials, "one_se", True, sizes, scores)
+    # 2L-w1 is the biggest but 0.22 behind (SE about 0.04); 2L-w0.5 is 0.02 behind: within
+    assert chosen["number"] == 1
+    assert how["rule"] == "one_se" and how["best_trial"] == 0 and how["draws"] == 1000
+    assert {w["trial"] for w in how["within"]} == {0, 1, 5}
+    assert all(0.03 < w["se"] < 0.06 for w in how["within"] if w["trial"] != 0)
+    assert search.choose(trials, "best", True, sizes, None)[0]["number"] == 0
+    # a loss (lower is better): the best is the lowest, the gap counted the other way
+    loss = [trial(0, "1L-w1", 0.50), trial(1, "2L-w1", 0.51), trial(2, "2L-w0.5", 0.90)]
+    loss_scores = {0: 0.50 + noise, 1: 0.51 + noise + rng.normal(0, 0.03, 1000),
+                   2: 0.90 + noise}
+    assert search.choose(loss, "one_se", False, sizes, loss_scores)[0]["number"] == 1
+    assert search.choose(loss, "best", False, sizes, None)[0]["number"] == 0
+
+
+def test_resampled_validation_scores_keep_every_class_in_each_draw():
+    import numpy as np
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    from edgedistill.data import TaskData
+    from edgedistill.tasks import get_task
+    names = ["negative", "neutral", "positive"]
+    labels = [0] * 20 + [1] * 3 + [2] * 17  # a rare class, as in the default recipe
+    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
+    split = Dataset.from_dict({"text": ["x"] * 40, "label": labels}, features=features)
+    data = TaskData(DatasetDict(train=split, validation=split, test=split), names)
+    task = get_task("classification")
+    wrong_rare = [0 if y == 1 else y for y in labels]  # never predicts the rare class
+    scores = task.resampled_scores({"perfect": labels, "wrong_rare": wrong_rare}, data,
+                                   "macro_f1", 200, 0)
+    assert np.all(scores["perfect"] == 1.0)  # the rare class is in every draw
+    # without the rare class in a draw, missing it would cost nothing; here it always costs
+    assert np.all(scores["wrong_rare"] < 0.7)
+    again = task.resampled_scores({"perfect": labels, "wrong_rare": wrong_rare}, data,
+                                  "macro_f1", 200, 0)
+    assert np.array_equal(again["wrong_rare"], scores["wrong_rare"])  # seeded
+
+
+def test_one_se_is_refused_for_a_task_without_per_row_predictions(tmp_path):
+    from edgedistill.tasks import get_task
+    r, config = candidate_recipe(tmp_path, selection="one_se")
+    with pytest.raises(EdgeDistillError, match="search.selection: one_se resamples per-row "
+                                               "validation predictions, which the "
+                                               "sentence-embedding task does not give; use best"):
+        search.check(r, tmp_path / "t", config, get_task("sentence-embedding"))
+    with pytest.raises(EdgeDistillError, match="search.selection: 'one_sd' is not one of best, "
+                                               "one_se; did you mean 'one_se'"):
+        candidate_recipe(tmp_path, selection="one_sd")

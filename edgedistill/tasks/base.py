@@ -116,6 +116,20 @@ class Task:
         :func:`edgedistill.distill.training.classifier_sets`."""
         raise NotImplementedError
 
+    # a search's one_se selection resamples validation rows: tasks whose score is a function of
+    # per-row predictions say so, and give both
+    per_row_validation = False
+
+    def validation_predictions(self, model_dir: Path, data: TaskData, max_length: int) -> list:
+        """The model's prediction for each validation row (JSON-able, row order)."""
+        raise NotImplementedError
+
+    def resampled_scores(self, predictions: dict, data: TaskData, metric: str, draws: int,
+                         seed: int) -> dict:
+        """``metric`` of each entry of ``predictions`` (name -> validation_predictions) on the
+        same ``draws`` bootstrap resamples of the validation rows: name -> array of scores."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ preflight
 
     def check(self, recipe: Recipe) -> None:
