@@ -185,13 +185,17 @@ def main() -> None:
                                ["bench.real_length_samples=0"], picked))
                 rows.append(dict(row, run="one_se", selection=how))
         print(json.dumps(rows[-1], indent=1))
+        write_results(rows, baseline, args.trials)  # after each seed: a long run keeps its part
+
+
+def write_results(rows: list[dict], baseline: dict[int, dict], trials: int) -> None:
     sums = [summary(rows, name, baseline) for name in ("baseline", "search", "one_se", "half")]
     env = environment()
     results = HERE / "results"
     write_atomic(results / "search_budget.json",
                  json.dumps({"rows": rows, "summary": sums, "environment": env}, indent=2))
-    write_atomic(results / "search_budget.md", markdown(rows, sums, env, args.trials))
-    print(markdown(rows, sums, env, args.trials))
+    write_atomic(results / "search_budget.md", markdown(rows, sums, env, trials))
+    print(markdown(rows, sums, env, trials))
 
 
 if __name__ == "__main__":
