@@ -93,12 +93,25 @@ def one_se_recipe(seed: int, searched: Path, teacher: Path) -> tuple[Recipe | No
     sizes = {c["name"]: c["parameters"] for c in found["candidates"]}
     chosen, how = search.choose(found["trials"], "one_se", found["greater_is_better"], sizes,
                                 scores)
-    how["chosen_trial"] = chosen["number"]
+    how.update(chosen_trial=chosen["number"], chosen=chosen["student"],
+               validation=chosen["value"],
+               chosen_settings={"temperature": chosen["temperature"],
+                                "alpha_distill": chosen["alpha_distill"],
+                                "matches": [] if chosen["match_loss"] == search.NO_MATCH
+                                else [chosen["match_loss"]]})
     if chosen["number"] == found["chosen"]["trial"]:
         return None, how
     shapes = {c.name: c for c in search.candidates(recipe, AutoConfig.from_pretrained(teacher))}
     return replace(recipe, student=shapes[chosen["student"]].student,
                    distill=search.distill_settings(recipe, chosen)), how
+
+
+def one_se_row(result: dict, searched: dict, how: dict) -> dict:
+    """The row of one_se's own pick: its run's test scores, the search's budget and cost."""
+    return dict(result, **{k: searched[k] for k in ("budget_ms", "trials", "stopped_early",
+                                                    "search_seconds")},
+                **{k: how[k] for k in ("chosen", "chosen_settings", "validation")},
+                within_budget_at_bench=result["p50_ms"] <= searched["budget_ms"])
 
 
 def summary(rows: list[dict], name: str, baseline: dict[int, dict]) -> dict:
@@ -181,8 +194,8 @@ def main() -> None:
                                             teacher)
                 same = next(r for r in rows[::-1] if r["run"] == "search")
                 row = (dict(same, same_as_best=True) if picked is None else
-                       one_run(seed, "one_se", args.work, teacher,
-                               ["bench.real_length_samples=0"], picked))
+                       one_se_row(one_run(seed, "one_se", args.work, teacher,
+                                          ["bench.real_length_samples=0"], picked), same, how))
                 rows.append(dict(row, run="one_se", selection=how))
         print(json.dumps(rows[-1], indent=1))
         write_results(rows, baseline, args.trials)  # after each seed: a long run keeps its part
