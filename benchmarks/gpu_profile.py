@@ -37,10 +37,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-# config folder name -> (packaged model it is read from, blocks kept by the student or None)
-CONFIGS = {"mpnet": ("sentence-transformers/all-mpnet-base-v2", None),
-           "minilm-l6": ("sentence-transformers/all-MiniLM-L6-v2", None),
-           "smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct", None)}
+# config folder name -> the packaged model whose config it holds
+CONFIGS = {"mpnet": "sentence-transformers/all-mpnet-base-v2",
+           "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+           "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 # (pair, teacher config, student config, student depth: None keeps the config's)
 ENCODER_PAIRS = (("tweets-mpnet", "mpnet", "minilm-l6", None),
                  ("drug-reviews-minilm", "minilm-l6", "minilm-l6", 2))
@@ -56,14 +56,15 @@ def save_configs(out: Path) -> None:
     import shutil
 
     from edgedistill.sources import resolve_model
-    for name, (ref, _) in CONFIGS.items():
+    for name, ref in CONFIGS.items():
         (out / name).mkdir(parents=True, exist_ok=True)
         shutil.copy(resolve_model(ref) / "config.json", out / name / "config.json")
     print(f"configs written to {out}")
 
 
 def build(configs: Path, name: str, layers: int | None, causal: bool, dtype):
-    import torch
+    """A model of the config ``name`` (``layers`` blocks kept) with random weights, on the
+    device in ``dtype``, and its parameter count."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     config = AutoConfig.from_pretrained(configs / name)
     if layers is not None:
