@@ -7,8 +7,9 @@ not arithmetic, so a student with 6x fewer FLOPs need not be 6x faster. This scr
 each pair, the PyTorch teacher and student on the GPU:
 
 - encoder classifiers (3 labels): all-mpnet-base-v2 -> all-MiniLM-L6-v2 (tweets-mpnet) and
-  all-MiniLM-L6-v2 -> its 2-block student (the default recipe), at batch 1 and 32, 48 and 128
-  tokens, fp32 and fp16, eager and replayed as a CUDA graph (launch overhead removed);
+  all-MiniLM-L6-v2 -> its 2-block student (the default recipe), at batch x tokens 1 x 48,
+  1 x 128, 32 x 48, 32 x 128 and 256 x 128, fp32 and fp16, eager and replayed as a CUDA graph
+  (launch overhead removed);
 - the causal LM pair: SmolLM2-135M (30 blocks) -> its 8-block student, greedy generation of 64
   tokens after a 32-token prompt, batch 1, fp32 and fp16, with the KV cache;
 - onnxruntime: whether this onnxruntime build has the CUDA execution provider the `gpu-cuda`
@@ -16,9 +17,10 @@ each pair, the PyTorch teacher and student on the GPU:
 
 Latency does not depend on the weights' values, so the models are built from the packaged
 models' configs with random weights: the script needs torch and transformers only, and runs on
-a GPU machine without the offline model packages. Timing: CUDA events, warm-up first, the
-median of the timed repeats; teacher and student alternate in rounds so both see the same
-clocks. Peak GPU memory is torch's max_memory_allocated for one forward pass / generation.
+a GPU machine without the offline model packages. Timing: wall clock up to the GPU's last
+kernel (launches included), warm-up first, the median of the timed repeats; teacher and student
+alternate in rounds so both see the same clocks. Memory: each model's weights, and what one
+call allocates on top of what is resident (torch's max_memory_allocated).
 
     python benchmarks/gpu_profile.py --save-configs configs/   # here: the pairs' configs
     python benchmarks/gpu_profile.py --configs configs/        # on the GPU machine
@@ -93,6 +95,16 @@ def timed(fn, repeats: int, warmup: int) -> list[float]:
     return times
 
 
+def alternating(calls: dict, rounds: int, repeats: int, warmup: int) -> dict[str, float]:
+    """Median ms per call of each of ``calls`` (name -> function), timed in turns: every
+    round times each once more, so all see the same clocks."""
+    times = {who: [] for who in calls}
+    for _ in range(rounds):
+        for who, fn in calls.items():
+            times[who] += timed(fn, repeats, warmup)
+    return {who: statistics.median(t) for who, t in times.items()}
+
+
 def sync() -> None:
     import torch
     if DEVICE == "cuda":
@@ -128,11 +140,11 @@ def memory_mb(model, fn) -> dict:
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     if DEVICE != "cuda":
         return {"weights_mb": weights}
-    torch.cuda.synchronize()
+    sync()
     resident = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn()
-    torch.cuda.synchronize()
+    sync()
     return {"weights_mb": weights,
             "working_mb": (torch.cuda.max_memory_allocated() - resident) / 2**20}
 
@@ -159,12 +171,8 @@ def encoder_rows(configs: Path, repeats: int, rounds: int) -> list[dict]:
                             row[f"{mode}_error"] = f"{who}: {type(e).__name__}: {e}"[:300]
                     if len(calls) < 2:
                         continue
-                    times = {"teacher": [], "student": []}
-                    for _ in range(rounds):  # alternate: both see the same clocks
-                        for who in times:
-                            times[who] += timed(calls[who], repeats, warmup=5)
-                    for who, t in times.items():
-                        row[f"{who}_{mode}_ms"] = statistics.median(t)
+                    for who, ms in alternating(calls, rounds, repeats, warmup=5).items():
+                        row[f"{who}_{mode}_ms"] = ms
                     row[f"speedup_{mode}"] = (row[f"teacher_{mode}_ms"]
                                               / row[f"student_{mode}_ms"])
                 for who, model in (("teacher", teacher), ("student", student)):
@@ -205,13 +213,9 @@ def lm_rows(configs: Path, new_tokens: int, repeats: int) -> list[dict]:
                                          pad_token_id=0)
                 assert out.shape[1] == 32 + new_tokens, out.shape
             calls[who] = call
-        times = {"teacher": [], "student": []}
-        for _ in range(3):
-            for who in times:
-                times[who] += timed(calls[who], repeats, warmup=2)
-        for who, t in times.items():
-            row[f"{who}_ms"] = statistics.median(t)
-            row[f"{who}_ms_per_token"] = row[f"{who}_ms"] / new_tokens
+        for who, ms in alternating(calls, 3, repeats, warmup=2).items():
+            row[f"{who}_ms"] = ms
+            row[f"{who}_ms_per_token"] = ms / new_tokens
         for who, model in (("teacher", teacher), ("student", student)):
             row.update({f"{who}_{k}": v for k, v in memory_mb(model, calls[who]).items()})
         row["speedup"] = row["teacher_ms"] / row["student_ms"]
@@ -252,14 +256,8 @@ def onnxruntime_rows(configs: Path, repeats: int) -> dict:
         session = ort.InferenceSession(str(folder / f"{name}.onnx"),
                                        providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         feed = {"input_ids": ids.cpu().numpy().astype(np.int64)}
-        for _ in range(10):
-            session.run(None, feed)
-        t = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            session.run(None, feed)
-            t.append((time.perf_counter() - start) * 1000)
-        result[f"student_{name}_ms"] = statistics.median(t)
+        result[f"student_{name}_ms"] = statistics.median(
+            timed(lambda: session.run(None, feed), repeats, warmup=10))
     return result
 
 

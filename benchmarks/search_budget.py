@@ -86,24 +86,19 @@ def one_se_recipe(seed: int, searched: Path, teacher: Path) -> tuple[Recipe | No
     found = json.loads((searched / "report.json").read_text())["search"]
     recipe = load_recipe(None, [f"seed={seed}"])
     task = get_task(recipe.task)
-    done = {t["number"]: t["predictions"] for t in found["trials"]
-            if t["state"] == "COMPLETE" and "repeat_of" not in t}
-    scores = task.resampled_scores(done, task.load_data(recipe.data, seed), found["metric"],
-                                   search.BOOTSTRAP_DRAWS, seed)
-    sizes = {c["name"]: c["parameters"] for c in found["candidates"]}
-    chosen, how = search.choose(found["trials"], "one_se", found["greater_is_better"], sizes,
-                                scores)
+    chosen, how = search.select(task, found["trials"], "one_se", found["greater_is_better"],
+                                {c["name"]: c["parameters"] for c in found["candidates"]},
+                                task.load_data(recipe.data, seed), found["metric"], seed)
+    distill = search.distill_settings(recipe, chosen)
     how.update(chosen_trial=chosen["number"], chosen=chosen["student"],
                validation=chosen["value"],
-               chosen_settings={"temperature": chosen["temperature"],
-                                "alpha_distill": chosen["alpha_distill"],
-                                "matches": [] if chosen["match_loss"] == search.NO_MATCH
-                                else [chosen["match_loss"]]})
+               chosen_settings={"temperature": distill.temperature,
+                                "alpha_distill": distill.alpha_distill,
+                                "matches": [m.loss for m in distill.matches]})
     if chosen["number"] == found["chosen"]["trial"]:
         return None, how
     shapes = {c.name: c for c in search.candidates(recipe, AutoConfig.from_pretrained(teacher))}
-    return replace(recipe, student=shapes[chosen["student"]].student,
-                   distill=search.distill_settings(recipe, chosen)), how
+    return replace(recipe, student=shapes[chosen["student"]].student, distill=distill), how
 
 
 def one_se_row(result: dict, searched: dict, how: dict) -> dict:
@@ -192,7 +187,7 @@ def main() -> None:
             if name == "search":  # the audit: the same trials, chosen by one_se
                 picked, how = one_se_recipe(seed, args.work / f"seed-{seed}" / "search",
                                             teacher)
-                same = next(r for r in rows[::-1] if r["run"] == "search")
+                same = rows[-1]  # the search row just made
                 row = (dict(same, same_as_best=True) if picked is None else
                        one_se_row(one_run(seed, "one_se", args.work, teacher,
                                           ["bench.real_length_samples=0"], picked), same, how))

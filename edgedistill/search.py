@@ -235,10 +235,15 @@ def _earlier(study: optuna.Study, trial: optuna.Trial):
     return None
 
 
+def finished(trials: list[dict]) -> list[dict]:
+    """The trials that trained to the end, each setting once (a repeat only copies a score)."""
+    return [t for t in trials if t["state"] == "COMPLETE" and "repeat_of" not in t]
+
+
 def pareto(trials: list[dict], greater_is_better: bool) -> list[int]:
     """Numbers of the finished trials no other beats on both score and p50."""
     sign = 1 if greater_is_better else -1
-    done = [t for t in trials if t["state"] == "COMPLETE" and "repeat_of" not in t]
+    done = finished(trials)
     return [t["number"] for t in done
             if not any(sign * o["value"] >= sign * t["value"] and o["p50_ms"] <= t["p50_ms"]
                        and (sign * o["value"] > sign * t["value"] or o["p50_ms"] < t["p50_ms"])
@@ -258,7 +263,7 @@ def choose(trials: list[dict], rule: str, greater: bool, parameters: dict[str, i
     candidate, and a short trial's small lead on a few validation rows is not worth giving up
     capacity for the full distillation."""
     sign = 1 if greater else -1
-    done = [t for t in trials if t["state"] == "COMPLETE" and "repeat_of" not in t]
+    done = finished(trials)
     best = max(done, key=lambda t: (sign * t["value"], -t["p50_ms"]))
     if rule == "best":
         return best, {"rule": rule, "best_trial": best["number"]}
@@ -273,6 +278,17 @@ def choose(trials: list[dict], rule: str, greater: bool, parameters: dict[str, i
                  key=lambda t: (parameters[t["student"]], sign * t["value"], -t["p50_ms"]))
     return chosen, {"rule": rule, "best_trial": best["number"], "within": within,
                     "draws": len(next(iter(scores.values())))}
+
+
+def select(task, trials: list[dict], rule: str, greater: bool, parameters: dict[str, int],
+           data, metric: str, seed: int) -> tuple[dict, dict]:
+    """:func:`choose` under ``rule``, with one_se's bootstrap scores of the finished trials'
+    validation predictions on ``data`` (seeded) computed here."""
+    scores = None
+    if rule == "one_se":
+        scores = task.resampled_scores({t["number"]: t["predictions"] for t in finished(trials)},
+                                       data, metric, BOOTSTRAP_DRAWS, seed)
+    return choose(trials, rule, greater, parameters, scores)
 
 
 def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
@@ -357,14 +373,9 @@ def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
                **t.user_attrs} for t in study.get_trials(deepcopy=False)
               if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     shutil.rmtree(out / "trials", ignore_errors=True)
-    scores = None
-    if s.selection == "one_se":
-        scores = run.task.resampled_scores(
-            {t["number"]: t["predictions"] for t in trials
-             if t["state"] == "COMPLETE" and "repeat_of" not in t},
-            run.data, metric, BOOTSTRAP_DRAWS, r.seed)
-    best, selection = choose(trials, s.selection, greater,
-                             {c.name: costs[c.name]["parameters"] for c in shapes}, scores)
+    best, selection = select(run.task, trials, s.selection, greater,
+                             {c.name: costs[c.name]["parameters"] for c in shapes}, run.data,
+                             metric, r.seed)
     chosen = by_name[best["student"]]
     distill = distill_settings(r, best)
     record = {
