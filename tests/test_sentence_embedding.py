@@ -12,6 +12,7 @@ from transformers import AutoModel, BertConfig, BertModel
 
 from edgedistill.cli import main
 from edgedistill.distill.losses import embedding_similarity
+from edgedistill.distill.teacher_outputs import teacher_embeddings
 from edgedistill.errors import EdgeDistillError
 from edgedistill.evaluation import embedding_metrics
 from edgedistill.export import export_onnx
@@ -24,7 +25,7 @@ from edgedistill.pooling import (
 from edgedistill.recipe import load_recipe
 from edgedistill.runtime.classifier import load_predictor
 from edgedistill.tasks import get_task
-from tests.conftest import WORDS, make_tokenizer, write_tsv
+from tests.conftest import WORDS, make_texts, make_tokenizer, write_tsv
 from tests.test_model_card import execute, python_blocks
 
 MEAN_UNIT = Pooling("mean", True)  # all-MiniLM-L6-v2's and all-mpnet-base-v2's pooling
@@ -175,6 +176,32 @@ def test_a_narrower_student_learns_the_teachers_similarities(tmp_path):
     first, *_, last = [h["eval_spearman"] for h in record["log_history"] if "eval_spearman" in h]
     assert last > first  # it learns the teacher's similarities
     assert read_pooling(out / "distill" / "model") == Pooling("mean", True)
+
+
+def test_teacher_embeddings_are_kept_for_the_next_run_with_the_same_teacher_and_texts(
+        tmp_path, monkeypatch):
+    task = get_task("sentence-embedding")
+    teacher = task.load_model(make_embedder(tmp_path / "teacher"))
+    tokenizer = make_tokenizer(tmp_path / "teacher")
+    texts = make_texts(24)[0]  # 5 to 14 words: batches sorted by length
+    first = teacher_embeddings(teacher, tokenizer, texts, batch_size=5)
+    with torch.no_grad():  # text by text, as the model reads one alone: the order was kept
+        for i in (0, 11, 23):
+            ids = tokenizer(texts[i], return_tensors="pt")
+            alone = pool(teacher(**ids).last_hidden_state, ids["attention_mask"], MEAN_UNIT)[0]
+            assert torch.allclose(torch.tensor(first[i]), alone, atol=1e-5)
+
+    def refuse(**batch):
+        raise AssertionError("the teacher ran although its embeddings were kept")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(teacher, "forward", refuse)
+        assert teacher_embeddings(teacher, tokenizer, texts) == first
+    # other texts, or the same texts cut shorter: computed again, into a file of their own
+    teacher_embeddings(teacher, tokenizer, texts[:20])
+    teacher_embeddings(teacher, tokenizer, texts, max_length=6)
+    files = list((tmp_path / "teacher-logits").glob("embeddings-*.safetensors"))
+    assert len(files) == 3
 
 
 def test_labels_are_read_only_when_the_recipe_names_them(tmp_path):
