@@ -22,11 +22,12 @@ process per seed, the models taking turns sentence by sentence (tokenizer includ
 ``encode`` for the sentence-transformers models, the tokenizer and an onnxruntime session for
 ours, both on the same threads), so the ratios compare like with like on a shared machine.
 
-    python benchmarks/sentence_embedding.py --seeds 42 43 44
+    python benchmarks/sentence_embedding.py --seeds 42 43 44 [--more-text 24000]
 
 Needs ./setup.sh --workloads and sentence-transformers (pip install --no-deps
 sentence-transformers==5.7.0: it installs beside the pinned stack). Writes
-benchmarks/results/sentence_embedding.{json,md}; finished runs stay in benchmarks/work/.
+benchmarks/results/sentence_embedding.{json,md}, keeping the recorded runs of other seeds
+measured on a host like this one; finished runs stay in benchmarks/work/ (and are reused).
 """
 
 from __future__ import annotations
@@ -114,16 +115,22 @@ def timed_turns(models: dict, texts: list[str], rounds: int = 3) -> dict:
             for name, t in times.items()}
 
 
-def one_seed(seed: int, sentences: int) -> dict:
+def one_seed(seed: int, sentences: int, more_text: int | None = None) -> dict:
     import torch
 
     torch.set_num_threads(THREADS)
     out = WORK / f"seed-{seed}"
     report = run(RECIPE, out, overrides=[f"seed={seed}"])
     rows = {m["name"]: m for m in report["models"]}
-    small_out = WORK / f"seed-{seed}-minilm"
-    small = {m["name"]: m for m in run(RECIPE, small_out, overrides=[
-        f"seed={seed}", *SMALL_STUDENT])["models"]}
+    # the small model distilled on the recipe's texts and, with --more-text, on more of them
+    smalls = {"minilm-distilled": (WORK / f"seed-{seed}-minilm", [])}
+    if more_text:
+        smalls[f"minilm-{more_text}"] = (WORK / f"seed-{seed}-minilm-{more_text}",
+                                         [f"data.max_train_samples={more_text}"])
+    small = {}
+    for name, (folder, extra) in smalls.items():
+        ran = run(RECIPE, folder, overrides=[f"seed={seed}", *SMALL_STUDENT, *extra])
+        small[name] = {m["name"]: m for m in ran["models"]}
     from edgedistill.recipe import load_recipe
     from edgedistill.tasks import get_task
 
@@ -137,14 +144,16 @@ def one_seed(seed: int, sentences: int) -> dict:
                for name, model in peers.items()}
     for name in ("teacher", "student", "student-int8"):
         quality[name] = rows[name]["metrics"]
-    quality["minilm-distilled-fp32"] = small["student"]["metrics"]
-    quality["minilm-distilled-int8"] = small["student-int8"]["metrics"]
     ours = {"student-int8": OnnxEmbedder(out / "quantize" / "student-int8",
-                                         recipe.data.max_length),
-            "minilm-distilled-int8": OnnxEmbedder(small_out / "quantize" / "student-int8",
-                                                  recipe.data.max_length)}
+                                         recipe.data.max_length)}
+    for name, (folder, _) in smalls.items():
+        quality[f"{name}-fp32"] = small[name]["student"]["metrics"]
+        quality[f"{name}-int8"] = small[name]["student-int8"]["metrics"]
+        ours[f"{name}-int8"] = OnnxEmbedder(folder / "quantize" / "student-int8",
+                                            recipe.data.max_length)
     speed = timed_turns({**peers, **ours}, texts[:sentences])
-    return {"seed": seed, "peer_int8_config": ISA, "quality": quality, "speed": speed,
+    return {"seed": seed, "peer_int8_config": ISA, "more_text": more_text,
+            "quality": quality, "speed": speed,
             "pipeline_bench": {n: {"p50_ms": rows[n]["latency"]["p50_ms"],
                                    "batch32_per_s": rows[n]["index"]["throughput_per_s"],
                                    "size_mb": rows[n].get("size_mb")}
@@ -157,9 +166,23 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
+def earlier_runs(seeds: list[int]) -> list[dict]:
+    """The recorded runs of seeds other than ``seeds``, where they were measured on a host like
+    this one (same processor and int8 instruction set): one seed's long variant
+    (``--more-text``) and the others' runs can be measured in separate invocations."""
+    try:
+        recorded = json.loads((HERE / "results" / "sentence_embedding.json").read_text())
+    except (OSError, ValueError):
+        return []
+    here = environment()
+    if any(recorded["environment"].get(k) != here[k] for k in ("cpu", "int8_isa")):
+        return []
+    return [r for r in recorded["runs"] if r["seed"] not in seeds]
+
+
 def write_results(runs: list[dict]) -> None:
-    names = ("teacher", "teacher-st-int8", "minilm-st-int8", "student", "student-int8",
-             "minilm-distilled-fp32", "minilm-distilled-int8")
+    names = list(dict.fromkeys(["teacher", "teacher-st-int8", "minilm-st-int8", "student",
+                                "student-int8", *(n for r in runs for n in r["quality"])]))
     lines = ["# Sentence embeddings: distilled MPNet student vs sentence-transformers' routes", "",
              (f"Recipe `mpnet-embeddings`, seeds {', '.join(str(r['seed']) for r in runs)}; "
               "1,000 test tweets per seed; mean ± sd over seeds. Agreement is with the fp32 "
@@ -175,12 +198,14 @@ def write_results(runs: list[dict]) -> None:
         speed = [r["speed"][name]["p50_ms"] for r in runs if name in r["speed"]]
         ratio = [r["speed"]["teacher-st-int8"]["p50_ms"] / r["speed"][name]["p50_ms"]
                  for r in runs if name in r["speed"]]
-        lines.append(f"| {name} | {mean_sd([m['spearman'] for m in q])} | "
+        some = [r["seed"] for r in runs if name in r["quality"]]
+        label = name if len(some) == len(runs) else f"{name} (seed {', '.join(map(str, some))})"
+        lines.append(f"| {label} | {mean_sd([m['spearman'] for m in q])} | "
                      f"{mean_sd([m['recall_at_k'] for m in q])} | "
                      f"{mean_sd([m['knn_accuracy'] for m in q])} | "
                      f"{mean_sd(speed) if speed else '-'} | "
                      f"{mean_sd(ratio) if ratio else '-'} |")
-    for name in ("student-int8", "minilm-distilled-int8"):
+    for name in (n for n in names if n.endswith("-int8") and "-st-" not in n):
         lines += ["", f"Per seed ({name}): " + "; ".join(
             f"seed {r['seed']}: Spearman {r['quality'][name]['spearman']:.3f}, "
             f"{r['speed']['teacher-st-int8']['p50_ms'] / r['speed'][name]['p50_ms']:.2f}x "
@@ -204,10 +229,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--sentences", type=int, default=200,
                         help="test sentences each model encodes per timing round")
+    parser.add_argument("--more-text", type=int, metavar="N",
+                        help="also distil the small model on N training texts (the recipe "
+                             "takes 6,000; 24000 adds about 40 minutes a seed on 2 cores)")
     args = parser.parse_args()
-    runs = []
+    runs = earlier_runs(args.seeds)
     for seed in args.seeds:
-        runs.append(one_seed(seed, args.sentences))
+        runs = sorted([*runs, one_seed(seed, args.sentences, args.more_text)],
+                      key=lambda r: r["seed"])
         write_results(runs)
         print((HERE / "results" / "sentence_embedding.md").read_text())
 
