@@ -18,9 +18,10 @@ the seed's 1,000 test tweets). Beside it, on the same test texts:
 
 Quality is agreement with the fp32 teacher (Spearman of pairwise similarities, recall@10 of
 its neighbours) and k-NN accuracy on the tweets' sentiment labels. Speed is measured in one
-process per seed, the models taking turns sentence by sentence (tokenizer included for all:
-``encode`` for the sentence-transformers models, the tokenizer and an onnxruntime session for
-ours, both on the same threads), so the ratios compare like with like on a shared machine.
+process per seed, one sentence a call, the models taking turns in blocks of sentences
+(tokenizer included for all: ``encode`` for the sentence-transformers models, the tokenizer
+and an onnxruntime session for ours, both on the same threads), so the ratios compare like
+with like on a shared machine.
 
     python benchmarks/sentence_embedding.py --seeds 42 43 44 [--more-text 24000]
 
@@ -100,16 +101,26 @@ class OnnxEmbedder:
 
 
 def timed_turns(models: dict, texts: list[str], rounds: int = 3) -> dict:
-    """p50 ms per sentence of each model, taking turns sentence by sentence, ``rounds`` times."""
-    times = {name: [] for name in models}
+    """p50 ms per sentence of each model, one sentence a call. The models take turns in
+    blocks: each encodes all ``texts`` in a row, then the next one does, the order rotated
+    every round, so a slow spell of a shared machine falls on all of them. Not sentence by
+    sentence: onnxruntime's worker threads keep spinning for a while after a call (its
+    default, and what an app running one model gets), so a call made between two calls of
+    another session competes with that session's threads. On 2 cores, MiniLM-L6 int8 measured
+    6.3 ms a sentence when four sessions alternated sentence by sentence, 1.3 ms alone or in
+    blocks (the runs of session 18 and earlier were taken that way and understated every
+    small model's speed-up)."""
     for model in models.values():  # warm up every model before any timing
         for text in texts[:10]:
             model.encode([text])
-    for _ in range(rounds):
-        for text in texts:
-            for name, model in models.items():
+    names = list(models)
+    times = {name: [] for name in names}
+    for round_ in range(rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            for text in texts:
                 t0 = time.perf_counter()
-                model.encode([text])
+                models[name].encode([text])
                 times[name].append(time.perf_counter() - t0)
     return {name: {"p50_ms": 1000 * statistics.median(t), "samples": len(t)}
             for name, t in times.items()}
