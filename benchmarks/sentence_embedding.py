@@ -108,8 +108,8 @@ def timed_turns(models: dict, texts: list[str], rounds: int = 3) -> dict:
     default, and what an app running one model gets), so a call made between two calls of
     another session competes with that session's threads. On 2 cores, MiniLM-L6 int8 measured
     6.3 ms a sentence when four sessions alternated sentence by sentence, 1.3 ms alone or in
-    blocks (the runs of session 18 and earlier were taken that way and understated every
-    small model's speed-up)."""
+    blocks (this file's results before December 2026 were timed sentence by sentence, which
+    understated every small model's speed-up)."""
     for model in models.values():  # warm up every model before any timing
         for text in texts[:10]:
             model.encode([text])
@@ -242,7 +242,7 @@ def main() -> None:
                         help="test sentences each model encodes per timing round")
     parser.add_argument("--more-text", type=int, metavar="N",
                         help="also distil the small model on N training texts (the recipe "
-                             "takes 6,000; 24000 adds about 40 minutes a seed on 2 cores)")
+                             "takes 6,000; 24000 adds about 45 minutes a seed on 2 cores)")
     args = parser.parse_args()
     runs = earlier_runs(args.seeds)
     for seed in args.seeds:

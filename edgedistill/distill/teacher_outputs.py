@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 TEACHER_LOGITS = "teacher_logits"
 # ... and the one holding a sentence embedder's embedding of each example
 TEACHER_EMBEDDING = "teacher_embedding"
-# the columns of a tokenized set that a classifier reads
+# the columns of a tokenized set that an encoder (classifier or embedder) reads
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # bumped when what the cache's files hold changes meaning
 _LOGITS_FORMAT = "edgedistill-teacher-logits-v1"
