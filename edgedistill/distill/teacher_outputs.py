@@ -76,6 +76,40 @@ def _keep(path: Path, name: str, outputs: torch.Tensor) -> None:
         log.warning("teacher outputs not kept for later runs (%s); this run goes on", err)
 
 
+def _teacher_pass(teacher, columns: dict[str, list], collator, batch_size: int, kind: str,
+                  name: str, label: str, output) -> torch.Tensor:
+    """``output(teacher, batch)`` for every row of ``columns`` (token ids as the teacher reads
+    them), in row order: read from :func:`logits_cache` where a run kept them under the same
+    fingerprint (``kind``), else computed, rows shortest first so a batch pads to texts of
+    about its own length, and kept for the next run."""
+    fingerprint = _fingerprint(teacher, columns, list(columns), kind)
+    # logits files keep the plain name they had before other outputs shared the folder
+    path = logits_cache() / (f"{fingerprint}.safetensors" if kind == _LOGITS_FORMAT
+                             else f"{name}-{fingerprint}.safetensors")
+    rows = len(columns["input_ids"])
+    kept = _cached(path, name, rows)
+    if kept is not None:
+        log.info("teacher %s for %d rows read from %s", name, rows, path)
+        return kept
+    if not rows:
+        return torch.empty(0)
+    device = next(teacher.parameters()).device
+    order = sorted(range(rows), key=lambda i: len(columns["input_ids"][i]))
+    chunks = []
+    teacher.eval()
+    with torch.inference_mode():
+        for start in track(range(0, rows, batch_size), label):
+            batch = collator([{c: ids[i] for c, ids in columns.items()}
+                              for i in order[start:start + batch_size]])
+            chunks.append(output(teacher, {k: v.to(device) for k, v in batch.items()})
+                          .float().cpu())
+    by_length = torch.cat(chunks)
+    outputs = torch.empty_like(by_length)
+    outputs[torch.tensor(order)] = by_length
+    _keep(path, name, outputs)
+    return outputs
+
+
 def add_teacher_logits(dataset, teacher, collator, batch_size: int = 64):
     """Return ``dataset`` with a ``teacher_logits`` column, computed once.
 
@@ -87,35 +121,12 @@ def add_teacher_logits(dataset, teacher, collator, batch_size: int = 64):
     They are also the same in the next run with the same teacher and rows (another student,
     other losses, a transfer set added, a repeated run): they are kept in :func:`logits_cache`
     under a fingerprint of the teacher's weights and the token ids, so an MPNet teacher labels
-    8,000 tweets once (~7 min on 2 cores) rather than once per student. Rows go to the teacher
-    shortest first, so a batch pads to texts of about its own length.
+    8,000 tweets once (~7 min on 2 cores) rather than once per student.
     """
-    from torch.utils.data import DataLoader
-
-    inputs = [c for c in _INPUTS if c in dataset.column_names]
     plain = dataset.with_format(None)  # lists of ints, whatever format the caller set
-    path = logits_cache() / f"{_fingerprint(teacher, plain, inputs)}.safetensors"
-    logits = _cached(path, "logits", len(dataset))
-    if logits is not None:
-        log.info("teacher logits for %d rows read from %s", len(dataset), path)
-        return dataset.add_column(TEACHER_LOGITS, logits.tolist())
-    if not len(dataset):
-        return dataset.add_column(TEACHER_LOGITS, [])
-    device = next(teacher.parameters()).device
-    lengths = [len(ids) for ids in plain["input_ids"]]
-    order = sorted(range(len(dataset)), key=lengths.__getitem__)
-    loader = DataLoader(dataset.select_columns(inputs).select(order), batch_size=batch_size,
-                        collate_fn=collator, shuffle=False)
-    chunks = []
-    teacher.eval()
-    with torch.inference_mode():
-        for batch in track(loader, "teacher logits"):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            chunks.append(teacher(**batch).logits.float().cpu())
-    by_length = torch.cat(chunks)
-    logits = torch.empty_like(by_length)
-    logits[torch.tensor(order)] = by_length
-    _keep(path, "logits", logits)
+    columns = {c: plain[c] for c in _INPUTS if c in dataset.column_names}
+    logits = _teacher_pass(teacher, columns, collator, batch_size, _LOGITS_FORMAT, "logits",
+                           "teacher logits", lambda model, batch: model(**batch).logits)
     return dataset.add_column(TEACHER_LOGITS, logits.tolist())
 
 
@@ -142,34 +153,22 @@ def teacher_embeddings(teacher, tokenizer, texts: list[str], max_length: int = 1
                        batch_size: int = 64) -> list[list[float]]:
     """The sentence embedder ``teacher``'s embedding of each text (its pooling carried in its
     config), computed once: the teacher is frozen, so the targets are the same every epoch.
-    Texts go in batches of similar length, so padding stays small.
 
-    Kept between runs beside the logits (:func:`logits_cache`, under a fingerprint of the
-    teacher and the token ids it reads): the same teacher over the same texts serves another
-    student, another loss or a rerun without its pass (about 4 minutes for all-mpnet-base-v2
-    over 6,000 tweets on 2 cores)."""
+    Kept between runs beside the logits, by the same rule (:func:`add_teacher_logits`): the
+    same teacher over the same texts serves another student, another loss or a rerun without
+    its pass (about 4 minutes for all-mpnet-base-v2 over 6,000 tweets on 2 cores)."""
+    from transformers import DataCollatorWithPadding
+
     pooling = carried(teacher.config)
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
-    inputs = [c for c in _INPUTS if c in encoded]
-    fingerprint = _fingerprint(teacher, encoded, inputs, _EMBEDDINGS_FORMAT)
-    path = logits_cache() / f"embeddings-{fingerprint}.safetensors"
-    kept = _cached(path, "embeddings", len(texts))
-    if kept is not None:
-        log.info("teacher embeddings for %d texts read from %s", len(texts), path)
-        return kept.tolist()
-    device = next(teacher.parameters()).device
-    order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
-    rows = torch.empty(len(texts), teacher.config.hidden_size)
-    teacher.eval()
-    with torch.inference_mode():
-        for start in track(range(0, len(order), batch_size), "teacher embeddings"):
-            idx = order[start:start + batch_size]
-            batch = tokenizer.pad({c: [encoded[c][i] for i in idx] for c in inputs},
-                                  return_tensors="pt").to(device)
-            hidden = teacher(**batch).last_hidden_state
-            rows[idx] = pool(hidden, batch["attention_mask"], pooling).float().cpu()
-    _keep(path, "embeddings", rows)
-    return rows.tolist()
+    columns = {c: encoded[c] for c in _INPUTS if c in encoded}
+
+    def embed(model, batch):
+        return pool(model(**batch).last_hidden_state, batch["attention_mask"], pooling)
+
+    return _teacher_pass(teacher, columns, DataCollatorWithPadding(tokenizer), batch_size,
+                         _EMBEDDINGS_FORMAT, "embeddings", "teacher embeddings",
+                         embed).tolist()
 
 
 def is_causal_lm(model) -> bool:
