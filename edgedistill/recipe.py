@@ -116,6 +116,10 @@ class TrainingConfig:
     weight_decay: float = _f(0.01, "Weight decay (decoupled for AdamW).", ge=0)
     class_weights: Literal["none", "balanced"] = _f(
         "none", "'balanced' weights the hard-label loss by inverse class frequency.")
+    group_by_length: bool = _f(
+        False, "Batch rows of similar length together (transformers' length-grouped sampler: "
+        "shuffled groups of 50 batches, sorted inside), so less of each step is padding; on "
+        "short texts of mixed length, such as tweets, a third fewer tokens per epoch.")
 
 
 @dataclass
