@@ -192,14 +192,23 @@ def _fit(model, tokenizer, args, out: Path, prepared: tuple, callbacks=()) -> di
             "selection": selection, "log_history": trainer.state.log_history, **prepared[-1]}
 
 
+# A last epoch that moved the validation metric by less than this fraction of it moved it within
+# the noise of a validation split of a few hundred rows (macro-F1 0.837 -> 0.839 on tweets-mpnet's
+# 800): no sign that training stopped too early.
+STILL_LEARNING = 0.005
+
+
 def _selection(history: list[dict], args) -> dict:
     """The metric that chose the best epoch, its value after each epoch, and whether the last
-    epoch still improved it: then training stopped while the model was still learning (the
-    report flags an under-fit teacher)."""
+    epoch still improved it by more than ``STILL_LEARNING`` of its value: then training stopped
+    while the model was still learning (the report flags an under-fit teacher)."""
     metric = args.metric_for_best_model
     values = [h[f"eval_{metric}"] for h in history if f"eval_{metric}" in h]
     sign = 1 if args.greater_is_better else -1  # compare as "higher is better"
-    improved = len(values) >= 2 and sign * values[-1] > max(sign * v for v in values[:-1])
+    improved = False
+    if len(values) >= 2:
+        best = max(sign * v for v in values[:-1])
+        improved = sign * values[-1] - best > STILL_LEARNING * abs(best)
     return {"metric": metric, "greater_is_better": bool(args.greater_is_better),
             "per_epoch": values, "last_epoch_improved": improved}
 

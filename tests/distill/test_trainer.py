@@ -309,3 +309,17 @@ def test_group_by_length_batches_rows_of_like_length(tmp_path, grouped):
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     assert sum(len(b["input_ids"]) for b in batches) == 256  # every row, once
     assert (padded / real < 1.3) if grouped else (padded / real > 1.6)  # 1.19 vs 1.73
+
+
+@pytest.mark.parametrize("values, greater, still_learning", [
+    ([0.797, 0.843], True, True), ([0.794, 0.837, 0.839], True, False),
+    ([0.80, 0.78], True, False), ([3.0, 2.9], False, True), ([3.0, 2.995], False, False)])
+def test_a_last_epoch_counts_as_still_learning_only_beyond_the_noise(values, greater,
+                                                                     still_learning):
+    from types import SimpleNamespace
+
+    from edgedistill.distill.training import _selection
+
+    history = [{"eval_macro_f1": v} for v in values]
+    args = SimpleNamespace(metric_for_best_model="macro_f1", greater_is_better=greater)
+    assert _selection(history, args)["last_epoch_improved"] is still_learning
