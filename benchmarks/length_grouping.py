@@ -32,14 +32,18 @@ HERE = Path(__file__).parent
 RECIPE = "tweets-mpnet"
 
 
-def epoch_batches(model_path: Path, train, grouped: bool, batch: int, max_length: int,
-                  out: Path):
-    """The model and the batches the Trainer feeds it over one epoch with this sampler."""
+def tokenized(model_path: Path, train, max_length: int):
+    """The rows as this model reads them, and its tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    ds = train.map(lambda b: tokenizer(b["text"], truncation=True,
-                                         max_length=max_length), batched=True,
-                   remove_columns=["text"]).rename_column("label", "labels")
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=3)
+    ds = train.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length),
+                   batched=True, remove_columns=["text"]).rename_column("label", "labels")
+    return ds, tokenizer
+
+
+def epoch_batches(model_path: Path, ds, tokenizer, labels: int, grouped: bool, batch: int,
+                  out: Path):
+    """A fresh model and the batches the Trainer feeds it over one epoch with this sampler."""
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=labels)
     args = DistillationTrainingArguments(
         output_dir=str(out), per_device_train_batch_size=batch, group_by_length=grouped,
         alpha_ce=1.0, alpha_distill=0.0, report_to="none", seed=42, data_seed=42,
@@ -76,8 +80,9 @@ def main() -> None:
     rows = {}
     for name in (recipe.student.model, recipe.teacher.model):
         path = resolve_model(name)
-        loaded = {g: epoch_batches(path, train, g, recipe.distill.batch_size,
-                                   recipe.data.max_length, HERE / "work" / "length_grouping")
+        ds, tokenizer = tokenized(path, train, recipe.data.max_length)
+        loaded = {g: epoch_batches(path, ds, tokenizer, len(recipe.data.labels), g,
+                                   recipe.distill.batch_size, HERE / "work" / "length_grouping")
                   for g in (False, True)}
         tokens = {g: statistics.mean(b["input_ids"].numel() for b in batches)
                   for g, (_, batches) in loaded.items()}

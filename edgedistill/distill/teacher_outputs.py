@@ -77,7 +77,7 @@ def _keep(path: Path, name: str, outputs: torch.Tensor) -> None:
 
 
 def _teacher_pass(teacher, columns: dict[str, list], collator, batch_size: int, kind: str,
-                  name: str, label: str, output) -> torch.Tensor:
+                  name: str, output) -> torch.Tensor:
     """``output(teacher, batch)`` for every row of ``columns`` (token ids as the teacher reads
     them), in row order: read from :func:`logits_cache` where a run kept them under the same
     fingerprint (``kind``), else computed, rows shortest first so a batch pads to texts of
@@ -98,7 +98,7 @@ def _teacher_pass(teacher, columns: dict[str, list], collator, batch_size: int, 
     chunks = []
     teacher.eval()
     with torch.inference_mode():
-        for start in track(range(0, rows, batch_size), label):
+        for start in track(range(0, rows, batch_size), f"teacher {name}"):
             batch = collator([{c: ids[i] for c, ids in columns.items()}
                               for i in order[start:start + batch_size]])
             chunks.append(output(teacher, {k: v.to(device) for k, v in batch.items()})
@@ -126,7 +126,7 @@ def add_teacher_logits(dataset, teacher, collator, batch_size: int = 64):
     plain = dataset.with_format(None)  # lists of ints, whatever format the caller set
     columns = {c: plain[c] for c in _INPUTS if c in dataset.column_names}
     logits = _teacher_pass(teacher, columns, collator, batch_size, _LOGITS_FORMAT, "logits",
-                           "teacher logits", lambda model, batch: model(**batch).logits)
+                           lambda model, batch: model(**batch).logits)
     return dataset.add_column(TEACHER_LOGITS, logits.tolist())
 
 
@@ -167,8 +167,7 @@ def teacher_embeddings(teacher, tokenizer, texts: list[str], max_length: int = 1
         return pool(model(**batch).last_hidden_state, batch["attention_mask"], pooling)
 
     return _teacher_pass(teacher, columns, DataCollatorWithPadding(tokenizer), batch_size,
-                         _EMBEDDINGS_FORMAT, "embeddings", "teacher embeddings",
-                         embed).tolist()
+                         _EMBEDDINGS_FORMAT, "embeddings", embed).tolist()
 
 
 def is_causal_lm(model) -> bool:
