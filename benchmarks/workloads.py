@@ -21,6 +21,13 @@ far); finished runs are kept in benchmarks/work/, so a rerun continues where one
 
 A recipe without a transfer set (a tagger: transfer sets are built for text classifiers) runs
 ``kd`` and ``labels`` only.
+
+``--try NAME OVERRIDE...`` adds a variant of ``kd+transfer`` (of ``kd`` without a transfer set)
+with other settings, run after the others on the same seeds and compared with labels-only
+like them; a rerun lists it only when given the same ``--try`` again:
+
+    python benchmarks/workloads.py tweets-mpnet --try teacher-led distill.alpha_distill=0.9 \
+        distill.alpha_ce=0.1
 """
 
 from __future__ import annotations
@@ -100,11 +107,17 @@ def stats(values: list[float]) -> dict:
             "min": min(values), "max": max(values)}
 
 
+def ran(runs: list[dict]) -> list[str]:
+    """The variants in ``runs``: the standard ones first, then the tried ones as they came."""
+    found = dict.fromkeys(v for r in runs for v in r if v != "seed")
+    return sorted(found, key=lambda v: list(VARIANTS).index(v) if v in VARIANTS else len(VARIANTS))
+
+
 def summarise(runs: list[dict]) -> dict:
     """Mean and spread of each variant over the seeds it ran, and the issue's comparisons
     where both sides ran on the same seeds."""
     out = {}
-    for variant in VARIANTS:
+    for variant in ran(runs):
         rows = [r[variant] for r in runs if variant in r]
         if rows:
             keys = [k for k, v in rows[0].items() if isinstance(v, float)]
@@ -112,8 +125,8 @@ def summarise(runs: list[dict]) -> dict:
             out[f"{variant}_int8_over_teacher"] = stats(
                 [row["student_int8_f1"] / row["teacher_f1"] for row in rows])
     # the issue's test: KD beats labels-only by more than twice the seed spread, on every seed
-    for variant in ("kd", "kd+transfer"):
-        both = [r for r in runs if variant in r and "labels" in r]
+    for variant in ran(runs):
+        both = [r for r in runs if variant in r and "labels" in r and variant != "labels"]
         if not both:
             continue
         gains = [r[variant]["student_int8_f1"] - r["labels"]["student_int8_f1"] for r in both]
@@ -137,21 +150,19 @@ def to_markdown(result: dict) -> str:
              f"| student | seeds | fp32 {score} | int8 {score} | int8 accuracy | int8 "
              f"agreement with teacher | int8 / teacher {score} | minutes per run |",
              "|---|---|---|---|---|---|---|---|"]
-    for v in VARIANTS:
-        if v not in s:
-            continue
+    for v in ran(runs):
         d, seeds = s[v], [r["seed"] for r in runs if v in r]
         lines.append(f"| {v} | {', '.join(map(str, seeds))} | {fmt(d['student_f1'])} | "
                      f"{fmt(d['student_int8_f1'])} | {fmt(d['student_int8_accuracy'])} | "
                      f"{fmt(d['student_int8_agreement'])} | {fmt(s[f'{v}_int8_over_teacher'])} "
                      f"| {d['minutes']['mean']:.1f} |")
-    first = next(iter(s[v] for v in VARIANTS if v in s))
+    first = s[ran(runs)[0]]
     lines += ["", f"Teacher {score} {first['teacher_f1']['mean']:.4f}, accuracy "
               f"{first['teacher_accuracy']['mean']:.4f}.", ""]
     if "student_int8_entity_agreement" in first:  # a tagger's entities against the teacher's
         lines += ["| student | int8 entity F1 against the teacher's entities |", "|---|---|"]
         lines += [f"| {v} | {fmt(s[v]['student_int8_entity_agreement'])} |"
-                  for v in VARIANTS if v in s]
+                  for v in ran(runs)]
         lines.append("")
     speed = result.get("one_core")
     if speed:
@@ -164,7 +175,7 @@ def to_markdown(result: dict) -> str:
     lines += [
               f"| gain in int8 {score} over labels-only | seeds | per seed | spread (largest "
               "stdev) | > 2x spread on every seed |", "|---|---|---|---|---|"]
-    for v in ("kd", "kd+transfer"):
+    for v in ran(runs):
         g = s.get(f"{v}_over_labels")
         if g:
             lines.append(f"| {v} | {', '.join(map(str, g['seeds']))} | "
@@ -176,7 +187,7 @@ def to_markdown(result: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for r in runs:
-        for v in VARIANTS:
+        for v in ran(runs):
             if v in r:
                 x = r[v]
                 int8, teacher = (x["p50_ms"].get(n, nan) for n in ("student-int8", "teacher"))
@@ -189,10 +200,11 @@ def to_markdown(result: dict) -> str:
 
 
 def write(results: Path, recipe: str, runs: list[dict], teacher_minutes: float,
-          one_core: dict | None) -> str:
+          one_core: dict | None, variants: dict) -> str:
     result = {"benchmark": f"workloads/{recipe}", "recipe": load_recipe(recipe).to_dict(),
               "environment": environment(), "teacher_minutes": teacher_minutes,
-              "one_core": one_core, "runs": runs, "summary": summarise(runs)}
+              "one_core": one_core, "variants": variants, "runs": runs,
+              "summary": summarise(runs)}
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{recipe}.json").write_text(json.dumps(result, indent=2))
     text = to_markdown(result)
@@ -206,6 +218,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--work", type=Path, default=HERE / "work")
     parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--try", dest="tries", nargs="+", action="append", default=[],
+                        metavar=("NAME", "OVERRIDE"),
+                        help="a further variant: kd+transfer (kd without a transfer set) "
+                             "with these --set overrides, e.g. distill.alpha_distill=0.9")
     args = parser.parse_args()
     work = args.work / args.recipe
     # the teacher stage alone (skipped when finished), then every student learns from it
@@ -218,22 +234,29 @@ def main() -> None:
     runs = {seed: {"seed": seed} for seed in args.seeds}
     one_core = None
     transfer = load_recipe(args.recipe).transfer.active
-    plan = [(seed, variant) for group in (GROUPS if transfer else GROUPS[:1])
-            for seed in args.seeds for variant in group]
+    variants = dict(VARIANTS if transfer else {k: VARIANTS[k] for k in GROUPS[0]})
+    for name, *overrides in args.tries:
+        if name in variants or not overrides:
+            parser.error(f"--try {name}: give a new variant's name, then its overrides")
+        variants[name] = [*VARIANTS["kd+transfer" if transfer else "kd"], *overrides]
+    groups = [*(GROUPS if transfer else GROUPS[:1]), *([n] for n, *_ in args.tries)]
+    plan = [(seed, variant) for group in groups for seed in args.seeds for variant in group]
     # finished runs first (a rerun only reads them back), so the results show every one of
     # them while the others still train; the rest keep their order
     plan.sort(key=lambda run_: not (work / f"seed-{run_[0]}-{run_[1]}" / "report.json").is_file())
     for seed, variant in plan:
         folder = work / f"seed-{seed}-{variant}"
-        row = one_run(args.recipe, folder, [f"seed={seed}", *shared, *VARIANTS[variant]])
+        row = one_run(args.recipe, folder, [f"seed={seed}", *shared, *variants[variant]])
         runs[seed][variant] = row
         if one_core is None:  # the same shapes in every run: measured once
             one_core = one_core_speedup(folder, load_recipe(args.recipe).bench.profile)
         print(f"seed {seed} {variant}: int8 score {row['student_int8_f1']:.4f}, "
               f"agreement {row['student_int8_agreement']:.4f}, {row['minutes']:.1f} min",
               flush=True)
-        write(args.results, args.recipe, list(runs.values()), teacher_minutes, one_core)
-    print(write(args.results, args.recipe, list(runs.values()), teacher_minutes, one_core))
+        write(args.results, args.recipe, list(runs.values()), teacher_minutes, one_core,
+              variants)
+    print(write(args.results, args.recipe, list(runs.values()), teacher_minutes, one_core,
+                variants))
 
 
 if __name__ == "__main__":
