@@ -26,8 +26,8 @@ A recipe without a transfer set (a tagger: transfer sets are built for text clas
 with other settings, run after the others on the same seeds and compared with labels-only
 like them; a rerun lists it only when given the same ``--try`` again:
 
-    python benchmarks/workloads.py tweets-mpnet --try teacher-led distill.alpha_distill=0.9 \
-        distill.alpha_ce=0.1
+    python benchmarks/workloads.py tweets-mpnet --try kd0.9+all-transfer \
+        distill.alpha_distill=0.9 distill.alpha_ce=0.1 "transfer.unlabelled=[{source: tweets}]"
 """
 
 from __future__ import annotations
@@ -35,9 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 from edgedistill.bench.runner import BenchSettings, benchmark
 from edgedistill.host import environment
