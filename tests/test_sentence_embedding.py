@@ -153,6 +153,26 @@ def test_pipeline_distils_exports_quantizes_and_reports_an_embedder(tmp_path, ca
     assert losses and all(h["loss_hidden_mse"] > 0 for h in losses)
 
 
+def test_more_text_in_a_transfer_set_is_embedded_by_the_teacher_and_trained_on(tmp_path):
+    # on-device search indexes other text than the labelled set: transfer.unlabelled adds it
+    out, extra = tmp_path / "out", make_texts(30, seed=7)[0]
+    train, test = make_texts(90, 0)[0], make_texts(40, 1)[0]
+    (tmp_path / "more.txt").write_text("\n".join([*extra, extra[0], train[5], test[3]]) + "\n")
+    recipe = write_recipe(tmp_path, **{"epochs: 3": "epochs: 1", "quantize:": (
+        f"transfer: {{unlabelled: [{{source: {tmp_path / 'more.txt'}}}]}}\nquantize:")})
+    assert main(["run", str(recipe), "--output", str(out)]) == 0
+    record = json.loads((out / "distill" / "manifest.json").read_text())["record"]
+    # a repeat, a training text and a test text left out; the teacher embedded the rest
+    assert record["transfer"]["size"] == len(set(extra)) == 30
+    assert record["transfer"]["sources"] == {str(tmp_path / "more.txt"): 30}
+    assert record["transfer"]["training_rows"] == 81
+    # kept apart from the training texts' embeddings: train, validation, transfer set
+    assert len(list((tmp_path / "teacher-logits").glob("embeddings-*.safetensors"))) == 3
+    # one epoch over both in batches of 16 (the training texts alone take 6 steps)
+    assert {h["step"] for h in record["log_history"] if "eval_spearman" in h} == {7}
+    assert "transfer set: 30 teacher-labelled rows beside 81" in (out / "report.md").read_text()
+
+
 def test_similarity_loss_ignores_width_and_rotation():
     torch.manual_seed(0)
     teacher = torch.randn(6, 8)
@@ -218,6 +238,8 @@ def test_labels_are_read_only_when_the_recipe_names_them(tmp_path):
      "distill.distill_loss: 'soft_cross_entropy' does not compare sentence embeddings"),
     ({"alpha_distill: 1.0": "alpha_distill: 0"},
      "distill.alpha_distill: 0"),
+    ({"quantize:": "transfer: {augment: {factor: 2}}\nquantize:"},
+     "transfer: task sentence-embedding takes more text (transfer.unlabelled) only"),
     ({"student: {num_layers: 2}": "student: {init: pruned, config: {hidden_size: 16}}"},
      "student: its width 16 differs from the teacher's 32, and distill.distill_loss "
      "embedding_mse compares"),

@@ -130,7 +130,7 @@ def test_a_labelled_subsets_own_split_gives_max_samples_new_texts(tmp_path):
     from datasets import DatasetDict
 
     from edgedistill.data import TaskData
-    from edgedistill.distill.training import _unlabelled
+    from edgedistill.distill.training import unlabelled_texts
     from edgedistill.recipe import TransferConfig, UnlabelledConfig
 
     pool = [f"tweet number {i}" for i in range(40)]
@@ -139,10 +139,10 @@ def test_a_labelled_subsets_own_split_gives_max_samples_new_texts(tmp_path):
     data = TaskData(DatasetDict(train=split(pool[:10]), validation=split(pool[10:12]),
                                 test=split(pool[12:14])), labels=LABELS)
     cfg = TransferConfig(unlabelled=[UnlabelledConfig(str(tmp_path / "pool.txt"), max_samples=20)])
-    got = _unlabelled(cfg, data, seed=0, labelled=pool[:10])[str(tmp_path / "pool.txt")]
+    got = unlabelled_texts(cfg, data, seed=0, labelled=pool[:10])[str(tmp_path / "pool.txt")]
     assert len(got) == 20 and not set(got) & set(pool[:14])
     # without labelled texts the sample may hold training rows (a language model's extra text)
-    assert set(_unlabelled(cfg, data, seed=1)[str(tmp_path / "pool.txt")]) & set(pool[:10])
+    assert set(unlabelled_texts(cfg, data, seed=1)[str(tmp_path / "pool.txt")]) & set(pool[:10])
 
 
 def test_unlabelled_from_a_saved_dataset(tmp_path):

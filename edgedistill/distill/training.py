@@ -284,18 +284,18 @@ class TrainingProgress(TrainerCallback):
             self.bar = None
 
 
-def _evaluation_texts(data: TaskData) -> list[str]:
+def evaluation_texts(data: TaskData) -> list[str]:
     """Texts a transfer set must never contain: the validation and test splits'."""
     return [*data.validation["text"], *data.test["text"]]
 
 
-def _unlabelled(cfg: TransferConfig, data: TaskData, seed: int,
+def unlabelled_texts(cfg: TransferConfig, data: TaskData, seed: int,
                 labelled: Sequence[str] = ()) -> dict[str, list[str]]:
     """Each unlabelled source's texts. ``labelled`` texts (a classifier's training rows) are
     left out before ``max_samples`` draws its sample, so that a source holding them (the
     training split of the data set whose labelled subset is trained on) yields that many new
     texts."""
-    exclude = [*_evaluation_texts(data), *labelled]
+    exclude = [*evaluation_texts(data), *labelled]
     return {u.source: load_unlabelled(asdict(u), data.train, exclude, seed=seed)
             for u in cfg.unlabelled}
 
@@ -310,7 +310,8 @@ def classifier_transfer(train, cfg: TransferConfig, data: TaskData, teacher, tok
         if aug.paraphrases else ([], 0.0)
     transfer, record = build_transfer_set(
         texts, teacher, tokenizer, factor=aug.factor, methods=aug.methods, seed=seed,
-        unlabelled=_unlabelled(cfg, data, seed, labelled=texts), exclude=_evaluation_texts(data),
+        unlabelled=unlabelled_texts(cfg, data, seed, labelled=texts),
+        exclude=evaluation_texts(data),
         max_length=max_length, batch_size=cfg.batch_size, logits=logits, paraphrased=paraphrased,
         teacher_tokenizer=teacher_tokenizer)
     log.info("transfer set: %d rows %s", record["size"], record["sources"])
@@ -322,7 +323,7 @@ def lm_transfer(cfg: TransferConfig, data: TaskData, teacher, tokenizer, block_s
                 seed: int, cache_dir: Path | None):
     """A language model's training blocks with the unlabelled text packed in, followed by the
     teacher's continuations of training-text prompts (sequence-level KD), and their record."""
-    unlabelled = _unlabelled(cfg, data, seed)
+    unlabelled = unlabelled_texts(cfg, data, seed)
     texts = [*data.train["text"], *(t for group in unlabelled.values() for t in group)]
     blocks = lm_blocks(Dataset.from_dict({"text": texts}), tokenizer, block_size)
     own = len(lm_blocks(data.train, tokenizer, block_size)) if unlabelled else len(blocks)

@@ -486,18 +486,7 @@ def build_transfer_set(texts: Sequence[str], teacher_dir_or_model, tokenizer, *,
         unlabelled = {"unlabelled": unlabelled}
     rows = [("augmented", v.method, v.text) for v in variants]
     rows += [(f"unlabelled:{name}", "", t) for name, group in unlabelled.items() for t in group]
-    banned = {normalise(t) for t in exclude}
-    seen, kept = {normalise(t) for t in texts}, []
-    dropped = Counter()
-    for row in rows:
-        key = normalise(row[2])
-        if key in banned:
-            dropped["evaluation"] += 1
-        elif not key or key in seen:
-            dropped["duplicate"] += 1
-        else:
-            seen.add(key)
-            kept.append(row)
+    kept, dropped = new_rows(rows, texts, exclude)
     sources, methods_used, text_col = (list(c) for c in zip(*kept)) if kept else ([], [], [])
     texts_ds = Dataset.from_dict({"text": text_col, "label": [IGNORE_INDEX] * len(kept)})
     ds = tokenize(texts_ds, tokenizer, max_length)
@@ -514,6 +503,26 @@ def build_transfer_set(texts: Sequence[str], teacher_dir_or_model, tokenizer, *,
               "skipped_variants": skipped,
               "dropped": dict(dropped), "teacher_seconds": round(seconds, 3)}
     return ds, record
+
+
+def new_rows(rows: Sequence[tuple], texts: Sequence[str],
+             exclude: Sequence[str]) -> tuple[list[tuple], Counter]:
+    """``rows`` (tuples whose last item is a text) without those equal, after whitespace
+    normalisation, to an ``exclude`` text (validation / test), to a training ``texts`` or to
+    an earlier row, or empty; and how many were dropped for each reason."""
+    banned = {normalise(t) for t in exclude}
+    seen, kept = {normalise(t) for t in texts}, []
+    dropped = Counter()
+    for row in rows:
+        key = normalise(row[-1])
+        if key in banned:
+            dropped["evaluation"] += 1
+        elif not key or key in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(key)
+            kept.append(row)
+    return kept, dropped
 
 
 def join_transfer(train: Dataset, transfer: Dataset) -> Dataset:

@@ -286,17 +286,24 @@ def refuse(condition: bool, message: str) -> None:
         raise EdgeDistillError(message)
 
 
-def refuse_classifier_and_lm_extras(r: Recipe, task: str) -> None:
+def refuse_classifier_and_lm_extras(r: Recipe, task: str, more_text: bool = False) -> None:
     """Refuse what is built for text classifiers and language models only: the teacher cache,
-    the int8-aware phase, int4, accuracy-aware tuning and transfer sets."""
+    the int8-aware phase, int4, accuracy-aware tuning and transfer sets (but for their
+    unlabelled text where ``more_text``: a task that learns from text alone takes it)."""
     q, d = r.quantize, r.distill
     refuse(d.cache_teacher or q.int4 or q.pytorch_int4 or q.genai or d.qat_epochs > 0,
            f"distill.cache_teacher, distill.qat_epochs, quantize.int4, quantize.pytorch_int4 "
            f"and quantize.genai are not built for task {task}; its int8 path is quantize.mode")
     refuse(q.tolerable_loss is not None, "quantize.tolerable_loss: accuracy-aware tuning scores "
            f"text classifiers; for task {task} leave it unset")
-    refuse(r.transfer.active, "transfer: transfer sets are built for text classifiers and "
-           f"language models, not for task {task}")
+    t = r.transfer
+    if more_text:
+        refuse(bool(t.augment.factor or t.augment.paraphrases or t.generate.prompts),
+               f"transfer: task {task} takes more text (transfer.unlabelled) only; augmented "
+               "and generated rows are built for text classifiers and language models")
+    else:
+        refuse(t.active, "transfer: transfer sets are built for text classifiers and "
+               f"language models, not for task {task}")
 
 
 def check_per_token_task(r: Recipe, task: str, head: str, what: str) -> None:

@@ -5,9 +5,11 @@ as a batch of 32 (an index build)."""
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from dataclasses import replace
 
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from transformers import AutoConfig, AutoModel, DataCollatorWithPadding
 
 from ..bench.runner import benchmark
@@ -16,7 +18,8 @@ from ..distill.embedding_trainer import check_embedding_settings, embedding_agre
 from ..distill.losses import POINTWISE
 from ..distill.student import shares_tokenizer
 from ..distill.teacher_outputs import TEACHER_EMBEDDING, teacher_embeddings
-from ..distill.training import plan_student
+from ..distill.training import evaluation_texts, plan_student, unlabelled_texts
+from ..distill.transfer import new_rows
 from ..evaluation import embed, embedding_metrics
 from ..pooling import carry, require_pooling
 from ..progress import silenced
@@ -44,21 +47,41 @@ def embedding_sets(tokenizer, args, data, data_cfg, teacher=None, cache_dir=None
                    teacher_tokenizer=None):
     """Training and validation texts tokenized for the student, each with the teacher's
     embedding (computed once, read the teacher's way when the student has its own tokenizer:
-    the target is one vector per text), the collator, the validation score and the teacher
-    the trainer still runs (only for layer matches). The signature is every task's
-    ``training_sets``'; ``cache_*`` and ``transfer*`` do not apply (preflight refuses them)."""
+    the target is one vector per text), the collator, the validation score, the teacher the
+    trainer still runs (only for layer matches) and the transfer record. A transfer set here
+    is more text (``transfer.unlabelled``) the teacher embeds like the training texts. The
+    signature is every task's ``training_sets``'; ``cache_*`` do not apply (preflight refuses
+    them)."""
     length = data_cfg.max_length
 
-    def prepared(split: Dataset) -> Dataset:
-        texts = list(split["text"])
-        encoded = split.map(lambda b: tokenizer(b["text"], truncation=True, max_length=length),
-                            batched=True, remove_columns=split.column_names, desc="tokenize")
+    def prepared(texts: list[str]) -> Dataset:
+        encoded = tokenizer(texts, truncation=True, max_length=length)
         targets = teacher_embeddings(teacher, teacher_tokenizer or tokenizer, texts, length)
-        return encoded.add_column(TEACHER_EMBEDDING, targets)
+        return Dataset.from_dict({**encoded, TEACHER_EMBEDDING: targets})
 
+    train, extra = prepared(list(data.train["text"])), {}
+    if transfer is not None and transfer.active:
+        texts, extra["transfer"] = more_text(transfer, data, args.seed)
+        start = time.perf_counter()
+        # embedded apart from the training texts: the teacher's kept embeddings of those
+        # (their file is named by the texts) still serve
+        train = concatenate_datasets([train, prepared(texts)]) if texts else train
+        extra["transfer"]["teacher_seconds"] = round(time.perf_counter() - start, 3)
     live = teacher if args.matches and teacher_tokenizer is None else None
-    return (prepared(data.train), prepared(data.validation), DataCollatorWithPadding(tokenizer),
-            embedding_agreement, live, {})
+    return (train, prepared(list(data.validation["text"])), DataCollatorWithPadding(tokenizer),
+            embedding_agreement, live, extra)
+
+
+def more_text(cfg, data, seed: int) -> tuple[list[str], dict]:
+    """The texts of ``cfg.unlabelled`` (a recipe's transfer block) that are neither training,
+    validation or test texts nor repeats, and their record for the report."""
+    texts = list(data.train["text"])
+    unlabelled = unlabelled_texts(cfg, data, seed, labelled=texts)
+    kept, dropped = new_rows([(name, t) for name, group in unlabelled.items() for t in group],
+                             texts, evaluation_texts(data))
+    return [t for _, t in kept], {"size": len(kept), "training_rows": len(texts),
+                                  "sources": dict(Counter(name for name, _ in kept)),
+                                  "dropped": dict(dropped)}
 
 
 class SentenceEmbeddingTask(Task):
@@ -126,9 +149,9 @@ class SentenceEmbeddingTask(Task):
         refuse(r.teacher.finetune, "teacher.finetune: a sentence-embedding teacher is used as "
                "it is (its embeddings are the targets; there is no labelled objective to "
                "fine-tune it on); set teacher.finetune: false")
-        # a sentence embedder learns from unlabelled text already: more text goes in
-        # data.source, not in a transfer set
-        refuse_classifier_and_lm_extras(r, self.name)
+        # a sentence embedder learns from text alone: its transfer set is more text
+        # (transfer.unlabelled), embedded by the teacher like the training texts
+        refuse_classifier_and_lm_extras(r, self.name, more_text=True)
 
     def check_student(self, r: Recipe, config, teacher_tokenizer, student_tokenizer, labels):
         # the target is one vector per text, so a student may read its own tokens; layer
