@@ -23,7 +23,12 @@ process per seed, one sentence a call, the models taking turns in blocks of sent
 and an onnxruntime session for ours, both on the same threads), so the ratios compare like
 with like on a shared machine.
 
-    python benchmarks/sentence_embedding.py --seeds 42 43 44 [--more-text 24000]
+    python benchmarks/sentence_embedding.py --seeds 42 43 44 \
+        [--try student-24000 data.max_train_samples=24000]
+
+``--try NAME OVERRIDE...`` also distils the recipe's student with those settings (row
+``NAME``), e.g. more text: ``data.max_train_samples=24000`` (in-domain tweets) or
+``"transfer.unlabelled=[{source: movie-dialogs, max_samples: 18000}]"`` (other text).
 
 Needs ./setup.sh --workloads and sentence-transformers (pip install --no-deps
 sentence-transformers==5.7.0: it installs beside the pinned stack). Writes
@@ -126,19 +131,17 @@ def timed_turns(models: dict, texts: list[str], rounds: int = 3) -> dict:
             for name, t in times.items()}
 
 
-def one_seed(seed: int, sentences: int, more_text: int | None = None) -> dict:
+def one_seed(seed: int, sentences: int, tries: dict[str, list[str]]) -> dict:
     import torch
 
     torch.set_num_threads(THREADS)
     out = WORK / f"seed-{seed}"
     report = run(RECIPE, out, overrides=[f"seed={seed}"])
     rows = {m["name"]: m for m in report["models"]}
-    # two of the teacher's blocks as the student and, with --more-text, the recipe's student
-    # on more texts
-    variants = {"blocks2": (WORK / f"seed-{seed}-blocks2", BLOCKS_STUDENT)}
-    if more_text:
-        variants[f"student-{more_text}"] = (WORK / f"seed-{seed}-{more_text}",
-                                            [f"data.max_train_samples={more_text}"])
+    # two of the teacher's blocks as the student, then the recipe's student with the --try
+    # settings
+    variants = {name: (WORK / f"seed-{seed}-{name}", extra)
+                for name, extra in {"blocks2": BLOCKS_STUDENT, **tries}.items()}
     other = {}
     for name, (folder, extra) in variants.items():
         ran = run(RECIPE, folder, overrides=[f"seed={seed}", *extra])
@@ -164,7 +167,7 @@ def one_seed(seed: int, sentences: int, more_text: int | None = None) -> dict:
         ours[f"{name}-int8"] = OnnxEmbedder(folder / "quantize" / "student-int8",
                                             recipe.data.max_length)
     speed = timed_turns({**peers, **ours}, texts[:sentences])
-    return {"seed": seed, "peer_int8_config": ISA, "more_text": more_text,
+    return {"seed": seed, "peer_int8_config": ISA, "tries": tries,
             "quality": quality, "speed": speed,
             "pipeline_bench": {n: {"p50_ms": rows[n]["latency"]["p50_ms"],
                                    "batch32_per_s": rows[n]["index"]["throughput_per_s"],
@@ -181,7 +184,7 @@ def mean_sd(values: list[float]) -> str:
 def earlier_runs(seeds: list[int]) -> list[dict]:
     """The recorded runs of seeds other than ``seeds``, where they were measured on a host like
     this one (same processor and int8 instruction set): one seed's long variant
-    (``--more-text``) and the others' runs can be measured in separate invocations."""
+    (``--try``) and the others' runs can be measured in separate invocations."""
     try:
         recorded = json.loads((HERE / "results" / "sentence_embedding.json").read_text())
     except (OSError, ValueError):
@@ -242,13 +245,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--sentences", type=int, default=200,
                         help="test sentences each model encodes per timing round")
-    parser.add_argument("--more-text", type=int, metavar="N",
-                        help="also distil the recipe's student on N training texts (the recipe "
-                             "takes 6,000; 24000 adds about 45 minutes a seed on 2 cores)")
+    parser.add_argument("--try", dest="tries", nargs="+", action="append", default=[],
+                        metavar=("NAME", "OVERRIDE"),
+                        help="also distil the recipe's student with these settings (e.g. "
+                             "student-24000 data.max_train_samples=24000: about 45 minutes a "
+                             "seed on 2 cores)")
     args = parser.parse_args()
+    tries = {}
+    for name, *overrides in args.tries:
+        if not overrides or "=" in name or name in ("blocks2", "student", "teacher"):
+            parser.error(f"--try {name}: give a new variant's name, then its overrides")
+        tries[name] = overrides
     runs = earlier_runs(args.seeds)
     for seed in args.seeds:
-        runs = sorted([*runs, one_seed(seed, args.sentences, args.more_text)],
+        runs = sorted([*runs, one_seed(seed, args.sentences, tries)],
                       key=lambda r: r["seed"])
         write_results(runs)
         print((HERE / "results" / "sentence_embedding.md").read_text())
