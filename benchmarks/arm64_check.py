@@ -135,6 +135,36 @@ def compare(reference: dict, other: dict, fp32: dict | None = None) -> dict:
     return verdicts
 
 
+def divergences(package: Path, float_copy: Path, prompts: list[list[int]],
+                 x86: list[list[int]], arm: list[list[int]]) -> list[dict]:
+    """Where the x86 and arm64 greedy tokens of ``package`` part, the x86 logits of both choices
+    at that step, with the package's int8 activations and with float compute (``float_copy``),
+    the earlier tokens fed one at a time as in generation. A gap between the two choices smaller
+    than what int8 activations move the logits by is a near-tie that rounding on another
+    instruction set can flip; a larger one points at a wrong graph or kernel."""
+    from edgedistill.runtime.causal_lm import load_causal_lm
+
+    models = {"int8": load_causal_lm(package), "float": load_causal_lm(float_copy)}
+    found = []
+    for index, (prompt, ours, theirs) in enumerate(zip(prompts, x86, arm)):
+        step = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        if step is None:
+            continue
+        row, logits = {"prompt": index, "step": step, "x86_token": ours[step],
+                       "arm64_token": theirs[step]}, {}
+        for name, model in models.items():
+            last, state = model.prefill(np.array([prompt]))
+            for token in ours[:step]:
+                last, state = model.step(token, state)
+            logits[name] = last
+            second, first = np.sort(last)[-2:]
+            row[name] = {"argmax": int(last.argmax()), "top2_margin": float(first - second),
+                         "x86_over_arm64_choice": float(last[ours[step]] - last[theirs[step]])}
+        row["int8_vs_float_max_difference"] = float(np.abs(logits["int8"] - logits["float"]).max())
+        found.append(row)
+    return found
+
+
 def classifier_spec(folder: Path, texts: list[str], max_length: int, work: Path) -> dict:
     from transformers import AutoTokenizer
 
@@ -156,7 +186,22 @@ def generator_spec(folder: Path, texts: list[str], new_tokens: int) -> dict:
             "new_tokens": new_tokens}
 
 
-def markdown(verdicts: dict, arm: dict, host: dict) -> str:
+def divergence_lines(found: list[dict]) -> list[str]:
+    lines = ["", "Where the int4 package's tokens part (x86 logits at that step, earlier tokens "
+             "as on x86; computed on this host after the emulated run):", "",
+             "| prompt | step | x86 / arm64 token | int8: x86's choice over arm64's, top-2 margin "
+             "| float compute: the same | int8 vs float, largest logit difference |",
+             "|---|---|---|---|---|---|"]
+    for d in found:
+        i, f = d["int8"], d["float"]
+        lines.append(f"| {d['prompt']} | {d['step']} | {d['x86_token']} / {d['arm64_token']} | "
+                     f"{i['x86_over_arm64_choice']:+.3f}, {i['top2_margin']:.3f} | "
+                     f"{f['x86_over_arm64_choice']:+.3f}, {f['top2_margin']:.3f} "
+                     f"(argmax {f['argmax']}) | {d['int8_vs_float_max_difference']:.3f} |")
+    return lines
+
+
+def markdown(verdicts: dict, arm: dict, host: dict, found: list[dict] | None = None) -> str:
     lines = ["# Phone artifacts on arm64 (qemu-user) against x86", "",
              f"Device side: Python on `{arm['machine']}` under qemu-aarch64-static against "
              f"`{host['machine']}` natively, same files and inputs (emulated time is not "
@@ -177,6 +222,8 @@ def markdown(verdicts: dict, arm: dict, host: dict) -> str:
             lines.append(f"| {name} | greedy tokens after {v['prompts']} prompts | "
                          f"{v['identical_prompts']} of {v['prompts']} identical for "
                          f"{v['tokens_per_prompt']} tokens | {v['passed']} |")
+    if found:
+        lines += divergence_lines(found)
     return "\n".join(lines) + "\n"
 
 
@@ -189,6 +236,10 @@ def main() -> int:
     parser.add_argument("--llm", type=Path, help="an onnxruntime-genai package folder")
     parser.add_argument("--float-compute", action="store_true",
                         help="also the package with MatMulNBits in float (see the docstring)")
+    parser.add_argument("--recorded", action="store_true",
+                        help="no emulated run: the arm64 tokens recorded in --results, against "
+                             "the --llm package on this host (its tokens must be the recorded "
+                             "x86 ones), to add where they part (implies --float-compute)")
     parser.add_argument("--texts", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--work", type=Path, default=HERE / "work" / "arm64")
@@ -196,11 +247,18 @@ def main() -> int:
     args = parser.parse_args()
     if not (args.classifier or args.llm):
         parser.error("give --classifier and/or --llm")
+    if args.recorded and (args.classifier or not args.llm):
+        parser.error("--recorded takes --llm only")
+    args.float_compute |= args.recorded
     from edgedistill.data import load_task_data
     from edgedistill.quantization.int4 import float_compute_copy
     from edgedistill.recipe import load_recipe
 
-    work = setup(args.work.resolve())
+    work = args.work.resolve()
+    if args.recorded:
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        setup(work)
     recipe = load_recipe()  # the drug reviews' held-out texts feed both artifacts
     texts = list(load_task_data(recipe.data, recipe.seed).test["text"])[:args.texts]
     artifacts = {}
@@ -223,15 +281,30 @@ def main() -> int:
         fp32_spec.write_text(json.dumps({"artifacts": {"classifier-int8-ort": reference}}))
         fp32 = {k: v["logits"] for k, v in
                 on_host(fp32_spec, work / "fp32.json")["results"].items()}
-    print("x86 done; arm64 under emulation ...", flush=True)
-    arm = on_arm64(work, spec, work / "arm64.json")
-    verdicts = compare(host, arm, fp32)
+    if args.recorded:
+        recorded = json.loads((args.results / "arm64_check.json").read_text())
+        arm, verdicts = recorded["arm64"], recorded["verdicts"]
+        if any(host["results"][k] != recorded["x86"]["results"][k] for k in artifacts):
+            sys.exit(f"{args.llm}: its greedy tokens here are not the recorded x86 ones: not "
+                     "the package that was checked; run without --recorded")
+        host, paths = recorded["x86"], recorded["artifacts"]  # the classifier's kept too
+    else:
+        print("x86 done; arm64 under emulation ...", flush=True)
+        arm = on_arm64(work, spec, work / "arm64.json")
+        verdicts = compare(host, arm, fp32)
+        paths = {k: v["model"] for k, v in artifacts.items()}
+    found = None
+    if args.float_compute:
+        llm = artifacts["llm-int4-genai"]
+        found = divergences(Path(llm["model"]), copy, llm["prompts"],
+                            host["results"]["llm-int4-genai"]["tokens"],
+                            arm["results"]["llm-int4-genai"]["tokens"])
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "arm64_check.json").write_text(json.dumps(
-        {"verdicts": verdicts, "artifacts": {k: v["model"] for k, v in artifacts.items()},
-         "x86": host, "arm64": arm}, indent=1) + "\n")
-    (args.results / "arm64_check.md").write_text(markdown(verdicts, arm, host))
-    print(markdown(verdicts, arm, host))
+        {"verdicts": verdicts, "artifacts": paths,
+         "x86": host, "arm64": arm, "divergences": found}, indent=1) + "\n")
+    (args.results / "arm64_check.md").write_text(markdown(verdicts, arm, host, found))
+    print(markdown(verdicts, arm, host, found))
     return 0 if all(v["passed"] for v in verdicts.values()) else 1
 
 

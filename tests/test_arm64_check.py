@@ -74,3 +74,26 @@ def test_generated_tokens_must_be_identical():
     other = {"results": {"llm": {"tokens": [[5, 6, 7], [8, 9, 11]]}}}
     verdict = arm64_check.compare(reference, other)["llm"]
     assert not verdict["passed"] and verdict["identical_prompts"] == 1
+
+
+def test_where_greedy_tokens_part_the_logits_of_both_choices_are_read_back(tmp_path):
+    from edgedistill.quantization.genai import build_genai_package
+    from edgedistill.quantization.int4 import float_compute_copy
+    from edgedistill.runtime.causal_lm import load_causal_lm
+    from tests.test_genai import tiny_decoder
+
+    _, tokenizer = tiny_decoder(tmp_path / "model", "LlamaForCausalLM")
+    build_genai_package(tmp_path / "model", tmp_path / "int4", block_size=16)
+    copy = float_compute_copy(tmp_path / "int4", tmp_path / "float")
+    prompts = [tokenizer("the cat saw a dog")["input_ids"], tokenizer("a dog")["input_ids"]]
+    x86 = [load_causal_lm(tmp_path / "int4").greedy(np.array([p]), 6) for p in prompts]
+    arm = [list(x86[0]), [*x86[1][:2], (x86[1][2] + 1) % len(tokenizer), *x86[1][3:]]]
+    found = arm64_check.divergences(tmp_path / "int4", copy, prompts, x86, arm)
+    assert [(d["prompt"], d["step"]) for d in found] == [(1, 2)]  # prompt 0 never parts
+    d = found[0]
+    assert (d["x86_token"], d["arm64_token"]) == (x86[1][2], arm[1][2])
+    # fed as in generation, the package's logits at that step choose what it chose on x86
+    assert d["int8"]["argmax"] == x86[1][2]
+    assert d["int8"]["x86_over_arm64_choice"] >= d["int8"]["top2_margin"] > 0
+    assert d["int8_vs_float_max_difference"] > 0  # int8 activations do move the logits
+    assert "| 1 | 2 |" in "\n".join(arm64_check.divergence_lines(found))
