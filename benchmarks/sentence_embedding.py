@@ -181,12 +181,12 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-def earlier_runs(seeds: list[int]) -> list[dict]:
+def earlier_runs(seeds: list[int], name: str) -> list[dict]:
     """The recorded runs of seeds other than ``seeds``, where they were measured on a host like
     this one (same processor and int8 instruction set): one seed's long variant
     (``--try``) and the others' runs can be measured in separate invocations."""
     try:
-        recorded = json.loads((HERE / "results" / "sentence_embedding.json").read_text())
+        recorded = json.loads((HERE / "results" / f"{name}.json").read_text())
     except (OSError, ValueError):
         return []
     here = environment()
@@ -195,7 +195,7 @@ def earlier_runs(seeds: list[int]) -> list[dict]:
     return [r for r in recorded["runs"] if r["seed"] not in seeds]
 
 
-def write_results(runs: list[dict]) -> None:
+def write_results(runs: list[dict], name: str) -> None:
     names = list(dict.fromkeys(["teacher", "teacher-st-int8", "minilm-st-int8", "student",
                                 "student-int8", *(n for r in runs for n in r["quality"])]))
     lines = ["# Sentence embeddings: MiniLM-L6 distilled from MPNet vs sentence-transformers' "
@@ -235,8 +235,8 @@ def write_results(runs: list[dict]) -> None:
                   f"{r['pipeline_bench']['teacher']['batch32_per_s']:.0f} sentences/s"
                   for r in runs)]
     results = HERE / "results"
-    (results / "sentence_embedding.md").write_text("\n".join(lines) + "\n")
-    (results / "sentence_embedding.json").write_text(json.dumps(
+    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (results / f"{name}.json").write_text(json.dumps(
         {"runs": runs, "environment": environment()}, indent=2, default=str))
 
 
@@ -250,18 +250,21 @@ def main() -> None:
                         help="also distil the recipe's student with these settings (e.g. "
                              "student-24000 data.max_train_samples=24000: about 45 minutes a "
                              "seed on 2 cores)")
+    parser.add_argument("--name", default="sentence_embedding",
+                        help="the results files' name in benchmarks/results/ (another host's "
+                             "runs go in files of their own)")
     args = parser.parse_args()
     tries = {}
     for name, *overrides in args.tries:
         if not overrides or "=" in name or name in ("blocks2", "student", "teacher"):
             parser.error(f"--try {name}: give a new variant's name, then its overrides")
         tries[name] = overrides
-    runs = earlier_runs(args.seeds)
+    runs = earlier_runs(args.seeds, args.name)
     for seed in args.seeds:
         runs = sorted([*runs, one_seed(seed, args.sentences, tries)],
                       key=lambda r: r["seed"])
-        write_results(runs)
-        print((HERE / "results" / "sentence_embedding.md").read_text())
+        write_results(runs, args.name)
+        print((HERE / "results" / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":
