@@ -181,12 +181,12 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-def earlier_runs(seeds: list[int], name: str) -> list[dict]:
+def earlier_runs(seeds: list[int], stem: str) -> list[dict]:
     """The recorded runs of seeds other than ``seeds``, where they were measured on a host like
     this one (same processor and int8 instruction set): one seed's long variant
     (``--try``) and the others' runs can be measured in separate invocations."""
     try:
-        recorded = json.loads((HERE / "results" / f"{name}.json").read_text())
+        recorded = json.loads((HERE / "results" / f"{stem}.json").read_text())
     except (OSError, ValueError):
         return []
     here = environment()
@@ -195,7 +195,7 @@ def earlier_runs(seeds: list[int], name: str) -> list[dict]:
     return [r for r in recorded["runs"] if r["seed"] not in seeds]
 
 
-def write_results(runs: list[dict], name: str) -> None:
+def write_results(runs: list[dict], stem: str) -> None:
     names = list(dict.fromkeys(["teacher", "teacher-st-int8", "minilm-st-int8", "student",
                                 "student-int8", *(n for r in runs for n in r["quality"])]))
     lines = ["# Sentence embeddings: MiniLM-L6 distilled from MPNet vs sentence-transformers' "
@@ -235,8 +235,8 @@ def write_results(runs: list[dict], name: str) -> None:
                   f"{r['pipeline_bench']['teacher']['batch32_per_s']:.0f} sentences/s"
                   for r in runs)]
     results = HERE / "results"
-    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
-    (results / f"{name}.json").write_text(json.dumps(
+    (results / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (results / f"{stem}.json").write_text(json.dumps(
         {"runs": runs, "environment": environment()}, indent=2, default=str))
 
 

@@ -290,7 +290,7 @@ def evaluation_texts(data: TaskData) -> list[str]:
 
 
 def unlabelled_texts(cfg: TransferConfig, data: TaskData, seed: int,
-                labelled: Sequence[str] = ()) -> dict[str, list[str]]:
+                     labelled: Sequence[str] = ()) -> dict[str, list[str]]:
     """Each unlabelled source's texts. ``labelled`` texts (a classifier's training rows) are
     left out before ``max_samples`` draws its sample, so that a source holding them (the
     training split of the data set whose labelled subset is trained on) yields that many new
