@@ -145,6 +145,14 @@ def test_a_float_compute_copy_keeps_the_4_bit_weights_only(causal, tmp_path):
     (tmp_path / "again" / "model.onnx").unlink()
     float_compute_copy(outside, tmp_path / "again")
     assert weights.stat().st_size == size
+    # another model written where the source was is copied again, not taken for the kept copy
+    changed = onnx.load(str(outside / "model.onnx"))
+    changed.graph.node[0].name = "another model"
+    onnx.save_model(changed, str(outside / "model.onnx"), save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=0)
+    again = onnx.load(str(float_compute_copy(outside, tmp_path / "again") / "model.onnx"),
+                      load_external_data=False)
+    assert again.graph.node[0].name == "another model"
     with pytest.raises(EdgeDistillError, match="no ONNX model to copy"):
         float_compute_copy(tmp_path, tmp_path / "none")
 

@@ -158,15 +158,21 @@ def float_compute_copy(folder: str | Path, out: str | Path) -> Path:
     4-bit weights meet float activations, not int8-rounded ones, whose rounding differs between
     CPU instruction sets. It tells a wrong graph from int8 arithmetic that rounds otherwise
     (benchmarks/arm64_check.py) and gives the perplexity the 4-bit weights alone cost
-    (benchmarks/int4_gptq.py); it decodes about 3x slower on x86. Kept if already written."""
+    (benchmarks/int4_gptq.py); it decodes slower on x86, the 8-bit head of an onnxruntime-genai
+    package 40x so (benchmarks/results/genai_package.md). Kept if already written from the
+    same source file (its path, size and time in ``float_compute_of.json``)."""
     folder, out = Path(folder), Path(out)
     source = onnx_file(folder)
     if source is None:
         raise EdgeDistillError(f"{folder}: no ONNX model to copy; give a quantize-stage int4 "
                                "folder or an onnxruntime-genai package")
-    target = out / source.name
-    if target.is_file():
+    target, marker = out / source.name, out / "float_compute_of.json"
+    stat = source.stat()
+    origin = {"source": str(source.resolve()), "bytes": stat.st_size,
+              "mtime_ns": stat.st_mtime_ns}
+    if target.is_file() and marker.is_file() and json.loads(marker.read_text()) == origin:
         return out
+    target.unlink(missing_ok=True)  # another model's copy: replaced, not kept
     out.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(source))
     for node in model.graph.node:
@@ -185,6 +191,7 @@ def float_compute_copy(folder: str | Path, out: str | Path) -> Path:
     onnx.save_model(model, str(part), save_as_external_data=external,
                     all_tensors_to_one_file=True, location=f"{source.name}.data")
     os.replace(part, target)
+    marker.write_text(json.dumps(origin) + "\n")
     return out
 
 
