@@ -188,7 +188,7 @@ def _recipe_lines(report: dict, model: dict) -> list[str]:
 
 # the settings a quantization record shows, where it has them
 QUANT_KEYS = ("mode", "calibration", "calibration_samples", "preset", "per_channel", "algorithm",
-              "bits", "block_size", "accuracy_level")
+              "bits", "block_size", "accuracy_level", "embedding")
 
 
 def _quantization(report: dict, model: dict) -> str:

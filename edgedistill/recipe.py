@@ -362,20 +362,23 @@ class QuantizeConfig:
     int4: bool = _f(False, "Also write a 4-bit weight-only model (MatMulNBits), for decoders.")
     int4_block_size: int = _f(32, "Weights sharing one 4-bit scale (a power of two).", ge=16)
     int4_accuracy_level: Optional[int] = _f(
-        None, "MatMulNBits compute type: 4 = int8 (fastest on CPU), 0/None = the input's type.",
-        ge=0, le=4)
+        4, "MatMulNBits compute type: 4 = int8 activations (the fast CPU path; onnxruntime-"
+           "genai's builder's own default on CPU); 0/None = the input's type, float: slower, "
+           "the 8-bit head most, but rounded alike on every CPU, so greedy tokens on arm64 "
+           "match x86 (benchmarks/results/arm64_check.md).", ge=0, le=4)
     pytorch_int4: Optional[Literal["rtn", "gptq", "awq"]] = _f(
         None, "Causal LMs: also a 4-bit weight-only PyTorch model rounded by Intel Neural "
               "Compressor (rtn, gptq or awq; groups of int4_block_size), for targets that run "
               "PyTorch: smaller, not faster on CPU.")
     genai: bool = _f(False, "Causal LMs: also an onnxruntime-genai package (student-int4-genai: "
-                            "int4 weights and a 4-bit embedding shared with the tied head, "
-                            "built by onnxruntime-genai's model builder; blocks of "
-                            "int4_block_size, compute int4_accuracy_level), the folder an app "
-                            "runs with onnxruntime_genai.Model.")
+                            "int4 weights rounded by int4_algorithm and an 8-bit embedding "
+                            "shared with the tied head, built by onnxruntime-genai's model "
+                            "builder; blocks of int4_block_size, compute int4_accuracy_level), "
+                            "the folder an app runs with onnxruntime_genai.Model.")
     int4_algorithm: Literal["rtn", "gptq"] = _f(
         "rtn", "int4 rounding: rtn (to nearest, seconds) or gptq (error-correcting, calibrated "
-               "on calibration_samples training texts, minutes).")
+               "on calibration_samples training texts, minutes; onnxruntime's GPTQ for int4, "
+               "Intel Neural Compressor's for the genai package).")
 
     def check(self, where: str = "quantize.") -> None:
         if self.int4_block_size & (self.int4_block_size - 1):  # MatMulNBits' blocks

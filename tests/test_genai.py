@@ -1,7 +1,8 @@
 """onnxruntime-genai packages built by its model builder from tiny random decoders: what the
-builder writes computes what transformers computes, the int4 package keeps one 4-bit matrix
-for the embedding and the tied head, an app-style generation runs, and what cannot be built is
-refused in one line with nothing left behind."""
+builder writes computes what transformers computes, the int4 package keeps one matrix (8 or 4
+bits) for the embedding and the tied head, GPTQ's weights reach it as Intel Neural Compressor
+rounded them, an app-style generation runs, and what cannot be built is refused in one line
+with nothing left behind."""
 
 import numpy as np
 import onnx
@@ -55,17 +56,21 @@ def test_the_fp32_package_generates_what_transformers_generates(tmp_path, archit
     np.testing.assert_allclose(package.logits(prompt), reference, atol=1e-3)
 
 
-def test_the_int4_package_shares_one_4bit_matrix_and_generates_like_an_app(tmp_path):
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_the_int4_package_shares_one_matrix_and_generates_like_an_app(tmp_path, head_bits):
     tiny_decoder(tmp_path / "model", "LlamaForCausalLM")
     fp32 = build_genai_package(tmp_path / "model", tmp_path / "fp32", precision="fp32")
-    record = build_genai_package(tmp_path / "model", tmp_path / "int4", block_size=16)
-    assert record["embedding"] == "4-bit, shared with the output head"
+    record = build_genai_package(tmp_path / "model", tmp_path / "int4", block_size=16,
+                                 head_bits=head_bits)
+    assert record["embedding"] == f"{head_bits}-bit, shared with the output head"
     graph = onnx.load(str(onnx_file(tmp_path / "int4"))).graph
     producer = {out: n for n in graph.node for out in n.output}
     head = [n for n in graph.node if n.op_type == "MatMulNBits"][-1]
     gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
     table = producer[gather.input[0]]  # the head's packed weight, reshaped into rows
     assert table.op_type == "Reshape" and table.input[0] == head.input[1]
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in (head, gather)}
+    assert set(bits.values()) == {head_bits}
     vocab = len(make_bpe_tokenizer())
     assert not [t.name for t in graph.initializer if list(t.dims) == [vocab, 64]]  # no float table
     assert record["size_mb"] == pytest.approx(size_on_disk_mb(tmp_path / "int4"), abs=1e-3)
@@ -85,6 +90,44 @@ def test_the_int4_package_shares_one_4bit_matrix_and_generates_like_an_app(tmp_p
     assert len(new) == 24 - len(prompt)
     assert isinstance(tokenizer.decode(new), str)
     assert load_causal_lm(tmp_path / "int4").greedy(np.array([prompt]), len(new)) == new
+
+
+def test_gptq_weights_reach_the_package_as_neural_compressor_rounded_them(tmp_path):
+    """The builder reads INC's GPTQ checkpoint once it is rewritten into AutoGPTQ's form: the
+    package computes what INC's own model computes, up to the package's 8-bit head (a zero
+    point or group index read wrongly would move every weight by a rounding step)."""
+    from edgedistill.quantization.weight_only import quantize_weight_only
+    from edgedistill.runtime.weight_only import load_weight_only
+
+    model, tokenizer = tiny_decoder(tmp_path / "model", "LlamaForCausalLM")
+    texts = ["the cat saw a dog and the dog saw a bird", "a bird sat on the big red house"] * 4
+    record = build_genai_package(tmp_path / "model", tmp_path / "gptq", block_size=16,
+                                 algorithm="gptq", calibration_texts=texts,
+                                 calibration_samples=8)
+    assert record["algorithm"] == "gptq" and record["calibration_texts"] == 8
+    graph = onnx.load(str(onnx_file(tmp_path / "gptq"))).graph
+    blocks = [n for n in graph.node if n.op_type == "MatMulNBits"][:-1]
+    assert blocks and all(len(n.input) == 4 for n in blocks)  # INC's zero points, asymmetric
+    quantize_weight_only(tmp_path / "model", tmp_path / "inc", "gptq", group_size=16,
+                         calibration_texts=texts, calibration_samples=8)
+    prompt = np.array([tokenizer("the cat saw a big dog")["input_ids"]])
+    with torch.no_grad():
+        inc = load_weight_only(tmp_path / "inc")(torch.from_numpy(prompt)).logits.numpy()
+        fp32 = model(torch.from_numpy(prompt)).logits.numpy()
+    package = load_causal_lm(tmp_path / "gptq").logits(prompt)
+    off_inc, off_fp32 = np.abs(package - inc).mean(), np.abs(package - fp32).mean()
+    assert off_inc < 0.5 * off_fp32, (off_inc, off_fp32)
+
+
+def test_an_unknown_rounding_is_one_line_and_nothing_is_built(tmp_path):
+    tiny_decoder(tmp_path / "model", "LlamaForCausalLM")
+    with pytest.raises(EdgeDistillError, match="genai algorithm: 'awq' is unknown; valid: rtn, "
+                                               "gptq"):
+        build_genai_package(tmp_path / "model", tmp_path / "genai", algorithm="awq")
+    with pytest.raises(EdgeDistillError, match="no calibration texts"):
+        build_genai_package(tmp_path / "model", tmp_path / "genai", block_size=16,
+                            algorithm="gptq")
+    assert not (tmp_path / "genai").exists()
 
 
 def test_an_architecture_not_checked_is_refused_before_building(tmp_path):

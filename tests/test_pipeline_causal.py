@@ -159,7 +159,7 @@ def test_an_onnxruntime_genai_package_is_built_evaluated_and_timed(tmp_path,
     recipe = write_recipe(tmp_path, tiny_llama_bpe_dir)
     assert main(["run", str(recipe), "--output", str(out), "--set", "quantize.int4=false",
                  "--set", "quantize.pytorch_int4=null", "--set", "quantize.genai=true",
-                 "--set", "report.targets=[]"]) == 0
+                 "--set", "quantize.int4_algorithm=gptq", "--set", "report.targets=[]"]) == 0
     report = json.loads((out / "report.json").read_text())
     by_name = {m["name"]: m for m in report["models"]}
     assert list(by_name) == ["teacher", "student", "student-onnx", "student-int8",
@@ -173,10 +173,13 @@ def test_an_onnxruntime_genai_package_is_built_evaluated_and_timed(tmp_path,
         by_name["student-onnx"]["metrics"]["perplexity"], rel=0.2)
     assert genai["decode_tokens_per_s"] > 0 and genai["peak_rss_mb"] > 0
     assert genai["size_mb"] < by_name["student-onnx"]["size_mb"]
-    assert report["quantization"]["genai"]["embedding"] == "4-bit, shared with the output head"
+    built = report["quantization"]["genai"]
+    assert built["embedding"] == "8-bit, shared with the output head"
+    assert built["algorithm"] == "gptq" and built["calibration_texts"] > 0  # training texts
     # its model card loads it as an app would, and the code runs as pasted
     card = (out / "quantize" / "student-int4-genai" / "README.md").read_text()
     assert "int4 onnxruntime-genai package" in card and "model builder" in card
+    assert "algorithm gptq" in card and "embedding 8-bit, shared with the output head" in card
     (code,) = python_blocks(card)
     assert execute(code).startswith("The best way to sleep better is")
 

@@ -6,9 +6,11 @@ It is built by onnxruntime-genai's own model builder from the student's transfor
 not from our optimum export: the builder writes the decoder with onnxruntime's fused operators
 (GroupQueryAttention, SkipSimplifiedLayerNormalization), 4-bit MatMul weights (MatMulNBits,
 one scale per ``block_size`` weights) and, for a model whose output head is tied to its token
-embedding, one 4-bit matrix for both (GatherBlockQuantized reads the embedding rows out of the
-head's MatMulNBits weight): the embedding, a fifth of a small LM's parameters, no longer stays
-float. An untied model gets a 4-bit embedding of its own.
+embedding, one matrix for both (GatherBlockQuantized reads the embedding rows out of the
+head's MatMulNBits weight), in 8 bits by default: the embedding, a fifth of a small LM's
+parameters, no longer stays float, and the head, whose 4-bit rounding alone cost the SmolLM2
+student a tenth more perplexity, keeps 8 bits. An untied model gets a 4-bit embedding of its own. With GPTQ the builder is handed a
+GPTQ checkpoint (Intel Neural Compressor's rounding) instead of the float student.
 
 The builder of onnxruntime-genai 0.18 is written against transformers 5, and the pinned stack
 has 4.57 (optimum-onnx needs < 4.58). Two differences matter for the decoders built here, and
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 from ..artifacts import copy_sidecars, size_on_disk_mb
 from ..errors import EdgeDistillError
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                  "GemmaForCausalLM")
 PRECISIONS = ("int4", "fp32")
+ALGORITHMS = ("rtn", "gptq")
+HEAD_BITS = (8, 4)
 # how the builder's process names the failure it reports, and each step it starts (a native
 # crash, seen with a tokenizer onnxruntime-genai cannot parse, reports nothing itself)
 _ERROR = "edgedistill-genai-error: "
@@ -68,12 +73,23 @@ def check_architecture(config: dict, where: str) -> None:
 
 
 def build_genai_package(model_dir: str | Path, output_dir: str | Path, block_size: int = 32,
-                        accuracy_level: int | None = 4, precision: str = "int4") -> dict:
+                        accuracy_level: int | None = 4, precision: str = "int4",
+                        algorithm: str = "rtn", head_bits: int = 8,
+                        calibration_texts: Sequence[str] = (), calibration_samples: int = 32,
+                        max_length: int = 128) -> dict:
     """Build the onnxruntime-genai package of the transformers causal LM in ``model_dir``
     into ``output_dir`` (``precision`` int4, or fp32 to check the builder against the source
-    model). ``accuracy_level`` 4 runs MatMulNBits with int8 activations (the fast CPU path).
-    The package is loaded, tokenizer included, before this returns: one that onnxruntime-genai
-    cannot run is an error, not an artifact."""
+    model). The package is loaded, tokenizer included, before this returns: one that
+    onnxruntime-genai cannot run is an error, not an artifact.
+
+    int4: the decoder blocks' weights are rounded by ``algorithm``, ``rtn`` (the builder's
+    round to nearest, symmetric) or ``gptq`` (Intel Neural Compressor's GPTQ on the first
+    ``calibration_samples`` of ``calibration_texts``, asymmetric, read in by the builder);
+    the output head gets ``head_bits`` (8 or 4) and, when tied, is also the embedding table.
+    On the SmolLM2 student (fp32 perplexity 117.0, benchmarks/results/genai_package.md) the
+    builder's defaults gave 147.4, GPTQ alone 129.3, an 8-bit head alone 129.4, both 117.9.
+    ``accuracy_level`` 4 runs MatMulNBits with int8 activations (the fast CPU path); 0 or
+    None computes in float, which is slower but rounds alike on every CPU."""
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     if output_dir.exists():
         raise EdgeDistillError(f"{output_dir}: already exists; the package is built into a new "
@@ -81,17 +97,34 @@ def build_genai_package(model_dir: str | Path, output_dir: str | Path, block_siz
     if precision not in PRECISIONS:
         raise EdgeDistillError(f"precision: '{precision}' is not built; valid: "
                                f"{', '.join(PRECISIONS)}")
+    if algorithm not in ALGORITHMS:
+        raise EdgeDistillError(f"genai algorithm: '{algorithm}' is unknown; valid: "
+                               f"{', '.join(ALGORITHMS)}")
+    if head_bits not in HEAD_BITS or isinstance(head_bits, bool):
+        raise EdgeDistillError(f"genai head_bits: {head_bits!r} is not built; valid: 8, 4")
     config = json.loads((model_dir / "config.json").read_text())
     check_architecture(config, str(model_dir))
-    options = [f"block_size={block_size}"]
-    if accuracy_level is not None:
-        options.append(f"accuracy_level={accuracy_level}")
     tied = config.get("tie_word_embeddings", True)  # transformers' default for these models
-    options.append("shared_embeddings=true" if tied else "op_types_to_quantize=MatMul/Gather")
+    options = ["shared_embeddings=true" if tied else "op_types_to_quantize=MatMul/Gather"]
+    if precision == "int4":
+        # the builder's level when none is given is 4 on CPU; ours means float, so say it
+        options += [f"block_size={block_size}", f"accuracy_level={accuracy_level or 0}",
+                    # rtn: with the builder's "default" method an 8-bit tied head is written
+                    # under another name than the embedding's GatherBlockQuantized reads
+                    # (onnxruntime-genai 0.18: the package does not load)
+                    "algo_config=rtn"]
+        if head_bits == 8:
+            options.append("matmul_mixed_precision=last_matmul:int8")
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as cache:  # the builder's scratch files
-        command = [sys.executable, "-m", __name__, "-i", str(model_dir), "-o", str(output_dir),
-                   "-p", precision, "-e", "cpu", "-c", cache, "--extra_options", *options]
+    with tempfile.TemporaryDirectory() as scratch:  # the builder's cache, GPTQ's checkpoint
+        source, record = model_dir, {}
+        if precision == "int4" and algorithm == "gptq":
+            source = Path(scratch) / "gptq"
+            record = _gptq_checkpoint(model_dir, source, block_size, calibration_texts,
+                                      calibration_samples, max_length)
+        command = [sys.executable, "-m", __name__, "-i", str(source), "-o", str(output_dir),
+                   "-p", precision, "-e", "cpu", "-c", str(Path(scratch) / "cache"),
+                   "--extra_options", *options]
         done = subprocess.run(command, capture_output=True, text=True)
     for stream in (done.stdout, done.stderr):  # the builder's own lines, for the stage's log
         if stream.strip():
@@ -100,15 +133,54 @@ def build_genai_package(model_dir: str | Path, output_dir: str | Path, block_siz
         shutil.rmtree(output_dir, ignore_errors=True)  # no half-built package stays behind
         raise EdgeDistillError(f"{model_dir}: {_failure(done.stderr, done.returncode)}")
     copy_sidecars(model_dir, output_dir)  # config.json: the runtimes read its sizes
+    int4 = precision == "int4"
     record = {"builder": "onnxruntime-genai model builder", "precision": precision,
-              "block_size": block_size, "accuracy_level": accuracy_level,
-              "embedding": ("4-bit, shared with the output head" if tied else "4-bit")
-              if precision == "int4" else "float",
+              "algorithm": algorithm if int4 else None, **record,
+              "block_size": block_size, "accuracy_level": accuracy_level or 0,
+              "head_bits": head_bits if int4 else 32,
+              "embedding": (f"{head_bits}-bit, shared with the output head" if tied else "4-bit")
+              if int4 else "float",
               "size_mb": round(size_on_disk_mb(output_dir), 3),
               "build_seconds": round(time.perf_counter() - start, 1)}
     (output_dir / "quantize_config.json").write_text(json.dumps(record, indent=2) + "\n")
     log.info("onnxruntime-genai %s package: %.1f MB", precision, record["size_mb"])
     return record
+
+
+def _gptq_checkpoint(model_dir: Path, out: Path, block_size: int, texts: Sequence[str],
+                     samples: int, max_length: int) -> dict:
+    """GPTQ weights of ``model_dir`` written where the builder reads a GPTQ checkpoint from.
+
+    Intel Neural Compressor rounds them (``weight_only.quantize_weight_only``) and saves
+    AutoGPTQ's packing (int32 ``qweight`` / ``qzeros``, ``scales``); the builder's GPTQ loader
+    reads that packing but not three differences of INC's file, which no library converts, so
+    they are rewritten here: INC adds a ``scale_bf16_to_fp8`` tensor per layer (dropped), a
+    zero bias for Linear layers that have none (dropped: the same function), and leaves out
+    ``g_idx``, AutoGPTQ's group of each input channel (added: channel // group size, the
+    order without act-order, which INC's GPTQ does not use)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from .weight_only import quantize_weight_only
+
+    done = quantize_weight_only(model_dir, out, "gptq", bits=4, group_size=block_size,
+                                calibration_texts=texts, calibration_samples=samples,
+                                max_length=max_length)
+    for shard in out.glob("*.safetensors"):
+        tensors = load_file(shard)
+        kept = {}
+        for name, tensor in tensors.items():
+            layer, _, kind = name.rpartition(".")
+            if kind == "scale_bf16_to_fp8":
+                continue
+            if kind == "bias" and f"{layer}.qweight" in tensors and not tensor.any():
+                continue
+            kept[name] = tensor
+            if kind == "qweight":  # eight 4-bit input channels per int32 row
+                channels = tensor.shape[0] * 8
+                kept[f"{layer}.g_idx"] = torch.arange(channels, dtype=torch.int32) // block_size
+        save_file(kept, shard, metadata={"format": "pt"})
+    return {"calibration_texts": done["calibration_texts"], "rounded_by": done["backend"]}
 
 
 # ----------------------------------------------------------------- the builder's process

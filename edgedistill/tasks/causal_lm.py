@@ -121,7 +121,8 @@ class CausalLMTask(Task):
             check_architecture(config.to_dict(), "quantize.genai")
 
     def needs_calibration(self, q: QuantizeConfig, runtimes) -> bool:
-        return (q.int4 and q.int4_algorithm == "gptq") or q.pytorch_int4 in ("gptq", "awq")
+        return ((q.int4 or q.genai) and q.int4_algorithm == "gptq") or q.pytorch_int4 in (
+            "gptq", "awq")
 
     # ------------------------------------------------------------------ stages
 
@@ -134,8 +135,10 @@ class CausalLMTask(Task):
                 algorithm=q.int4_algorithm, calibration_texts=texts,
                 calibration_samples=q.calibration_samples, max_length=length)
         if q.genai:
-            record["genai"] = build_genai_package(student_dir, out / "student-int4-genai",
-                                                  q.int4_block_size, q.int4_accuracy_level)
+            record["genai"] = build_genai_package(
+                student_dir, out / "student-int4-genai", q.int4_block_size, q.int4_accuracy_level,
+                algorithm=q.int4_algorithm, calibration_texts=texts or (),
+                calibration_samples=q.calibration_samples, max_length=length)
         if q.pytorch_int4:
             record["pytorch_int4"] = quantize_weight_only(
                 student_dir, out / "student-int4-pytorch", q.pytorch_int4,
