@@ -14,6 +14,8 @@ files on this x86 host and on arm64 under emulation (qemu-user), and their outpu
   int8 activations, which tells a kernel's rounding from a wrong graph when tokens differ;
   where the int8 tokens part, the x86 logits of both choices at that step are read back (int8
   and float compute): a gap smaller than int8 activations move the logits is a near-tie.
+  ``--more-llm FOLDER`` checks another package the same way (e.g. a variant built by
+  genai_package.py), named ``llm-<its folder>``.
 
 The arm64 side is Debian 12's arm64 Python 3.11 (debootstrap's first stage into
 ``work/arm64/root``, packages unpacked, no chroot needed) running under qemu-aarch64-static,
@@ -236,6 +238,8 @@ def main() -> int:
                         help="its fp32 ONNX model's folder (the run's export/student): sets the "
                              "int8 tolerance")
     parser.add_argument("--llm", type=Path, help="an onnxruntime-genai package folder")
+    parser.add_argument("--more-llm", type=Path, action="append", default=[],
+                        help="another package to check the same way (repeatable)")
     parser.add_argument("--float-compute", action="store_true",
                         help="also the package with MatMulNBits in float (see the docstring)")
     parser.add_argument("--texts", type=int, default=64)
@@ -261,6 +265,8 @@ def main() -> int:
     if args.llm and args.float_compute:
         copy = float_compute_copy(args.llm.resolve(), work / "float-compute")
         artifacts["llm-int4-genai-float-compute"] = generator_spec(copy, texts, args.tokens)
+    for folder in args.more_llm:
+        artifacts[f"llm-{folder.name}"] = generator_spec(folder.resolve(), texts, args.tokens)
     spec = work / "spec.json"
     spec.write_text(json.dumps({"artifacts": artifacts}))
     host = on_host(spec, work / "x86.json")

@@ -11,7 +11,14 @@ beside the fp32 ONNX student, the int8 student and the PyTorch teacher: file siz
 on the recipe's held-out test blocks, greedy tokens against onnxruntime on the same graph,
 first token and decode speed (each model in its own process, ``--rounds`` rounds taking
 turns), peak RSS. The run goes to ``work/genai/`` and is resumed: a second call with another
-``--rounds`` only benchmarks again. Writes results/genai_package.{json,md}.
+``--rounds`` only benchmarks again.
+
+Then what each of the package's choices buys, from the same distilled student: the builder's
+round to nearest with the tied embedding and head in 4 bits, each of GPTQ and an 8-bit head
+alone, both (the shipped package), and float compute (MatMulNBits' accuracy level unset: what
+greedy tokens equal on every CPU cost), each with its perplexity and its decode speed timed
+beside the teacher in one more side-by-side run (``work/genai/variants/``).
+Writes results/genai_package.{json,md}.
 
     python benchmarks/genai_package.py --rounds 3
 """
@@ -22,8 +29,17 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
+from edgedistill.artifacts import size_on_disk_mb
+from edgedistill.bench.generation import GenerationSettings, benchmark_generation
+from edgedistill.data import lm_blocks, load_task_data
+from edgedistill.evaluation import evaluate_lm
 from edgedistill.host import environment
 from edgedistill.pipeline import run
+from edgedistill.quantization.genai import build_genai_package
+from edgedistill.quantization.int4 import float_compute_copy
+from edgedistill.recipe import load_recipe
 
 HERE = Path(__file__).parent
 RECIPE = "smollm2-distill"
@@ -34,6 +50,13 @@ GOALS = (("int4 file <= 0.25x the fp32 ONNX file", "size_mb", "student-onnx", "a
          ("int4 perplexity <= 1.03x the fp32 student", "perplexity", "student", "at_most", 1.03),
          ("int4 decode tokens/s >= 8x the PyTorch teacher", "decode_tokens_per_s", "teacher",
           "at_least", 8.0))
+
+
+# the package's choices, one at a time: (name, builder's rounding, head bits); the shipped
+# package (GPTQ, 8-bit head) is the pipeline's own
+VARIANTS = (("rtn, 4-bit head", "rtn", 4), ("rtn, 8-bit head", "rtn", 8),
+            ("gptq, 4-bit head", "gptq", 4))
+SHIPPED = "gptq, 8-bit head (shipped)"
 
 
 def figures(m: dict) -> dict:
@@ -82,6 +105,67 @@ def markdown(rows: dict, goals: list[dict], result: dict, rounds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def variants(work: Path, bench: dict, shipped: Path, teacher: Path) -> dict:
+    """Perplexity, size and decode speed of the package built each way (see VARIANTS), the
+    shipped one, and float-compute copies of the shipped one and of GPTQ with a 4-bit head."""
+    recipe = load_recipe(RECIPE, ["quantize.genai=true"])
+    q, length = recipe.quantize, recipe.data.max_length
+    data = load_task_data(recipe.data, recipe.seed, labelled=False)
+    student = work / "distill" / "model"
+    from transformers import AutoTokenizer
+
+    blocks = np.asarray(lm_blocks(data.test, AutoTokenizer.from_pretrained(student),
+                                  length)["input_ids"])
+    texts = data.calibration_texts(q.calibration_samples, recipe.seed)  # as the pipeline's
+    folders = {}
+    for name, algorithm, head_bits in VARIANTS:
+        folder = work / "variants" / name.replace(", ", "-").replace(" ", "-")
+        if not folder.is_dir():
+            build_genai_package(student, folder, q.int4_block_size, q.int4_accuracy_level,
+                                algorithm=algorithm, head_bits=head_bits,
+                                calibration_texts=texts,
+                                calibration_samples=q.calibration_samples, max_length=length)
+        folders[name] = folder
+    folders[SHIPPED] = shipped
+    for name in (SHIPPED, "gptq, 4-bit head"):
+        folders[f"{name.removesuffix(' (shipped)')}, float compute"] = float_compute_copy(
+            folders[name], work / "variants" / f"{folders[name].name}-float-compute")
+    rows = {}
+    for name, folder in folders.items():
+        metrics = evaluate_lm(folder, blocks, recipe.evaluate.batch_size, desc=name)
+        rows[name] = {"perplexity": metrics["perplexity"],
+                      "size_mb": round(size_on_disk_mb(folder), 3), "folder": str(folder)}
+    # decode speed side by side with the teacher, on the pipeline's benchmark prompt
+    b = bench  # the run's, its shape filled in from the profile
+    prompt = [t for row in blocks for t in row][:b["sequence_length"]]
+    settings = GenerationSettings(prompt_tokens=b["sequence_length"], new_tokens=b["new_tokens"],
+                                  warmup=b["warmup"], iterations=b["iterations"],
+                                  rounds=b["rounds"])
+    timed = benchmark_generation([teacher, *folders.values()], b["profile"], prompt, settings)
+    teacher_speed = timed[0]["decode_tokens_per_s"]
+    for (name, row), t in zip(rows.items(), timed[1:]):
+        row.update(decode_tokens_per_s=t["decode_tokens_per_s"],
+                   x_teacher=t["decode_tokens_per_s"] / teacher_speed,
+                   ttft_p50_ms=t["ttft_ms"]["p50_ms"], peak_rss_mb=t["peak_rss_mb"])
+    return {"teacher_decode_tokens_per_s": teacher_speed, "test_tokens": int(blocks.size),
+            "rows": rows}
+
+
+def variants_markdown(v: dict, fp32_perplexity: float, fp32_size: float) -> list[str]:
+    lines = ["", "## What each of the package's choices buys", "",
+             f"The same distilled student built each way; perplexity on the same {v['test_tokens']} "
+             "test tokens; decode timed in one more side-by-side run with the PyTorch teacher "
+             f"({v['teacher_decode_tokens_per_s']:.1f} tokens/s there).", "",
+             "| package | perplexity | x fp32 student | file MB | x fp32 ONNX | decode tokens/s "
+             "| x teacher | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in v["rows"].items():
+        lines.append(f"| {name} | {r['perplexity']:.2f} | {r['perplexity'] / fp32_perplexity:.3f} "
+                     f"| {r['size_mb']:.1f} | {r['size_mb'] / fp32_size:.3f} | "
+                     f"{r['decode_tokens_per_s']:.1f} | {r['x_teacher']:.2f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -99,14 +183,20 @@ def main() -> None:
             values.append((name, ratio, ratio <= bound if direction == "at_most"
                            else ratio >= bound))
         goals.append({"goal": goal, "values": values})
+    by_path = {m["name"]: m["path"] for m in report["models"]}
+    built = variants(args.work, report["recipe"]["bench"], Path(by_path["student-int4-genai"]),
+                     Path(by_path["teacher"]))
     args.results.mkdir(parents=True, exist_ok=True)
     result = {"recipe": RECIPE, "rounds": args.rounds, "models": rows, "goals": goals,
+              "variants": built,
               "quantization": {k: report["quantization"].get(k) for k in ("int4", "genai")},
               "test_tokens": report["test_tokens"], "bench": report["recipe"]["bench"],
               "environment": environment()}
     (args.results / "genai_package.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.results / "genai_package.md").write_text(markdown(rows, goals, result, args.rounds))
-    print(markdown(rows, goals, result, args.rounds))
+    text = markdown(rows, goals, result, args.rounds) + "\n".join(variants_markdown(
+        built, rows["student"]["perplexity"], rows["student-onnx"]["size_mb"])) + "\n"
+    (args.results / "genai_package.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
