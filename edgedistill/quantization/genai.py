@@ -9,8 +9,9 @@ one scale per ``block_size`` weights) and, for a model whose output head is tied
 embedding, one matrix for both (GatherBlockQuantized reads the embedding rows out of the
 head's MatMulNBits weight), in 8 bits by default: the embedding, a fifth of a small LM's
 parameters, no longer stays float, and the head, whose 4-bit rounding alone cost the SmolLM2
-student a tenth more perplexity, keeps 8 bits. An untied model gets a 4-bit embedding of its own. With GPTQ the builder is handed a
-GPTQ checkpoint (Intel Neural Compressor's rounding) instead of the float student.
+student a tenth more perplexity, keeps 8 bits. An untied model gets a 4-bit embedding of its
+own. With GPTQ the builder is handed a GPTQ checkpoint (Intel Neural Compressor's rounding)
+instead of the float student.
 
 The builder of onnxruntime-genai 0.18 is written against transformers 5, and the pinned stack
 has 4.57 (optimum-onnx needs < 4.58). Two differences matter for the decoders built here, and
@@ -87,7 +88,8 @@ def build_genai_package(model_dir: str | Path, output_dir: str | Path, block_siz
     ``calibration_samples`` of ``calibration_texts``, asymmetric, read in by the builder);
     the output head gets ``head_bits`` (8 or 4) and, when tied, is also the embedding table.
     On the SmolLM2 student (fp32 perplexity 117.0, benchmarks/results/genai_package.md) the
-    builder's defaults gave 147.4, GPTQ alone 129.3, an 8-bit head alone 129.4, both 117.9.
+    builder's round to nearest with a 4-bit head gave 142.8, GPTQ alone 134.0, an 8-bit head
+    alone 129.4, both 117.9.
     ``accuracy_level`` 4 runs MatMulNBits with int8 activations (the fast CPU path); 0 or
     None computes in float, which is slower but rounds alike on every CPU."""
     model_dir, output_dir = Path(model_dir), Path(output_dir)
