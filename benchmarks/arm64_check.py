@@ -14,6 +14,10 @@ files on this x86 host and on arm64 under emulation (qemu-user), and their outpu
   int8 activations, which tells a kernel's rounding from a wrong graph when tokens differ;
   where the int8 tokens part, the x86 logits of both choices at that step are read back (int8
   and float compute): a gap smaller than int8 activations move the logits is a near-tie.
+  It also runs two of the package's MatMulNBits alone (its first 4-bit one and the output
+  head), as they are (int8 activations), on seeded random inputs: whether the int8 kernels
+  themselves compute the same on both ISAs (a float model's tolerance, 1e-4 of the largest
+  output).
   ``--more-llm FOLDER`` checks another package the same way (e.g. a variant built by
   genai_package.py), named ``llm-<its folder>``.
 
@@ -126,7 +130,7 @@ def compare(reference: dict, other: dict, fp32: dict | None = None) -> dict:
                     arm64_same_prediction_as_fp32=float(np.mean(b.argmax(-1) == f.argmax(-1))),
                     x86_mean_error=float(np.abs(a - f).mean()),
                     arm64_mean_error=float(np.abs(b - f).mean()))
-            else:  # a float model against itself: only summation order may differ
+            else:  # no fp32 reference (a float model, one operator): summation order only
                 verdict["tolerance"] = 1e-4 * float(np.abs(a).max())
             verdict["passed"] = diff <= verdict["tolerance"] and same == 1.0
             verdicts[name] = verdict
@@ -190,6 +194,40 @@ def generator_spec(folder: Path, texts: list[str], new_tokens: int) -> dict:
             "new_tokens": new_tokens}
 
 
+def operator_specs(package: Path, work: Path, rows: int = 4) -> dict:
+    """The package's first 4-bit MatMulNBits and its output head (the last MatMulNBits), each
+    alone in a graph of its own with its weights and attributes, and seeded random inputs."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgedistill.artifacts import onnx_file
+
+    model = onnx.load(str(onnx_file(package)))
+    weights = {t.name: t for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes}
+    chosen = {"op-matmulnbits-4bit": next(n for n in nodes if bits[n.name] == 4),
+              f"op-matmulnbits-head-{bits[nodes[-1].name]}bit": nodes[-1]}
+    rng, specs = np.random.default_rng(0), {}
+    for name, node in chosen.items():
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        alone = helper.make_node("MatMulNBits", ["A", *node.input[1:]], ["Y"],
+                                 domain="com.microsoft", **attrs)
+        graph = helper.make_graph(
+            [alone], name,
+            [helper.make_tensor_value_info("A", TensorProto.FLOAT, [rows, attrs["K"]])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, attrs["N"]])],
+            [weights[i] for i in node.input[1:] if i])
+        op_model = helper.make_model(graph, opset_imports=list(model.opset_import))
+        op_model.ir_version = model.ir_version
+        onnx.save(op_model, str(work / f"{name}.onnx"))
+        np.savez(work / f"{name}.npz",
+                 A=(rng.standard_normal((rows, attrs["K"])) * 2).astype(np.float32))
+        specs[name] = {"kind": "classifier", "model": str(work / f"{name}.onnx"),
+                       "inputs": str(work / f"{name}.npz")}
+    return specs
+
+
 def divergence_lines(found: list[dict]) -> list[str]:
     lines = ["", "Where the int4 package's tokens part (x86 logits at that step, earlier tokens "
              "as on x86; computed on this host after the emulated run):", "",
@@ -219,8 +257,10 @@ def markdown(verdicts: dict, arm: dict, host: dict, found: list[dict] | None = N
                     f"arm64 {v['arm64_same_prediction_as_fp32']:.1%}; mean error against fp32: "
                     f"x86 {v['x86_mean_error']:.4f}, arm64 {v['arm64_mean_error']:.4f}"
                     if "x86_mean_error" in v else "")
-            lines.append(f"| {name} | logits of {v['rows']} test texts | max difference "
-                         f"{v['max_logit_difference']:.4f} (tolerance {v['tolerance']:.4f}), "
+            what = (f"outputs for {v['rows']} random inputs" if name.startswith("op-") else
+                    f"logits of {v['rows']} test texts")
+            lines.append(f"| {name} | {what} | max difference "
+                         f"{v['max_logit_difference']:.4g} (tolerance {v['tolerance']:.4g}), "
                          f"same prediction {v['same_prediction']:.1%}{fp32} | {v['passed']} |")
         else:
             lines.append(f"| {name} | greedy tokens after {v['prompts']} prompts | "
@@ -265,6 +305,8 @@ def main() -> int:
     if args.llm and args.float_compute:
         copy = float_compute_copy(args.llm.resolve(), work / "float-compute")
         artifacts["llm-int4-genai-float-compute"] = generator_spec(copy, texts, args.tokens)
+    if args.llm and args.float_compute:  # the int8 kernels alone, outside the decoder
+        artifacts.update(operator_specs(args.llm.resolve(), work))
     for folder in args.more_llm:
         artifacts[f"llm-{folder.name}"] = generator_spec(folder.resolve(), texts, args.tokens)
     spec = work / "spec.json"

@@ -97,3 +97,24 @@ def test_where_greedy_tokens_part_the_logits_of_both_choices_are_read_back(tmp_p
     assert d["int8"]["x86_over_arm64_choice"] >= d["int8"]["top2_margin"] > 0
     assert d["int8_vs_float_max_difference"] > 0  # int8 activations do move the logits
     assert "| 1 | 2 |" in "\n".join(arm64_check.divergence_lines(found))
+
+
+def test_the_package_int8_kernels_are_cut_out_alone_with_their_weights(tmp_path):
+    import onnxruntime as ort
+
+    from edgedistill.quantization.genai import build_genai_package
+    from tests.test_genai import tiny_decoder
+
+    _, tokenizer = tiny_decoder(tmp_path / "model", "LlamaForCausalLM")
+    build_genai_package(tmp_path / "model", tmp_path / "int4", block_size=16)
+    ops = arm64_check.operator_specs(tmp_path / "int4", tmp_path)
+    assert sorted(ops) == ["op-matmulnbits-4bit", "op-matmulnbits-head-8bit"]
+    outputs = {}
+    for name, op in ops.items():
+        session = ort.InferenceSession(op["model"], providers=["CPUExecutionProvider"])
+        outputs[name] = session.run(None, {"A": np.load(op["inputs"])["A"]})[0]
+        assert np.isfinite(outputs[name]).all() and np.abs(outputs[name]).max() > 0
+    assert outputs["op-matmulnbits-head-8bit"].shape == (4, len(tokenizer))
+    # cut out as it runs in the package: int8 activations (accuracy level 4)
+    head = onnx.load(ops["op-matmulnbits-head-8bit"]["model"])
+    assert {a.name: a.i for a in head.graph.node[0].attribute}["accuracy_level"] == 4
