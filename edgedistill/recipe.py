@@ -362,10 +362,11 @@ class QuantizeConfig:
     int4: bool = _f(False, "Also write a 4-bit weight-only model (MatMulNBits), for decoders.")
     int4_block_size: int = _f(32, "Weights sharing one 4-bit scale (a power of two).", ge=16)
     int4_accuracy_level: Optional[int] = _f(
-        4, "MatMulNBits compute type: 4 = int8 activations (the fast CPU path; onnxruntime-"
-           "genai's builder's own default on CPU); 0/None = the input's type, float: slower, "
-           "the 8-bit head most, but rounded alike on every CPU, so greedy tokens on arm64 "
-           "match x86 (benchmarks/results/arm64_check.md).", ge=0, le=4)
+        4, "Compute type of the 4-bit weights (MatMulNBits): 4 = int8 activations (the fastest "
+           "on CPU; onnxruntime-genai's builder's own default there); 0/None = the input's "
+           "type, float: rounded alike on every CPU, so greedy tokens on arm64 match x86 "
+           "(benchmarks/results/arm64_check.md). An 8-bit head computes in int8 either way.",
+        ge=0, le=4)
     pytorch_int4: Optional[Literal["rtn", "gptq", "awq"]] = _f(
         None, "Causal LMs: also a 4-bit weight-only PyTorch model rounded by Intel Neural "
               "Compressor (rtn, gptq or awq; groups of int4_block_size), for targets that run "

@@ -92,6 +92,20 @@ def test_the_int4_package_shares_one_matrix_and_generates_like_an_app(tmp_path, 
     assert load_causal_lm(tmp_path / "int4").greedy(np.array([prompt]), len(new)) == new
 
 
+def test_float_4bit_weights_keep_the_8bit_head_in_int8_and_generate(tmp_path):
+    model, tokenizer = tiny_decoder(tmp_path / "model", "LlamaForCausalLM")
+    record = build_genai_package(tmp_path / "model", tmp_path / "int4", block_size=16,
+                                 accuracy_level=0)
+    assert record["accuracy_level"] == 0 and record["head_accuracy_level"] == 4
+    graph = onnx.load(str(onnx_file(tmp_path / "int4"))).graph
+    levels = {(a["bits"], a.get("accuracy_level", 0)) for a in (
+        {x.name: x.i for x in n.attribute} for n in graph.node if n.op_type == "MatMulNBits")}
+    assert levels == {(4, 0), (8, 4)}
+    prompt = np.array([tokenizer("the cat saw a dog")["input_ids"]])
+    # the edited graph still reads the builder's weights file, and its Generator runs it
+    assert len(load_causal_lm(tmp_path / "int4").greedy(prompt, 8)) == 8
+
+
 def test_gptq_weights_reach_the_package_as_neural_compressor_rounded_them(tmp_path):
     """The builder reads INC's GPTQ checkpoint once it is rewritten into AutoGPTQ's form: the
     package computes what INC's own model computes, up to the package's 8-bit head (a zero

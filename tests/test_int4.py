@@ -234,3 +234,17 @@ def test_a_float_head_keeps_the_float_embedding(causal, tmp_path):
     record = quantize_int4(root / "onnx", tmp_path / "int4", block_size=16, lm_head_bits=32)
     assert record["embedding"] == "float"
     assert len(float_tables(onnx.load(str(onnx_file(tmp_path / "int4"))).graph)) == 1
+
+
+@pytest.mark.parametrize("level", [None, 0, 4])
+def test_the_8bit_head_computes_in_int8_whatever_the_4bit_weights_do(causal, tmp_path, level):
+    root, _ = causal
+    quantize_int4(root / "onnx", tmp_path / "int4", block_size=16, accuracy_level=level)
+    model = onnx.load(str(onnx_file(tmp_path / "int4")))
+    levels = {}  # bits -> the compute types of those nodes
+    for n in model.graph.node:
+        if n.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in n.attribute}
+            levels.setdefault(attrs["bits"], set()).add(attrs.get("accuracy_level", 0))
+    assert levels == {8: {int4.EIGHT_BIT_ACCURACY_LEVEL}, 4: {level or 0}}
+    assert np.isfinite(logits_on_texts(tmp_path / "int4")).all()

@@ -36,8 +36,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import onnx
+
 from ..artifacts import copy_sidecars, size_on_disk_mb
 from ..errors import EdgeDistillError
+from .int4 import EIGHT_BIT_ACCURACY_LEVEL, set_accuracy_level
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +93,9 @@ def build_genai_package(model_dir: str | Path, output_dir: str | Path, block_siz
     On the SmolLM2 student (fp32 perplexity 117.0, benchmarks/results/genai_package.md) the
     builder's round to nearest with a 4-bit head gave 142.8, GPTQ alone 134.0, an 8-bit head
     alone 129.4, both 117.9.
-    ``accuracy_level`` 4 runs MatMulNBits with int8 activations (the fast CPU path); 0 or
-    None computes in float, which is slower but rounds alike on every CPU."""
+    ``accuracy_level`` is the 4-bit weights' compute type: 4, int8 activations (the fastest
+    on CPU), or 0 / None, float, which rounds alike on every CPU; the 8-bit head computes with
+    int8 activations either way (see int4.EIGHT_BIT_ACCURACY_LEVEL)."""
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     if output_dir.exists():
         raise EdgeDistillError(f"{output_dir}: already exists; the package is built into a new "
@@ -109,8 +113,9 @@ def build_genai_package(model_dir: str | Path, output_dir: str | Path, block_siz
     tied = config.get("tie_word_embeddings", True)  # transformers' default for these models
     options = ["shared_embeddings=true" if tied else "op_types_to_quantize=MatMul/Gather"]
     if precision == "int4":
-        # the builder's level when none is given is 4 on CPU; ours means float, so say it
-        options += [f"block_size={block_size}", f"accuracy_level={accuracy_level or 0}",
+        # the builder gives every MatMulNBits one level: the 8-bit head's, set to the 4-bit
+        # weights' ``accuracy_level`` once built
+        options += [f"block_size={block_size}", f"accuracy_level={EIGHT_BIT_ACCURACY_LEVEL}",
                     # rtn: with the builder's "default" method an 8-bit tied head is written
                     # under another name than the embedding's GatherBlockQuantized reads
                     # (onnxruntime-genai 0.18: the package does not load)
@@ -136,10 +141,16 @@ def build_genai_package(model_dir: str | Path, output_dir: str | Path, block_siz
         raise EdgeDistillError(f"{model_dir}: {_failure(done.stderr, done.returncode)}")
     copy_sidecars(model_dir, output_dir)  # config.json: the runtimes read its sizes
     int4 = precision == "int4"
+    if int4 and (accuracy_level or 0) != EIGHT_BIT_ACCURACY_LEVEL:
+        graph_file = output_dir / "model.onnx"  # the weights stay in model.onnx.data
+        model = onnx.load(str(graph_file), load_external_data=False)
+        set_accuracy_level(model.graph, accuracy_level, bits=4)
+        onnx.save_model(model, str(graph_file))
     record = {"builder": "onnxruntime-genai model builder", "precision": precision,
               "algorithm": algorithm if int4 else None, **record,
               "block_size": block_size, "accuracy_level": accuracy_level or 0,
               "head_bits": head_bits if int4 else 32,
+              "head_accuracy_level": EIGHT_BIT_ACCURACY_LEVEL if int4 and head_bits == 8 else None,
               "embedding": (f"{head_bits}-bit, shared with the output head" if tied else "4-bit")
               if int4 else "float",
               "size_mb": round(size_on_disk_mb(output_dir), 3),

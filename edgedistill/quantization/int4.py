@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 ALGORITHMS = ("rtn", "gptq")
 ACCURACY_LEVELS = (None, 0, 1, 2, 3, 4)  # MatMulNBits compute type: unset, fp32, fp16, bf16, int8
 LM_HEAD_BITS = (4, 8, 32)
+# 8-bit MatMulNBits (the output head) always compute with int8 activations, whatever the 4-bit
+# ones do: onnxruntime has no fast float path for 8-bit weights (an onnxruntime-genai package
+# whose 8-bit head computed in float decoded 40x slower: benchmarks/results/genai_package.md)
+EIGHT_BIT_ACCURACY_LEVEL = 4
 OUTPUT_NAME = "model_int4.onnx"
 PROTOBUF_LIMIT = 2**31  # a single-file ONNX model is one protobuf message, at most 2 GB
 # onnxruntime's GPTQ defaults: dampening (share of the mean Hessian diagonal), rows rounded per
@@ -117,7 +121,8 @@ def quantize_int4(onnx_dir: str | Path, output_dir: str | Path, block_size: int 
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head]
     settings = dict(block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level)
     if head and lm_head_bits == 8:  # first the head alone in 8 bits, then the rest in 4
-        model = _blockwise(model, 8, exclude=others, **settings)
+        model = _blockwise(model, 8, exclude=others,
+                           **dict(settings, accuracy_level=EIGHT_BIT_ACCURACY_LEVEL))
     exclude = [head] if head and lm_head_bits != 4 else []
     calibration = {}
     if algorithm == "gptq":
@@ -175,11 +180,7 @@ def float_compute_copy(folder: str | Path, out: str | Path) -> Path:
     target.unlink(missing_ok=True)  # another model's copy: replaced, not kept
     out.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(source))
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            kept = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend(kept)
+    set_accuracy_level(model.graph, None)
     for sidecar in folder.iterdir():
         if sidecar.suffix in (".json", ".jinja"):  # configs, tokenizer, chat template
             shutil.copy(sidecar, out / sidecar.name)
@@ -193,6 +194,23 @@ def float_compute_copy(folder: str | Path, out: str | Path) -> Path:
     os.replace(part, target)
     marker.write_text(json.dumps(origin) + "\n")
     return out
+
+
+def set_accuracy_level(graph: onnx.GraphProto, level: int | None, bits: int | None = None) -> int:
+    """Set the compute type of the graph's MatMulNBits with ``bits``-bit weights (all when
+    None) to ``level``; None or 0 removes it (float, the input's type). Returns how many."""
+    changed = 0
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or (
+                bits is not None and next(a.i for a in node.attribute if a.name == "bits") != bits):
+            continue
+        kept = [a for a in node.attribute if a.name != "accuracy_level"]
+        if level:
+            kept.append(onnx.helper.make_attribute("accuracy_level", level))
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        changed += 1
+    return changed
 
 
 def _blockwise(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bool,
