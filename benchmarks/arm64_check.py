@@ -8,18 +8,17 @@ files on this x86 host and on arm64 under emulation (qemu-user), and their outpu
   run's ``export/student``) on x86. Each side's agreement with fp32 is reported too: int8
   kernels round differently on each ISA (x86 without VNNI saturates u8 x s8 products), so
   when the two sides differ, fp32 says which is closer;
-- a causal LM's onnxruntime-genai package (``quantize/student-int4-genai``): its greedy tokens
-  after three test prompts must be identical for ``--tokens`` tokens. ``--float-compute`` also
-  checks a copy whose MatMulNBits run in float (accuracy level unset) instead of the package's
-  int8 activations, which tells a kernel's rounding from a wrong graph when tokens differ;
-  where the int8 tokens part, the x86 logits of both choices at that step are read back (int8
-  and float compute): a gap smaller than int8 activations move the logits is a near-tie.
-  It also runs two of the package's MatMulNBits alone (its first 4-bit one and the output
-  head), as they are (int8 activations), on seeded random inputs: whether the int8 kernels
-  themselves compute the same on both ISAs (a float model's tolerance, 1e-4 of the largest
-  output).
-  ``--more-llm FOLDER`` checks another package the same way (e.g. a variant built by
-  genai_package.py), named ``llm-<its folder>``.
+- a causal LM's onnxruntime-genai package (``quantize/student-int4-genai``), named
+  ``llm-<its folder>``: its greedy tokens after ``--prompts`` test prompts (3) must be
+  identical for ``--tokens`` tokens. Two of its MatMulNBits also run alone (its first 4-bit
+  one and the output head), as they are in the package, on seeded random inputs: whether the
+  kernels themselves compute the same on both ISAs (a float model's tolerance, 1e-4 of the
+  largest output). ``--float-compute`` also checks a copy whose MatMulNBits all run in float
+  (accuracy level unset), which tells a kernel's rounding from a wrong graph when tokens
+  differ; where the package's tokens part, the x86 logits of both choices at that step are
+  read back (as built and in float): a gap smaller than int8 activations move the logits is a
+  near-tie. ``--more-llm FOLDER`` checks another package's tokens the same way (e.g. a
+  variant built by genai_package.py).
 
 The arm64 side is Debian 12's arm64 Python 3.11 (debootstrap's first stage into
 ``work/arm64/root``, packages unpacked, no chroot needed) running under qemu-aarch64-static,
@@ -185,12 +184,12 @@ def classifier_spec(folder: Path, texts: list[str], max_length: int, work: Path)
     return {"kind": "classifier", "model": str(ort_file), "inputs": str(inputs)}
 
 
-def generator_spec(folder: Path, texts: list[str], new_tokens: int) -> dict:
+def generator_spec(folder: Path, texts: list[str], new_tokens: int, prompts: int = 3) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"][:16] for t in texts[:3]]
-    return {"kind": "generator", "model": str(folder), "prompts": prompts,
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:16] for t in texts[:prompts]]
+    return {"kind": "generator", "model": str(folder), "prompts": ids,
             "new_tokens": new_tokens}
 
 
@@ -284,6 +283,8 @@ def main() -> int:
                         help="also the package with MatMulNBits in float (see the docstring)")
     parser.add_argument("--texts", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=3, help="test texts whose first 16 "
+                        "tokens prompt the LLM")
     parser.add_argument("--work", type=Path, default=HERE / "work" / "arm64")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args()
@@ -300,15 +301,18 @@ def main() -> int:
     if args.classifier:
         artifacts["classifier-int8-ort"] = classifier_spec(args.classifier.resolve(), texts,
                                                            recipe.data.max_length, work)
+    first = f"llm-{args.llm.name}" if args.llm else None
     if args.llm:
-        artifacts["llm-int4-genai"] = generator_spec(args.llm.resolve(), texts, args.tokens)
+        artifacts[first] = generator_spec(args.llm.resolve(), texts, args.tokens, args.prompts)
+        # its int8 kernels alone, outside the decoder
+        artifacts.update(operator_specs(args.llm.resolve(), work))
     if args.llm and args.float_compute:
         copy = float_compute_copy(args.llm.resolve(), work / "float-compute")
-        artifacts["llm-int4-genai-float-compute"] = generator_spec(copy, texts, args.tokens)
-    if args.llm and args.float_compute:  # the int8 kernels alone, outside the decoder
-        artifacts.update(operator_specs(args.llm.resolve(), work))
+        artifacts[f"{first}-float-compute"] = generator_spec(copy, texts, args.tokens,
+                                                             args.prompts)
     for folder in args.more_llm:
-        artifacts[f"llm-{folder.name}"] = generator_spec(folder.resolve(), texts, args.tokens)
+        artifacts[f"llm-{folder.name}"] = generator_spec(folder.resolve(), texts, args.tokens,
+                                                         args.prompts)
     spec = work / "spec.json"
     spec.write_text(json.dumps({"artifacts": artifacts}))
     host = on_host(spec, work / "x86.json")
@@ -325,10 +329,9 @@ def main() -> int:
     verdicts = compare(host, arm, fp32)
     found = None
     if args.llm and args.float_compute:  # where the tokens part, what x86 saw there
-        llm = artifacts["llm-int4-genai"]
+        llm = artifacts[first]
         found = divergences(Path(llm["model"]), copy, llm["prompts"],
-                            host["results"]["llm-int4-genai"]["tokens"],
-                            arm["results"]["llm-int4-genai"]["tokens"])
+                            host["results"][first]["tokens"], arm["results"][first]["tokens"])
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "arm64_check.json").write_text(json.dumps(
         {"verdicts": verdicts, "artifacts": {k: v["model"] for k, v in artifacts.items()},

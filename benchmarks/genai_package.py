@@ -15,9 +15,10 @@ turns), peak RSS. The run goes to ``work/genai/`` and is resumed: a second call 
 
 Then what each of the package's choices buys, from the same distilled student: the builder's
 round to nearest with the tied embedding and head in 4 bits, each of GPTQ and an 8-bit head
-alone, both (the shipped package), and float compute (MatMulNBits' accuracy level unset: what
-greedy tokens equal on every CPU cost), each with its perplexity and its decode speed timed
-beside the teacher in one more side-by-side run (``work/genai/variants/``).
+alone, both, both with the 4-bit weights computing in float (the 8-bit head in int8, as
+always: ``int4_accuracy_level: 0``), and float compute everywhere (every MatMulNBits'
+accuracy level unset), each with its perplexity and its decode speed timed beside the teacher
+in one more side-by-side run (``work/genai/variants/``); the row the recipe builds is marked.
 Writes results/genai_package.{json,md}.
 
     python benchmarks/genai_package.py --rounds 3
@@ -52,11 +53,12 @@ GOALS = (("int4 file <= 0.25x the fp32 ONNX file", "size_mb", "student-onnx", "a
           "at_least", 8.0))
 
 
-# the package's choices, one at a time: (name, builder's rounding, head bits); the shipped
-# package (GPTQ, 8-bit head) is the pipeline's own
-VARIANTS = (("rtn, 4-bit head", "rtn", 4), ("rtn, 8-bit head", "rtn", 8),
-            ("gptq, 4-bit head", "gptq", 4))
-SHIPPED = "gptq, 8-bit head (shipped)"
+# the package's choices, one at a time: (name, rounding, head bits, the 4-bit weights' compute
+# type); the row the recipe's settings build is marked as shipped
+VARIANTS = (("rtn, 4-bit head", "rtn", 4, 4), ("rtn, 8-bit head", "rtn", 8, 4),
+            ("gptq, 4-bit head", "gptq", 4, 4), ("gptq, 8-bit head", "gptq", 8, 4),
+            ("gptq, 8-bit head, 4-bit weights in float", "gptq", 8, 0))
+EVERYTHING_IN_FLOAT = ("gptq, 8-bit head", "gptq, 4-bit head")  # copies, accuracy level unset
 
 
 def figures(m: dict) -> dict:
@@ -105,9 +107,9 @@ def markdown(rows: dict, goals: list[dict], result: dict, rounds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def variants(work: Path, bench: dict, shipped: Path, teacher: Path) -> dict:
-    """Perplexity, size and decode speed of the package built each way (see VARIANTS), the
-    shipped one, and float-compute copies of the shipped one and of GPTQ with a 4-bit head."""
+def variants(work: Path, bench: dict, teacher: Path) -> dict:
+    """Perplexity, size and decode speed of the package built each way (see VARIANTS) and of
+    copies computing everything in float."""
     recipe = load_recipe(RECIPE, ["quantize.genai=true"])
     q, length = recipe.quantize, recipe.data.max_length
     data = load_task_data(recipe.data, recipe.seed, labelled=False)
@@ -117,18 +119,19 @@ def variants(work: Path, bench: dict, shipped: Path, teacher: Path) -> dict:
     blocks = np.asarray(lm_blocks(data.test, AutoTokenizer.from_pretrained(student),
                                   length)["input_ids"])
     texts = data.calibration_texts(q.calibration_samples, recipe.seed)  # as the pipeline's
-    folders = {}
-    for name, algorithm, head_bits in VARIANTS:
+    folders, shipped = {}, None
+    for name, algorithm, head_bits, level in VARIANTS:
         folder = work / "variants" / name.replace(", ", "-").replace(" ", "-")
         if not folder.is_dir():
-            build_genai_package(student, folder, q.int4_block_size, q.int4_accuracy_level,
+            build_genai_package(student, folder, q.int4_block_size, level,
                                 algorithm=algorithm, head_bits=head_bits,
                                 calibration_texts=texts,
                                 calibration_samples=q.calibration_samples, max_length=length)
         folders[name] = folder
-    folders[SHIPPED] = shipped
-    for name in (SHIPPED, "gptq, 4-bit head"):
-        folders[f"{name.removesuffix(' (shipped)')}, float compute"] = float_compute_copy(
+        if (algorithm, head_bits, level) == (q.int4_algorithm, 8, q.int4_accuracy_level or 0):
+            shipped = name
+    for name in EVERYTHING_IN_FLOAT:
+        folders[f"{name}, everything in float"] = float_compute_copy(
             folders[name], work / "variants" / f"{folders[name].name}-float-compute")
     rows = {}
     for name, folder in folders.items():
@@ -148,7 +151,7 @@ def variants(work: Path, bench: dict, shipped: Path, teacher: Path) -> dict:
                    x_teacher=t["decode_tokens_per_s"] / teacher_speed,
                    ttft_p50_ms=t["ttft_ms"]["p50_ms"], peak_rss_mb=t["peak_rss_mb"])
     return {"teacher_decode_tokens_per_s": teacher_speed, "test_tokens": int(blocks.size),
-            "rows": rows}
+            "rows": rows, "shipped": shipped}
 
 
 def variants_markdown(v: dict, fp32_perplexity: float, fp32_size: float) -> list[str]:
@@ -159,6 +162,7 @@ def variants_markdown(v: dict, fp32_perplexity: float, fp32_size: float) -> list
              "| package | perplexity | x fp32 student | file MB | x fp32 ONNX | decode tokens/s "
              "| x teacher | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
     for name, r in v["rows"].items():
+        name = f"**{name}** (the recipe's)" if name == v["shipped"] else name
         lines.append(f"| {name} | {r['perplexity']:.2f} | {r['perplexity'] / fp32_perplexity:.3f} "
                      f"| {r['size_mb']:.1f} | {r['size_mb'] / fp32_size:.3f} | "
                      f"{r['decode_tokens_per_s']:.1f} | {r['x_teacher']:.2f} | "
@@ -184,8 +188,7 @@ def main() -> None:
                            else ratio >= bound))
         goals.append({"goal": goal, "values": values})
     by_path = {m["name"]: m["path"] for m in report["models"]}
-    built = variants(args.work, report["recipe"]["bench"], Path(by_path["student-int4-genai"]),
-                     Path(by_path["teacher"]))
+    built = variants(args.work, report["recipe"]["bench"], Path(by_path["teacher"]))
     args.results.mkdir(parents=True, exist_ok=True)
     result = {"recipe": RECIPE, "rounds": args.rounds, "models": rows, "goals": goals,
               "variants": built,
