@@ -18,7 +18,8 @@ round to nearest with the tied embedding and head in 4 bits, each of GPTQ and an
 alone, both, both with the 4-bit weights computing in float (the 8-bit head in int8, as
 always: ``int4_accuracy_level: 0``), and float compute everywhere (every MatMulNBits'
 accuracy level unset), each with its perplexity and its decode speed timed beside the teacher
-in one more side-by-side run (``work/genai/variants/``); the row the recipe builds is marked.
+in one more side-by-side run; the row the recipe builds is marked. The packages are kept in
+``work/genai/variants/`` and reused (remove it after changing how packages are built).
 Writes results/genai_package.{json,md}.
 
     python benchmarks/genai_package.py --rounds 3
@@ -54,7 +55,7 @@ GOALS = (("int4 file <= 0.25x the fp32 ONNX file", "size_mb", "student-onnx", "a
 
 
 # the package's choices, one at a time: (name, rounding, head bits, the 4-bit weights' compute
-# type); the row the recipe's settings build is marked as shipped
+# type); the row the recipe's settings build is marked
 VARIANTS = (("rtn, 4-bit head", "rtn", 4, 4), ("rtn, 8-bit head", "rtn", 8, 4),
             ("gptq, 4-bit head", "gptq", 4, 4), ("gptq, 8-bit head", "gptq", 8, 4),
             ("gptq, 8-bit head, 4-bit weights in float", "gptq", 8, 0))
