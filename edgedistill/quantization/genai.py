@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -145,7 +146,9 @@ def build_genai_package(model_dir: str | Path, output_dir: str | Path, block_siz
         graph_file = output_dir / "model.onnx"  # the weights stay in model.onnx.data
         model = onnx.load(str(graph_file), load_external_data=False)
         set_accuracy_level(model.graph, accuracy_level, bits=4)
-        onnx.save_model(model, str(graph_file))
+        part = graph_file.with_suffix(".onnx.part")  # a killed write leaves the graph whole
+        onnx.save_model(model, str(part))
+        os.replace(part, graph_file)
     record = {"builder": "onnxruntime-genai model builder", "precision": precision,
               "algorithm": algorithm if int4 else None, **record,
               "block_size": block_size, "accuracy_level": accuracy_level or 0,
