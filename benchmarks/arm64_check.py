@@ -193,6 +193,9 @@ def generator_spec(folder: Path, texts: list[str], new_tokens: int, prompts: int
             "new_tokens": new_tokens}
 
 
+OPERATOR = "op-"  # how the artifacts of one cut-out operator are named
+
+
 def operator_specs(package: Path, work: Path, rows: int = 4) -> dict:
     """The package's first 4-bit MatMulNBits and its output head (the last MatMulNBits), each
     alone in a graph of its own with its weights and attributes, and seeded random inputs."""
@@ -200,13 +203,13 @@ def operator_specs(package: Path, work: Path, rows: int = 4) -> dict:
     from onnx import TensorProto, helper
 
     from edgedistill.artifacts import onnx_file
+    from edgedistill.quantization.int4 import matmul_bits
 
     model = onnx.load(str(onnx_file(package)))
     weights = {t.name: t for t in model.graph.initializer}
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes}
-    chosen = {"op-matmulnbits-4bit": next(n for n in nodes if bits[n.name] == 4),
-              f"op-matmulnbits-head-{bits[nodes[-1].name]}bit": nodes[-1]}
+    chosen = {f"{OPERATOR}matmulnbits-4bit": next(n for n in nodes if matmul_bits(n) == 4),
+              f"{OPERATOR}matmulnbits-head-{matmul_bits(nodes[-1])}bit": nodes[-1]}
     rng, specs = np.random.default_rng(0), {}
     for name, node in chosen.items():
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -256,7 +259,7 @@ def markdown(verdicts: dict, arm: dict, host: dict, found: list[dict] | None = N
                     f"arm64 {v['arm64_same_prediction_as_fp32']:.1%}; mean error against fp32: "
                     f"x86 {v['x86_mean_error']:.4f}, arm64 {v['arm64_mean_error']:.4f}"
                     if "x86_mean_error" in v else "")
-            what = (f"outputs for {v['rows']} random inputs" if name.startswith("op-") else
+            what = (f"outputs for {v['rows']} random inputs" if name.startswith(OPERATOR) else
                     f"logits of {v['rows']} test texts")
             lines.append(f"| {name} | {what} | max difference "
                          f"{v['max_logit_difference']:.4g} (tolerance {v['tolerance']:.4g}), "
@@ -274,7 +277,7 @@ def without_operator_outputs(side: dict) -> dict:
     """A side's results for the JSON record, less the cut-out operators' raw outputs (the
     head's are 4 x vocabulary floats, megabytes; their verdicts keep the differences)."""
     return {**side, "results": {name: r for name, r in side["results"].items()
-                                if not name.startswith("op-")}}
+                                if not name.startswith(OPERATOR)}}
 
 
 def main() -> int:

@@ -39,7 +39,7 @@ from typing import Sequence
 
 import onnx
 
-from ..artifacts import copy_sidecars, size_on_disk_mb
+from ..artifacts import copy_sidecars, onnx_file, size_on_disk_mb
 from ..errors import EdgeDistillError
 from .int4 import EIGHT_BIT_ACCURACY_LEVEL, set_accuracy_level
 
@@ -143,7 +143,7 @@ def build_genai_package(model_dir: str | Path, output_dir: str | Path, block_siz
     copy_sidecars(model_dir, output_dir)  # config.json: the runtimes read its sizes
     int4 = precision == "int4"
     if int4 and (accuracy_level or 0) != EIGHT_BIT_ACCURACY_LEVEL:
-        graph_file = output_dir / "model.onnx"  # the weights stay in model.onnx.data
+        graph_file = onnx_file(output_dir)  # the weights stay in its .data file
         model = onnx.load(str(graph_file), load_external_data=False)
         set_accuracy_level(model.graph, accuracy_level, bits=4)
         part = graph_file.with_suffix(".onnx.part")  # a killed write leaves the graph whole

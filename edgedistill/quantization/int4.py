@@ -196,13 +196,17 @@ def float_compute_copy(folder: str | Path, out: str | Path) -> Path:
     return out
 
 
+def matmul_bits(node: onnx.NodeProto) -> int:
+    """The weight bits of a MatMulNBits node."""
+    return next(a.i for a in node.attribute if a.name == "bits")
+
+
 def set_accuracy_level(graph: onnx.GraphProto, level: int | None, bits: int | None = None) -> int:
     """Set the compute type of the graph's MatMulNBits with ``bits``-bit weights (all when
     None) to ``level``; None or 0 removes it (float, the input's type). Returns how many."""
     changed = 0
     for node in graph.node:
-        if node.op_type != "MatMulNBits" or (
-                bits is not None and next(a.i for a in node.attribute if a.name == "bits") != bits):
+        if node.op_type != "MatMulNBits" or (bits is not None and matmul_bits(node) != bits):
             continue
         kept = [a for a in node.attribute if a.name != "accuracy_level"]
         if level:
