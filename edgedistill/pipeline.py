@@ -49,6 +49,18 @@ TRAINING_STAGES = ("teacher", "distill")  # run on every process of a launched r
 MANIFEST = "manifest.json"
 
 
+def check_models_present(models: list[dict], out: Path) -> None:
+    """Refuse, before any model is loaded, a finished stage whose folder lacks a model the task
+    lists: moved or deleted by hand, or written by an edgedistill that named it otherwise (the
+    fingerprint covers settings and inputs, not the names the code gives its outputs)."""
+    for m in models:
+        path = Path(m["path"])
+        if not path.exists():
+            stage = out / path.relative_to(out).parts[0] if path.is_relative_to(out) else path
+            raise EdgeDistillError(f"{path}: {m['name']} is missing from a finished stage; "
+                                   f"delete {stage} to build it again")
+
+
 def fingerprint(inputs: dict) -> str:
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -209,6 +221,7 @@ class Run:
         }, lambda d: self.task.quantize(self, exported / "student", d, distilled / "model"))
         models = self.task.models(self, teacher / "model", distilled / "model", exported,
                                   quantized)
+        check_models_present(models, self.out)
         upstream = {k: self.fingerprints[k] for k in ("teacher", "distill", "export", "quantize")}
         # the rows themselves, not only the settings that pick them: an evaluation of other
         # rows (another edgedistill's sampling, a changed file) is not reused

@@ -92,6 +92,15 @@ def test_run_end_to_end_then_skip_then_partial_rerun(recipe, tmp_path, capsys):
     assert mtimes(out) == first
     assert capsys.readouterr().err.count("unchanged, skipped") == 6
 
+    # a finished stage's folder without a model the task lists (moved by hand, or named
+    # otherwise by another edgedistill): one line naming the folder to delete, nothing rerun
+    (out / "quantize" / "student-int8").rename(tmp_path / "int8")
+    assert main(["run", str(recipe), "--output", str(out)]) == 2
+    assert (f"{out / 'quantize' / 'student-int8'}: student-int8 is missing from a finished "
+            f"stage; delete {out / 'quantize'} to build it again") in capsys.readouterr().err
+    (tmp_path / "int8").rename(out / "quantize" / "student-int8")
+    assert mtimes(out) == first
+
     # a distillation setting changed: the teacher is kept, the student and what follows redone
     assert main(["run", str(recipe), "--output", str(out), "--set",
                  "distill.temperature=4"]) == 0
