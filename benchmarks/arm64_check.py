@@ -8,7 +8,7 @@ files on this x86 host and on arm64 under emulation (qemu-user), and their outpu
   run's ``export/student``) on x86. Each side's agreement with fp32 is reported too: int8
   kernels round differently on each ISA (x86 without VNNI saturates u8 x s8 products), so
   when the two sides differ, fp32 says which is closer;
-- a causal LM's onnxruntime-genai package (``quantize/student-int4-genai``), named
+- a causal LM's onnxruntime-genai package (``quantize/student-int4``), named
   ``llm-<its folder>``: its greedy tokens after ``--prompts`` test prompts (3) must be
   identical for ``--tokens`` tokens. Two of its MatMulNBits also run alone (its first 4-bit
   one and the output head), as they are in the package, on seeded random inputs: whether the
@@ -30,7 +30,7 @@ its own mount namespace with an arm64 /proc/cpuinfo (a Neoverse-N1's features) a
 /sys/devices/system/cpu. Emulated time means nothing for a phone: no latency is measured.
 
     python benchmarks/arm64_check.py --classifier RUN/quantize/student-int8-mobile \\
-        --llm RUN2/quantize/student-int4-genai
+        --llm RUN2/quantize/student-int4
 
 Writes results/arm64_check.{json,md}; exits 1 when an artifact differs.
 """

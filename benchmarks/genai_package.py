@@ -1,11 +1,11 @@
-"""The SmolLM2 student's two int4 routes side by side, in one pipeline run:
+"""The SmolLM2 student's two int4 routes side by side, in one pipeline run of the recipe:
 
-- ``student-int4``: edgedistill's optimum export + onnxruntime's MatMulNBits quantizer (GPTQ on
-  32 training texts, asymmetric blocks of 32, the output head in 8 bits, the 28M-parameter
-  token embedding left float), run on onnxruntime;
-- ``student-int4-genai``: onnxruntime-genai's model builder from the same distilled student
-  (round-to-nearest symmetric blocks of 32, fused attention, the embedding in 4 bits and shared
-  with the tied head), run by onnxruntime-genai's Generator;
+- ``student-int4-onnxruntime``: edgedistill's optimum export + onnxruntime's MatMulNBits
+  quantizer (GPTQ on 32 training texts, asymmetric blocks of 32, the token embedding read out
+  of the tied 8-bit output head), run on plain onnxruntime;
+- ``student-int4``, the one the recipe ships: onnxruntime-genai's package from the same
+  distilled student (Intel Neural Compressor's GPTQ, fused attention, the embedding shared with
+  the tied head in 8 bits), built by onnxruntime-genai's model builder and run by its Generator;
 
 beside the fp32 ONNX student, the int8 student and the PyTorch teacher: file size, perplexity
 on the recipe's held-out test blocks, greedy tokens against onnxruntime on the same graph,
@@ -45,8 +45,8 @@ from edgedistill.recipe import load_recipe
 
 HERE = Path(__file__).parent
 RECIPE = "smollm2-distill"
-MODELS = ("teacher", "student", "student-onnx", "student-int8", "student-int4",
-          "student-int4-genai")
+MODELS = ("teacher", "student", "student-onnx", "student-int8", "student-int4-onnxruntime",
+          "student-int4")
 # the issue's goals: (what, row, per row, key, at most / at least)
 GOALS = (("int4 file <= 0.25x the fp32 ONNX file", "size_mb", "student-onnx", "at_most", 0.25),
          ("int4 perplexity <= 1.03x the fp32 student", "perplexity", "student", "at_most", 1.03),
@@ -74,7 +74,7 @@ def figures(m: dict) -> dict:
 
 
 def markdown(rows: dict, goals: list[dict], result: dict, rounds: int) -> str:
-    b, env = result["models"]["student-int4-genai"], result["environment"]
+    b, env = result["models"]["student-int4"], result["environment"]
     lines = [
         "# SmolLM2 student: optimum + MatMulNBits int4 vs onnxruntime-genai's package", "",
         f"Recipe `{RECIPE}` with `quantize.genai: true`; one run, {rounds} benchmark rounds "
@@ -93,7 +93,7 @@ def markdown(rows: dict, goals: list[dict], result: dict, rounds: int) -> str:
             f"{r['decode_tokens_per_s']:.1f} | "
             f"{r['decode_tokens_per_s'] / rows['teacher']['decode_tokens_per_s']:.2f} | "
             f"{r['peak_rss_mb']:.0f} |")
-    genai = rows["student-int4-genai"]
+    genai = rows["student-int4"]
     lines += ["", "Per round p50 ms per token: " + "; ".join(
         f"{n} {', '.join(f'{t:.2f}' for t in r['round_tpot_p50_ms'])}" for n, r in rows.items()),
         "", f"onnxruntime-genai's Generator picked the same greedy tokens as onnxruntime on the "
@@ -183,7 +183,7 @@ def main() -> None:
     goals = []
     for goal, key, per, direction, bound in GOALS:
         values = []
-        for name in ("student-int4", "student-int4-genai"):
+        for name in ("student-int4-onnxruntime", "student-int4"):
             ratio = rows[name][key] / rows[per][key]
             values.append((name, ratio, ratio <= bound if direction == "at_most"
                            else ratio >= bound))

@@ -359,7 +359,9 @@ class QuantizeConfig:
               "harmful nodes in fp32 (OpenVINO: NNCF's accuracy control keeps the harmful "
               "layers in fp32); None: quantize once with the settings above.", gt=0, lt=1)
     max_trials: int = _f(10, "Accuracy-aware tuning: trials at most.", gt=0)
-    int4: bool = _f(False, "Also write a 4-bit weight-only model (MatMulNBits), for decoders.")
+    int4: bool = _f(False, "Also write a 4-bit weight-only ONNX model (MatMulNBits) for plain "
+                           "onnxruntime, for decoders: student-int4, or student-int4-onnxruntime "
+                           "beside a genai package.")
     int4_block_size: int = _f(32, "Weights sharing one 4-bit scale (a power of two).", ge=16)
     int4_accuracy_level: Optional[int] = _f(
         4, "Compute type of the 4-bit weights (MatMulNBits): 4 = int8 activations (the fastest "
@@ -371,11 +373,12 @@ class QuantizeConfig:
         None, "Causal LMs: also a 4-bit weight-only PyTorch model rounded by Intel Neural "
               "Compressor (rtn, gptq or awq; groups of int4_block_size), for targets that run "
               "PyTorch: smaller, not faster on CPU.")
-    genai: bool = _f(False, "Causal LMs: also an onnxruntime-genai package (student-int4-genai: "
-                            "int4 weights rounded by int4_algorithm and an 8-bit embedding "
-                            "shared with the tied head, built by onnxruntime-genai's model "
-                            "builder; blocks of int4_block_size, compute int4_accuracy_level), "
-                            "the folder an app runs with onnxruntime_genai.Model.")
+    genai: bool = _f(False, "Causal LMs: also an onnxruntime-genai package, the int4 model to "
+                            "ship (student-int4: int4 weights rounded by int4_algorithm and an "
+                            "8-bit embedding shared with the tied head, built by onnxruntime-"
+                            "genai's model builder; blocks of int4_block_size, compute "
+                            "int4_accuracy_level), the folder an app runs with "
+                            "onnxruntime_genai.Model.")
     int4_algorithm: Literal["rtn", "gptq"] = _f(
         "rtn", "int4 rounding: rtn (to nearest, seconds) or gptq (error-correcting, calibrated "
                "on calibration_samples training texts, minutes; onnxruntime's GPTQ for int4, "

@@ -157,16 +157,18 @@ def test_an_onnxruntime_genai_package_is_built_evaluated_and_timed(tmp_path,
                                                                     tiny_llama_bpe_dir):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path, tiny_llama_bpe_dir)
-    assert main(["run", str(recipe), "--output", str(out), "--set", "quantize.int4=false",
+    assert main(["run", str(recipe), "--output", str(out),
                  "--set", "quantize.pytorch_int4=null", "--set", "quantize.genai=true",
                  "--set", "quantize.int4_algorithm=gptq", "--set", "report.targets=[]"]) == 0
     report = json.loads((out / "report.json").read_text())
     by_name = {m["name"]: m for m in report["models"]}
+    # the package is the int4 model to ship; the MatMulNBits model stays beside it, renamed
     assert list(by_name) == ["teacher", "student", "student-onnx", "student-int8",
-                             "student-int4-genai"]
-    genai = by_name["student-int4-genai"]
+                             "student-int4-onnxruntime", "student-int4"]
+    assert by_name["student-int4-onnxruntime"]["backend"] == "onnxruntime"
+    genai = by_name["student-int4"]
     assert genai["backend"] == "onnxruntime-genai" and genai["precision"] == "int4"
-    assert (out / "quantize" / "student-int4-genai" / "genai_config.json").is_file()
+    assert (out / "quantize" / "student-int4" / "genai_config.json").is_file()
     # its Generator picks the tokens onnxruntime picks on the same graph, on every prompt
     assert genai["metrics"]["same_tokens_as_onnxruntime"] == 1.0
     assert genai["metrics"]["perplexity"] == pytest.approx(
@@ -177,7 +179,7 @@ def test_an_onnxruntime_genai_package_is_built_evaluated_and_timed(tmp_path,
     assert built["embedding"] == "8-bit, shared with the output head"
     assert built["algorithm"] == "gptq" and built["calibration_texts"] > 0  # training texts
     # its model card loads it as an app would, and the code runs as pasted
-    card = (out / "quantize" / "student-int4-genai" / "README.md").read_text()
+    card = (out / "quantize" / "student-int4" / "README.md").read_text()
     assert "int4 onnxruntime-genai package" in card and "model builder" in card
     assert "algorithm gptq" in card and "embedding 8-bit, shared with the output head" in card
     (code,) = python_blocks(card)

@@ -170,7 +170,7 @@ def test_the_default_recipe_passes_every_check():
 
 def test_packaged_recipes_state_their_report_targets():
     assert len(load_recipe().report.targets) == 4
-    assert len(load_recipe("smollm2-distill").report.targets) == 6
+    assert len(load_recipe("smollm2-distill").report.targets) == 4
     assert Recipe().report.targets == []
 
 

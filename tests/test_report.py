@@ -37,24 +37,25 @@ OLD_TARGETS = [
      "goal": ">= 4.0", "met": True},
     {"target": "student int8 size / student ONNX fp32 size", "measured": 0.25, "goal": "<= 0.3",
      "met": True}]
-OLD_LM_TARGETS = [
-    {"target": "student int4 perplexity / student fp32 perplexity", "measured": 1.04,
-     "goal": "<= 1.05", "met": True},
+# the language-model recipe's goals are issue 20's phone goals, on the int4 model it ships
+LM_TARGETS = [
+    {"target": "student int4 perplexity / student fp32 perplexity", "measured": 1.02,
+     "goal": "<= 1.03", "met": True},
     {"target": "student int4 decode tokens/s / teacher PyTorch fp32 decode tokens/s",
-     "measured": 3.6667, "goal": ">= 4.0", "met": False}]
+     "measured": 3.6667, "goal": ">= 8.0", "met": False}]
 
 
 def lm_models():
     return [{"name": "teacher", "metrics": {"perplexity": 20.0}, "decode_tokens_per_s": 30.0},
             {"name": "student", "metrics": {"perplexity": 25.0}, "decode_tokens_per_s": 100.0},
-            {"name": "student-int4", "metrics": {"perplexity": 26.0},
+            {"name": "student-int4", "metrics": {"perplexity": 25.5},
              "decode_tokens_per_s": 110.0}]
 
 
 def test_packaged_recipes_state_the_goals_the_code_held():
     assert judge_targets(load_recipe().report.targets, fake_models()) == OLD_TARGETS
     lm = load_recipe("smollm2-distill").report.targets
-    assert judge_targets(lm, lm_models()) == OLD_LM_TARGETS
+    assert judge_targets(lm, lm_models()) == LM_TARGETS
 
 
 def test_a_target_this_run_did_not_measure_is_left_out():

@@ -34,6 +34,15 @@ from .base import (
 )
 
 
+def int4_names(q: QuantizeConfig) -> tuple[str, str]:
+    """The names of (the MatMulNBits ONNX model, the onnxruntime-genai package). The int4 model a
+    run ships is ``student-int4``: the package when quantize.genai is on (GPTQ weights, an 8-bit
+    head shared with the embedding, fused attention: a smaller file and faster decode at the same
+    perplexity, benchmarks/results/genai_package.md), else the MatMulNBits model, which then
+    stays beside the package as ``student-int4-onnxruntime`` for comparison."""
+    return ("student-int4-onnxruntime" if q.genai else "student-int4"), "student-int4"
+
+
 class CausalLMTask(Task):
     name = "causal-lm"
     labelled = False
@@ -129,14 +138,15 @@ class CausalLMTask(Task):
     def quantize(self, run, onnx_dir: Path, out: Path, student_dir: Path) -> dict:
         record = super().quantize(run, onnx_dir, out, student_dir)
         q, length, texts = run.recipe.quantize, run.recipe.data.max_length, run.calibration
+        matmulnbits, package = int4_names(q)
         if q.int4:
             record["int4"] = quantize_int4(
-                onnx_dir, out / "student-int4", q.int4_block_size, q.int4_accuracy_level,
+                onnx_dir, out / matmulnbits, q.int4_block_size, q.int4_accuracy_level,
                 algorithm=q.int4_algorithm, calibration_texts=texts,
                 calibration_samples=q.calibration_samples, max_length=length)
         if q.genai:
             record["genai"] = build_genai_package(
-                student_dir, out / "student-int4-genai", q.int4_block_size, q.int4_accuracy_level,
+                student_dir, out / package, q.int4_block_size, q.int4_accuracy_level,
                 algorithm=q.int4_algorithm, calibration_texts=texts or (),
                 calibration_samples=q.calibration_samples, max_length=length)
         if q.pytorch_int4:
@@ -149,12 +159,13 @@ class CausalLMTask(Task):
     def models(self, run, teacher, student, exported, quantized) -> list[dict]:
         models = super().models(run, teacher, student, exported, quantized)
         q = run.recipe.quantize
+        matmulnbits, package = int4_names(q)
         if q.int4:
-            models.append(model_row("student-int4", "student", "onnxruntime", "int4",
-                                    quantized / "student-int4"))
+            models.append(model_row(matmulnbits, "student", "onnxruntime", "int4",
+                                    quantized / matmulnbits))
         if q.genai:
-            models.append(model_row("student-int4-genai", "student", GENAI_BACKEND, "int4",
-                                    quantized / "student-int4-genai"))
+            models.append(model_row(package, "student", GENAI_BACKEND, "int4",
+                                    quantized / package))
         if q.pytorch_int4:
             models.append(model_row("student-int4-pytorch", "student", "pytorch", "int4",
                                     quantized / "student-int4-pytorch"))
