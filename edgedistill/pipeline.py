@@ -49,16 +49,24 @@ TRAINING_STAGES = ("teacher", "distill")  # run on every process of a launched r
 MANIFEST = "manifest.json"
 
 
+def model_rows(models: list[dict], out: Path) -> list[list[str]]:
+    """What a quantize fingerprint covers of the task's model list: each model's name, backend,
+    precision and place in the run, so that code which names or places its outputs otherwise
+    builds them again instead of reading another model under the name."""
+    return [[m["name"], m["backend"], m["precision"], os.path.relpath(m["path"], out)]
+            for m in models]
+
+
 def check_models_present(models: list[dict], out: Path) -> None:
-    """Refuse, before any model is loaded, a finished stage whose folder lacks a model the task
-    lists: moved or deleted by hand, or written by an edgedistill that named it otherwise (the
-    fingerprint covers settings and inputs, not the names the code gives its outputs)."""
+    """Refuse, before evaluation or benchmarking loads any model, a finished stage whose folder
+    lacks a model the task lists (moved or deleted by hand)."""
     for m in models:
         path = Path(m["path"])
         if not path.exists():
-            stage = out / path.relative_to(out).parts[0] if path.is_relative_to(out) else path
+            fix = (f"delete {out / path.relative_to(out).parts[0]} to build it again"
+                   if path.is_relative_to(out) else "restore it")
             raise EdgeDistillError(f"{path}: {m['name']} is missing from a finished stage; "
-                                   f"delete {stage} to build it again")
+                                   f"{fix}")
 
 
 def fingerprint(inputs: dict) -> str:
@@ -215,23 +223,28 @@ class Run:
             "teacher": self.fingerprints["teacher"], "distill": self.fingerprints["distill"],
             "export": asdict(r.export),
         }, self._export(teacher / "model", distilled / "model"))
-        quantized = self.stage("quantize", {
+        models = self.task.models(self, teacher / "model", distilled / "model", exported,
+                                  self.out / "quantize")
+        self.stage("quantize", {
             "export": self.fingerprints["export"], "quantize": asdict(r.quantize),
             "profile": r.bench.profile, "runtimes": self.runtimes,
+            "models": model_rows(models, self.out),
         }, lambda d: self.task.quantize(self, exported / "student", d, distilled / "model"))
-        models = self.task.models(self, teacher / "model", distilled / "model", exported,
-                                  quantized)
-        check_models_present(models, self.out)
         upstream = {k: self.fingerprints[k] for k in ("teacher", "distill", "export", "quantize")}
         # the rows themselves, not only the settings that pick them: an evaluation of other
         # rows (another edgedistill's sampling, a changed file) is not reused
         test_rows = fingerprint(self.data.test.to_dict())
+
+        def present() -> list[dict]:
+            check_models_present(models, self.out)
+            return models
+
         self.stage("evaluate", {**upstream, "data": data_cfg, "test_rows": test_rows,
                                 "evaluate": asdict(r.evaluate)},
-                   lambda d: {**self.task.evaluate(self, models),
+                   lambda d: {**self.task.evaluate(self, present()),
                               "dropped_rows": self.data.dropped})
         self.stage("bench", {**upstream, "bench": asdict(r.bench), "data": data_cfg},
-                   lambda d: self.task.bench(self, models))
+                   lambda d: self.task.bench(self, present()))
         if not self.world.main:
             return None  # the main process writes the report
         report = build_report(r, models, self.records, self.task.report)

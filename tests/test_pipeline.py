@@ -1,12 +1,14 @@
 """The whole pipeline on a tiny random model, through the CLI a user types."""
 
 import json
+import shutil
 
 import pytest
 from safetensors.torch import load_file
 
 from edgedistill.cli import main
 from edgedistill.errors import EdgeDistillError
+from edgedistill.tasks.classification import ClassificationTask
 from tests.conftest import write_tsv
 
 RECIPE = """
@@ -42,7 +44,8 @@ def mtimes(out):
     return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/manifest.json")}
 
 
-def test_run_end_to_end_then_skip_then_partial_rerun(recipe, tmp_path, capsys):
+def test_run_end_to_end_then_skip_then_partial_rerun(recipe, tmp_path, capsys,
+                                                        monkeypatch):
     out = tmp_path / "out"
     assert main(["run", str(recipe), "--output", str(out)]) == 0
 
@@ -92,14 +95,30 @@ def test_run_end_to_end_then_skip_then_partial_rerun(recipe, tmp_path, capsys):
     assert mtimes(out) == first
     assert capsys.readouterr().err.count("unchanged, skipped") == 6
 
-    # a finished stage's folder without a model the task lists (moved by hand, or named
-    # otherwise by another edgedistill): one line naming the folder to delete, nothing rerun
+    # a model moved out of a finished stage by hand: the next stage that loads the models
+    # (evaluation, its settings changed) names the folder to delete; deleting it rebuilds it
     (out / "quantize" / "student-int8").rename(tmp_path / "int8")
-    assert main(["run", str(recipe), "--output", str(out)]) == 2
+    again = ["run", str(recipe), "--output", str(out), "--set", "evaluate.batch_size=4"]
+    assert main(again) == 2
     assert (f"{out / 'quantize' / 'student-int8'}: student-int8 is missing from a finished "
             f"stage; delete {out / 'quantize'} to build it again") in capsys.readouterr().err
-    (tmp_path / "int8").rename(out / "quantize" / "student-int8")
-    assert mtimes(out) == first
+    shutil.rmtree(out / "quantize")
+    assert main(again) == 0 and (out / "quantize" / "student-int8").is_dir()
+    rebuilt = mtimes(out)
+    assert rebuilt["export"] == first["export"] and rebuilt["quantize"] != first["quantize"]
+
+    # code that names or places its models otherwise (another edgedistill) builds them again
+    # instead of reading the old folders under the new names
+    listed = ClassificationTask.models
+    monkeypatch.setattr(ClassificationTask, "models", lambda *a: [
+        {**m, "name": "student-q8"} if m["name"] == "student-int8" else m for m in listed(*a)])
+    assert main(again) == 0
+    renamed = mtimes(out)
+    assert renamed["export"] == first["export"]
+    assert all(renamed[s] != rebuilt[s] for s in ("quantize", "evaluate", "bench"))
+    assert "student-q8" in {m["name"] for m in json.loads((out / "report.json").read_text())[
+        "models"]}
+    monkeypatch.undo()
 
     # a distillation setting changed: the teacher is kept, the student and what follows redone
     assert main(["run", str(recipe), "--output", str(out), "--set",
