@@ -35,6 +35,13 @@ def _add_output_modes(p: argparse.ArgumentParser, default) -> None:
                        help="print only errors and the final summary")
 
 
+def read_lines(path: str | None) -> list[str] | None:
+    """The non-empty lines of a text file (calibration texts), or None without one."""
+    if not path:
+        return None
+    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgedistill", description="Distil, export, quantize, evaluate and benchmark "
@@ -75,20 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-4)
 
     p = sub.add_parser("quantize", help="quantize an exported ONNX model: int8 for a profile, "
-                       "or 4-bit weights")
-    p.add_argument("onnx_dir")
+                       "or 4-bit weights; or package a causal LM for onnxruntime-genai")
+    p.add_argument("onnx_dir", metavar="MODEL_DIR", help="an exported ONNX folder (with "
+                   "--genai: the causal LM's transformers folder)")
     p.add_argument("output")
-    p.add_argument("--int4", action="store_true", help="4-bit weight-only (MatMulNBits) "
-                   "instead of int8; for decoders")
-    p.add_argument("--block-size", type=int, default=32, help="int4: weights per scale")
+    four_bits = p.add_mutually_exclusive_group()
+    four_bits.add_argument("--int4", action="store_true", help="4-bit weight-only "
+                           "(MatMulNBits) instead of int8; for decoders")
+    four_bits.add_argument("--genai", action="store_true", help="an int4 onnxruntime-genai "
+                           "package (its model builder; the 8-bit head shared with the "
+                           "embedding) from a transformers causal LM folder")
+    # their defaults are the recipe's (quantize.int4_block_size, int4_algorithm,
+    # int4_accuracy_level): `edgedistill settings` lists them
+    p.add_argument("--block-size", type=int, help="--int4/--genai: weights per scale")
+    p.add_argument("--algorithm", help="--int4/--genai: rtn (round to nearest) or gptq "
+                   "(calibrated on --calibration-texts)")
+    p.add_argument("--accuracy-level", type=int, help="--int4/--genai: the 4-bit weights' "
+                   "compute type: 4 (int8 activations) or 0 (float)")
     p.add_argument("--profile", default="cpu")
     p.add_argument("--preset", default="auto", help="auto, avx512_vnni, avx512, avx2, arm64")
     p.add_argument("--mode", default="dynamic", choices=["dynamic", "static"])
-    p.add_argument("--calibration-texts", help="static mode and --openvino: a text file, one "
-                   "training text a line")
-    p.add_argument("--openvino", action="store_true", help="int8 for OpenVINO (NNCF, calibrated "
-                   "on --calibration-texts) instead of onnxruntime; computes in the profile's "
-                   "openvino_precision")
+    p.add_argument("--calibration-texts", help="static mode, --openvino and gptq: a text "
+                   "file, one training text a line")
+    four_bits.add_argument("--openvino", action="store_true", help="int8 for OpenVINO (NNCF, "
+                           "calibrated on --calibration-texts) instead of onnxruntime; computes "
+                           "in the profile's openvino_precision")
     p.add_argument("--calibration", default="percentile",
                    choices=["minmax", "entropy", "percentile"])
     p.add_argument("--no-fuse", dest="fuse", action="store_false", default=None,
@@ -175,20 +193,31 @@ def _dispatch(args, argv: list[str]) -> int:
         record = export_onnx(args.model_dir, args.output, args.opset, args.atol)
         console.print(f"exported to {args.output}: max |ONNX - PyTorch| "
                       f"{record['max_abs_diff']:.2e} (atol {args.atol})")
-    elif args.command == "quantize" and args.int4:
+    elif args.command == "quantize" and (args.int4 or args.genai):
         from .quantization import quantize_int4
+        from .quantization.genai import build_genai_package
+        from .recipe import recipe_from_dict
 
-        settings = quantize_int4(args.onnx_dir, args.output, args.block_size)
+        # the recipe's quantize block reads the flags: its defaults and its limits
+        flags = {"int4_block_size": args.block_size, "int4_algorithm": args.algorithm,
+                 "int4_accuracy_level": args.accuracy_level}
+        q = recipe_from_dict({"quantize": {k: v for k, v in flags.items() if v is not None}},
+                             "edgedistill quantize").quantize
+        texts = read_lines(args.calibration_texts)
+        if q.int4_algorithm == "gptq" and not texts:
+            raise EdgeDistillError("--algorithm gptq: it calibrates on training texts; give "
+                                   "--calibration-texts FILE (one text a line) or use rtn")
+        build = build_genai_package if args.genai else quantize_int4
+        settings = build(args.onnx_dir, args.output, q.int4_block_size, q.int4_accuracy_level,
+                         algorithm=q.int4_algorithm, calibration_texts=texts or [],
+                         calibration_samples=q.calibration_samples)
         console.print(f"quantized to {args.output} with {settings}")
     elif args.command == "quantize":
         from .profiles import resolve_target
         from .quantization import quantize, quantize_openvino
         from .recipe import QuantizeConfig
 
-        texts = None
-        if args.calibration_texts:
-            lines = Path(args.calibration_texts).read_text(encoding="utf-8").splitlines()
-            texts = [line for line in lines if line.strip()]
+        texts = read_lines(args.calibration_texts)
         if args.openvino:
             target = resolve_target(args.profile)  # a profile OpenVINO cannot target is refused
             target.runtimes_for(QuantizeConfig(runtimes=["onnxruntime", "openvino"]))

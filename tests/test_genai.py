@@ -176,3 +176,32 @@ def test_heads_the_attention_kernel_cannot_run_are_refused(tmp_path, tiny_llama_
     # tiny_llama_dir: 32 hidden units over 4 heads, 8 dimensions each
     with pytest.raises(EdgeDistillError, match="attention heads of 8 dimensions"):
         build_genai_package(tiny_llama_dir, tmp_path / "genai")
+
+
+def test_the_cli_packages_a_transformers_folder_with_the_recipes_settings(tmp_path, capsys):
+    from edgedistill.cli import main
+
+    tiny_decoder(tmp_path / "model", "LlamaForCausalLM")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the cat saw a dog and the dog saw a bird\n\na bird sat on the red house\n")
+    out, model = tmp_path / "genai", str(tmp_path / "model")
+    # GPTQ without texts to calibrate on: one line naming the flag, nothing written
+    assert main(["quantize", model, str(out), "--genai", "--algorithm", "gptq"]) == 2
+    assert "--algorithm gptq: it calibrates on training texts; give --calibration-texts" in (
+        capsys.readouterr().err)
+    assert main(["quantize", model, str(out), "--genai", "--accuracy-level", "7"]) == 2
+    assert "quantize.int4_accuracy_level: 7 must be in [0, 4]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a package or a MatMulNBits model, not both
+        main(["quantize", model, str(out), "--genai", "--int4"])
+    assert not out.exists()
+    assert main(["quantize", model, str(out), "--genai", "--block-size", "16", "--algorithm",
+                 "gptq", "--calibration-texts", str(texts), "--accuracy-level", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "'algorithm': 'gptq'" in printed and "'calibration_texts': 2" in printed
+    graph = onnx.load(str(onnx_file(out))).graph
+    levels = {(a["bits"], a.get("accuracy_level", 0)) for a in (
+        {x.name: x.i for x in n.attribute} for n in graph.node if n.op_type == "MatMulNBits")}
+    assert levels == {(4, 0), (8, 4)}  # the 8-bit head computes in int8 whatever is asked
+    # GPTQ's zero points (asymmetric), calibrated on the file's two non-empty lines
+    assert all(len(n.input) == 4 for n in graph.node if n.op_type == "MatMulNBits"
+               and ({x.name: x.i for x in n.attribute}["bits"] == 4))
