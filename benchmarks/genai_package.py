@@ -1,6 +1,6 @@
 """The SmolLM2 student's two int4 routes side by side, in one pipeline run of the recipe:
 
-- ``student-int4-onnxruntime``: edgedistill's optimum export + onnxruntime's MatMulNBits
+- ``student-int4-ort``: edgedistill's optimum export + onnxruntime's MatMulNBits
   quantizer (GPTQ on 32 training texts, asymmetric blocks of 32, the token embedding read out
   of the tied 8-bit output head), run on plain onnxruntime;
 - ``student-int4``, the one the recipe ships: onnxruntime-genai's package from the same
@@ -45,7 +45,7 @@ from edgedistill.recipe import load_recipe
 
 HERE = Path(__file__).parent
 RECIPE = "smollm2-distill"
-MODELS = ("teacher", "student", "student-onnx", "student-int8", "student-int4-onnxruntime",
+MODELS = ("teacher", "student", "student-onnx", "student-int8", "student-int4-ort",
           "student-int4")
 # the issue's goals: (what, row, per row, key, at most / at least)
 GOALS = (("int4 file <= 0.25x the fp32 ONNX file", "size_mb", "student-onnx", "at_most", 0.25),
@@ -183,7 +183,7 @@ def main() -> None:
     goals = []
     for goal, key, per, direction, bound in GOALS:
         values = []
-        for name in ("student-int4-onnxruntime", "student-int4"):
+        for name in ("student-int4-ort", "student-int4"):
             ratio = rows[name][key] / rows[per][key]
             values.append((name, ratio, ratio <= bound if direction == "at_most"
                            else ratio >= bound))

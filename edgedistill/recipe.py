@@ -360,7 +360,7 @@ class QuantizeConfig:
               "layers in fp32); None: quantize once with the settings above.", gt=0, lt=1)
     max_trials: int = _f(10, "Accuracy-aware tuning: trials at most.", gt=0)
     int4: bool = _f(False, "Also write a 4-bit weight-only ONNX model (MatMulNBits) for plain "
-                           "onnxruntime, for decoders: student-int4, or student-int4-onnxruntime "
+                           "onnxruntime, for decoders: student-int4, or student-int4-ort "
                            "beside a genai package.")
     int4_block_size: int = _f(32, "Weights sharing one 4-bit scale (a power of two).", ge=16)
     int4_accuracy_level: Optional[int] = _f(

@@ -566,9 +566,12 @@ def print_summary(report: dict, console: Console | None = None) -> None:
     keep = [headers.index(h) for h in ("model", "precision", *report["view"]["summary"],
                                        "size MB")]
     table = Table(title=f"edgedistill: {report['name']} (all columns: report.md)")
-    for i in keep:
-        table.add_column(headers[i], justify="left" if i == 0 else "right")
-    for r in _table_rows(report):
+    rows = _table_rows(report)
+    # every name whole, so that student-int4-ort and student-int4 never both read "student-int…"
+    table.add_column(headers[keep[0]], no_wrap=True, min_width=max(len(r[0]) for r in rows))
+    for i in keep[1:]:
+        table.add_column(headers[i], justify="right")
+    for r in rows:
         table.add_row(*(r[i] for i in keep))
     console.print(table)
     # soft_wrap: a long line stays one line in a log file instead of breaking at column 80

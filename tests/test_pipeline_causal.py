@@ -153,7 +153,7 @@ def test_a_language_model_teacher_is_fine_tuned_on_the_text_first(tmp_path, tiny
     assert (out / "distill" / "model" / "config.json").is_file()
 
 
-def test_an_onnxruntime_genai_package_is_built_evaluated_and_timed(tmp_path,
+def test_an_onnxruntime_genai_package_is_built_evaluated_and_timed(tmp_path, capsys,
                                                                     tiny_llama_bpe_dir):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path, tiny_llama_bpe_dir)
@@ -164,8 +164,11 @@ def test_an_onnxruntime_genai_package_is_built_evaluated_and_timed(tmp_path,
     by_name = {m["name"]: m for m in report["models"]}
     # the package is the int4 model to ship; the MatMulNBits model stays beside it, renamed
     assert list(by_name) == ["teacher", "student", "student-onnx", "student-int8",
-                             "student-int4-onnxruntime", "student-int4"]
-    assert by_name["student-int4-onnxruntime"]["backend"] == "onnxruntime"
+                             "student-int4-ort", "student-int4"]
+    assert by_name["student-int4-ort"]["backend"] == "onnxruntime"
+    # the printed summary (80 columns here) keeps both names whole, never "student-int…" twice
+    summary = capsys.readouterr().err
+    assert "│ student-int4-ort │" in summary and "│ student-int4     │" in summary
     genai = by_name["student-int4"]
     assert genai["backend"] == "onnxruntime-genai" and genai["precision"] == "int4"
     assert (out / "quantize" / "student-int4" / "genai_config.json").is_file()

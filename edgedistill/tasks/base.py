@@ -340,8 +340,8 @@ def refuse_other_heads(config, own: str, what: str) -> None:
 
 
 # the width of the model-name column in the stages' lines: the longest name a run writes
-# (student-int4-onnxruntime)
-NAME_WIDTH = 24
+# (student-int8-openvino)
+NAME_WIDTH = 21
 
 
 def print_over_budget(console, name: str, result: dict) -> bool:

@@ -39,9 +39,9 @@ def int4_names(q: QuantizeConfig) -> tuple[str, str]:
     run ships is ``student-int4``: the package when quantize.genai is on (GPTQ weights, an 8-bit
     head shared with the embedding, fused attention: a smaller file and faster decode at the same
     perplexity, benchmarks/results/genai_package.md), the MatMulNBits model otherwise. With both
-    on, the MatMulNBits model stays beside the package as ``student-int4-onnxruntime``, to
-    compare and for targets that run plain onnxruntime."""
-    return ("student-int4-onnxruntime" if q.genai else "student-int4"), "student-int4"
+    on, the MatMulNBits model stays beside the package as ``student-int4-ort``, to compare and
+    for targets that run plain onnxruntime (ort)."""
+    return ("student-int4-ort" if q.genai else "student-int4"), "student-int4"
 
 
 class CausalLMTask(Task):
