@@ -86,12 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("onnx_dir", metavar="MODEL_DIR", help="an exported ONNX folder (with "
                    "--genai: the causal LM's transformers folder)")
     p.add_argument("output")
-    four_bits = p.add_mutually_exclusive_group()
-    four_bits.add_argument("--int4", action="store_true", help="4-bit weight-only "
-                           "(MatMulNBits) instead of int8; for decoders")
-    four_bits.add_argument("--genai", action="store_true", help="an int4 onnxruntime-genai "
-                           "package (its model builder; the 8-bit head shared with the "
-                           "embedding) from a transformers causal LM folder")
+    written = p.add_mutually_exclusive_group()  # one kind of model per call
+    written.add_argument("--int4", action="store_true", help="4-bit weight-only (MatMulNBits) "
+                         "instead of int8; for decoders")
+    written.add_argument("--genai", action="store_true", help="an int4 onnxruntime-genai "
+                         "package (its model builder; the 8-bit head shared with the "
+                         "embedding) from a transformers causal LM folder")
     # their defaults are the recipe's (quantize.int4_block_size, int4_algorithm,
     # int4_accuracy_level): `edgedistill settings` lists them
     p.add_argument("--block-size", type=int, help="--int4/--genai: weights per scale")
@@ -104,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="dynamic", choices=["dynamic", "static"])
     p.add_argument("--calibration-texts", help="static mode, --openvino and gptq: a text "
                    "file, one training text a line")
-    four_bits.add_argument("--openvino", action="store_true", help="int8 for OpenVINO (NNCF, "
-                           "calibrated on --calibration-texts) instead of onnxruntime; computes "
-                           "in the profile's openvino_precision")
+    written.add_argument("--openvino", action="store_true", help="int8 for OpenVINO (NNCF, "
+                         "calibrated on --calibration-texts) instead of onnxruntime; computes "
+                         "in the profile's openvino_precision")
     p.add_argument("--calibration", default="percentile",
                    choices=["minmax", "entropy", "percentile"])
     p.add_argument("--no-fuse", dest="fuse", action="store_false", default=None,

@@ -568,7 +568,8 @@ def print_summary(report: dict, console: Console | None = None) -> None:
     table = Table(title=f"edgedistill: {report['name']} (all columns: report.md)")
     rows = _table_rows(report)
     # every name whole, so that student-int4-ort and student-int4 never both read "student-int…"
-    table.add_column(headers[keep[0]], no_wrap=True, min_width=max(len(r[0]) for r in rows))
+    table.add_column(headers[keep[0]], no_wrap=True,
+                     min_width=max((len(r[0]) for r in rows), default=0))
     for i in keep[1:]:
         table.add_column(headers[i], justify="right")
     for r in rows:
