@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from typing import Sequence
 
 import onnx
 
-from ..artifacts import copy_sidecars, onnx_file, size_on_disk_mb
+from ..artifacts import copy_sidecars, onnx_file, size_on_disk_mb, write_atomic
 from ..errors import EdgeDistillError
 from .int4 import EIGHT_BIT_ACCURACY_LEVEL, set_accuracy_level
 
@@ -146,9 +145,7 @@ def build_genai_package(model_dir: str | Path, output_dir: str | Path, block_siz
         graph_file = onnx_file(output_dir)  # the weights stay in its .data file
         model = onnx.load(str(graph_file), load_external_data=False)
         set_accuracy_level(model.graph, accuracy_level, bits=4)
-        part = graph_file.with_suffix(".onnx.part")  # a killed write leaves the graph whole
-        onnx.save_model(model, str(part))
-        os.replace(part, graph_file)
+        write_atomic(graph_file, model.SerializeToString())  # a killed write leaves it whole
     record = {"builder": "onnxruntime-genai model builder", "precision": precision,
               "algorithm": algorithm if int4 else None, **record,
               "block_size": block_size, "accuracy_level": accuracy_level or 0,
