@@ -123,14 +123,17 @@ def chosen_blocks(record: dict) -> tuple[StudentConfig, DistillConfig]:
 
 
 def check(recipe: Recipe, teacher_path: Path, teacher_config, task) -> None:
-    """Preflight: the task can take the selection rule, every candidate can be built, and
-    every loss of search.match_losses can match it to the teacher."""
+    """Preflight: the task can take the selection rule, every candidate can be built and
+    trained under the recipe's settings, and every loss of search.match_losses can match it to
+    the teacher."""
     if recipe.search.selection == "one_se" and not task.per_row_validation:
         raise EdgeDistillError(f"search.selection: one_se resamples per-row validation "
                                f"predictions, which the {task.name} task does not give; "
                                "use best")
     for c in candidates(recipe, teacher_config):
         config, kept = plan_student(teacher_path, teacher_config, c.student)
+        task.check_shape(recipe, config, teacher_config,
+                         f"search.widths: {c.width:g} (student {c.name})")
         for loss in recipe.search.match_losses:
             if loss != NO_MATCH:
                 resolve_matches([asdict(MatchConfig(loss=loss))], config, teacher_config, kept,
@@ -368,7 +371,10 @@ def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
 
     finished = len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
     if finished < min(s.trials, space):
-        study.optimize(objective, n_trials=min(s.trials, space) - finished)
+        # a trial that raises ends the search with that error's own line (the CLI's, or the
+        # caller's exception): Optuna's report of the same failure, traceback and all, is noise
+        with progress.silenced("optuna.study._optimize", "failed with"):
+            study.optimize(objective, n_trials=min(s.trials, space) - finished)
     trials = [{"number": t.number, "state": t.state.name, **t.params, "value": t.value,
                **t.user_attrs} for t in study.get_trials(deepcopy=False)
               if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]

@@ -2,6 +2,7 @@
 driven by Optuna, the chosen student distilled in full, a killed search resumed."""
 
 import json
+import logging
 
 import optuna
 import pytest
@@ -93,6 +94,28 @@ def candidate_recipe(tmp_path, **search_settings):
     teacher.save_pretrained(tmp_path / "t")
     overrides = [f"search.{k}={v}" for k, v in search_settings.items()]
     return load_recipe(None, ["search.budget_ms=1", *overrides]), teacher.config
+
+
+def test_a_trial_that_fails_ends_the_search_in_its_own_line(recipe, tmp_path, capsys,
+                                                            monkeypatch):
+    def broken(*args, **kwargs):
+        raise EdgeDistillError("data.source: the trial's data broke")
+
+    monkeypatch.setattr(search, "distill_student", broken)
+    # Optuna prints through its own handler on the 'optuna' logger (not propagated): listen there
+    optuna_records = []
+    listener = logging.Handler()
+    listener.emit = optuna_records.append
+    logging.getLogger("optuna").addHandler(listener)
+    try:
+        assert main(["search", str(recipe), "--budget-ms", "1000", "--output",
+                     str(tmp_path / "out"), "--set", "search.layers=[1]",
+                     "--set", "search.widths=[1.0]"]) == 2
+    finally:
+        logging.getLogger("optuna").removeHandler(listener)
+    assert "edgedistill: error: data.source: the trial's data broke" in capsys.readouterr().err
+    # Optuna's own report of the same failure (a warning with the traceback) is not shown
+    assert not [r for r in optuna_records if "failed with" in r.getMessage()]
 
 
 def test_candidates_keep_whole_heads_and_refuse_what_cannot_be_built(tmp_path):

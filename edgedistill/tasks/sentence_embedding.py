@@ -137,21 +137,23 @@ class SentenceEmbeddingTask(Task):
         require_pooling(path, "teacher.model")
         check_embedding_settings(r.distill, "distill.")
         teacher = AutoConfig.from_pretrained(path, trust_remote_code=r.teacher.trust_remote_code)
-        student, _ = plan_student(path, teacher, r.student)
-        # the student's embedding is compared with the teacher's dimension by dimension
-        # the pointwise losses compare each text's two embeddings coordinate by coordinate
-        refuse(student.hidden_size != teacher.hidden_size and r.distill.distill_loss in POINTWISE,
-               f"student: its width {student.hidden_size} differs from the teacher's "
-               f"{teacher.hidden_size}, and distill.distill_loss {r.distill.distill_loss} "
-               "compares the two embeddings coordinate by coordinate: use "
-               "embedding_similarity (or a relation loss), which compares how texts relate "
-               "within each model, or a student of the teacher's width")
+        self.check_shape(r, plan_student(path, teacher, r.student)[0], teacher, "student")
         refuse(r.teacher.finetune, "teacher.finetune: a sentence-embedding teacher is used as "
                "it is (its embeddings are the targets; there is no labelled objective to "
                "fine-tune it on); set teacher.finetune: false")
         # a sentence embedder learns from text alone: its transfer set is more text
         # (transfer.unlabelled), embedded by the teacher like the training texts
         refuse_classifier_and_lm_extras(r, self.name, more_text=True)
+
+    def check_shape(self, r: Recipe, config, teacher_config, where: str) -> None:
+        # the pointwise losses compare each text's two embeddings coordinate by coordinate
+        refuse(config.hidden_size != teacher_config.hidden_size
+               and r.distill.distill_loss in POINTWISE,
+               f"{where}: its width {config.hidden_size} differs from the teacher's "
+               f"{teacher_config.hidden_size}, and distill.distill_loss "
+               f"{r.distill.distill_loss} compares the two embeddings coordinate by coordinate: "
+               "use embedding_similarity (or a relation loss), which compares how texts relate "
+               "within each model, or a student of the teacher's width")
 
     def check_student(self, r: Recipe, config, teacher_tokenizer, student_tokenizer, labels):
         # the target is one vector per text, so a student may read its own tokens; layer
