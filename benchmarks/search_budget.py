@@ -21,6 +21,10 @@ cache (same host, same settings). A rerun reuses every finished stage (the pipel
 skipping), so an interrupted benchmark goes on where it stopped.
 
     python benchmarks/search_budget.py --seeds 42 43 44 [--trials 12]
+    python benchmarks/search_budget.py --seeds 42 43 44 --runs half --results search_budget_half
+
+``--runs`` picks the runs beside the baseline (``search`` brings its one_se audit); a subset
+written under its own ``--results`` name keeps the full table's record.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -123,10 +128,10 @@ def summary(rows: list[dict], name: str, baseline: dict[int, dict]) -> dict:
             "p50_ms": statistics.mean(r["p50_ms"] for r in mine)}
 
 
-def markdown(rows: list[dict], sums: list[dict], env: dict, trials: int) -> str:
+def markdown(rows: list[dict], sums: list[dict], env: dict, trials: int, command: str) -> str:
     lines = ["# Student search under a latency budget (default task)", "",
              (f"{env['cpu']} ({env['cpu_count']} cores), profile cpu, {trials} trials per "
-              "search; `python benchmarks/search_budget.py`"), "",
+              f"search; `{command}`"), "",
              ("| seed | run | budget ms | chosen | settings | trials (stopped early) | "
               "val macro-F1 | test macro-F1 int8 | p50 ms at bench | within budget | "
               "search s (measure + trials) |"), "|" + "---|" * 11]
@@ -167,7 +172,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--half-seeds", type=int, nargs="*", default=None,
-                        help="seeds of the half-budget run (default: the first seed)")
+                        help="seeds of the half-budget run (default: the first seed; every "
+                             "seed when --runs is half alone)")
+    parser.add_argument("--runs", nargs="+", choices=("search", "half"),
+                        default=["search", "half"], help="the runs beside the baseline")
+    parser.add_argument("--results", default="search_budget",
+                        help="stem of the results files in benchmarks/results/")
     parser.add_argument("--work", type=Path, default=HERE / "work" / "search")
     args = parser.parse_args()
     rows, baseline = [], {}
@@ -177,14 +187,15 @@ def main() -> None:
                                  ["bench.real_length_samples=0"])
         rows.append(baseline[seed])
         budget = baseline[seed]["p50_ms"]
-        half = args.seeds[:1] if args.half_seeds is None else args.half_seeds
+        half = (args.half_seeds if args.half_seeds is not None else
+                args.seeds if args.runs == ["half"] else args.seeds[:1])
         for name, factor in (("search", 1.0), ("half", 0.5)):
-            if name == "search" or seed in half:
+            if name in args.runs and (name == "search" or seed in half):
                 rows.append(one_run(seed, name, args.work, teacher,
                                     ["bench.real_length_samples=0",
                                      f"search.budget_ms={budget * factor:.4f}",
                                      f"search.trials={args.trials}"]))
-            if name == "search":  # the audit: the same trials, chosen by one_se
+            if name == "search" and name in args.runs:  # the same trials judged by one_se
                 picked, how = one_se_recipe(seed, args.work / f"seed-{seed}" / "search",
                                             teacher)
                 same = rows[-1]  # the search row just made
@@ -193,17 +204,20 @@ def main() -> None:
                                           ["bench.real_length_samples=0"], picked), same, how))
                 rows.append(dict(row, run="one_se", selection=how))
         print(json.dumps(rows[-1], indent=1))
-        write_results(rows, baseline, args.trials)  # after each seed: a long run keeps its part
+        # after each seed: a long run keeps its part
+        write_results(rows, baseline, args.trials, args.results)
 
 
-def write_results(rows: list[dict], baseline: dict[int, dict], trials: int) -> None:
+def write_results(rows: list[dict], baseline: dict[int, dict], trials: int, stem: str) -> None:
     sums = [summary(rows, name, baseline) for name in ("baseline", "search", "one_se", "half")]
     env = environment()
     results = HERE / "results"
-    write_atomic(results / "search_budget.json",
+    write_atomic(results / f"{stem}.json",
                  json.dumps({"rows": rows, "summary": sums, "environment": env}, indent=2))
-    write_atomic(results / "search_budget.md", markdown(rows, sums, env, trials))
-    print(markdown(rows, sums, env, trials))
+    command = " ".join(["python benchmarks/search_budget.py", *sys.argv[1:]])
+    text = markdown(rows, sums, env, trials, command)
+    write_atomic(results / f"{stem}.md", text)
+    print(text)
 
 
 if __name__ == "__main__":
