@@ -24,7 +24,8 @@ skipping), so an interrupted benchmark goes on where it stopped.
     python benchmarks/search_budget.py --seeds 42 43 44 --runs half --results search_budget_half
 
 ``--runs`` picks the runs beside the baseline (``search`` brings its one_se audit); a subset
-written under its own ``--results`` name keeps the full table's record.
+is written under its own name (``search_budget_half`` for ``--runs half``, or ``--results``), so
+the full table's record stays.
 """
 
 from __future__ import annotations
@@ -176,10 +177,14 @@ def main() -> None:
                              "seed when --runs is half alone)")
     parser.add_argument("--runs", nargs="+", choices=("search", "half"),
                         default=["search", "half"], help="the runs beside the baseline")
-    parser.add_argument("--results", default="search_budget",
-                        help="stem of the results files in benchmarks/results/")
+    parser.add_argument("--results", default=None,
+                        help="stem of the results files in benchmarks/results/ (default: "
+                             "search_budget, with _half or _search for one run alone)")
     parser.add_argument("--work", type=Path, default=HERE / "work" / "search")
     args = parser.parse_args()
+    runs = set(args.runs)
+    stem = args.results or "_".join(["search_budget", *sorted(runs)] if len(runs) == 1
+                                    else ["search_budget"])
     rows, baseline = [], {}
     for seed in args.seeds:
         teacher = teacher_for(seed, HERE / "work" / "methods")  # shared with distill_methods.py
@@ -188,14 +193,14 @@ def main() -> None:
         rows.append(baseline[seed])
         budget = baseline[seed]["p50_ms"]
         half = (args.half_seeds if args.half_seeds is not None else
-                args.seeds if args.runs == ["half"] else args.seeds[:1])
+                args.seeds if runs == {"half"} else args.seeds[:1])
         for name, factor in (("search", 1.0), ("half", 0.5)):
-            if name in args.runs and (name == "search" or seed in half):
+            if name in runs and (name == "search" or seed in half):
                 rows.append(one_run(seed, name, args.work, teacher,
                                     ["bench.real_length_samples=0",
                                      f"search.budget_ms={budget * factor:.4f}",
                                      f"search.trials={args.trials}"]))
-            if name == "search" and name in args.runs:  # the same trials judged by one_se
+            if name == "search" and name in runs:  # the same trials judged by one_se
                 picked, how = one_se_recipe(seed, args.work / f"seed-{seed}" / "search",
                                             teacher)
                 same = rows[-1]  # the search row just made
@@ -205,7 +210,7 @@ def main() -> None:
                 rows.append(dict(row, run="one_se", selection=how))
         print(json.dumps(rows[-1], indent=1))
         # after each seed: a long run keeps its part
-        write_results(rows, baseline, args.trials, args.results)
+        write_results(rows, baseline, args.trials, stem)
 
 
 def write_results(rows: list[dict], baseline: dict[int, dict], trials: int, stem: str) -> None:

@@ -308,8 +308,11 @@ class Run:
                                       r.teacher.trust_remote_code)
         resolve_matches([asdict(m) for m in r.distill.matches], s_config, t_config, kept,
                         "distill.matches")
-        if r.search.active:
+        if r.search.active:  # the candidates' shapes replace the recipe student's
             search.check(r, model_path, t_config, self.task)
+        else:
+            self.task.check_shape(r, s_config, t_config, "student",
+                                  "a student of the teacher's width")
         for who, config in (("teacher", t_config), ("student", s_config)):
             positions = getattr(config, "max_position_embeddings", None)
             for key, length in (("data.max_length", r.data.max_length),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -133,7 +134,7 @@ def check(recipe: Recipe, teacher_path: Path, teacher_config, task) -> None:
     for c in candidates(recipe, teacher_config):
         config, kept = plan_student(teacher_path, teacher_config, c.student)
         task.check_shape(recipe, config, teacher_config,
-                         f"search.widths: {c.width:g} (student {c.name})")
+                         f"search.widths: {c.width:g} (student {c.name})", "search.widths: [1.0]")
         for loss in recipe.search.match_losses:
             if loss != NO_MATCH:
                 resolve_matches([asdict(MatchConfig(loss=loss))], config, teacher_config, kept,
@@ -367,17 +368,26 @@ def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
             trial.set_user_attr("epochs", reporter.epochs)
             trial.set_user_attr("seconds", round(time.perf_counter() - began, 1))
             shutil.rmtree(folder, ignore_errors=True)  # the winner is distilled again in full
-        return record["validation"][metric]
+        value = record["validation"][metric]
+        if not math.isfinite(value):  # Optuna fails the trial and goes on: say so here
+            progress.note(f"  trial {trial.number}: validation {metric} is {value}; it does not "
+                          "count")
+        return value
 
-    finished = len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    if finished < min(s.trials, space):
+    counted = len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    if counted < min(s.trials, space):
         # a trial that raises ends the search with that error's own line (the CLI's, or the
-        # caller's exception): Optuna's report of the same failure, traceback and all, is noise
+        # caller's exception), one without a score has its own note: Optuna's report of either,
+        # traceback and all, says it again
         with progress.silenced("optuna.study._optimize", "failed with"):
-            study.optimize(objective, n_trials=min(s.trials, space) - finished)
+            study.optimize(objective, n_trials=min(s.trials, space) - counted)
     trials = [{"number": t.number, "state": t.state.name, **t.params, "value": t.value,
                **t.user_attrs} for t in study.get_trials(deepcopy=False)
               if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    if not finished(trials):
+        raise EdgeDistillError(f"search: no trial ended with a validation {metric} (see the "
+                               "trials above); check the data's validation split and the "
+                               "search's settings, then run it again")
     shutil.rmtree(out / "trials", ignore_errors=True)
     best, selection = select(run.task, trials, s.selection, greater,
                              {c.name: costs[c.name]["parameters"] for c in shapes}, run.data,

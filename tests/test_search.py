@@ -118,6 +118,22 @@ def test_a_trial_that_fails_ends_the_search_in_its_own_line(recipe, tmp_path, ca
     assert not [r for r in optuna_records if "failed with" in r.getMessage()]
 
 
+def test_trials_without_a_score_are_said_and_a_search_with_none_ends_in_one_line(
+        recipe, tmp_path, capsys, monkeypatch):
+    from edgedistill.tasks.classification import ClassificationTask
+
+    # every trial trains to a validation score of nan (as Spearman gives for constant output)
+    monkeypatch.setattr(search, "distill_student",
+                        lambda *a, **k: {"validation": {"macro_f1": float("nan")}})
+    monkeypatch.setattr(ClassificationTask, "validation_predictions", lambda *a, **k: [])
+    assert main(["search", str(recipe), "--budget-ms", "1000", "--output", str(tmp_path / "out"),
+                 "--set", "search.layers=[1]", "--set", "search.widths=[1.0]"]) == 2
+    err = capsys.readouterr().err
+    assert "trial 0: validation macro_f1 is nan; it does not count" in err
+    assert "trial 2: validation macro_f1 is nan" in err  # Optuna went on after each
+    assert "edgedistill: error: search: no trial ended with a validation macro_f1" in err
+
+
 def test_candidates_keep_whole_heads_and_refuse_what_cannot_be_built(tmp_path):
     r, config = candidate_recipe(tmp_path, layers="[1, 4]", widths="[1.0, 0.5, 0.501, 0.3]")
     shapes = search.candidates(r, config)

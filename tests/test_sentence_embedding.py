@@ -247,6 +247,11 @@ def test_labels_are_read_only_when_the_recipe_names_them(tmp_path):
     ({"student: {num_layers: 2}": ("student: {num_layers: 2}\n"
                                    "search: {budget_ms: 1000, layers: [1], widths: [1.0, 0.5]}")},
      "search.widths: 0.5 (student 1L-w0.5): its width 16 differs from the teacher's 32"),
+    # the recipe's own student is not trained under a search: only the candidates count
+    ({"student: {num_layers: 2}": ("student: {init: pruned, config: {hidden_size: 16}}\n"
+                                   "search: {budget_ms: 1000, layers: [1], widths: [1.0, 0.5]}")},
+     "coordinate by coordinate: use embedding_similarity (or a relation loss), which compares "
+     "how texts relate within each model, or search.widths: [1.0]"),
 ])
 def test_bad_settings_are_one_line_and_nothing_is_written(tmp_path, capsys, change, message):
     out = tmp_path / "out"

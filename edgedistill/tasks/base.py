@@ -135,10 +135,11 @@ class Task:
     def check(self, recipe: Recipe) -> None:
         """Refuse settings that make no sense for this task (one line each, naming the key)."""
 
-    def check_shape(self, recipe: Recipe, config, teacher_config, where: str) -> None:
+    def check_shape(self, recipe: Recipe, config, teacher_config, where: str,
+                    same_width: str) -> None:
         """Refuse a student of this shape (its ``config``) under the recipe's distill settings;
-        ``where`` names the setting the shape comes from (``student``, or a search candidate).
-        Any shape is fine by default."""
+        ``where`` names the setting the shape comes from (``student``, or a search candidate),
+        ``same_width`` how to ask there for the teacher's width. Any shape is fine by default."""
 
     def check_student(self, recipe: Recipe, config, teacher_tokenizer, student_tokenizer,
                       labels: list[str] | None) -> None:

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import replace
 
 from datasets import Dataset, concatenate_datasets
-from transformers import AutoConfig, AutoModel, DataCollatorWithPadding
+from transformers import AutoModel, DataCollatorWithPadding
 
 from ..bench.runner import benchmark
 from ..data import load_task_data
@@ -18,7 +18,7 @@ from ..distill.embedding_trainer import check_embedding_settings, embedding_agre
 from ..distill.losses import POINTWISE
 from ..distill.student import shares_tokenizer
 from ..distill.teacher_outputs import TEACHER_EMBEDDING, teacher_embeddings
-from ..distill.training import evaluation_texts, plan_student, unlabelled_texts
+from ..distill.training import evaluation_texts, unlabelled_texts
 from ..distill.transfer import new_rows
 from ..evaluation import embed, embedding_metrics
 from ..pooling import carry, require_pooling
@@ -136,8 +136,6 @@ class SentenceEmbeddingTask(Task):
         path = resolve_model(r.teacher.model)
         require_pooling(path, "teacher.model")
         check_embedding_settings(r.distill, "distill.")
-        teacher = AutoConfig.from_pretrained(path, trust_remote_code=r.teacher.trust_remote_code)
-        self.check_shape(r, plan_student(path, teacher, r.student)[0], teacher, "student")
         refuse(r.teacher.finetune, "teacher.finetune: a sentence-embedding teacher is used as "
                "it is (its embeddings are the targets; there is no labelled objective to "
                "fine-tune it on); set teacher.finetune: false")
@@ -145,7 +143,8 @@ class SentenceEmbeddingTask(Task):
         # (transfer.unlabelled), embedded by the teacher like the training texts
         refuse_classifier_and_lm_extras(r, self.name, more_text=True)
 
-    def check_shape(self, r: Recipe, config, teacher_config, where: str) -> None:
+    def check_shape(self, r: Recipe, config, teacher_config, where: str,
+                    same_width: str) -> None:
         # the pointwise losses compare each text's two embeddings coordinate by coordinate
         refuse(config.hidden_size != teacher_config.hidden_size
                and r.distill.distill_loss in POINTWISE,
@@ -153,7 +152,7 @@ class SentenceEmbeddingTask(Task):
                f"{teacher_config.hidden_size}, and distill.distill_loss "
                f"{r.distill.distill_loss} compares the two embeddings coordinate by coordinate: "
                "use embedding_similarity (or a relation loss), which compares how texts relate "
-               "within each model, or a student of the teacher's width")
+               f"within each model, or {same_width}")
 
     def check_student(self, r: Recipe, config, teacher_tokenizer, student_tokenizer, labels):
         # the target is one vector per text, so a student may read its own tokens; layer
