@@ -21,7 +21,7 @@ cache (same host, same settings). A rerun reuses every finished stage (the pipel
 skipping), so an interrupted benchmark goes on where it stopped.
 
     python benchmarks/search_budget.py --seeds 42 43 44 [--trials 12]
-    python benchmarks/search_budget.py --seeds 42 43 44 --runs half --results search_budget_half
+    python benchmarks/search_budget.py --seeds 42 43 44 --runs half
 
 ``--runs`` picks the runs beside the baseline (``search`` brings its one_se audit); a subset
 is written under its own name (``search_budget_half`` for ``--runs half``, or ``--results``), so
@@ -183,8 +183,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=HERE / "work" / "search")
     args = parser.parse_args()
     runs = set(args.runs)
-    stem = args.results or "_".join(["search_budget", *sorted(runs)] if len(runs) == 1
-                                    else ["search_budget"])
+    # a lone run gets files of its own: the full table's record stays
+    stem = args.results or ("search_budget" if len(runs) > 1 else f"search_budget_{args.runs[0]}")
+    half = (args.half_seeds if args.half_seeds is not None else
+            args.seeds if runs == {"half"} else args.seeds[:1])
     rows, baseline = [], {}
     for seed in args.seeds:
         teacher = teacher_for(seed, HERE / "work" / "methods")  # shared with distill_methods.py
@@ -192,15 +194,14 @@ def main() -> None:
                                  ["bench.real_length_samples=0"])
         rows.append(baseline[seed])
         budget = baseline[seed]["p50_ms"]
-        half = (args.half_seeds if args.half_seeds is not None else
-                args.seeds if runs == {"half"} else args.seeds[:1])
         for name, factor in (("search", 1.0), ("half", 0.5)):
-            if name in runs and (name == "search" or seed in half):
-                rows.append(one_run(seed, name, args.work, teacher,
-                                    ["bench.real_length_samples=0",
-                                     f"search.budget_ms={budget * factor:.4f}",
-                                     f"search.trials={args.trials}"]))
-            if name == "search" and name in runs:  # the same trials judged by one_se
+            if name not in runs or (name == "half" and seed not in half):
+                continue
+            rows.append(one_run(seed, name, args.work, teacher,
+                                ["bench.real_length_samples=0",
+                                 f"search.budget_ms={budget * factor:.4f}",
+                                 f"search.trials={args.trials}"]))
+            if name == "search":  # the same trials judged by one_se
                 picked, how = one_se_recipe(seed, args.work / f"seed-{seed}" / "search",
                                             teacher)
                 same = rows[-1]  # the search row just made

@@ -96,6 +96,10 @@ def candidate_recipe(tmp_path, **search_settings):
     return load_recipe(None, ["search.budget_ms=1", *overrides]), teacher.config
 
 
+# a search of one shape: its trials are what a test changes
+ONE_SHAPE = ["--budget-ms", "1000", "--set", "search.layers=[1]", "--set", "search.widths=[1.0]"]
+
+
 def test_a_trial_that_fails_ends_the_search_in_its_own_line(recipe, tmp_path, capsys,
                                                             monkeypatch):
     def broken(*args, **kwargs):
@@ -108,9 +112,7 @@ def test_a_trial_that_fails_ends_the_search_in_its_own_line(recipe, tmp_path, ca
     listener.emit = optuna_records.append
     logging.getLogger("optuna").addHandler(listener)
     try:
-        assert main(["search", str(recipe), "--budget-ms", "1000", "--output",
-                     str(tmp_path / "out"), "--set", "search.layers=[1]",
-                     "--set", "search.widths=[1.0]"]) == 2
+        assert main(["search", str(recipe), "--output", str(tmp_path / "out"), *ONE_SHAPE]) == 2
     finally:
         logging.getLogger("optuna").removeHandler(listener)
     assert "edgedistill: error: data.source: the trial's data broke" in capsys.readouterr().err
@@ -126,8 +128,7 @@ def test_trials_without_a_score_are_said_and_a_search_with_none_ends_in_one_line
     monkeypatch.setattr(search, "distill_student",
                         lambda *a, **k: {"validation": {"macro_f1": float("nan")}})
     monkeypatch.setattr(ClassificationTask, "validation_predictions", lambda *a, **k: [])
-    assert main(["search", str(recipe), "--budget-ms", "1000", "--output", str(tmp_path / "out"),
-                 "--set", "search.layers=[1]", "--set", "search.widths=[1.0]"]) == 2
+    assert main(["search", str(recipe), "--output", str(tmp_path / "out"), *ONE_SHAPE]) == 2
     err = capsys.readouterr().err
     assert "trial 0: validation macro_f1 is nan; it does not count" in err
     assert "trial 2: validation macro_f1 is nan" in err  # Optuna went on after each
