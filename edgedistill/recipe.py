@@ -134,8 +134,8 @@ class StudentConfig:
     init: Literal["teacher", "random", "pruned"] = _f(
         "teacher", "teacher: keep some of the teacher's blocks; pruned: keep them, then narrow "
         "them to config's hidden_size / intermediate_size, keeping the heads, neurons and "
-        "channels most active on training texts (Minitron; BERT-style teachers); random: fresh "
-        "blocks of any shape.")
+        "channels most active on training texts (Minitron; BERT and MPNet teachers); random: "
+        "fresh blocks of any shape.")
     layers: str = _f("uniform", "Teacher layers kept (init: teacher or pruned): uniform, first, "
                      "last.")
     layer_ids: Optional[list[int]] = _f(None, "Explicit teacher layer indices (overrides layers).")
@@ -296,8 +296,8 @@ class SearchConfig:
                            "student.layers picks which).", gt=0)
     widths: list[float] = _f([1.0, 0.75, 0.5], "Student widths tried, as fractions of the "
                              "teacher's hidden and intermediate sizes; below 1 the student is "
-                             "pruned from the teacher (student.init: pruned; BERT-style "
-                             "teachers).", gt=0, le=1)
+                             "pruned from the teacher (student.init: pruned; BERT and "
+                             "MPNet teachers).", gt=0, le=1)
     temperatures: list[float] = _f([1.0, 2.0, 4.0], "distill.temperature values tried.", gt=0)
     alpha_distill: list[float] = _f([0.5, 0.7, 0.9], "distill.alpha_distill values tried "
                                     "(alpha_ce is 1 minus it).", ge=0, le=1)

@@ -14,7 +14,10 @@ pooler). The narrowed weights are then loaded into a model built from the smalle
 student is a plain model of its architecture that ``from_pretrained``, the ONNX exporter and the
 graph fusions read like any other.
 
-BERT-style encoders only (``PRUNABLE``): the hooks name their modules.
+Encoders whose module layout ``LAYOUTS`` knows (BERT and MPNet): the hooks name their modules.
+MPNet's relative position bias is one table shared by every layer, one column per head, so an
+MPNet student keeps the same heads in every layer (ranked by their summed importance) and the
+table keeps their columns.
 """
 
 from __future__ import annotations
@@ -28,7 +31,26 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import EdgeDistillError
 
-PRUNABLE = ("bert",)  # model types whose module layout the hooks below know
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a model type keeps what pruning scores, relative to one encoder layer: the
+    attention's output projection (its input holds the heads side by side) and the LayerNorm
+    after attention; the MLP (``intermediate``, output after the activation), the LayerNorm
+    after it (``output.LayerNorm``) and the embeddings' LayerNorm have the same names in both."""
+
+    attention_out: str
+    attention_norm: str
+    shared_heads: bool = False  # one relative position bias for all layers (MPNet)
+
+
+LAYOUTS = {"bert": Layout("attention.output.dense", "attention.output.LayerNorm"),
+           "mpnet": Layout("attention.attn.o", "attention.LayerNorm", shared_heads=True)}
+PRUNABLE = tuple(LAYOUTS)  # model types whose module layout the hooks below know
+# hidden-to-hidden projections outside the residual stream (BERT's and MPNet's pooler, MPNet's
+# classification head): their outputs are kept by a ranking of their own, of the activation
+# after the tanh that follows each of them
+SIDE_PROJECTIONS = ("base_model.pooler.dense", "classifier.dense")
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads")
 
 
@@ -67,31 +89,46 @@ def pruned_shape(config: PretrainedConfig, overrides: dict, where: str = "studen
 @dataclass
 class Importance:
     """Activation scores: per layer per head, per layer per MLP neuron, per embedding channel,
-    per pooler output."""
+    per output of each side projection (by its name in the model)."""
 
     heads: list[torch.Tensor]
     neurons: list[torch.Tensor]
     channels: torch.Tensor
-    pooler: torch.Tensor | None
+    side: dict[str, torch.Tensor]
+
+
+def _side_projections(model: PreTrainedModel) -> dict[str, torch.nn.Linear]:
+    found = {}
+    for name in SIDE_PROJECTIONS:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:  # this model has no such module
+            continue
+        if isinstance(module, torch.nn.Linear) and module.out_features == model.config.hidden_size:
+            found[name] = module
+    return found
 
 
 @torch.no_grad()
 def activation_importance(model: PreTrainedModel, batches: list[dict]) -> Importance:
-    """Score heads, neurons and channels of a BERT-style ``model`` on tokenized ``batches``
-    (input_ids and attention_mask)."""
+    """Score heads, neurons and channels of ``model`` (a model type of ``LAYOUTS``) on
+    tokenized ``batches`` (input_ids and attention_mask)."""
+    layout = LAYOUTS[model.config.model_type]
     base = model.base_model
     layers = base.encoder.layer
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    attention_out = [layer.get_submodule(layout.attention_out) for layer in layers]
+    side = _side_projections(model)
     scores = Importance(
-        heads=[torch.zeros(layer.attention.self.num_attention_heads) for layer in layers],
+        heads=[torch.zeros(out.in_features // head_dim) for out in attention_out],
         neurons=[torch.zeros(layer.intermediate.dense.out_features) for layer in layers],
         channels=torch.zeros(model.config.hidden_size),
-        pooler=torch.zeros(base.pooler.dense.out_features) if base.pooler is not None else None)
+        side={name: torch.zeros(module.out_features) for name, module in side.items()})
     mask: list[torch.Tensor] = []  # the running batch's real tokens, [batch, tokens, 1]
 
-    def heads_of(i):
-        def hook(module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            per_head = out.unflatten(-1, (module.num_attention_heads, -1)).norm(dim=-1)
+    def heads_of(i):  # the output projection's input: the heads' outputs side by side
+        def hook(module, args):
+            per_head = args[0].unflatten(-1, (-1, head_dim)).norm(dim=-1)
             scores.heads[i] += (per_head * mask[0]).sum(dim=(0, 1))
         return hook
 
@@ -100,15 +137,20 @@ def activation_importance(model: PreTrainedModel, batches: list[dict]) -> Import
             target.add_((output.abs() * mask[0]).sum(dim=(0, 1)))
         return hook
 
+    def add_per_text(target: torch.Tensor):  # one vector per text: its "mask" is the batch
+        def hook(module, args, output):
+            target.add_(output.tanh().abs().flatten(0, -2).sum(dim=0))
+        return hook
+
     hooks = [base.embeddings.LayerNorm.register_forward_hook(add_to(scores.channels))]
     for i, layer in enumerate(layers):
-        hooks += [layer.attention.self.register_forward_hook(heads_of(i)),
+        hooks += [attention_out[i].register_forward_pre_hook(heads_of(i)),
                   layer.intermediate.register_forward_hook(add_to(scores.neurons[i])),
-                  layer.attention.output.LayerNorm.register_forward_hook(add_to(scores.channels)),
+                  layer.get_submodule(layout.attention_norm).register_forward_hook(
+                      add_to(scores.channels)),
                   layer.output.LayerNorm.register_forward_hook(add_to(scores.channels))]
-    if scores.pooler is not None:  # one vector per text: its "mask" is the batch
-        hooks.append(base.pooler.register_forward_hook(
-            lambda module, args, output: scores.pooler.add_(output.abs().sum(dim=0))))
+    hooks += [module.register_forward_hook(add_per_text(scores.side[name]))
+              for name, module in side.items()]
     was_training = model.training
     model.eval()
     try:
@@ -128,6 +170,17 @@ def _lowest(score: torch.Tensor, keep: int) -> list[int]:
     return sorted(order[keep:])
 
 
+def _heads_to_drop(score: Importance, keep: int, shared: bool) -> dict[int, list[int]]:
+    """Per layer, the heads pruning removes. Shared heads (one position bias for every layer)
+    are ranked by their importance summed over the layers, each layer's scores first divided by
+    their total so that every layer has an equal say, whatever its activations' scale."""
+    if not shared:
+        return {i: _lowest(h, keep) for i, h in enumerate(score.heads)}
+    total = sum(h / h.sum().clamp_min(1e-12) for h in score.heads)
+    drop = _lowest(total, keep)
+    return {i: drop for i in range(len(score.heads))}
+
+
 def prune_width(model: PreTrainedModel, batches: list[dict], **overrides) -> PreTrainedModel:
     """A copy of ``model`` narrowed to the shape ``overrides`` asks for (see
     :func:`pruned_shape`), keeping the heads, neurons and channels most active on ``batches``;
@@ -137,12 +190,15 @@ def prune_width(model: PreTrainedModel, batches: list[dict], **overrides) -> Pre
     if not batches:
         raise EdgeDistillError("student.init: pruned needs training texts to rank what it keeps; "
                                "pass make_student(..., inputs=[tokenized batches])")
+    layout = LAYOUTS[model.config.model_type]
     score = activation_importance(model, batches)
     narrow = copy.deepcopy(model).eval()
     base = narrow.base_model
     # transformers' own head pruning keeps num_attention_heads and all_head_size consistent
-    base.prune_heads({i: _lowest(h, shape["num_attention_heads"])
-                      for i, h in enumerate(score.heads)})
+    drop = _heads_to_drop(score, shape["num_attention_heads"], layout.shared_heads)
+    base.prune_heads(drop)
+    if layout.shared_heads and drop[0]:  # the shared position bias: one column per head
+        tp.prune_embedding_out_channels(base.encoder.relative_attention_bias, drop[0])
     example = {k: batches[0][k][:2] for k in ("input_ids", "attention_mask")}
     with torch.enable_grad():  # the graph is traced through autograd
         graph = tp.DependencyGraph().build_dependency(narrow, example_inputs=example)
@@ -151,9 +207,8 @@ def prune_width(model: PreTrainedModel, batches: list[dict], **overrides) -> Pre
             for i, layer in enumerate(base.encoder.layer)]
     cuts.append((base.embeddings.word_embeddings, tp.prune_embedding_out_channels,
                  _lowest(score.channels, hidden_size)))
-    if score.pooler is not None:  # the pooler's output is no residual channel: its own ranking
-        cuts.append((base.pooler.dense, tp.prune_linear_out_channels,
-                     _lowest(score.pooler, hidden_size)))
+    cuts += [(narrow.get_submodule(name), tp.prune_linear_out_channels, _lowest(s, hidden_size))
+             for name, s in score.side.items()]
     for module, how, idxs in cuts:
         if idxs:
             graph.get_pruning_group(module, how, idxs=idxs).prune()

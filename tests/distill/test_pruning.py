@@ -5,7 +5,13 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    MPNetConfig,
+    MPNetForSequenceClassification,
+    MPNetModel,
+)
 
 from edgedistill.cli import main
 from edgedistill.distill.pruning import _lowest, activation_importance, pruned_shape
@@ -77,14 +83,14 @@ def test_shapes_pruning_cannot_make_are_refused(overrides, message):
 
 
 def test_a_teacher_the_hooks_do_not_know_is_refused():
-    with pytest.raises(EdgeDistillError, match="student.init: pruned supports bert models; the "
-                       "teacher is llama"):
+    with pytest.raises(EdgeDistillError, match="student.init: pruned supports bert, mpnet models; "
+                       "the teacher is llama"):
         pruned_shape(make_llama().config, {})
 
 
 def test_a_recipe_distils_a_pruned_student(tmp_path, tiny_teacher_dir, capsys):
-    from tests.test_pipeline import RECIPE
     from tests.conftest import write_tsv
+    from tests.test_pipeline import RECIPE
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE.format(data=write_tsv(tmp_path / "data", 80, 30),
