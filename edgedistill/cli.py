@@ -9,14 +9,16 @@ import sys
 from pathlib import Path
 
 from .errors import EdgeDistillError
+from .recipe import default_recipe_path, packaged_recipes
 
 DISK_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
                errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, nproc: bool = True) -> None:
+    # the packaged recipes listed from their folder, so the help cannot fall behind it
     p.add_argument("recipe", nargs="?", help="recipe YAML or the name of a packaged recipe "
-                   "(drug-reviews-minilm, smollm2-distill; default: drug-reviews-minilm)")
+                   f"({', '.join(packaged_recipes())}; default: {default_recipe_path().stem})")
     p.add_argument("--output", "-o", help="output folder (default: the recipe's output_dir)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe setting, e.g. --set distill.temperature=4 (repeatable)")
