@@ -113,3 +113,39 @@ def test_a_recipe_distils_a_pruned_student(tmp_path, tiny_teacher_dir, capsys):
 def test_pruning_without_texts_says_what_to_pass():
     with pytest.raises(EdgeDistillError, match=r"pass make_student\(\.\.\., inputs="):
         make_student(make_bert(), num_layers=2, init="pruned", hidden_size=16)
+
+
+# ------------------------------------------------------------------------------------- MPNet
+
+def _mpnet(cls=MPNetForSequenceClassification):
+    torch.manual_seed(0)
+    return cls(MPNetConfig(vocab_size=40, hidden_size=32, num_hidden_layers=4,
+                           num_attention_heads=4, intermediate_size=64,
+                           max_position_embeddings=64, num_labels=3)).eval()
+
+
+@pytest.mark.parametrize("cls", [MPNetForSequenceClassification, MPNetModel])
+def test_an_mpnet_keeps_one_set_of_heads_for_its_shared_position_bias(tmp_path, cls):
+    teacher, batches = _mpnet(cls), _batches()
+    full = make_student(teacher, num_layers=2, init="pruned", inputs=batches).eval()
+    kept = make_student(teacher, num_layers=2).eval()
+    assert torch.equal(full(**batches[0])[0], kept(**batches[0])[0])
+
+    base = teacher.base_model
+    with torch.no_grad():  # head 2 is idle in the kept blocks 0 and 3 (4 heads of 8)
+        for i in (0, 3):
+            value = base.encoder.layer[i].attention.attn.v
+            value.weight[16:24] = 0
+            value.bias[16:24] = 0
+    student = make_student(teacher, num_layers=2, init="pruned", inputs=batches,
+                           hidden_size=24, intermediate_size=48)
+    c = student.config
+    assert (c.hidden_size, c.num_attention_heads, c.intermediate_size) == (24, 3, 48)
+    bias = student.base_model.encoder.relative_attention_bias.weight
+    columns = [0, 1, 3]  # the bias keeps the kept heads' columns, in order
+    assert torch.equal(bias, base.encoder.relative_attention_bias.weight[:, columns])
+    student.save_pretrained(tmp_path / "s")  # a plain model of its config
+    again = (AutoModelForSequenceClassification if cls is MPNetForSequenceClassification
+             else AutoModel).from_pretrained(tmp_path / "s").eval()
+    student.eval()
+    assert torch.equal(again(**batches[0])[0], student(**batches[0])[0])
