@@ -62,6 +62,9 @@ def pruned_shape(config: PretrainedConfig, overrides: dict, where: str = "studen
         raise EdgeDistillError(f"student.init: pruned supports {', '.join(PRUNABLE)} models; the "
                                f"teacher is {config.model_type}: use student.init: teacher or "
                                "random")
+    if getattr(config, "pruned_heads", None):  # head positions no longer match their numbers
+        raise EdgeDistillError("student.init: pruned needs a teacher without pruned heads; its "
+                               "config lists pruned_heads: use student.init: teacher or random")
     unknown = [k for k in overrides if k not in SHAPE_KEYS]
     if unknown:
         raise EdgeDistillError(f"{where}.{unknown[0]}: pruning sets only {', '.join(SHAPE_KEYS)}")

@@ -82,6 +82,13 @@ def test_shapes_pruning_cannot_make_are_refused(overrides, message):
         pruned_shape(make_bert(hidden=32).config, overrides)
 
 
+def test_a_teacher_with_pruned_heads_is_refused():
+    config = make_bert(hidden=32).config
+    config.pruned_heads = {0: [1]}
+    with pytest.raises(EdgeDistillError, match="needs a teacher without pruned heads"):
+        pruned_shape(config, {})
+
+
 def test_a_teacher_the_hooks_do_not_know_is_refused():
     with pytest.raises(EdgeDistillError, match="student.init: pruned supports bert, mpnet models; "
                        "the teacher is llama"):
