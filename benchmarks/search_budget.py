@@ -2,7 +2,8 @@
 (issue: automated distillation for a budget.)
 
 For each seed, on the default task (drug reviews, MiniLM-L6 teacher fine-tuned once per seed,
-shared with the distillation-methods benchmark):
+shared with the distillation-methods benchmark), or on another recipe (``--recipe``: its teacher
+fine-tuned once, on the first seed, and shared by the seeds, as the workloads benchmark does):
 
 - baseline: the default recipe's student (teacher blocks 0 and 5, logit loss) through every
   stage; its int8 model's p50 on the cpu profile, measured by the bench stage, is the budget;
@@ -25,7 +26,13 @@ skipping), so an interrupted benchmark goes on where it stopped.
 
 ``--runs`` picks the runs beside the baseline (``search`` brings its one_se audit); a subset
 is written under its own name (``search_budget_half`` for ``--runs half``, or ``--results``), so
-the full table's record stays.
+the full table's record stays. ``--set KEY=VALUE`` changes every run's recipe alike; on the
+tweets workload, for a 2-block student of the MPNet teacher, trials on logits alone and no
+ONNX copy of the teacher (not compared here):
+
+    python benchmarks/search_budget.py --recipe tweets-mpnet --seeds 42 --runs search \
+        --set student.model=null --set student.num_layers=2 --set "transfer.unlabelled=[]" \
+        --set "search.match_losses=[none]" --set export.export_teacher=false
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ HERE = Path(__file__).parent
 
 
 def one_run(seed: int, name: str, work: Path, teacher: Path, extra: list[str],
-            recipe: Recipe | None = None) -> dict:
+            recipe: Recipe | str | None = None) -> dict:
     out = work / f"seed-{seed}" / name
     out.mkdir(parents=True, exist_ok=True)
     cache = work / "search-cache"  # the shapes' costs, measured once for every run
@@ -85,12 +92,13 @@ def one_run(seed: int, name: str, work: Path, teacher: Path, extra: list[str],
     return result
 
 
-def one_se_recipe(seed: int, searched: Path, teacher: Path) -> tuple[Recipe | None, dict]:
+def one_se_recipe(seed: int, searched: Path, teacher: Path, source: str | None,
+                  changes: list[str]) -> tuple[Recipe | None, dict]:
     """The finished search's own trials judged by search.selection one_se instead of best
     (their validation predictions are in its record; the test split is never read): the
     recipe that distils one_se's pick in full, or None where it is best's pick too."""
     found = json.loads((searched / "report.json").read_text())["search"]
-    recipe = load_recipe(None, [f"seed={seed}"])
+    recipe = load_recipe(source, [f"seed={seed}", *changes])
     task = get_task(recipe.task)
     chosen, how = search.select(task, found["trials"], "one_se", found["greater_is_better"],
                                 {c["name"]: c["parameters"] for c in found["candidates"]},
@@ -129,8 +137,9 @@ def summary(rows: list[dict], name: str, baseline: dict[int, dict]) -> dict:
             "p50_ms": statistics.mean(r["p50_ms"] for r in mine)}
 
 
-def markdown(rows: list[dict], sums: list[dict], env: dict, trials: int, command: str) -> str:
-    lines = ["# Student search under a latency budget (default task)", "",
+def markdown(rows: list[dict], sums: list[dict], env: dict, trials: int, command: str,
+             source: str) -> str:
+    lines = [f"# Student search under a latency budget ({source})", "",
              (f"{env['cpu']} ({env['cpu_count']} cores), profile cpu, {trials} trials per "
               f"search; `{command}`"), "",
              ("| seed | run | budget ms | chosen | settings | trials (stopped early) | "
@@ -180,48 +189,66 @@ def main() -> None:
     parser.add_argument("--results", default=None,
                         help="stem of the results files in benchmarks/results/ (default: "
                              "search_budget, with _half or _search for one run alone)")
-    parser.add_argument("--work", type=Path, default=HERE / "work" / "search")
+    parser.add_argument("--recipe", default=None,
+                        help="a packaged recipe's name or a recipe file (default: the default "
+                             "recipe, with a teacher fine-tuned per seed)")
+    parser.add_argument("--set", dest="changes", action="append", default=[],
+                        metavar="KEY=VALUE", help="a recipe setting for every run (repeatable)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="default: benchmarks/work/search (with --recipe: search-<name>)")
     args = parser.parse_args()
     runs = set(args.runs)
+    name = Path(args.recipe).stem if args.recipe else None
+    work = args.work or HERE / "work" / ("search" + (f"-{name}" if name else ""))
     # a lone run gets files of its own: the full table's record stays
-    stem = args.results or ("search_budget" if len(runs) > 1 else f"search_budget_{args.runs[0]}")
+    stem = args.results or "_".join(["search_budget", *([name] if name else []),
+                                     *(sorted(runs) if len(runs) == 1 else [])])
+    task = load_recipe(args.recipe, args.changes).task
+    if task != "classification":  # the rows are macro-F1 and accuracy
+        parser.error(f"--recipe: a {task} recipe; this benchmark scores text classifiers")
+    if name:  # the recipe's teacher stage once (skipped when finished), shared by the seeds
+        run(args.recipe, work / "teacher", [f"seed={args.seeds[0]}", *args.changes],
+            until="teacher")
     half = (args.half_seeds if args.half_seeds is not None else
             args.seeds if runs == {"half"} else args.seeds[:1])
     rows, baseline = [], {}
     for seed in args.seeds:
-        teacher = teacher_for(seed, HERE / "work" / "methods")  # shared with distill_methods.py
-        baseline[seed] = one_run(seed, "baseline", args.work, teacher,
-                                 ["bench.real_length_samples=0"])
+        teacher = (work / "teacher" / "teacher" / "model" if name else
+                   teacher_for(seed, HERE / "work" / "methods"))  # shared with distill_methods.py
+        common = ["bench.real_length_samples=0", *args.changes]
+        baseline[seed] = one_run(seed, "baseline", work, teacher, common, args.recipe)
+        if "error" in baseline[seed]:  # no budget to search under
+            sys.exit(f"seed {seed}, baseline: {baseline[seed]['error']}")
         rows.append(baseline[seed])
         budget = baseline[seed]["p50_ms"]
-        for name, factor in (("search", 1.0), ("half", 0.5)):
-            if name not in runs or (name == "half" and seed not in half):
+        for run_name, factor in (("search", 1.0), ("half", 0.5)):
+            if run_name not in runs or (run_name == "half" and seed not in half):
                 continue
-            rows.append(one_run(seed, name, args.work, teacher,
-                                ["bench.real_length_samples=0",
-                                 f"search.budget_ms={budget * factor:.4f}",
-                                 f"search.trials={args.trials}"]))
-            if name == "search":  # the same trials judged by one_se
-                picked, how = one_se_recipe(seed, args.work / f"seed-{seed}" / "search",
-                                            teacher)
+            rows.append(one_run(seed, run_name, work, teacher,
+                                [*common, f"search.budget_ms={budget * factor:.4f}",
+                                 f"search.trials={args.trials}"], args.recipe))
+            if run_name == "search" and "error" not in rows[-1]:  # its trials, by one_se
+                picked, how = one_se_recipe(seed, work / f"seed-{seed}" / "search", teacher,
+                                            args.recipe, args.changes)
                 same = rows[-1]  # the search row just made
                 row = (dict(same, same_as_best=True) if picked is None else
-                       one_se_row(one_run(seed, "one_se", args.work, teacher,
+                       one_se_row(one_run(seed, "one_se", work, teacher,
                                           ["bench.real_length_samples=0"], picked), same, how))
                 rows.append(dict(row, run="one_se", selection=how))
         print(json.dumps(rows[-1], indent=1))
         # after each seed: a long run keeps its part
-        write_results(rows, baseline, args.trials, stem)
+        write_results(rows, baseline, args.trials, stem, name or "default task")
 
 
-def write_results(rows: list[dict], baseline: dict[int, dict], trials: int, stem: str) -> None:
+def write_results(rows: list[dict], baseline: dict[int, dict], trials: int, stem: str,
+                  source: str) -> None:
     sums = [summary(rows, name, baseline) for name in ("baseline", "search", "one_se", "half")]
     env = environment()
     results = HERE / "results"
     write_atomic(results / f"{stem}.json",
                  json.dumps({"rows": rows, "summary": sums, "environment": env}, indent=2))
     command = " ".join(["python benchmarks/search_budget.py", *sys.argv[1:]])
-    text = markdown(rows, sums, env, trials, command)
+    text = markdown(rows, sums, env, trials, command, source)
     write_atomic(results / f"{stem}.md", text)
     print(text)
 
