@@ -41,11 +41,14 @@ class Layout:
 
     attention_out: str
     attention_norm: str
-    shared_heads: bool = False  # one relative position bias for all layers (MPNet)
+    # a table with one column per head that every layer reads (MPNet's relative position
+    # bias), under the base model: its heads must be the same in every layer
+    head_table: str | None = None
 
 
 LAYOUTS = {"bert": Layout("attention.output.dense", "attention.output.LayerNorm"),
-           "mpnet": Layout("attention.attn.o", "attention.LayerNorm", shared_heads=True)}
+           "mpnet": Layout("attention.attn.o", "attention.LayerNorm",
+                           head_table="encoder.relative_attention_bias")}
 PRUNABLE = tuple(LAYOUTS)  # model types whose module layout the hooks below know
 # hidden-to-hidden projections outside the residual stream (BERT's and MPNet's pooler, MPNet's
 # classification head): their outputs are kept by a ranking of their own, of the activation
@@ -198,10 +201,10 @@ def prune_width(model: PreTrainedModel, batches: list[dict], **overrides) -> Pre
     narrow = copy.deepcopy(model).eval()
     base = narrow.base_model
     # transformers' own head pruning keeps num_attention_heads and all_head_size consistent
-    drop = _heads_to_drop(score, shape["num_attention_heads"], layout.shared_heads)
+    drop = _heads_to_drop(score, shape["num_attention_heads"], bool(layout.head_table))
     base.prune_heads(drop)
-    if layout.shared_heads and drop[0]:  # the shared position bias: one column per head
-        tp.prune_embedding_out_channels(base.encoder.relative_attention_bias, drop[0])
+    if layout.head_table and drop[0]:  # the table every layer reads keeps the kept heads' columns
+        tp.prune_embedding_out_channels(base.get_submodule(layout.head_table), drop[0])
     example = {k: batches[0][k][:2] for k in ("input_ids", "attention_mask")}
     with torch.enable_grad():  # the graph is traced through autograd
         graph = tp.DependencyGraph().build_dependency(narrow, example_inputs=example)
