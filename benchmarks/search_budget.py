@@ -46,6 +46,7 @@ from pathlib import Path
 
 from distill_methods import teacher_for
 from transformers import AutoConfig
+from workloads import shared_teacher
 
 from edgedistill import run, search
 from edgedistill.artifacts import write_atomic
@@ -206,15 +207,14 @@ def main() -> None:
     task = load_recipe(args.recipe, args.changes).task
     if task != "classification":  # the rows are macro-F1 and accuracy
         parser.error(f"--recipe: a {task} recipe; this benchmark scores text classifiers")
-    if name:  # the recipe's teacher stage once (skipped when finished), shared by the seeds
-        run(args.recipe, work / "teacher", [f"seed={args.seeds[0]}", *args.changes],
-            until="teacher")
+    # another recipe's teacher is fine-tuned once and shared by the seeds
+    shared = shared_teacher(args.recipe, work, args.seeds[0], args.changes) if name else None
     half = (args.half_seeds if args.half_seeds is not None else
             args.seeds if runs == {"half"} else args.seeds[:1])
     rows, baseline = [], {}
     for seed in args.seeds:
-        teacher = (work / "teacher" / "teacher" / "model" if name else
-                   teacher_for(seed, HERE / "work" / "methods"))  # shared with distill_methods.py
+        # the default recipe's teacher is the seed's, shared with distill_methods.py
+        teacher = shared or teacher_for(seed, HERE / "work" / "methods")
         common = ["bench.real_length_samples=0", *args.changes]
         baseline[seed] = one_run(seed, "baseline", work, teacher, common, args.recipe)
         if "error" in baseline[seed]:  # no budget to search under

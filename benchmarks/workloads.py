@@ -214,6 +214,13 @@ def write(results: Path, recipe: str, runs: list[dict], teacher_minutes: float,
     return text
 
 
+def shared_teacher(recipe: str, work: Path, seed: int, overrides: list[str] = ()) -> Path:
+    """The recipe's fine-tuned teacher, trained once into ``work``/teacher on ``seed`` (its
+    teacher stage alone, skipped when finished) for every seed's students to learn from."""
+    run(recipe, work / "teacher", [f"seed={seed}", *overrides], until="teacher")
+    return work / "teacher" / "teacher" / "model"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="a packaged recipe name, e.g. trec-speaker")
@@ -226,13 +233,10 @@ def main() -> None:
                              "with these --set overrides, e.g. distill.alpha_distill=0.9")
     args = parser.parse_args()
     work = args.work / args.recipe
-    # the teacher stage alone (skipped when finished), then every student learns from it
-    run(args.recipe, work / "teacher", [f"seed={args.seeds[0]}"], until="teacher")
-    teacher_minutes = json.loads((work / "teacher" / "teacher" / "manifest.json").read_text())[
-        "seconds"] / 60
+    teacher = shared_teacher(args.recipe, work, args.seeds[0])
+    teacher_minutes = json.loads((teacher.parent / "manifest.json").read_text())["seconds"] / 60
     # the teacher's ONNX copy is not compared here: leave its export out of the students' runs
-    shared = [f"teacher.model={work / 'teacher' / 'teacher' / 'model'}", "teacher.finetune=false",
-              "export.export_teacher=false"]
+    shared = [f"teacher.model={teacher}", "teacher.finetune=false", "export.export_teacher=false"]
     runs = {seed: {"seed": seed} for seed in args.seeds}
     one_core = None
     transfer = load_recipe(args.recipe).transfer.active
