@@ -10,7 +10,8 @@ int8 model meets a latency (and memory) budget on the run's hardware profile.
    training is spent on a shape before it is known to fit. The measures are kept in
    ``<output>/search-cache`` by shape, settings and host: another budget re-times nothing.
 3. **Training where it pays**: Optuna chooses a shape within the budget, a temperature, a
-   weight of the soft targets and a feature or relation loss for each trial, a short
+   weight of the soft targets and a feature or relation loss for each trial (the first trials
+   are the widest shape of each depth at the recipe's settings, :func:`first_trials`), a short
    distillation that reports its validation score after every epoch; the successive-halving
    pruner stops the weak ones early. The study lives in SQLite in the stage's folder, so a
    killed search resumes from its finished trials (the trial it was in is run again).
@@ -239,6 +240,30 @@ def _earlier(study: optuna.Study, trial: optuna.Trial):
     return None
 
 
+def first_trials(recipe: Recipe, fitting: list[Candidate], costs: dict[str, dict]) -> list[dict]:
+    """The trials a fresh study runs before its sampler: the widest shape of each depth that
+    fits, biggest first (at most ``search.trials``), each with the recipe's own distill
+    settings where the search tries them (the sampler draws the others).
+
+    Why: TPE samples at random until it has seen 10 trials (Optuna's default startup), so a
+    search of a dozen trials is mostly a random one, and it may never try the shapes most
+    likely to win: within a depth, more width is more capacity at a cost the budget allows.
+    Trying them first with the recipe's settings also means the search compares its finds
+    with the students a user would have trained by hand."""
+    s, d = recipe.search, recipe.distill
+    matches = [m.loss for m in d.matches] or [NO_MATCH]
+    own = {"temperature": d.temperature, "alpha_distill": d.alpha_distill,
+           "match_loss": matches[0] if len(matches) == 1 else None}
+    choices = {"temperature": s.temperatures, "alpha_distill": s.alpha_distill,
+               "match_loss": s.match_losses}
+    settings = {k: v for k, v in own.items() if v in choices[k]}
+    widest = {}
+    for c in fitting:  # candidates() lists each depth's widths widest first
+        widest.setdefault(c.student.num_layers, c)
+    biggest = sorted(widest.values(), key=lambda c: -costs[c.name]["parameters"])
+    return [{"student": c.name, **settings} for c in biggest[:s.trials]]
+
+
 def finished(trials: list[dict]) -> list[dict]:
     """The trials that trained to the end, each setting once (a repeat only copies a score)."""
     return [t for t in trials if t["state"] == "COMPLETE" and "repeat_of" not in t]
@@ -334,6 +359,9 @@ def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
         else optuna.samplers.TPESampler(seed=r.seed),
         pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
     _resume(study)
+    if space > s.trials and not study.trials:  # a fresh study under TPE (see first_trials)
+        for params in first_trials(r, fitting, costs):
+            study.enqueue_trial(params)
 
     def objective(trial: optuna.Trial) -> float:
         name = trial.suggest_categorical("student", [c.name for c in fitting])

@@ -3,6 +3,7 @@ driven by Optuna, the chosen student distilled in full, a killed search resumed.
 
 import json
 import logging
+from dataclasses import replace
 
 import optuna
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from edgedistill import search
 from edgedistill.cli import main
 from edgedistill.errors import EdgeDistillError
-from edgedistill.recipe import load_recipe
+from edgedistill.recipe import MatchConfig, load_recipe
 from tests.conftest import make_bert, write_tsv
 from tests.test_reliability import run_cli
 
@@ -46,6 +47,10 @@ def test_search_chooses_a_student_within_budget_then_runs_every_stage(recipe, tm
     assert [c["name"] for c in found["candidates"]] == ["1L-w1", "1L-w0.5", "2L-w1", "2L-w0.5"]
     assert all(c["p50_ms"] > 0 and c["within_budget"] for c in found["candidates"])
     assert len(found["trials"]) == 3
+    # TPE's first trials: each depth's widest shape, the biggest first, at the recipe's settings
+    opening = [(t["student"], t["temperature"], t["alpha_distill"], t["match_loss"])
+               for t in found["trials"][:2]]
+    assert opening == [("2L-w1", 2.0, 0.5, "none"), ("1L-w1", 2.0, 0.5, "none")]
     chosen = found["chosen"]
     # one_se: the trial with the most parameters among those within one SE of the best
     how = found["selection"]
@@ -155,6 +160,23 @@ def test_candidates_keep_whole_heads_and_refuse_what_cannot_be_built(tmp_path):
     r.student.model = "some/model"
     with pytest.raises(EdgeDistillError, match="remove student.model"):
         search.candidates(r, config)
+
+
+def test_first_trials_are_the_widest_fitting_shape_of_each_depth(tmp_path):
+    recipe, config = candidate_recipe(tmp_path, layers="[1,2,3]", widths="[1.0,0.5]",
+                                      temperatures="[1.0,4.0]", trials=2)
+    shapes = {c.name: c for c in search.candidates(recipe, config)}
+    fitting = [shapes[n] for n in ("1L-w1", "1L-w0.5", "2L-w0.5", "3L-w0.5")]  # 2L, 3L-w1 over
+    costs = {n: {"parameters": 10 * int(n[0]) * (4 if n.endswith("w1") else 1)}
+             for n in shapes}
+    # the two biggest of 1L-w1 (40), 2L-w0.5 (20), 3L-w0.5 (30); the recipe's temperature, 2,
+    # is not among those tried, so the sampler draws it
+    assert search.first_trials(recipe, fitting, costs) == [
+        {"student": "1L-w1", "alpha_distill": 0.5, "match_loss": "none"},
+        {"student": "3L-w0.5", "alpha_distill": 0.5, "match_loss": "none"}]
+    two_losses = replace(recipe, distill=replace(recipe.distill, matches=[
+        MatchConfig(loss="hidden_mse"), MatchConfig(loss="minilm_relation")]))
+    assert "match_loss" not in search.first_trials(two_losses, fitting, costs)[0]
 
 
 def test_pareto_front_of_score_against_latency():
