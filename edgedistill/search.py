@@ -242,8 +242,10 @@ def _earlier(study: optuna.Study, trial: optuna.Trial):
 
 def first_trials(recipe: Recipe, fitting: list[Candidate], costs: dict[str, dict]) -> list[dict]:
     """The trials a fresh study runs before its sampler: the widest shape of each depth that
-    fits, biggest first (at most ``search.trials``), each with the recipe's own distill
-    settings where the search tries them (the sampler draws the others).
+    fits, slowest first (at most ``search.trials``), each with the recipe's own distill
+    settings where the search tries them (the sampler draws the others). Slowest, not most
+    parameters: the measured p50 is the compute a shape spends per text, while a count of
+    parameters is mostly the embedding table, which costs a lookup.
 
     Why: TPE samples at random until it has seen 10 trials (Optuna's default startup), so a
     search of a dozen trials is mostly a random one, and it may never try the shapes most
@@ -260,8 +262,8 @@ def first_trials(recipe: Recipe, fitting: list[Candidate], costs: dict[str, dict
     widest = {}
     for c in fitting:  # candidates() lists each depth's widths widest first
         widest.setdefault(c.student.num_layers, c)
-    biggest = sorted(widest.values(), key=lambda c: -costs[c.name]["parameters"])
-    return [{"student": c.name, **settings} for c in biggest[:s.trials]]
+    slowest = sorted(widest.values(), key=lambda c: -costs[c.name]["p50_ms"])
+    return [{"student": c.name, **settings} for c in slowest[:s.trials]]
 
 
 def finished(trials: list[dict]) -> list[dict]:

@@ -47,10 +47,11 @@ def test_search_chooses_a_student_within_budget_then_runs_every_stage(recipe, tm
     assert [c["name"] for c in found["candidates"]] == ["1L-w1", "1L-w0.5", "2L-w1", "2L-w0.5"]
     assert all(c["p50_ms"] > 0 and c["within_budget"] for c in found["candidates"])
     assert len(found["trials"]) == 3
-    # TPE's first trials: each depth's widest shape, the biggest first, at the recipe's settings
-    opening = [(t["student"], t["temperature"], t["alpha_distill"], t["match_loss"])
-               for t in found["trials"][:2]]
-    assert opening == [("2L-w1", 2.0, 0.5, "none"), ("1L-w1", 2.0, 0.5, "none")]
+    # TPE's first trials: each depth's widest shape at the recipe's settings (which is slower,
+    # and so first, is left to the unit test: these tiny shapes time close)
+    opening = {(t["student"], t["temperature"], t["alpha_distill"], t["match_loss"])
+               for t in found["trials"][:2]}
+    assert opening == {("2L-w1", 2.0, 0.5, "none"), ("1L-w1", 2.0, 0.5, "none")}
     chosen = found["chosen"]
     # one_se: the trial with the most parameters among those within one SE of the best
     how = found["selection"]
@@ -167,9 +168,8 @@ def test_first_trials_are_the_widest_fitting_shape_of_each_depth(tmp_path):
                                       temperatures="[1.0,4.0]", trials=2)
     shapes = {c.name: c for c in search.candidates(recipe, config)}
     fitting = [shapes[n] for n in ("1L-w1", "1L-w0.5", "2L-w0.5", "3L-w0.5")]  # 2L, 3L-w1 over
-    costs = {n: {"parameters": 10 * int(n[0]) * (4 if n.endswith("w1") else 1)}
-             for n in shapes}
-    # the two biggest of 1L-w1 (40), 2L-w0.5 (20), 3L-w0.5 (30); the recipe's temperature, 2,
+    costs = {n: {"p50_ms": int(n[0]) * (4 if n.endswith("w1") else 1)} for n in shapes}
+    # the two slowest of 1L-w1 (4 ms), 2L-w0.5 (2), 3L-w0.5 (3); the recipe's temperature, 2,
     # is not among those tried, so the sampler draws it
     assert search.first_trials(recipe, fitting, costs) == [
         {"student": "1L-w1", "alpha_distill": 0.5, "match_loss": "none"},
