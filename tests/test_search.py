@@ -222,7 +222,11 @@ def test_a_sigkilled_search_resumes_where_it_stopped(tmp_path, tiny_teacher_dir)
     assert "trial 1 was interrupted; it runs again" in output
     assert "trial 0:" not in output  # a finished trial is not trained again
     found = json.loads((out / "report.json").read_text())["search"]
-    assert [t["number"] for t in found["trials"]] == [0, 2, 3]  # trial 1 ran again as 3
+    assert [t["number"] for t in found["trials"]] == [0, 2, 3]
+    # trials 0 and 1 were the queued first trials (each depth's full width at the recipe's
+    # alpha_distill 0.5); trial 1 ran again as 2, and the resumed study queued nothing twice
+    assert {t["student"] for t in found["trials"][:2]} == {"1L-w1", "2L-w1"}
+    assert [t["alpha_distill"] for t in found["trials"][:2]] == [0.5, 0.5]
     assert found["trials"][2]["alpha_distill"] is not None
 
 
