@@ -174,9 +174,18 @@ def test_first_trials_are_the_widest_fitting_shape_of_each_depth(tmp_path):
     assert search.first_trials(recipe, fitting, costs) == [
         {"student": "1L-w1", "alpha_distill": 0.5, "match_loss": "none"},
         {"student": "3L-w0.5", "alpha_distill": 0.5, "match_loss": "none"}]
-    two_losses = replace(recipe, distill=replace(recipe.distill, matches=[
-        MatchConfig(loss="hidden_mse"), MatchConfig(loss="minilm_relation")]))
-    assert "match_loss" not in search.first_trials(two_losses, fitting, costs)[0]
+    # settings a trial would not train alike are left to the sampler
+    for distill in (replace(recipe.distill, matches=[MatchConfig(loss="hidden_mse"),
+                                                     MatchConfig(loss="minilm_relation")]),
+                    replace(recipe.distill, matches=[MatchConfig(loss="hidden_mse", weight=3)])):
+        assert "match_loss" not in search.first_trials(replace(recipe, distill=distill),
+                                                       fitting, costs)[0]
+    one_loss = replace(recipe.distill, matches=[MatchConfig(loss="hidden_mse")])
+    assert search.first_trials(replace(recipe, distill=one_loss), fitting,
+                               costs)[0]["match_loss"] == "hidden_mse"
+    no_ce = replace(recipe.distill, alpha_ce=0.0)  # alpha_distill 0.5 with no label loss
+    assert "alpha_distill" not in search.first_trials(replace(recipe, distill=no_ce), fitting,
+                                                      costs)[0]
 
 
 def test_pareto_front_of_score_against_latency():
@@ -228,6 +237,9 @@ def test_a_sigkilled_search_resumes_where_it_stopped(tmp_path, tiny_teacher_dir)
     assert {t["student"] for t in found["trials"][:2]} == {"1L-w1", "2L-w1"}
     assert [t["alpha_distill"] for t in found["trials"][:2]] == [0.5, 0.5]
     assert found["trials"][2]["alpha_distill"] is not None
+    study = optuna.load_study(study_name=search.STUDY,
+                              storage=f"sqlite:///{out / 'search' / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
 
 
 def trial(number, student, value, p50=1.0, state="COMPLETE", **extra):
