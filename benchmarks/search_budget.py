@@ -33,6 +33,9 @@ ONNX copy of the teacher (not compared here):
     python benchmarks/search_budget.py --recipe tweets-mpnet --seeds 42 --runs search \
         --set student.model=null --set student.num_layers=2 --set "transfer.unlabelled=[]" \
         --set "search.match_losses=[none]" --set export.export_teacher=false
+
+A seed added later to a recipe's table (``--seeds 44 --teacher-seed 42 --keep`` with the same
+``--set``s) distils from the same shared teacher and keeps the other seeds' rows.
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ def one_run(seed: int, name: str, work: Path, teacher: Path, extra: list[str],
     result = {"seed": seed, "run": name, "macro_f1": int8["metrics"]["macro_f1"],
               "accuracy": int8["metrics"]["accuracy"], "p50_ms": int8["latency"]["p50_ms"],
               "teacher_macro_f1": rows["teacher"]["metrics"]["macro_f1"],
-              "parameters": report["training"]["distill"]["parameters"]}
+              "parameters": report["training"]["distill"]["parameters"],
+              "cpu": environment()["cpu"]}  # a seed added later (--keep) may run elsewhere
     found = report.get("search")
     if found:
         chosen = found["chosen"]
@@ -135,14 +139,22 @@ def summary(rows: list[dict], name: str, baseline: dict[int, dict]) -> dict:
                                        for r in mine],
             "kept_of_teacher": statistics.mean(r["macro_f1"] / r["teacher_macro_f1"]
                                                for r in mine),
+            # p50s of one seed are measured on one host; seeds may differ (--keep)
+            "faster_by_seed": [round(baseline[r["seed"]]["p50_ms"] / r["p50_ms"], 2)
+                               for r in mine],
             "p50_ms": statistics.mean(r["p50_ms"] for r in mine)}
 
 
-def markdown(rows: list[dict], sums: list[dict], env: dict, trials: int, command: str,
+def markdown(rows: list[dict], sums: list[dict], env: dict, trials: int, commands: list[str],
              source: str) -> str:
+    hosts = {}  # cpu -> its seeds
+    for r in rows:
+        hosts.setdefault(r.get("cpu", env["cpu"]), set()).add(r["seed"])
+    where = "; ".join(f"{cpu} (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, sorted(seeds)))})"
+                      for cpu, seeds in hosts.items()) if len(hosts) > 1 else env["cpu"]
     lines = [f"# Student search under a latency budget ({source})", "",
-             (f"{env['cpu']} ({env['cpu_count']} cores), profile cpu, {trials} trials per "
-              f"search; `{command}`"), "",
+             (f"{where}, {env['cpu_count']} cores, profile cpu, {trials} trials per "
+              f"search; " + ", then ".join(f"`{c}`" for c in commands)), "",
              ("| seed | run | budget ms | chosen | settings | trials (stopped early) | "
               "val macro-F1 | test macro-F1 int8 | p50 ms at bench | within budget | "
               "search s (measure + trials) |"), "|" + "---|" * 11]
@@ -171,10 +183,13 @@ def markdown(rows: list[dict], sums: list[dict], env: dict, trials: int, command
                          f"{how['best_trial']}"
                          + (" (the same pick as best)" if r.get("same_as_best") else "") + ".")
     lines += ["", ("| run | test macro-F1 int8 (mean ± sd) | minus baseline, by seed | "
-                   "of the teacher's macro-F1 | p50 ms |"), "|---|---|---|---|---|"]
+                   "of the teacher's macro-F1 | p50 ms | times faster than baseline, by seed |"),
+              "|---|---|---|---|---|---|"]
     lines += [f"| {s['run']} | {s['macro_f1']:.3f} ± {s['macro_f1_stdev']:.3f} | "
               f"{', '.join(f'{d:+.3f}' for d in s['minus_baseline_by_seed'])} | "
-              f"{s['kept_of_teacher']:.1%} | {s['p50_ms']:.2f} |" for s in sums if s["seeds"]]
+              f"{s['kept_of_teacher']:.1%} | {s['p50_ms']:.2f} | "
+              f"{', '.join(f'{x:.2f}' for x in s['faster_by_seed'])} |"
+              for s in sums if s["seeds"]]
     return "\n".join(lines) + "\n"
 
 
@@ -197,6 +212,12 @@ def main() -> None:
                         metavar="KEY=VALUE", help="a recipe setting for every run (repeatable)")
     parser.add_argument("--work", type=Path, default=None,
                         help="default: benchmarks/work/search (with --recipe: search-<name>)")
+    parser.add_argument("--teacher-seed", type=int, default=None,
+                        help="with --recipe: the seed its shared teacher is fine-tuned on "
+                             "(default: the first of --seeds)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the other seeds' rows of the results file, so one seed can "
+                             "be added (or run again) without the others")
     args = parser.parse_args()
     runs = set(args.runs)
     name = Path(args.recipe).stem if args.recipe else None
@@ -208,10 +229,16 @@ def main() -> None:
     if task != "classification":  # the rows are macro-F1 and accuracy
         parser.error(f"--recipe: a {task} recipe; this benchmark scores text classifiers")
     # another recipe's teacher is fine-tuned once and shared by the seeds
-    shared = shared_teacher(args.recipe, work, args.seeds[0], args.changes) if name else None
+    teacher_seed = args.seeds[0] if args.teacher_seed is None else args.teacher_seed
+    shared = shared_teacher(args.recipe, work, teacher_seed, args.changes) if name else None
     half = (args.half_seeds if args.half_seeds is not None else
             args.seeds if runs == {"half"} else args.seeds[:1])
-    rows, baseline = [], {}
+    rows, commands = [], [" ".join(["python benchmarks/search_budget.py", *sys.argv[1:]])]
+    if args.keep and (HERE / "results" / f"{stem}.json").exists():
+        kept = json.loads((HERE / "results" / f"{stem}.json").read_text())
+        rows = [r for r in kept["rows"] if r["seed"] not in args.seeds]
+        commands = kept.get("commands", []) + commands
+    baseline = {r["seed"]: r for r in rows if r["run"] == "baseline"}
     for seed in args.seeds:
         # the default recipe's teacher is the seed's, shared with distill_methods.py
         teacher = shared or teacher_for(seed, HERE / "work" / "methods")
@@ -237,18 +264,18 @@ def main() -> None:
                 rows.append(dict(row, run="one_se", selection=how))
         print(json.dumps(rows[-1], indent=1))
         # after each seed: a long run keeps its part
-        write_results(rows, baseline, args.trials, stem, name or "default task")
+        write_results(rows, baseline, args.trials, stem, name or "default task", commands)
 
 
 def write_results(rows: list[dict], baseline: dict[int, dict], trials: int, stem: str,
-                  source: str) -> None:
+                  source: str, commands: list[str]) -> None:
+    rows = sorted(rows, key=lambda r: r["seed"])  # stable: a seed's runs keep their order
     sums = [summary(rows, name, baseline) for name in ("baseline", "search", "one_se", "half")]
     env = environment()
     results = HERE / "results"
-    write_atomic(results / f"{stem}.json",
-                 json.dumps({"rows": rows, "summary": sums, "environment": env}, indent=2))
-    command = " ".join(["python benchmarks/search_budget.py", *sys.argv[1:]])
-    text = markdown(rows, sums, env, trials, command, source)
+    write_atomic(results / f"{stem}.json", json.dumps(
+        {"rows": rows, "summary": sums, "environment": env, "commands": commands}, indent=2))
+    text = markdown(rows, sums, env, trials, commands, source)
     write_atomic(results / f"{stem}.md", text)
     print(text)
 
