@@ -35,13 +35,15 @@ ONNX copy of the teacher (not compared here):
         --set "search.match_losses=[none]" --set export.export_teacher=false
 
 A seed added later to a recipe's table (``--seeds 44 --teacher-seed 42 --keep`` with the same
-``--set``s) distils from the same shared teacher and keeps the other seeds' rows.
+``--set``s) distils from the teacher of the same seed (the one in the work folder, or one
+fine-tuned again on that seed where the folder is gone) and keeps the other seeds' rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from dataclasses import replace
@@ -147,11 +149,11 @@ def summary(rows: list[dict], name: str, baseline: dict[int, dict]) -> dict:
 
 def markdown(rows: list[dict], sums: list[dict], env: dict, trials: int, commands: list[str],
              source: str) -> str:
-    hosts = {}  # cpu -> its seeds
+    seeds_on = {}  # cpu -> its seeds
     for r in rows:
-        hosts.setdefault(r.get("cpu", env["cpu"]), set()).add(r["seed"])
+        seeds_on.setdefault(r.get("cpu", env["cpu"]), set()).add(r["seed"])
     where = "; ".join(f"{cpu} (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, sorted(seeds)))})"
-                      for cpu, seeds in hosts.items()) if len(hosts) > 1 else env["cpu"]
+                      for cpu, seeds in seeds_on.items()) if len(seeds_on) > 1 else env["cpu"]
     lines = [f"# Student search under a latency budget ({source})", "",
              (f"{where}, {env['cpu_count']} cores, profile cpu, {trials} trials per "
               f"search; " + ", then ".join(f"`{c}`" for c in commands)), "",
@@ -233,11 +235,15 @@ def main() -> None:
     shared = shared_teacher(args.recipe, work, teacher_seed, args.changes) if name else None
     half = (args.half_seeds if args.half_seeds is not None else
             args.seeds if runs == {"half"} else args.seeds[:1])
-    rows, commands = [], [" ".join(["python benchmarks/search_budget.py", *sys.argv[1:]])]
+    rows, commands = [], [shlex.join(["python benchmarks/search_budget.py", *sys.argv[1:]])]
+    hosts = {}  # cpu -> the environment its rows were measured in
     if args.keep and (HERE / "results" / f"{stem}.json").exists():
         kept = json.loads((HERE / "results" / f"{stem}.json").read_text())
-        rows = [r for r in kept["rows"] if r["seed"] not in args.seeds]
-        commands = kept.get("commands", []) + commands
+        old = kept["environment"]  # a file from before rows named their cpu: all ran there
+        rows = [dict(r, cpu=r.get("cpu", old["cpu"])) for r in kept["rows"]
+                if r["seed"] not in args.seeds]
+        hosts = kept.get("environments", {old["cpu"]: old})
+        commands = kept.get("commands", ["(an earlier run: see this file's history)"]) + commands
     baseline = {r["seed"]: r for r in rows if r["run"] == "baseline"}
     for seed in args.seeds:
         # the default recipe's teacher is the seed's, shared with distill_methods.py
@@ -264,17 +270,20 @@ def main() -> None:
                 rows.append(dict(row, run="one_se", selection=how))
         print(json.dumps(rows[-1], indent=1))
         # after each seed: a long run keeps its part
-        write_results(rows, baseline, args.trials, stem, name or "default task", commands)
+        write_results(rows, baseline, args.trials, stem, name or "default task", commands,
+                      hosts)
 
 
 def write_results(rows: list[dict], baseline: dict[int, dict], trials: int, stem: str,
-                  source: str, commands: list[str]) -> None:
+                  source: str, commands: list[str], hosts: dict[str, dict]) -> None:
     rows = sorted(rows, key=lambda r: r["seed"])  # stable: a seed's runs keep their order
     sums = [summary(rows, name, baseline) for name in ("baseline", "search", "one_se", "half")]
     env = environment()
+    hosts = {**hosts, env["cpu"]: env}
     results = HERE / "results"
     write_atomic(results / f"{stem}.json", json.dumps(
-        {"rows": rows, "summary": sums, "environment": env, "commands": commands}, indent=2))
+        {"rows": rows, "summary": sums, "environment": env, "environments": hosts,
+         "commands": commands}, indent=2))
     text = markdown(rows, sums, env, trials, commands, source)
     write_atomic(results / f"{stem}.md", text)
     print(text)
