@@ -82,8 +82,7 @@ def one_run(seed: int, name: str, work: Path, teacher: Path, extra: list[str],
     result = {"seed": seed, "run": name, "macro_f1": int8["metrics"]["macro_f1"],
               "accuracy": int8["metrics"]["accuracy"], "p50_ms": int8["latency"]["p50_ms"],
               "teacher_macro_f1": rows["teacher"]["metrics"]["macro_f1"],
-              "parameters": report["training"]["distill"]["parameters"],
-              "cpu": environment()["cpu"]}  # a seed added later (--keep) may run elsewhere
+              "parameters": report["training"]["distill"]["parameters"]}
     found = report.get("search")
     if found:
         chosen = found["chosen"]
@@ -151,7 +150,7 @@ def markdown(rows: list[dict], sums: list[dict], env: dict, trials: int, command
              source: str) -> str:
     seeds_on = {}  # cpu -> its seeds
     for r in rows:
-        seeds_on.setdefault(r.get("cpu", env["cpu"]), set()).add(r["seed"])
+        seeds_on.setdefault(r["cpu"], set()).add(r["seed"])
     where = "; ".join(f"{cpu} (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, sorted(seeds)))})"
                       for cpu, seeds in seeds_on.items()) if len(seeds_on) > 1 else env["cpu"]
     lines = [f"# Student search under a latency budget ({source})", "",
@@ -276,9 +275,11 @@ def main() -> None:
 
 def write_results(rows: list[dict], baseline: dict[int, dict], trials: int, stem: str,
                   source: str, commands: list[str], hosts: dict[str, dict]) -> None:
-    rows = sorted(rows, key=lambda r: r["seed"])  # stable: a seed's runs keep their order
-    sums = [summary(rows, name, baseline) for name in ("baseline", "search", "one_se", "half")]
     env = environment()
+    # this run's rows were measured here; kept ones (--keep) name their own host
+    rows = sorted((dict(r, cpu=r.get("cpu", env["cpu"])) for r in rows),
+                  key=lambda r: r["seed"])  # stable: a seed's runs keep their order
+    sums = [summary(rows, name, baseline) for name in ("baseline", "search", "one_se", "half")]
     hosts = {**hosts, env["cpu"]: env}
     results = HERE / "results"
     write_atomic(results / f"{stem}.json", json.dumps(

@@ -253,16 +253,14 @@ def first_trials(recipe: Recipe, fitting: list[Candidate], costs: dict[str, dict
     Trying them first with the recipe's settings also means the search compares its finds
     with the students a user would have trained by hand."""
     s, d = recipe.search, recipe.distill
-    # a setting is the recipe's only where a trial would train it alike (distill_settings):
-    # alpha_ce is 1 - alpha_distill, a match loss has its default feature, layers and weight
-    loss = None
-    if not d.matches:
-        loss = NO_MATCH
-    elif d.matches == [MatchConfig(loss=d.matches[0].loss)]:
-        loss = d.matches[0].loss
-    own = {"temperature": d.temperature, "match_loss": loss,
-           "alpha_distill": d.alpha_distill if round(1 - d.alpha_distill, 6) == d.alpha_ce
-           else None}
+    own = {"temperature": d.temperature, "alpha_distill": d.alpha_distill,
+           "match_loss": d.matches[0].loss if len(d.matches) == 1 else NO_MATCH}
+    # a setting is the recipe's only where a trial with it trains the recipe's block alike
+    trained = distill_settings(recipe, own)
+    if trained.alpha_ce != d.alpha_ce:
+        own["alpha_distill"] = None
+    if trained.matches != d.matches:
+        own["match_loss"] = None
     choices = {"temperature": s.temperatures, "alpha_distill": s.alpha_distill,
                "match_loss": s.match_losses}
     settings = {k: v for k, v in own.items() if v in choices[k]}
