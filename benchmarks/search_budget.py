@@ -34,6 +34,17 @@ ONNX copy of the teacher (not compared here):
         --set student.model=null --set student.num_layers=2 --set "transfer.unlabelled=[]" \
         --set "search.match_losses=[none]" --set export.export_teacher=false
 
+``--budget-model`` (with ``--runs search``) gives the search the seed's baseline int8 model
+itself as its budget (``search.budget_model``): the model is timed beside the untrained shapes in
+one benchmark, so a slow spell of the host falls on both, where the p50 of the baseline's bench
+stage and the shapes' cached p50s were measured at different times (on a shared host they
+differed by tens of percent, which let shapes through that were slower than the baseline and kept
+its own shape out). Each chosen student is then timed side by side with the baseline; its runs
+live in folders ``search-beside`` and ``one_se-beside`` and its table in
+``search_budget[_<recipe>]_search_beside``:
+
+    python benchmarks/search_budget.py --seeds 42 43 44 --runs search --budget-model
+
 A seed added later to a recipe's table (``--seeds 44 --teacher-seed 42 --keep`` with the same
 ``--set``s) distils from the teacher of the same seed (the one in the work folder, or one
 fine-tuned again on that seed where the folder is gone) and keeps the other seeds' rows.
@@ -55,6 +66,7 @@ from workloads import shared_teacher
 
 from edgedistill import run, search
 from edgedistill.artifacts import write_atomic
+from edgedistill.bench.runner import BenchSettings, benchmark
 from edgedistill.errors import EdgeDistillError
 from edgedistill.host import environment
 from edgedistill.recipe import Recipe, load_recipe
@@ -64,8 +76,8 @@ HERE = Path(__file__).parent
 
 
 def one_run(seed: int, name: str, work: Path, teacher: Path, extra: list[str],
-            recipe: Recipe | str | None = None) -> dict:
-    out = work / f"seed-{seed}" / name
+            recipe: Recipe | str | None = None, folder: str | None = None) -> dict:
+    out = work / f"seed-{seed}" / (folder or name)
     out.mkdir(parents=True, exist_ok=True)
     cache = work / "search-cache"  # the shapes' costs, measured once for every run
     cache.mkdir(parents=True, exist_ok=True)
@@ -98,6 +110,20 @@ def one_run(seed: int, name: str, work: Path, teacher: Path, extra: list[str],
     return result
 
 
+def int8_of(run_dir: Path) -> Path:
+    return run_dir / "quantize" / "student-int8"
+
+
+def side_by_side(baseline: Path, chosen: Path, recipe: Recipe) -> float:
+    """The chosen student's int8 p50 over the baseline's, the two timed in one benchmark on
+    the recipe's profile, taking turns (as the search timed its shapes beside the baseline)."""
+    b = recipe.bench
+    settings = BenchSettings(b.warmup, b.iterations, b.min_seconds, b.batch_size,
+                             b.sequence_length, 0, recipe.data.max_length, rounds=b.rounds)
+    timed = benchmark([int8_of(baseline), int8_of(chosen)], b.profile, settings=settings)
+    return timed[1]["latency"]["p50_ms"] / timed[0]["latency"]["p50_ms"]
+
+
 def one_se_recipe(seed: int, searched: Path, teacher: Path, source: str | None,
                   changes: list[str]) -> tuple[Recipe | None, dict]:
     """The finished search's own trials judged by search.selection one_se instead of best
@@ -126,7 +152,10 @@ def one_se_row(result: dict, searched: dict, how: dict) -> dict:
     return dict(result, **{k: searched[k] for k in ("budget_ms", "trials", "stopped_early",
                                                     "search_seconds")},
                 **{k: how[k] for k in ("chosen", "chosen_settings", "validation")},
-                within_budget_at_bench=result["p50_ms"] <= searched["budget_ms"])
+                # a run judged side by side with the baseline (--budget-model) says it already
+                within_budget_at_bench=result.get("within_budget_at_bench",
+                                                  result["p50_ms"] <= searched["budget_ms"]))
+
 
 
 def summary(rows: list[dict], name: str, baseline: dict[int, dict]) -> dict:
@@ -140,8 +169,11 @@ def summary(rows: list[dict], name: str, baseline: dict[int, dict]) -> dict:
                                        for r in mine],
             "kept_of_teacher": statistics.mean(r["macro_f1"] / r["teacher_macro_f1"]
                                                for r in mine),
-            # p50s of one seed are measured on one host; seeds may differ (--keep)
-            "faster_by_seed": [round(baseline[r["seed"]]["p50_ms"] / r["p50_ms"], 2)
+            # p50s of one seed are measured on one host; seeds may differ (--keep); a row
+            # timed beside its baseline (--budget-model) has that ratio
+            "faster_by_seed": [round(1 / r["p50_over_baseline_side_by_side"], 2)
+                               if "p50_over_baseline_side_by_side" in r else
+                               round(baseline[r["seed"]]["p50_ms"] / r["p50_ms"], 2)
                                for r in mine],
             "p50_ms": statistics.mean(r["p50_ms"] for r in mine)}
 
@@ -216,17 +248,27 @@ def main() -> None:
     parser.add_argument("--teacher-seed", type=int, default=None,
                         help="with --recipe: the seed its shared teacher is fine-tuned on "
                              "(default: the first of --seeds)")
+    parser.add_argument("--budget-model", action="store_true",
+                        help="the search's budget is the seed's baseline int8 model itself, "
+                             "timed beside the shapes (search.budget_model), not the p50 of "
+                             "the baseline's bench stage; its speed is then judged side by "
+                             "side with the baseline (--runs search only; folders search-beside)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the other seeds' rows of the results file, so one seed can "
                              "be added (or run again) without the others")
     args = parser.parse_args()
     runs = set(args.runs)
+    if args.budget_model and "half" in runs:
+        parser.error("--budget-model: half a model is no budget; use it with --runs search")
     name = Path(args.recipe).stem if args.recipe else None
     work = args.work or HERE / "work" / ("search" + (f"-{name}" if name else ""))
     # a lone run gets files of its own: the full table's record stays
     stem = args.results or "_".join(["search_budget", *([name] if name else []),
-                                     *(sorted(runs) if len(runs) == 1 else [])])
-    task = load_recipe(args.recipe, args.changes).task
+                                     *(sorted(runs) if len(runs) == 1 else []),
+                                     *(["beside"] if args.budget_model else [])])
+    recipe = load_recipe(args.recipe, args.changes)
+    beside = "-beside" if args.budget_model else ""  # its runs' folders: the others' stay
+    task = recipe.task
     if task != "classification":  # the rows are macro-F1 and accuracy
         parser.error(f"--recipe: a {task} recipe; this benchmark scores text classifiers")
     # another recipe's teacher is fine-tuned once and shared by the seeds
@@ -234,7 +276,7 @@ def main() -> None:
     shared = shared_teacher(args.recipe, work, teacher_seed, args.changes) if name else None
     half = (args.half_seeds if args.half_seeds is not None else
             args.seeds if runs == {"half"} else args.seeds[:1])
-    rows, commands = [], [shlex.join(["python benchmarks/search_budget.py", *sys.argv[1:]])]
+    rows, commands = [], [shlex.join(["python", "benchmarks/search_budget.py", *sys.argv[1:]])]
     hosts = {}  # cpu -> the environment its rows were measured in
     if args.keep and (HERE / "results" / f"{stem}.json").exists():
         kept = json.loads((HERE / "results" / f"{stem}.json").read_text())
@@ -244,6 +286,17 @@ def main() -> None:
         hosts = kept.get("environments", {old["cpu"]: old})
         commands = kept.get("commands", ["(an earlier run: see this file's history)"]) + commands
     baseline = {r["seed"]: r for r in rows if r["run"] == "baseline"}
+
+    def judged(row: dict, folder: str) -> dict:
+        """Under --budget-model, a run's speed judged side by side with its seed's baseline,
+        as the search timed its shapes beside it."""
+        if not args.budget_model or "error" in row:
+            return row
+        seed = work / f"seed-{row['seed']}"
+        ratio = side_by_side(seed / "baseline", seed / folder, recipe)
+        return dict(row, p50_over_baseline_side_by_side=round(ratio, 4),
+                    within_budget_at_bench=ratio <= 1 + recipe.search.budget_tolerance)
+
     for seed in args.seeds:
         # the default recipe's teacher is the seed's, shared with distill_methods.py
         teacher = shared or teacher_for(seed, HERE / "work" / "methods")
@@ -256,16 +309,20 @@ def main() -> None:
         for run_name, factor in (("search", 1.0), ("half", 0.5)):
             if run_name not in runs or (run_name == "half" and seed not in half):
                 continue
-            rows.append(one_run(seed, run_name, work, teacher,
-                                [*common, f"search.budget_ms={budget * factor:.4f}",
-                                 f"search.trials={args.trials}"], args.recipe))
+            given = (f"search.budget_model={int8_of(work / f'seed-{seed}' / 'baseline')}"
+                     if args.budget_model else f"search.budget_ms={budget * factor:.4f}")
+            rows.append(judged(one_run(seed, run_name, work, teacher,
+                                       [*common, given, f"search.trials={args.trials}"],
+                                       args.recipe, run_name + beside), run_name + beside))
             if run_name == "search" and "error" not in rows[-1]:  # its trials, by one_se
-                picked, how = one_se_recipe(seed, work / f"seed-{seed}" / "search", teacher,
-                                            args.recipe, args.changes)
+                picked, how = one_se_recipe(seed, work / f"seed-{seed}" / f"search{beside}",
+                                            teacher, args.recipe, args.changes)
                 same = rows[-1]  # the search row just made
                 row = (dict(same, same_as_best=True) if picked is None else
-                       one_se_row(one_run(seed, "one_se", work, teacher,
-                                          ["bench.real_length_samples=0"], picked), same, how))
+                       one_se_row(judged(one_run(seed, "one_se", work, teacher,
+                                                 ["bench.real_length_samples=0"], picked,
+                                                 f"one_se{beside}"), f"one_se{beside}"),
+                                  same, how))
                 rows.append(dict(row, run="one_se", selection=how))
         print(json.dumps(rows[-1], indent=1))
         # after each seed: a long run keeps its part

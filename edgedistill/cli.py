@@ -67,8 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="find the best student whose int8 model meets a latency "
                        "budget on a profile, then run every stage on it")
     _add_recipe_args(p, nproc=False)  # trials train in one process
-    p.add_argument("--budget-ms", type=float, required=True, help="most p50 latency of the int8 "
-                   "student on the profile, ms (search.budget_ms)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-ms", type=float, help="most p50 latency of the int8 "
+                        "student on the profile, ms (search.budget_ms)")
+    budget.add_argument("--budget-model", metavar="DIR", help="or: as fast as this saved model "
+                        "(e.g. the int8 model you ship), timed beside the candidates "
+                        "(search.budget_model)")
     p.add_argument("--budget-mb", type=float, help="most peak memory while it runs, MB "
                    "(search.budget_mb)")
     p.add_argument("--profile", help="hardware profile (bench.profile; default: the recipe's)")
@@ -177,7 +181,11 @@ def _dispatch(args, argv: list[str]) -> int:
         if getattr(args, "cache_teacher", False):
             args.overrides.append("distill.cache_teacher=true")
         if args.command == "search":  # the flags are recipe settings
-            flags = {"search.budget_ms": args.budget_ms, "search.budget_mb": args.budget_mb,
+            # the budget flag given replaces a budget of either kind in the recipe
+            given = lambda v: "null" if v is None else v  # noqa: E731
+            flags = {"search.budget_ms": given(args.budget_ms),
+                     "search.budget_model": given(args.budget_model),
+                     "search.budget_mb": args.budget_mb,
                      "bench.profile": args.profile, "search.trials": args.trials}
             args.overrides += [f"{k}={v}" for k, v in flags.items() if v is not None]
         report = run(args.recipe, args.output, args.overrides,

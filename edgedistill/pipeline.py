@@ -199,6 +199,8 @@ class Run:
                 "teacher": self.fingerprints["teacher"], "data": train_cfg, "seed": r.seed,
                 **{k: asdict(getattr(r, k)) for k in ("search", "student", "distill", "export",
                                                       "quantize", "bench")},
+                "budget_model_files": _folder_signature(Path(r.search.budget_model))
+                if r.search.budget_model else None,
             }, lambda d: search.search(self, teacher / "model", d,
                                        self.out / "search-cache" / "costs.json"))
             r.student, r.distill = search.chosen_blocks(self.records["search"])

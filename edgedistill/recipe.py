@@ -281,11 +281,20 @@ class DistributedConfig:
 class SearchConfig:
     """``edgedistill search``: before distilling, find the student with the best validation
     score whose int8 model meets a latency (and memory) budget on bench.profile. Off while
-    budget_ms is unset."""
+    neither budget_ms nor budget_model is set."""
 
     budget_ms: Optional[float] = _f(None, "Most p50 latency (ms) of the int8 student on "
                                     "bench.profile, at the bench shape (causal LMs: per "
                                     "generated token); None: no search.", gt=0)
+    budget_model: Optional[str] = _f(
+        None, "Instead of budget_ms: a saved model folder (e.g. the int8 ONNX model you ship "
+        "today) timed on bench.profile in the same benchmark as the candidate shapes, taking "
+        "turns with them; its p50 (plus budget_tolerance) is the budget. Measured side by side, "
+        "a slow spell of the host falls on both, where a budget_ms measured at another time "
+        "can be off by tens of percent on a shared machine.")
+    budget_tolerance: float = _f(0.05, "With budget_model: a candidate fits when its p50 is "
+                                 "at most (1 + this) times the model's; two copies of one model "
+                                 "timed side by side differ by a few percent.", ge=0, le=1)
     budget_mb: Optional[float] = _f(None, "Most peak memory (RSS, MB) of the int8 student "
                                     "while it runs; None: no memory budget.", gt=0)
     trials: int = _f(12, "Short distillations tried (finished or stopped early), then the "
@@ -312,9 +321,12 @@ class SearchConfig:
 
     @property
     def active(self) -> bool:
-        return self.budget_ms is not None
+        return self.budget_ms is not None or self.budget_model is not None
 
     def check(self, where: str = "search.") -> None:
+        if self.budget_ms is not None and self.budget_model is not None:
+            raise EdgeDistillError(f"{where}budget_ms and {where}budget_model: give one latency "
+                                   "budget, a number of ms or a model to be as fast as")
         # each value's range is declared on its field (checked when the recipe is read)
         for key in ("layers", "widths", "temperatures", "alpha_distill", "match_losses"):
             if not getattr(self, key):

@@ -11,6 +11,10 @@ HEADERS = ("trial", "student", "p50 ms", "temperature", "alpha_distill", "match 
 def verdict(found: dict) -> str:
     """One paragraph: the budget, what was measured, what was chosen, what it cost."""
     chosen, budget = found["chosen"], f"{found['budget_ms']:g} ms p50"
+    model = found.get("budget_model")
+    if model:
+        budget += (f" ({model['model']}: {model['model_p50_ms']:.2f} ms, timed beside the "
+                   f"shapes, + {model['tolerance']:.0%})")
     if found.get("budget_mb"):
         budget += f" and {found['budget_mb']:g} MB peak memory"
     fits = sum(c["within_budget"] for c in found["candidates"])

@@ -58,6 +58,7 @@ from .tasks.base import model_row
 log = logging.getLogger(__name__)
 NO_MATCH = "none"  # search.match_losses: the logit loss alone
 STUDY = "student"
+REFERENCE = "budget model"  # search.budget_model's row in the shapes' benchmark
 BOOTSTRAP_DRAWS = 1000  # resamples of the validation rows for search.selection: one_se
 
 
@@ -74,8 +75,8 @@ def candidates(recipe: Recipe, teacher_config) -> list[Candidate]:
     """Every shape of ``recipe.search`` (depth x width), checked against the teacher."""
     s, student = recipe.search, recipe.student
     if student.model:
-        raise EdgeDistillError("search.budget_ms: a search builds its students from the "
-                               "teacher; remove student.model (or search.budget_ms)")
+        raise EdgeDistillError("student.model: a search builds its students from the "
+                               "teacher; remove student.model (or the search's budget)")
     depth = teacher_config.num_hidden_layers
     too_deep = [n for n in s.layers if n > depth]
     if too_deep:
@@ -128,6 +129,11 @@ def check(recipe: Recipe, teacher_path: Path, teacher_config, task) -> None:
     """Preflight: the task can take the selection rule, every candidate can be built and
     trained under the recipe's settings, and every loss of search.match_losses can match it to
     the teacher."""
+    reference = recipe.search.budget_model
+    if reference is not None and not (Path(reference) / "config.json").is_file():
+        raise EdgeDistillError(f"search.budget_model: {reference} is not a saved model folder "
+                               "(no config.json); give the folder of the model to be as fast "
+                               "as, e.g. an earlier run's quantize/student-int8")
     if recipe.search.selection == "one_se" and not task.per_row_validation:
         raise EdgeDistillError(f"search.selection: one_se resamples per-row validation "
                                f"predictions, which the {task.name} task does not give; "
@@ -153,44 +159,79 @@ def _cost_key(run, config, host: dict) -> str:
     return json.dumps(blob, sort_keys=True, default=str)
 
 
+def time_shapes(run, shapes: list[Candidate], teacher_dir: Path, teacher_config, where: Path,
+                reference: Path | None = None) -> dict[str, dict]:
+    """Build, export and quantize each shape untrained in a scratch folder under ``where``,
+    then time them all in one benchmark on the run's profile, taking turns (with the
+    ``reference`` model folder among them, as "reference", where given): p50, peak memory,
+    size and parameters by name."""
+    r, view = run.recipe, run.task.report
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir,
+                                              trust_remote_code=r.teacher.trust_remote_code)
+    texts = list(run.data.validation["text"])[:8]
+    where.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=where) as tmp:
+        rows, parameters = [], {}
+        for c in progress.track(shapes, "export and quantize untrained shapes"):
+            folder = Path(tmp) / c.name
+            # untrained weights: the cost of a shape does not depend on them
+            config = plan_student(teacher_dir, teacher_config, c.student)[0]
+            model = run.task.auto_model.from_config(config)
+            parameters[c.name] = sum(p.numel() for p in model.parameters())
+            model.save_pretrained(folder / "model")
+            tokenizer.save_pretrained(folder / "model")
+            export_onnx(folder / "model", folder / "onnx", r.export.opset, r.export.atol,
+                        texts, r.data.max_length)
+            quantize(folder / "onnx", folder / "int8", r.quantize, run.target,
+                     calibration_texts=run.calibration, max_length=r.data.max_length)
+            rows.append(model_row(c.name, "student", "onnxruntime", "int8", folder / "int8"))
+        if reference is not None:
+            rows.append(model_row(REFERENCE, "reference", "onnxruntime", "", reference))
+        timed = run.task.bench(run, rows)["models"]
+    return {name: {"p50_ms": value_at(result, f"{view.timing}.p50_ms"),
+                   "peak_rss_mb": result.get("peak_rss_mb"), "size_mb": result.get("size_mb"),
+                   "parameters": parameters.get(name), "over_budget": result.get("over_budget")}
+            for name, result in timed.items()}
+
+
 def measure(run, shapes: list[Candidate], teacher_dir: Path, teacher_config,
             cache_file: Path) -> dict[str, dict]:
     """p50, peak memory, size and parameters of each shape's int8 model on the run's profile,
     from the cache or measured now (all new shapes in one benchmark, taking turns)."""
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    configs = {c.name: plan_student(teacher_dir, teacher_config, c.student)[0] for c in shapes}
     host = {k: v for k, v in environment().items() if k != "memory_gb"}  # read once
-    keys = {name: _cost_key(run, config, host) for name, config in configs.items()}
+    keys = {c.name: _cost_key(run, plan_student(teacher_dir, teacher_config, c.student)[0], host)
+            for c in shapes}
     todo = [c for c in shapes if keys[c.name] not in cache]
     if todo:
-        r, view = run.recipe, run.task.report
-        tokenizer = AutoTokenizer.from_pretrained(teacher_dir,
-                                                  trust_remote_code=r.teacher.trust_remote_code)
-        texts = list(run.data.validation["text"])[:8]
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache_file.parent) as tmp:
-            rows, parameters = [], {}
-            for c in progress.track(todo, "export and quantize untrained shapes"):
-                folder = Path(tmp) / c.name
-                # untrained weights: the cost of a shape does not depend on them
-                model = run.task.auto_model.from_config(configs[c.name])
-                parameters[c.name] = sum(p.numel() for p in model.parameters())
-                model.save_pretrained(folder / "model")
-                tokenizer.save_pretrained(folder / "model")
-                export_onnx(folder / "model", folder / "onnx", r.export.opset, r.export.atol,
-                            texts, r.data.max_length)
-                quantize(folder / "onnx", folder / "int8", r.quantize, run.target,
-                         calibration_texts=run.calibration, max_length=r.data.max_length)
-                rows.append(model_row(c.name, "student", "onnxruntime", "int8", folder / "int8"))
-            timed = run.task.bench(run, rows)["models"]
-        for c in todo:
-            result = timed[c.name]
-            cache[keys[c.name]] = {
-                "p50_ms": value_at(result, f"{view.timing}.p50_ms"),
-                "peak_rss_mb": result.get("peak_rss_mb"), "size_mb": result.get("size_mb"),
-                "parameters": parameters[c.name], "over_budget": result.get("over_budget")}
+        timed = time_shapes(run, todo, teacher_dir, teacher_config, cache_file.parent)
+        cache.update({keys[name]: cost for name, cost in timed.items()})
         write_atomic(cache_file, json.dumps(cache, indent=1))
     return {c.name: cache[keys[c.name]] for c in shapes}
+
+
+def measure_beside(run, shapes: list[Candidate], teacher_dir: Path, teacher_config,
+                   out: Path) -> tuple[dict[str, dict], dict]:
+    """The costs of the shapes timed beside ``search.budget_model`` in one benchmark, and the
+    budget that model sets. Not from the cache: a p50 measured at another time is what this
+    budget is for avoiding. Kept in ``out`` (the stage's folder), so a resumed search compares
+    its trials against the same measures."""
+    s, kept = run.recipe.search, out / "costs-beside-budget-model.json"
+    if kept.is_file():
+        found = json.loads(kept.read_text())
+        return found["costs"], found["budget"]
+    costs = time_shapes(run, shapes, teacher_dir, teacher_config, out,
+                        reference=Path(s.budget_model))
+    model = costs.pop(REFERENCE)
+    if model["p50_ms"] is None:  # over the profile's memory budget: never timed
+        raise EdgeDistillError(f"search.budget_model: {s.budget_model} was not timed on profile "
+                               f"{run.recipe.bench.profile} ({model['over_budget']}); give a "
+                               "model that runs there, or search.budget_ms")
+    budget = {"model": s.budget_model, "model_p50_ms": model["p50_ms"],
+              "tolerance": s.budget_tolerance,
+              "ms": round(model["p50_ms"] * (1 + s.budget_tolerance), 4)}
+    write_atomic(kept, json.dumps({"costs": costs, "budget": budget}, indent=1))
+    return costs, budget
 
 
 def within_budget(cost: dict, budget_ms: float, budget_mb: float | None) -> bool:
@@ -338,15 +379,22 @@ def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
     teacher_config = AutoConfig.from_pretrained(teacher_dir,
                                                 trust_remote_code=r.teacher.trust_remote_code)
     shapes = candidates(r, teacher_config)
-    costs = measure(run, shapes, teacher_dir, teacher_config, cache_file)
+    if s.budget_model is None:
+        costs, beside = measure(run, shapes, teacher_dir, teacher_config, cache_file), None
+        budget_ms, key = s.budget_ms, "search.budget_ms"
+    else:
+        costs, beside = measure_beside(run, shapes, teacher_dir, teacher_config, out)
+        budget_ms, key = beside["ms"], "search.budget_model"
     measured_s = time.perf_counter() - start
-    fitting = [c for c in shapes if within_budget(costs[c.name], s.budget_ms, s.budget_mb)]
+    fitting = [c for c in shapes if within_budget(costs[c.name], budget_ms, s.budget_mb)]
     if not fitting:
         fastest = min(shapes, key=lambda c: costs[c.name]["p50_ms"] or float("inf"))
         cost = costs[fastest.name]
         mb = f" and {s.budget_mb:g} MB" if s.budget_mb else ""
+        given = "" if beside is None else \
+            f" ({beside['model_p50_ms']:.2f} ms p50 of {s.budget_model}, timed beside them)"
         raise EdgeDistillError(
-            f"search.budget_ms: no candidate meets {s.budget_ms:g} ms{mb} on profile "
+            f"{key}: no candidate meets {budget_ms:g} ms{mb}{given} on profile "
             f"{r.bench.profile}; the fastest, {fastest.name}, takes {cost['p50_ms']:.2f} ms p50 "
             f"({cost['peak_rss_mb'] or 0:.0f} MB peak): raise the budget or add shallower or "
             "narrower shapes to search.layers / search.widths")
@@ -430,7 +478,8 @@ def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
     chosen = by_name[best["student"]]
     distill = distill_settings(r, best)
     record = {
-        "budget_ms": s.budget_ms, "budget_mb": s.budget_mb, "profile": r.bench.profile,
+        "budget_ms": budget_ms, "budget_mb": s.budget_mb, "budget_model": beside,
+        "profile": r.bench.profile,
         "metric": metric, "greater_is_better": greater,
         "candidates": [{"name": c.name, "layers": c.student.num_layers, "width": c.width,
                         "config": c.student.config, **costs[c.name],
@@ -442,6 +491,6 @@ def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
         "seconds": {"measuring": round(measured_s, 1),
                     "trials": round(sum(t.get("seconds", 0) for t in trials), 1)}}
     chosen_recipe = replace(r, student=chosen.student, distill=distill,
-                            search=replace(s, budget_ms=None))
+                            search=replace(s, budget_ms=None, budget_model=None))
     chosen_recipe.dump(out / "recipe.chosen.yaml")  # distils the chosen student, no search
     return record

@@ -4,6 +4,7 @@ driven by Optuna, the chosen student distilled in full, a killed search resumed.
 import json
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import optuna
 import pytest
@@ -93,6 +94,96 @@ def test_a_budget_no_candidate_meets_ends_in_one_line_naming_the_fastest(recipe,
     # the measures were kept: a second budget measures nothing again
     cached = json.loads((out / "search-cache" / "costs.json").read_text())
     assert len(cached) == 4 and all(v["p50_ms"] > 0 for v in cached.values())
+
+
+def test_a_budget_model_is_timed_beside_the_shapes_and_sets_the_budget(recipe, tmp_path,
+                                                                       tiny_teacher_dir):
+    out = tmp_path / "out"
+    # the tiny PyTorch teacher as the model to be as fast as: its int8 1-block students are
+    # much faster, and a tolerance of 100% keeps this test off the timing noise
+    assert main(["search", str(recipe), "--budget-model", str(tiny_teacher_dir), "--output",
+                 str(out), *ONE_SHAPE[2:], "--set", "search.budget_tolerance=1",
+                 "--set", "search.trials=1"]) == 0
+    found = json.loads((out / "report.json").read_text())["search"]
+    model = found["budget_model"]
+    assert model["model"] == str(tiny_teacher_dir) and model["tolerance"] == 1
+    assert found["budget_ms"] == pytest.approx(2 * model["model_p50_ms"], rel=1e-3)
+    assert [c["within_budget"] for c in found["candidates"]] == [True]
+    # measured here, beside the model, not read from (or written to) the shared cache
+    kept = json.loads((out / "search" / "costs-beside-budget-model.json").read_text())
+    assert kept["budget"] == model and set(kept["costs"]) == {"1L-w1"}
+    assert not (out / "search-cache").exists()
+    assert "timed beside the shapes, + 100%" in (out / "report.md").read_text()
+
+
+def fake_timing(p50: dict, calls: list):
+    """search.time_shapes without building or timing anything: the given p50s, by name."""
+    def time_shapes(run, shapes, teacher_dir, teacher_config, where, reference=None):
+        calls.append(reference)
+        names = [c.name for c in shapes] + ([search.REFERENCE] if reference else [])
+        return {n: {"p50_ms": p50[n], "peak_rss_mb": 100.0, "size_mb": 1.0,
+                    "parameters": None if n == search.REFERENCE else 1000,
+                    "over_budget": None} for n in names}
+    return time_shapes
+
+
+def test_the_budget_models_measures_are_kept_for_a_resumed_search(tmp_path, monkeypatch):
+    r, config = candidate_recipe(tmp_path, layers="[1, 2]", widths="[1.0]")
+    r = replace(r, search=replace(r.search, budget_ms=None, budget_model="shipped/int8",
+                                  budget_tolerance=0.05))
+    run = type("Run", (), {"recipe": r})()
+    shapes = search.candidates(r, config)
+    calls = []
+    monkeypatch.setattr(search, "time_shapes",
+                        fake_timing({"1L-w1": 1.0, "2L-w1": 2.08, search.REFERENCE: 2.0}, calls))
+    costs, budget = search.measure_beside(run, shapes, tmp_path / "t", config, tmp_path)
+    assert calls == [Path("shipped/int8")]
+    assert budget == {"model": "shipped/int8", "model_p50_ms": 2.0, "tolerance": 0.05,
+                      "ms": 2.1}
+    assert set(costs) == {"1L-w1", "2L-w1"}  # the model's own row is the budget, not a shape
+    assert search.within_budget(costs["2L-w1"], budget["ms"], None)  # 4% slower: within 5%
+    # a resumed search reads the same measures back: nothing is timed again
+    assert search.measure_beside(run, shapes, tmp_path / "t", config, tmp_path) == (costs, budget)
+    assert len(calls) == 1
+
+
+def test_a_budget_model_no_shape_meets_ends_in_one_line_naming_its_p50(recipe, tmp_path,
+                                                                        tiny_teacher_dir,
+                                                                        capsys, monkeypatch):
+    monkeypatch.setattr(search, "time_shapes",
+                        fake_timing({"1L-w1": 1.0, search.REFERENCE: 0.5}, []))
+    out = tmp_path / "out"
+    assert main(["search", str(recipe), "--budget-model", str(tiny_teacher_dir), "--output",
+                 str(out), *ONE_SHAPE[2:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (f"search.budget_model: no candidate meets 0.525 ms (0.50 ms p50 of "
+            f"{tiny_teacher_dir}, timed beside them) on profile cpu; the fastest, 1L-w1, "
+            "takes 1.00 ms p50") in err
+    assert not (out / "search").exists() and not (out / "distill").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--budget-model", "no/such/folder"],
+     "search.budget_model: no/such/folder is not a saved model folder (no config.json)"),
+    (["--budget-model", "{teacher}", "--set", "search.budget_ms=3"], None),  # the flag wins
+    (["--budget-ms", "3", "--set", "search.budget_model={teacher}"], None),
+])
+def test_one_budget_at_a_time_and_a_budget_model_that_is_no_model(recipe, tmp_path,
+                                                                  tiny_teacher_dir, capsys,
+                                                                  monkeypatch, flags, message):
+    # stop where the search would start: what is checked before it is what this test is for
+    monkeypatch.setattr(search, "search", lambda *a: (_ for _ in ()).throw(
+        EdgeDistillError("search: reached")))
+    flags = [f.format(teacher=tiny_teacher_dir) for f in flags]
+    assert main(["search", str(recipe), "--output", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (message or "search: reached") in err
+
+
+def test_a_recipe_with_two_budgets_is_refused():
+    with pytest.raises(EdgeDistillError, match="search.budget_ms and search.budget_model: give "
+                                               "one latency budget"):
+        load_recipe(None, ["search.budget_ms=3", "search.budget_model=shipped/int8"])
 
 
 def candidate_recipe(tmp_path, **search_settings):
