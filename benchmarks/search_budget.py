@@ -69,6 +69,7 @@ from edgedistill.artifacts import write_atomic
 from edgedistill.bench.runner import BenchSettings, benchmark
 from edgedistill.errors import EdgeDistillError
 from edgedistill.host import environment
+from edgedistill.profiles import resolve_target
 from edgedistill.recipe import Recipe, load_recipe
 from edgedistill.tasks import get_task
 
@@ -117,7 +118,8 @@ def int8_of(run_dir: Path) -> Path:
 def side_by_side(baseline: Path, chosen: Path, recipe: Recipe) -> float:
     """The chosen student's int8 p50 over the baseline's, the two timed in one benchmark on
     the recipe's profile, taking turns (as the search timed its shapes beside the baseline)."""
-    b = recipe.bench
+    b, target = replace(recipe.bench), resolve_target(recipe.bench.profile)
+    b.fill_shape(target.batch_size, target.sequence_length)  # as the run's bench stage does
     settings = BenchSettings(b.warmup, b.iterations, b.min_seconds, b.batch_size,
                              b.sequence_length, 0, recipe.data.max_length, rounds=b.rounds)
     timed = benchmark([int8_of(baseline), int8_of(chosen)], b.profile, settings=settings)
@@ -215,8 +217,10 @@ def markdown(rows: list[dict], sums: list[dict], env: dict, trials: int, command
                          f"{len(how['within'])} within one bootstrap SE of the best, trial "
                          f"{how['best_trial']}"
                          + (" (the same pick as best)" if r.get("same_as_best") else "") + ".")
+    paired = any("p50_over_baseline_side_by_side" in r for r in rows)
     lines += ["", ("| run | test macro-F1 int8 (mean ± sd) | minus baseline, by seed | "
-                   "of the teacher's macro-F1 | p50 ms | times faster than baseline, by seed |"),
+                   "of the teacher's macro-F1 | p50 ms at bench | times faster than baseline, "
+                   f"by seed{' (timed side by side)' if paired else ''} |"),
               "|---|---|---|---|---|---|"]
     lines += [f"| {s['run']} | {s['macro_f1']:.3f} ± {s['macro_f1_stdev']:.3f} | "
               f"{', '.join(f'{d:+.3f}' for d in s['minus_baseline_by_seed'])} | "

@@ -74,10 +74,11 @@ def fingerprint(inputs: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _folder_signature(path: Path) -> list:
-    """Names, sizes and modification times of a model folder: changes when its files do."""
+def _folder_signature(path: Path, ignore: tuple[str, ...] = ()) -> list:
+    """Names, sizes and modification times of a model folder: changes when its files do
+    (those named in ``ignore`` aside)."""
     return sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
-                  for f in path.rglob("*") if f.is_file())
+                  for f in path.rglob("*") if f.is_file() and f.name not in ignore)
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -199,7 +200,9 @@ class Run:
                 "teacher": self.fingerprints["teacher"], "data": train_cfg, "seed": r.seed,
                 **{k: asdict(getattr(r, k)) for k in ("search", "student", "distill", "export",
                                                       "quantize", "bench")},
-                "budget_model_files": _folder_signature(Path(r.search.budget_model))
+                # a run's folder gets its model card written again on every run: not the model
+                "budget_model_files": _folder_signature(Path(r.search.budget_model),
+                                                        ignore=("README.md",))
                 if r.search.budget_model else None,
             }, lambda d: search.search(self, teacher / "model", d,
                                        self.out / "search-cache" / "costs.json"))

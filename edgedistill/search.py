@@ -126,23 +126,36 @@ def chosen_blocks(record: dict) -> tuple[StudentConfig, DistillConfig]:
 
 
 def check(recipe: Recipe, teacher_path: Path, teacher_config, task) -> None:
-    """Preflight: the task can take the selection rule, every candidate can be built and
-    trained under the recipe's settings, and every loss of search.match_losses can match it to
-    the teacher."""
-    reference = recipe.search.budget_model
-    if reference is not None and not (Path(reference) / "config.json").is_file():
-        raise EdgeDistillError(f"search.budget_model: {reference} is not a saved model folder "
-                               "(no config.json); give the folder of the model to be as fast "
-                               "as, e.g. an earlier run's quantize/student-int8")
-    if recipe.search.selection == "one_se" and not task.per_row_validation:
+    """Preflight: the budget model is a saved model, the task can take the selection rule and
+    every searched setting, every candidate can be built and trained under the recipe's
+    settings, and every loss of search.match_losses can match it to the teacher."""
+    d, s = recipe.distill, recipe.search
+    if s.budget_model is not None and not (Path(s.budget_model) / "config.json").is_file():
+        raise EdgeDistillError(f"search.budget_model: {s.budget_model} is not a saved model "
+                               "folder (no config.json); give the folder of the model to be as "
+                               "fast as, e.g. an earlier run's quantize/student-int8")
+    if s.selection == "one_se" and not task.per_row_validation:
         raise EdgeDistillError(f"search.selection: one_se resamples per-row validation "
                                f"predictions, which the {task.name} task does not give; "
                                "use best")
+    # each searched setting as a trial would train it, refused now rather than in the trial
+    # that draws it, after minutes of timing shapes (task.check says what a task refuses)
+    own = {"temperature": d.temperature, "alpha_distill": d.alpha_distill, "match_loss": NO_MATCH}
+    for key, param, values in (("temperatures", "temperature", s.temperatures),
+                               ("alpha_distill", "alpha_distill", s.alpha_distill),
+                               ("match_losses", "match_loss", s.match_losses)):
+        for value in values:
+            trial = replace(recipe, distill=distill_settings(recipe, {**own, param: value}))
+            try:
+                task.check(trial)
+            except EdgeDistillError as e:
+                raise EdgeDistillError(f"search.{key}: a trial with {value} would be refused "
+                                       f"({e}); leave {value} out") from None
     for c in candidates(recipe, teacher_config):
         config, kept = plan_student(teacher_path, teacher_config, c.student)
         task.check_shape(recipe, config, teacher_config,
                          f"search.widths: {c.width:g} (student {c.name})", "search.widths: [1.0]")
-        for loss in recipe.search.match_losses:
+        for loss in s.match_losses:
             if loss != NO_MATCH:
                 resolve_matches([asdict(MatchConfig(loss=loss))], config, teacher_config, kept,
                                 f"search.match_losses ({loss}, student {c.name})")
@@ -188,7 +201,10 @@ def time_shapes(run, shapes: list[Candidate], teacher_dir: Path, teacher_config,
         if reference is not None:
             rows.append(model_row(REFERENCE, "reference", "onnxruntime", "", reference))
         timed = run.task.bench(run, rows)["models"]
+    # each round's p50 beside the pooled one: how far from the budget line a shape is, in
+    # the host's own noise (forward-pass timings keep them)
     return {name: {"p50_ms": value_at(result, f"{view.timing}.p50_ms"),
+                   "round_p50_ms": result.get("round_p50_ms"),
                    "peak_rss_mb": result.get("peak_rss_mb"), "size_mb": result.get("size_mb"),
                    "parameters": parameters.get(name), "over_budget": result.get("over_budget")}
             for name, result in timed.items()}
@@ -228,7 +244,7 @@ def measure_beside(run, shapes: list[Candidate], teacher_dir: Path, teacher_conf
                                f"{run.recipe.bench.profile} ({model['over_budget']}); give a "
                                "model that runs there, or search.budget_ms")
     budget = {"model": s.budget_model, "model_p50_ms": model["p50_ms"],
-              "tolerance": s.budget_tolerance,
+              "model_round_p50_ms": model["round_p50_ms"], "tolerance": s.budget_tolerance,
               "ms": round(model["p50_ms"] * (1 + s.budget_tolerance), 4)}
     write_atomic(kept, json.dumps({"costs": costs, "budget": budget}, indent=1))
     return costs, budget

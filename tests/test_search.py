@@ -3,6 +3,7 @@ driven by Optuna, the chosen student distilled in full, a killed search resumed.
 
 import json
 import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -97,23 +98,34 @@ def test_a_budget_no_candidate_meets_ends_in_one_line_naming_the_fastest(recipe,
 
 
 def test_a_budget_model_is_timed_beside_the_shapes_and_sets_the_budget(recipe, tmp_path,
-                                                                       tiny_teacher_dir):
-    out = tmp_path / "out"
-    # the tiny PyTorch teacher as the model to be as fast as: its int8 1-block students are
-    # much faster, and a tolerance of 100% keeps this test off the timing noise
-    assert main(["search", str(recipe), "--budget-model", str(tiny_teacher_dir), "--output",
-                 str(out), *ONE_SHAPE[2:], "--set", "search.budget_tolerance=1",
-                 "--set", "search.trials=1"]) == 0
+                                                                       tiny_teacher_dir, capsys):
+    out, shipped = tmp_path / "out", tmp_path / "shipped"
+    # a copy of the tiny PyTorch teacher as the model to be as fast as: its int8 1-block
+    # students are much faster, and a tolerance of 100% keeps this test off the timing noise
+    shutil.copytree(tiny_teacher_dir, shipped)
+    flags = ["search", str(recipe), "--budget-model", str(shipped), "--output", str(out),
+             *ONE_SHAPE[2:], "--set", "search.budget_tolerance=1", "--set", "search.trials=1"]
+    assert main(flags) == 0
     found = json.loads((out / "report.json").read_text())["search"]
     model = found["budget_model"]
-    assert model["model"] == str(tiny_teacher_dir) and model["tolerance"] == 1
+    assert model["model"] == str(shipped) and model["tolerance"] == 1
     assert found["budget_ms"] == pytest.approx(2 * model["model_p50_ms"], rel=1e-3)
     assert [c["within_budget"] for c in found["candidates"]] == [True]
+    assert len(found["candidates"][0]["round_p50_ms"]) == 1  # the recipe's bench.rounds
     # measured here, beside the model, not read from (or written to) the shared cache
     kept = json.loads((out / "search" / "costs-beside-budget-model.json").read_text())
     assert kept["budget"] == model and set(kept["costs"]) == {"1L-w1"}
     assert not (out / "search-cache").exists()
     assert "timed beside the shapes, + 100%" in (out / "report.md").read_text()
+    # a model card written again into the model's folder (as every run does to its own) does
+    # not make the search run again; other files of the model do
+    (shipped / "README.md").write_text("a card")
+    capsys.readouterr()
+    assert main(flags) == 0
+    assert "search: unchanged, skipped" in capsys.readouterr().err
+    (shipped / "config.json").touch()
+    assert main(flags) == 0
+    assert "search: unchanged" not in capsys.readouterr().err
 
 
 def fake_timing(p50: dict, calls: list):
@@ -121,8 +133,8 @@ def fake_timing(p50: dict, calls: list):
     def time_shapes(run, shapes, teacher_dir, teacher_config, where, reference=None):
         calls.append(reference)
         names = [c.name for c in shapes] + ([search.REFERENCE] if reference else [])
-        return {n: {"p50_ms": p50[n], "peak_rss_mb": 100.0, "size_mb": 1.0,
-                    "parameters": None if n == search.REFERENCE else 1000,
+        return {n: {"p50_ms": p50[n], "round_p50_ms": [p50[n]], "peak_rss_mb": 100.0,
+                    "size_mb": 1.0, "parameters": None if n == search.REFERENCE else 1000,
                     "over_budget": None} for n in names}
     return time_shapes
 
@@ -138,8 +150,8 @@ def test_the_budget_models_measures_are_kept_for_a_resumed_search(tmp_path, monk
                         fake_timing({"1L-w1": 1.0, "2L-w1": 2.08, search.REFERENCE: 2.0}, calls))
     costs, budget = search.measure_beside(run, shapes, tmp_path / "t", config, tmp_path)
     assert calls == [Path("shipped/int8")]
-    assert budget == {"model": "shipped/int8", "model_p50_ms": 2.0, "tolerance": 0.05,
-                      "ms": 2.1}
+    assert budget == {"model": "shipped/int8", "model_p50_ms": 2.0,
+                      "model_round_p50_ms": [2.0], "tolerance": 0.05, "ms": 2.1}
     assert set(costs) == {"1L-w1", "2L-w1"}  # the model's own row is the budget, not a shape
     assert search.within_budget(costs["2L-w1"], budget["ms"], None)  # 4% slower: within 5%
     # a resumed search reads the same measures back: nothing is timed again
@@ -252,6 +264,22 @@ def test_candidates_keep_whole_heads_and_refuse_what_cannot_be_built(tmp_path):
     r.student.model = "some/model"
     with pytest.raises(EdgeDistillError, match="remove student.model"):
         search.candidates(r, config)
+
+
+def test_a_searched_setting_the_task_refuses_is_refused_before_any_shape_is_timed(tmp_path):
+    from edgedistill.tasks import get_task
+
+    r, config = candidate_recipe(tmp_path, alpha_distill="[0.5, 0.0]")
+    # a transfer set's rows carry only soft targets: a trial on the labels alone is refused
+    r = replace(r, transfer=load_recipe(
+        None, ["transfer.unlabelled=[{source: drug-reviews}]"]).transfer)
+    with pytest.raises(EdgeDistillError) as refused:
+        search.check(r, tmp_path / "t", config, get_task("classification"))
+    assert str(refused.value).startswith("search.alpha_distill: a trial with 0.0 would be "
+                                         "refused (transfer: the transfer rows have only")
+    assert str(refused.value).endswith("; leave 0.0 out")
+    search.check(replace(r, search=replace(r.search, alpha_distill=[0.5])), tmp_path / "t",
+                 config, get_task("classification"))  # the rest is fine
 
 
 def test_first_trials_are_the_widest_fitting_shape_of_each_depth(tmp_path):
