@@ -159,7 +159,6 @@ def one_se_row(result: dict, searched: dict, how: dict) -> dict:
                                                   result["p50_ms"] <= searched["budget_ms"]))
 
 
-
 def summary(rows: list[dict], name: str, baseline: dict[int, dict]) -> dict:
     mine = [r for r in rows if r["run"] == name and "error" not in r]
     if not mine:

@@ -182,7 +182,8 @@ def _dispatch(args, argv: list[str]) -> int:
             args.overrides.append("distill.cache_teacher=true")
         if args.command == "search":  # the flags are recipe settings
             # the budget flag given replaces a budget of either kind in the recipe
-            given = lambda v: "null" if v is None else v  # noqa: E731
+            # (a folder's name as a quoted YAML string: "2024" or "yes" stays a name)
+            given = lambda v: "null" if v is None else json.dumps(v)  # noqa: E731
             flags = {"search.budget_ms": given(args.budget_ms),
                      "search.budget_model": given(args.budget_model),
                      "search.budget_mb": args.budget_mb,

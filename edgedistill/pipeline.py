@@ -314,7 +314,7 @@ class Run:
         resolve_matches([asdict(m) for m in r.distill.matches], s_config, t_config, kept,
                         "distill.matches")
         if r.search.active:  # the candidates' shapes replace the recipe student's
-            search.check(r, model_path, t_config, self.task)
+            search.check(r, model_path, t_config, self.task, self.out)
         else:
             self.task.check_shape(r, s_config, t_config, "student",
                                   "a student of the teacher's width")

@@ -326,7 +326,8 @@ class SearchConfig:
     def check(self, where: str = "search.") -> None:
         if self.budget_ms is not None and self.budget_model is not None:
             raise EdgeDistillError(f"{where}budget_ms and {where}budget_model: give one latency "
-                                   "budget, a number of ms or a model to be as fast as")
+                                   "budget, a number of ms or a model to be as fast as (unset "
+                                   f"the other: --set {where}budget_ms=null)")
         # each value's range is declared on its field (checked when the recipe is read)
         for key in ("layers", "widths", "temperatures", "alpha_distill", "match_losses"):
             if not getattr(self, key):

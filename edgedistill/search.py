@@ -9,6 +9,8 @@ int8 model meets a latency (and memory) budget on the run's hardware profile.
    process, taking turns). A model's speed depends on its shape, not on its weights, so no
    training is spent on a shape before it is known to fit. The measures are kept in
    ``<output>/search-cache`` by shape, settings and host: another budget re-times nothing.
+   A ``search.budget_model`` is timed with the shapes instead, in the same benchmark, and
+   those measures stay with that search (:func:`measure_beside`).
 3. **Training where it pays**: Optuna chooses a shape within the budget, a temperature, a
    weight of the soft targets and a feature or relation loss for each trial (the first trials
    are the widest shape of each depth at the recipe's settings, :func:`first_trials`), a short
@@ -51,7 +53,7 @@ from .errors import EdgeDistillError
 from .export import export_onnx
 from .host import environment
 from .quantization import quantize
-from .recipe import DistillConfig, MatchConfig, Recipe, StudentConfig
+from .recipe import DistillConfig, MatchConfig, Recipe, SearchConfig, StudentConfig
 from .report import value_at
 from .tasks.base import model_row
 
@@ -106,6 +108,21 @@ def candidates(recipe: Recipe, teacher_config) -> list[Candidate]:
     return out
 
 
+def searched(s: SearchConfig) -> dict[str, tuple[str, list]]:
+    """Each setting a trial draws (its name in a trial's params): the search key that lists
+    its values, and those values."""
+    return {"temperature": ("temperatures", s.temperatures),
+            "alpha_distill": ("alpha_distill", s.alpha_distill),
+            "match_loss": ("match_losses", s.match_losses)}
+
+
+def recipe_settings(recipe: Recipe) -> dict:
+    """The recipe's own distill settings, as a trial's params."""
+    d = recipe.distill
+    return {"temperature": d.temperature, "alpha_distill": d.alpha_distill,
+            "match_loss": d.matches[0].loss if len(d.matches) == 1 else NO_MATCH}
+
+
 def distill_settings(recipe: Recipe, params: dict, epochs: float | None = None) -> DistillConfig:
     """The recipe's distill block with a trial's settings (``params``: temperature,
     alpha_distill, match_loss); ``epochs``: a trial's shorter training."""
@@ -125,26 +142,23 @@ def chosen_blocks(record: dict) -> tuple[StudentConfig, DistillConfig]:
     return StudentConfig(**chosen["student"]), DistillConfig(**distill)
 
 
-def check(recipe: Recipe, teacher_path: Path, teacher_config, task) -> None:
-    """Preflight: the budget model is a saved model, the task can take the selection rule and
-    every searched setting, every candidate can be built and trained under the recipe's
-    settings, and every loss of search.match_losses can match it to the teacher."""
-    d, s = recipe.distill, recipe.search
-    if s.budget_model is not None and not (Path(s.budget_model) / "config.json").is_file():
-        raise EdgeDistillError(f"search.budget_model: {s.budget_model} is not a saved model "
-                               "folder (no config.json); give the folder of the model to be as "
-                               "fast as, e.g. an earlier run's quantize/student-int8")
+def check(recipe: Recipe, teacher_path: Path, teacher_config, task, out: Path) -> None:
+    """Preflight: the budget model is a saved model outside the run's output folder ``out``,
+    the task can take the selection rule and every searched setting, every candidate can be
+    built and trained under the recipe's settings, and every loss of search.match_losses can
+    match it to the teacher."""
+    s = recipe.search
+    if s.budget_model is not None:
+        check_budget_model(Path(s.budget_model), out)
     if s.selection == "one_se" and not task.per_row_validation:
         raise EdgeDistillError(f"search.selection: one_se resamples per-row validation "
                                f"predictions, which the {task.name} task does not give; "
                                "use best")
     # each searched setting as a trial would train it, refused now rather than in the trial
     # that draws it, after minutes of timing shapes (task.check says what a task refuses)
-    own = {"temperature": d.temperature, "alpha_distill": d.alpha_distill, "match_loss": NO_MATCH}
-    for key, param, values in (("temperatures", "temperature", s.temperatures),
-                               ("alpha_distill", "alpha_distill", s.alpha_distill),
-                               ("match_losses", "match_loss", s.match_losses)):
-        for value in values:
+    own = recipe_settings(recipe)
+    for param, (key, values) in searched(s).items():
+        for value in set(values) - {own[param]}:  # the recipe's own passed the task's check
             trial = replace(recipe, distill=distill_settings(recipe, {**own, param: value}))
             try:
                 task.check(trial)
@@ -159,6 +173,25 @@ def check(recipe: Recipe, teacher_path: Path, teacher_config, task) -> None:
             if loss != NO_MATCH:
                 resolve_matches([asdict(MatchConfig(loss=loss))], config, teacher_config, kept,
                                 f"search.match_losses ({loss}, student {c.name})")
+
+
+def check_budget_model(folder: Path, out: Path) -> None:
+    """search.budget_model can be timed (a saved model with its tokenizer) and stays as it is
+    while the run goes on: not one of the run's own folders, which this run rewrites."""
+    def refuse(problem: str) -> None:
+        raise EdgeDistillError(f"search.budget_model: {folder} {problem}")
+
+    if not (folder / "config.json").is_file():
+        refuse("is not a saved model folder (no config.json); give the folder of the model to "
+               "be as fast as, e.g. an earlier run's quantize/student-int8")
+    if folder.resolve().is_relative_to(out.resolve()):
+        refuse(f"is inside this run's output folder {out}, whose models this run replaces; "
+               "copy it elsewhere, or write this run to another --output")
+    try:
+        AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as e:  # what a folder without one raises varies
+        refuse(f"has no tokenizer the benchmark can load ({str(e).splitlines()[0]}); save "
+               "the model's tokenizer beside it")
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -176,8 +209,8 @@ def time_shapes(run, shapes: list[Candidate], teacher_dir: Path, teacher_config,
                 reference: Path | None = None) -> dict[str, dict]:
     """Build, export and quantize each shape untrained in a scratch folder under ``where``,
     then time them all in one benchmark on the run's profile, taking turns (with the
-    ``reference`` model folder among them, as "reference", where given): p50, peak memory,
-    size and parameters by name."""
+    ``reference`` model folder among them, named :data:`REFERENCE`, where given): p50, peak
+    memory, size and parameters by name."""
     r, view = run.recipe, run.task.report
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir,
                                               trust_remote_code=r.teacher.trust_remote_code)
@@ -222,6 +255,7 @@ def measure(run, shapes: list[Candidate], teacher_dir: Path, teacher_config,
     if todo:
         timed = time_shapes(run, todo, teacher_dir, teacher_config, cache_file.parent)
         cache.update({keys[name]: cost for name, cost in timed.items()})
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(cache_file, json.dumps(cache, indent=1))
     return {c.name: cache[keys[c.name]] for c in shapes}
 
@@ -310,17 +344,14 @@ def first_trials(recipe: Recipe, fitting: list[Candidate], costs: dict[str, dict
     Trying them first with the recipe's settings also means the search compares its finds
     with the students a user would have trained by hand."""
     s, d = recipe.search, recipe.distill
-    own = {"temperature": d.temperature, "alpha_distill": d.alpha_distill,
-           "match_loss": d.matches[0].loss if len(d.matches) == 1 else NO_MATCH}
+    own = recipe_settings(recipe)
     # a setting is the recipe's only where a trial with it trains the recipe's block alike
     trained = distill_settings(recipe, own)
     if trained.alpha_ce != d.alpha_ce:
         own["alpha_distill"] = None
     if trained.matches != d.matches:
         own["match_loss"] = None
-    choices = {"temperature": s.temperatures, "alpha_distill": s.alpha_distill,
-               "match_loss": s.match_losses}
-    settings = {k: v for k, v in own.items() if v in choices[k]}
+    settings = {k: v for k, v in own.items() if v in searched(s)[k][1]}
     widest = {}
     for c in fitting:  # candidates() lists each depth's widths widest first
         widest.setdefault(c.student.num_layers, c)
@@ -407,20 +438,24 @@ def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
         fastest = min(shapes, key=lambda c: costs[c.name]["p50_ms"] or float("inf"))
         cost = costs[fastest.name]
         mb = f" and {s.budget_mb:g} MB" if s.budget_mb else ""
-        given = "" if beside is None else \
-            f" ({beside['model_p50_ms']:.2f} ms p50 of {s.budget_model}, timed beside them)"
+        if beside is None:
+            given, raise_it = "", "raise the budget"
+        else:
+            given = f" ({beside['model_p50_ms']:.2f} ms p50 of {s.budget_model}, timed beside them)"
+            raise_it = "raise search.budget_tolerance or give a slower search.budget_model"
+        fastest_is = (f"the fastest, {fastest.name}, takes {cost['p50_ms']:.2f} ms p50 "
+                      f"({cost['peak_rss_mb'] or 0:.0f} MB peak)" if cost["p50_ms"] is not None
+                      else "every shape ran past the profile's memory budget")
         raise EdgeDistillError(
             f"{key}: no candidate meets {budget_ms:g} ms{mb}{given} on profile "
-            f"{r.bench.profile}; the fastest, {fastest.name}, takes {cost['p50_ms']:.2f} ms p50 "
-            f"({cost['peak_rss_mb'] or 0:.0f} MB peak): raise the budget or add shallower or "
-            "narrower shapes to search.layers / search.widths")
+            f"{r.bench.profile}; {fastest_is}: {raise_it}, or add shallower or narrower shapes "
+            "to search.layers / search.widths")
     selection = run.task.selection(r.distill, run.data)
     metric = selection["metric_for_best_model"]
     greater = selection.get("greater_is_better", not metric.endswith("loss"))
     by_name = {c.name: c for c in shapes}
     # no more trials than there are different settings to try
-    space = len(fitting) * len(set(s.temperatures)) * len(set(s.alpha_distill)) \
-        * len(set(s.match_losses))
+    space = len(fitting) * math.prod(len(set(v)) for _, v in searched(s).values())
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what a trial did
     study = optuna.create_study(
         study_name=STUDY, storage=f"sqlite:///{out / 'optuna.db'}", load_if_exists=True,
@@ -436,9 +471,8 @@ def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
 
     def objective(trial: optuna.Trial) -> float:
         name = trial.suggest_categorical("student", [c.name for c in fitting])
-        params = {"temperature": trial.suggest_categorical("temperature", s.temperatures),
-                  "alpha_distill": trial.suggest_categorical("alpha_distill", s.alpha_distill),
-                  "match_loss": trial.suggest_categorical("match_loss", s.match_losses)}
+        params = {p: trial.suggest_categorical(p, values)
+                  for p, (_, values) in searched(s).items()}
         trial.set_user_attr("p50_ms", costs[name]["p50_ms"])
         same = _earlier(study, trial)
         if same is not None:  # the sampler proposed settings already tried: not trained twice

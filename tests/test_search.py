@@ -171,7 +171,21 @@ def test_a_budget_model_no_shape_meets_ends_in_one_line_naming_its_p50(recipe, t
     assert (f"search.budget_model: no candidate meets 0.525 ms (0.50 ms p50 of "
             f"{tiny_teacher_dir}, timed beside them) on profile cpu; the fastest, 1L-w1, "
             "takes 1.00 ms p50") in err
+    assert "raise search.budget_tolerance or give a slower search.budget_model" in err
     assert not (out / "search").exists() and not (out / "distill").exists()
+
+
+def test_a_search_whose_every_shape_runs_past_the_memory_budget_says_so(recipe, tmp_path,
+                                                                        capsys, monkeypatch):
+    def over(*args, **kwargs):
+        return {"1L-w1": {"p50_ms": None, "round_p50_ms": None, "peak_rss_mb": None,
+                          "size_mb": 1.0, "parameters": 1000, "over_budget": "past 1 MB"}}
+
+    monkeypatch.setattr(search, "time_shapes", over)
+    assert main(["search", str(recipe), "--output", str(tmp_path / "out"), *ONE_SHAPE]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no candidate meets 1000 ms on profile cpu; every shape ran past the profile's " \
+           "memory budget: raise the budget" in err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -190,6 +204,24 @@ def test_one_budget_at_a_time_and_a_budget_model_that_is_no_model(recipe, tmp_pa
     assert main(["search", str(recipe), "--output", str(tmp_path / "out"), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert (message or "search: reached") in err
+
+
+def test_a_budget_model_the_run_would_overwrite_or_cannot_time_is_refused(recipe, tmp_path,
+                                                                         tiny_teacher_dir,
+                                                                         capsys):
+    out = tmp_path / "out"
+    inside = out / "quantize" / "student-int8"  # this run's own int8 model, made again here
+    shutil.copytree(tiny_teacher_dir, inside)
+    no_tokenizer = tmp_path / "bare"
+    no_tokenizer.mkdir()
+    shutil.copy(tiny_teacher_dir / "config.json", no_tokenizer)
+    for folder, problem in ((inside, f"is inside this run's output folder {out}"),
+                            (no_tokenizer, "has no tokenizer the benchmark can load")):
+        assert main(["search", str(recipe), "--budget-model", str(folder), "--output",
+                     str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"search.budget_model: {folder} {problem}" in err
+        assert not (out / "teacher").exists()  # refused before any stage ran
 
 
 def test_a_recipe_with_two_budgets_is_refused():
@@ -274,12 +306,12 @@ def test_a_searched_setting_the_task_refuses_is_refused_before_any_shape_is_time
     r = replace(r, transfer=load_recipe(
         None, ["transfer.unlabelled=[{source: drug-reviews}]"]).transfer)
     with pytest.raises(EdgeDistillError) as refused:
-        search.check(r, tmp_path / "t", config, get_task("classification"))
+        search.check(r, tmp_path / "t", config, get_task("classification"), tmp_path / "out")
     assert str(refused.value).startswith("search.alpha_distill: a trial with 0.0 would be "
                                          "refused (transfer: the transfer rows have only")
     assert str(refused.value).endswith("; leave 0.0 out")
     search.check(replace(r, search=replace(r.search, alpha_distill=[0.5])), tmp_path / "t",
-                 config, get_task("classification"))  # the rest is fine
+                 config, get_task("classification"), tmp_path / "out")  # the rest is fine
 
 
 def test_first_trials_are_the_widest_fitting_shape_of_each_depth(tmp_path):
@@ -423,7 +455,7 @@ def test_one_se_is_refused_for_a_task_without_per_row_predictions(tmp_path):
     with pytest.raises(EdgeDistillError, match="search.selection: one_se resamples per-row "
                                                "validation predictions, which the "
                                                "sentence-embedding task does not give; use best"):
-        search.check(r, tmp_path / "t", config, get_task("sentence-embedding"))
+        search.check(r, tmp_path / "t", config, get_task("sentence-embedding"), tmp_path / "out")
     with pytest.raises(EdgeDistillError, match="search.selection: 'one_sd' is not one of best, "
                                                "one_se; did you mean 'one_se'"):
         candidate_recipe(tmp_path, selection="one_sd")
