@@ -293,8 +293,9 @@ class SearchConfig:
         "a slow spell of the host falls on both, where a budget_ms measured at another time "
         "can be off by tens of percent on a shared machine.")
     budget_tolerance: float = _f(0.05, "With budget_model: a candidate fits when its p50 is "
-                                 "at most (1 + this) times the model's; two copies of one model "
-                                 "timed side by side differ by a few percent.", ge=0, le=1)
+                                 "at most (1 + this) times the model's. Raise it on a noisy "
+                                 "host: on a shared 2-core VM one shape timed beside a copy of "
+                                 "itself took 0.85 to 1.05 times its p50.", ge=0, le=1)
     budget_mb: Optional[float] = _f(None, "Most peak memory (RSS, MB) of the int8 student "
                                     "while it runs; None: no memory budget.", gt=0)
     trials: int = _f(12, "Short distillations tried (finished or stopped early), then the "
