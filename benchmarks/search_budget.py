@@ -66,12 +66,13 @@ from workloads import shared_teacher
 
 from edgedistill import run, search
 from edgedistill.artifacts import write_atomic
-from edgedistill.bench.runner import BenchSettings, benchmark
+from edgedistill.bench.runner import benchmark
 from edgedistill.errors import EdgeDistillError
 from edgedistill.host import environment
 from edgedistill.profiles import resolve_target
 from edgedistill.recipe import Recipe, load_recipe
 from edgedistill.tasks import get_task
+from edgedistill.tasks.base import bench_settings
 
 HERE = Path(__file__).parent
 BASELINE_SHAPE = "2L-w1"  # the default recipe's student among the search's candidates
@@ -129,11 +130,11 @@ def int8_of(run_dir: Path) -> Path:
 def side_by_side(baseline: Path, chosen: Path, recipe: Recipe) -> float:
     """The chosen student's int8 p50 over the baseline's, the two timed in one benchmark on
     the recipe's profile, taking turns (as the search timed its shapes beside the baseline)."""
-    b, target = replace(recipe.bench), resolve_target(recipe.bench.profile)
+    target = resolve_target(recipe.bench.profile)
+    b = replace(recipe.bench, real_length_samples=0)
     b.fill_shape(target.batch_size, target.sequence_length)  # as the run's bench stage does
-    settings = BenchSettings(b.warmup, b.iterations, b.min_seconds, b.batch_size,
-                             b.sequence_length, 0, recipe.data.max_length, rounds=b.rounds)
-    timed = benchmark([int8_of(baseline), int8_of(chosen)], b.profile, settings=settings)
+    timed = benchmark([int8_of(baseline), int8_of(chosen)], target,
+                      settings=bench_settings(replace(recipe, bench=b)))
     return timed[1]["latency"]["p50_ms"] / timed[0]["latency"]["p50_ms"]
 
 

@@ -25,11 +25,13 @@ from .report import fmt, value_at
 from .sources import looks_like_hub_id
 from .tasks import get_task
 
+CARD_FILE = "README.md"  # a model folder's card, as the Hub reads it
+
 # What a push uploads from a model folder: the graph (and its external weights), what loading
 # needs beside it, the card. Not run records (manifest.json, quantize_config.json) nor the
 # temporary files of an interrupted write.
 UPLOAD_PATTERNS = ["*.onnx", "*.onnx_data", "*.onnx.data", "ort_config.json", GENAI_CONFIG,
-                   "README.md", *SIDECAR_FILES]
+                   CARD_FILE, *SIDECAR_FILES]
 IGNORE_PATTERNS = ["*.part", "*.partial", "*.tmp"]
 
 # the Hub's library tags name modelling libraries, not formats: transformers loads the config
@@ -285,8 +287,8 @@ def write_model_cards(report: dict, run_dir: str | Path) -> list[Path]:
     written = []
     for name, folder in _onnx_models(report, Path(run_dir)).items():
         card = model_card(report, rows[name], str(folder), onnx_file(folder).name)
-        write_atomic(folder / "README.md", card)
-        written.append(folder / "README.md")
+        write_atomic(folder / CARD_FILE, card)
+        written.append(folder / CARD_FILE)
     return written
 
 
@@ -315,7 +317,7 @@ def push(run_dir: str | Path, repo_id: str, model: str = "student-int8",
                                f"({str(e).splitlines()[0]}); use owner/name") from None
     folder = models[model]
     row = next(m for m in report["models"] if m["name"] == model)
-    write_atomic(folder / "README.md", model_card(report, row, repo_id, onnx_file(folder).name))
+    write_atomic(folder / CARD_FILE, model_card(report, row, repo_id, onnx_file(folder).name))
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")

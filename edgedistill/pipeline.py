@@ -36,7 +36,7 @@ from .distill.transfer import check_transfer_settings
 from .errors import EdgeDistillError
 from .export import export_onnx
 from .host import environment
-from .model_card import write_model_cards
+from .model_card import CARD_FILE, write_model_cards
 from .profiles import check_available, resolve_target
 from .recipe import Recipe, load_recipe, recipe_from_dict
 from .report import build_report, training_warnings, write_report
@@ -202,7 +202,7 @@ class Run:
                                                       "quantize", "bench")},
                 # a run's folder gets its model card written again on every run: not the model
                 "budget_model_files": _folder_signature(Path(r.search.budget_model),
-                                                        ignore=("README.md",))
+                                                        ignore=(CARD_FILE,))
                 if r.search.budget_model else None,
             }, lambda d: search.search(self, teacher / "model", d,
                                        self.out / "search-cache" / "costs.json"))

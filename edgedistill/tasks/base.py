@@ -236,18 +236,18 @@ def head_like(config) -> dict:
                 label2id=config.label2id, ignore_mismatched_sizes=True)
 
 
-def bench_settings(run) -> BenchSettings:
-    """The timing settings of a run's bench block, for a model timed one forward pass at a
-    time (classifiers, sentence embedders)."""
-    b = run.recipe.bench
+def bench_settings(recipe: Recipe) -> BenchSettings:
+    """The timing settings of a recipe's bench block (its shape filled in from the profile),
+    for a model timed one forward pass at a time (classifiers, sentence embedders)."""
+    b = recipe.bench
     return BenchSettings(b.warmup, b.iterations, b.min_seconds, b.batch_size, b.sequence_length,
-                         b.real_length_samples, run.recipe.data.max_length, rounds=b.rounds)
+                         b.real_length_samples, recipe.data.max_length, rounds=b.rounds)
 
 
 def time_forward_passes(run, models: list[dict]) -> dict:
     """The bench stage of a task timed one forward pass at a time on the test texts."""
     results = benchmark([m["path"] for m in models], run.target, list(run.data.test["text"]),
-                        bench_settings(run))
+                        bench_settings(run.recipe))
     for m, result in zip(models, results):
         if not print_over_budget(run.console, m["name"], result):
             run.console.print(f"  {m['name']:<{NAME_WIDTH}} p50 {result['latency']['p50_ms']:.2f} ms"

@@ -182,7 +182,7 @@ class SentenceEmbeddingTask(Task):
         return {"test_rows": len(test), "labels": run.data.labels, "models": results}
 
     def bench(self, run, models: list[dict]) -> dict:
-        one = bench_settings(run)
+        one = bench_settings(run.recipe)
         texts, paths = list(run.data.test["text"]), [m["path"] for m in models]
         single = benchmark(paths, run.target, texts, one)
         # an index build: many sentences a call; fewer iterations (each is 32 sentences)
