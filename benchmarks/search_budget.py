@@ -45,6 +45,10 @@ live in folders ``search-beside`` and ``one_se-beside`` and its table in
 
     python benchmarks/search_budget.py --seeds 42 43 44 --runs search --budget-model
 
+``--set "search.student_models=[sentence-transformers/all-MiniLM-L6-v2]"`` adds a pretrained
+model's own blocks to the shapes; ``--tag models`` keeps that variant's folders and table apart
+(``search-beside-models``), and ``--no-one-se`` leaves out the one_se audit's extra run.
+
 A seed added later to a recipe's table (``--seeds 44 --teacher-seed 42 --keep`` with the same
 ``--set``s) distils from the teacher of the same seed (the one in the work folder, or one
 fine-tuned again on that seed where the folder is gone) and keeps the other seeds' rows.
@@ -275,6 +279,13 @@ def main() -> None:
                              "timed beside the shapes (search.budget_model), not the p50 of "
                              "the baseline's bench stage; its speed is then judged side by "
                              "side with the baseline (--runs search only; folders search-beside)")
+    parser.add_argument("--tag", default="",
+                        help="a variant's name (e.g. with --set search.student_models=...): "
+                             "its search folders and results file end in it, so an earlier "
+                             "variant's stay")
+    parser.add_argument("--no-one-se", dest="one_se", action="store_false",
+                        help="leave out one_se's audit of the search's trials (its pick is "
+                             "distilled in full when it differs: one more run per seed)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the other seeds' rows of the results file, so one seed can "
                              "be added (or run again) without the others")
@@ -287,9 +298,11 @@ def main() -> None:
     # a lone run gets files of its own: the full table's record stays
     stem = args.results or "_".join(["search_budget", *([name] if name else []),
                                      *(sorted(runs) if len(runs) == 1 else []),
-                                     *(["beside"] if args.budget_model else [])])
+                                     *(["beside"] if args.budget_model else []),
+                                     *([args.tag] if args.tag else [])])
     recipe = load_recipe(args.recipe, args.changes)
-    beside = "-beside" if args.budget_model else ""  # its runs' folders: the others' stay
+    # its runs' folders: the others' stay
+    beside = ("-beside" if args.budget_model else "") + (f"-{args.tag}" if args.tag else "")
     task = recipe.task
     if task != "classification":  # the rows are macro-F1 and accuracy
         parser.error(f"--recipe: a {task} recipe; this benchmark scores text classifiers")
@@ -336,7 +349,7 @@ def main() -> None:
             rows.append(judged(one_run(seed, run_name, work, teacher,
                                        [*common, given, f"search.trials={args.trials}"],
                                        args.recipe, run_name + beside), run_name + beside))
-            if run_name == "search" and "error" not in rows[-1]:  # its trials, by one_se
+            if run_name == "search" and args.one_se and "error" not in rows[-1]:  # by one_se
                 picked, how = one_se_recipe(seed, work / f"seed-{seed}" / f"search{beside}",
                                             teacher, args.recipe, args.changes)
                 same = rows[-1]  # the search row just made

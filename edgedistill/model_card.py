@@ -21,6 +21,7 @@ from huggingface_hub.utils import validate_repo_id
 from .artifacts import GENAI_BACKEND, GENAI_CONFIG, SIDECAR_FILES, onnx_file, write_atomic
 from .distill.losses import embedding_losses
 from .errors import EdgeDistillError
+from .recipe import StudentConfig
 from .report import fmt, value_at
 from .sources import looks_like_hub_id
 from .tasks import get_task
@@ -160,14 +161,19 @@ def _recipe_lines(report: dict, model: dict) -> list[str]:
         else "used as it is"
     lines = [f"- Teacher: `{t['model']}`, {tuned}."]
     if model["role"] != "teacher":
-        if s.get("model"):
-            shape = f"the pretrained `{s['model']}`"
-        elif s["init"] == "teacher":
-            layers = training.get("distill", {}).get("teacher_layers") or s.get("layer_ids")
-            shape = (f"{s['num_layers']} blocks initialised from teacher layers {layers}"
-                     if layers else f"{s['num_layers']} teacher blocks ({s['layers']})")
+        student = StudentConfig(**{k: v for k, v in s.items()
+                                   if k in StudentConfig.__dataclass_fields__})
+        blocks = student.layer_ids or student.layers
+        n = len(student.layer_ids) if student.layer_ids else student.depth()
+        if student.model:
+            shape = f"the pretrained `{student.model}`" + (
+                f", {n} of its blocks ({blocks})" if student.cuts_model() else "")
+        elif student.init == "random":
+            shape = f"{student.depth()} randomly initialised blocks {student.config or ''}"
         else:
-            shape = f"{s['num_layers']} randomly initialised blocks {s.get('config') or ''}"
+            layers = training.get("distill", {}).get("teacher_layers") or blocks
+            shape = f"{n} blocks initialised from teacher layers {layers}" + (
+                f", narrowed to {student.config}" if student.init == "pruned" else "")
         lines.append(f"- Student: {shape.strip()}.")
         matches = ", ".join(m["loss"] for m in d.get("matches", []))
         # an embedding loss has no temperature and no hard labels beside it

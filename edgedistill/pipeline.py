@@ -204,6 +204,8 @@ class Run:
                 "budget_model_files": _folder_signature(Path(r.search.budget_model),
                                                         ignore=(CARD_FILE,))
                 if r.search.budget_model else None,
+                "student_model_files": [_folder_signature(resolve_model(m))
+                                        for m in r.search.student_models],
             }, lambda d: search.search(self, teacher / "model", d,
                                        self.out / "search-cache" / "costs.json"))
             r.student, r.distill = search.chosen_blocks(self.records["search"])
@@ -314,7 +316,7 @@ class Run:
         resolve_matches([asdict(m) for m in r.distill.matches], s_config, t_config, kept,
                         "distill.matches")
         if r.search.active:  # the candidates' shapes replace the recipe student's
-            search.check(r, model_path, t_config, self.task, self.out)
+            search.check(r, model_path, t_config, self.task, self.out, self.data.labels)
         else:
             self.task.check_shape(r, s_config, t_config, "student",
                                   "a student of the teacher's width")

@@ -136,17 +136,30 @@ class StudentConfig:
         "them to config's hidden_size / intermediate_size, keeping the heads, neurons and "
         "channels most active on training texts (Minitron; BERT and MPNet teachers); random: "
         "fresh blocks of any shape.")
-    layers: str = _f("uniform", "Teacher layers kept (init: teacher or pruned): uniform, first, "
-                     "last.")
-    layer_ids: Optional[list[int]] = _f(None, "Explicit teacher layer indices (overrides layers).")
-    num_layers: int = _f(2, "Transformer blocks of the student.", gt=0)
+    layers: str = _f("uniform", "Blocks kept (of the teacher, or of student.model when it is "
+                     "cut): uniform, first, last.")
+    layer_ids: Optional[list[int]] = _f(None, "Explicit block indices kept (overrides layers).")
+    num_layers: Optional[int] = _f(None, "Transformer blocks of the student; default: 2 of the "
+                                   "teacher's, or all of student.model's (set it to keep fewer).",
+                                   gt=0)
     config: dict[str, Any] = _f({}, "Shape changes for init: random, e.g. {hidden_size: 256, "
                                     "num_attention_heads: 4, intermediate_size: 1024}, or for "
                                     "init: pruned (hidden_size, intermediate_size).")
     prune_texts: int = _f(256, "init: pruned: training texts whose activations rank what is "
                           "kept.", gt=0)
-    model: Optional[str] = _f(None, "Another pretrained model as the student (hub id or folder); "
-                                    "it must use the teacher's tokenizer. Overrides init.")
+    model: Optional[str] = _f(None, "Another pretrained model as the student (hub id or folder), "
+                                    "with its own tokenizer where the task allows it; "
+                                    "num_layers / layer_ids keep some of its blocks. Overrides "
+                                    "init.")
+
+    def depth(self) -> Optional[int]:
+        """num_layers as the student is built: 2 of the teacher's blocks unless set; None
+        with student.model, which is then kept whole unless layer_ids cut it."""
+        return self.num_layers or (None if self.model else 2)
+
+    def cuts_model(self) -> bool:
+        """student.model keeps only some of its own blocks."""
+        return bool(self.model) and (self.num_layers is not None or self.layer_ids is not None)
 
 
 @dataclass
@@ -308,6 +321,11 @@ class SearchConfig:
                              "teacher's hidden and intermediate sizes; below 1 the student is "
                              "pruned from the teacher (student.init: pruned; BERT and "
                              "MPNet teachers).", gt=0, le=1)
+    student_models: list[str] = _f([], "Pretrained models (hub ids or folders) tried beside "
+                                   "the teacher's shapes, each at every depth of search.layers "
+                                   "up to its own (its own blocks kept as student.layers picks "
+                                   "them, full width), e.g. a small checkpoint the teacher's "
+                                   "shapes cannot match from the task data alone.")
     temperatures: list[float] = _f([1.0, 2.0, 4.0], "distill.temperature values tried.", gt=0)
     alpha_distill: list[float] = _f([0.5, 0.7, 0.9], "distill.alpha_distill values tried "
                                     "(alpha_ce is 1 minus it).", ge=0, le=1)

@@ -48,13 +48,19 @@ from . import progress
 from .artifacts import write_atomic
 from .distill.matching import resolve_matches
 from .distill.pruning import PRUNABLE
-from .distill.training import distill_student, plan_student
+from .distill.training import (
+    distill_student,
+    plan_student,
+    pretrained_student,
+    student_tokenizer,
+)
 from .errors import EdgeDistillError
 from .export import export_onnx
 from .host import environment
 from .quantization import quantize
 from .recipe import DistillConfig, MatchConfig, Recipe, SearchConfig, StudentConfig
 from .report import value_at
+from .sources import resolve_model
 from .tasks.base import model_row
 
 log = logging.getLogger(__name__)
@@ -78,7 +84,8 @@ def candidates(recipe: Recipe, teacher_config) -> list[Candidate]:
     s, student = recipe.search, recipe.student
     if student.model:
         raise EdgeDistillError("student.model: a search builds its students from the "
-                               "teacher; remove student.model (or the search's budget)")
+                               "teacher and search.student_models; move it there (or remove "
+                               "the search's budget)")
     depth = teacher_config.num_hidden_layers
     too_deep = [n for n in s.layers if n > depth]
     if too_deep:
@@ -105,6 +112,28 @@ def candidates(recipe: Recipe, teacher_config) -> list[Candidate]:
             if key not in seen:  # two widths that round to one shape are one candidate
                 seen.add(key)
                 out.append(Candidate(f"{n}L-w{w:g}", w, block))
+    return out + model_candidates(recipe)
+
+
+def model_candidates(recipe: Recipe) -> list[Candidate]:
+    """Each model of ``search.student_models`` at the depths of ``search.layers`` it has."""
+    s, out = recipe.search, []
+    for model in s.student_models:
+        blocks = AutoConfig.from_pretrained(resolve_model(model)).num_hidden_layers
+        depths = sorted(n for n in set(s.layers) if n <= blocks)
+        if not depths:
+            raise EdgeDistillError(f"search.student_models: {model} has {blocks} blocks, fewer "
+                                   f"than every depth of search.layers {s.layers}; add a depth "
+                                   f"up to {blocks} or leave the model out")
+        for n in depths:
+            block = replace(recipe.student, model=model, num_layers=n, layer_ids=None,
+                            init="teacher", config={})
+            out.append(Candidate(f"{Path(model).name}-{n}L", 1.0, block))
+    names = [c.name for c in out]
+    twice = [n for n in names if names.count(n) > 1]
+    if twice:
+        raise EdgeDistillError(f"search.student_models: two models named {twice[0]} (or one "
+                               "listed twice); give each once, in folders of different names")
     return out
 
 
@@ -142,11 +171,13 @@ def chosen_blocks(record: dict) -> tuple[StudentConfig, DistillConfig]:
     return StudentConfig(**chosen["student"]), DistillConfig(**distill)
 
 
-def check(recipe: Recipe, teacher_path: Path, teacher_config, task, out: Path) -> None:
+def check(recipe: Recipe, teacher_path: Path, teacher_config, task, out: Path,
+          labels: list[str] | None = None) -> None:
     """Preflight: the budget model is a saved model outside the run's output folder ``out``,
     the task can take the selection rule and every searched setting, every candidate can be
-    built and trained under the recipe's settings, and every loss of search.match_losses can
-    match it to the teacher."""
+    built and trained under the recipe's settings (a pretrained one with its tokenizer and
+    head, for the data's ``labels``), and every loss of search.match_losses can match it to
+    the teacher."""
     s = recipe.search
     if s.budget_model is not None:
         check_budget_model(Path(s.budget_model), out)
@@ -165,11 +196,28 @@ def check(recipe: Recipe, teacher_path: Path, teacher_config, task, out: Path) -
             except EdgeDistillError as e:
                 raise EdgeDistillError(f"search.{key}: a trial with {value} would be refused "
                                        f"({e}); leave {value} out") from None
+    teacher_tokenizer = AutoTokenizer.from_pretrained(
+        teacher_path, trust_remote_code=recipe.teacher.trust_remote_code) \
+        if s.student_models else None
     for c in candidates(recipe, teacher_config):
         config, kept = plan_student(teacher_path, teacher_config, c.student)
-        task.check_shape(recipe, config, teacher_config,
-                         f"search.widths: {c.width:g} (student {c.name})", "search.widths: [1.0]")
+        if c.student.model:
+            where, same_width = f"search.student_models ({c.name})", "leave that model out"
+        else:
+            where, same_width = f"search.widths: {c.width:g} (student {c.name})", \
+                "search.widths: [1.0]"
+        task.check_shape(recipe, config, teacher_config, where, same_width)
         for loss in s.match_losses:
+            if c.student.model:  # its tokenizer and head, under each loss a trial may add
+                trial = replace(recipe, student=c.student,
+                                distill=distill_settings(recipe, {**own, "match_loss": loss}))
+                try:
+                    task.check_student(trial, config, teacher_tokenizer,
+                                       student_tokenizer(teacher_tokenizer, c.student), labels)
+                except EdgeDistillError as e:
+                    raise EdgeDistillError(f"{where}: a trial with match loss {loss} would be "
+                                           f"refused ({e}); leave the model or that loss out "
+                                           "of the search") from None
             if loss != NO_MATCH:
                 resolve_matches([asdict(MatchConfig(loss=loss))], config, teacher_config, kept,
                                 f"search.match_losses ({loss}, student {c.name})")
@@ -220,12 +268,16 @@ def time_shapes(run, shapes: list[Candidate], teacher_dir: Path, teacher_config,
         rows, parameters = [], {}
         for c in progress.track(shapes, "export and quantize untrained shapes"):
             folder = Path(tmp) / c.name
-            # untrained weights: the cost of a shape does not depend on them
-            config = plan_student(teacher_dir, teacher_config, c.student)[0]
-            model = run.task.auto_model.from_config(config)
+            # untrained weights: the cost of a shape does not depend on them; a pretrained
+            # candidate is loaded instead, as its config lacks what the task carries in it
+            # (a sentence embedder's pooling)
+            model = (pretrained_student(run.task, c.student, teacher_config) if c.student.model
+                     else run.task.auto_model.from_config(
+                         plan_student(teacher_dir, teacher_config, c.student)[0]))
             parameters[c.name] = sum(p.numel() for p in model.parameters())
             model.save_pretrained(folder / "model")
-            tokenizer.save_pretrained(folder / "model")
+            # a pretrained candidate is timed on its own tokens (their count per text)
+            student_tokenizer(tokenizer, c.student).save_pretrained(folder / "model")
             export_onnx(folder / "model", folder / "onnx", r.export.opset, r.export.atol,
                         texts, r.data.max_length)
             quantize(folder / "onnx", folder / "int8", r.quantize, run.target,
@@ -333,8 +385,9 @@ def _earlier(study: optuna.Study, trial: optuna.Trial):
 
 def first_trials(recipe: Recipe, fitting: list[Candidate], costs: dict[str, dict]) -> list[dict]:
     """The trials a fresh study runs before its sampler: the widest shape of each depth that
-    fits, slowest first (at most ``search.trials``), each with the recipe's own distill
-    settings where the search tries them (the sampler draws the others). Slowest, not most
+    fits (of the teacher, and of each of search.student_models), slowest first (at most
+    ``search.trials``), each with the recipe's own distill settings where the search tries
+    them (the sampler draws the others). Slowest, not most
     parameters: the measured p50 is the compute a shape spends per text, while a count of
     parameters is mostly the embedding table, which costs a lookup.
 
@@ -354,7 +407,7 @@ def first_trials(recipe: Recipe, fitting: list[Candidate], costs: dict[str, dict
     settings = {k: v for k, v in own.items() if v in searched(s)[k][1]}
     widest = {}
     for c in fitting:  # candidates() lists each depth's widths widest first
-        widest.setdefault(c.student.num_layers, c)
+        widest.setdefault((c.student.model, c.student.num_layers), c)
     slowest = sorted(widest.values(), key=lambda c: -costs[c.name]["p50_ms"])
     return [{"student": c.name, **settings} for c in slowest[:s.trials]]
 

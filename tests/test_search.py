@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from transformers import BertTokenizerFast
 
 from edgedistill import search
 from edgedistill.cli import main
@@ -294,7 +295,85 @@ def test_candidates_keep_whole_heads_and_refuse_what_cannot_be_built(tmp_path):
                                                r"set search.widths: \[1.0\]"):
         search.candidates(r, llama)
     r.student.model = "some/model"
-    with pytest.raises(EdgeDistillError, match="remove student.model"):
+    with pytest.raises(EdgeDistillError, match="move it there"):
+        search.candidates(r, config)
+
+
+def test_a_pretrained_model_is_searched_at_its_depths_and_distilled_cut(
+        recipe, tmp_path, capsys, monkeypatch):
+    """search.student_models: a small pretrained model at each depth of search.layers it has,
+    beside the teacher's shapes; the one chosen keeps its own blocks (its own tokenizer too)."""
+    small = tmp_path / "small"  # 3 blocks of width 16, half the teacher's; its own vocabulary
+    make_bert(num_layers=3, hidden=16, vocab_size=12, seed=1).save_pretrained(small)
+    (small / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                                               + [f"w{i}" for i in range(7)]) + "\n")
+    BertTokenizerFast(vocab_file=str(small / "vocab.txt")).save_pretrained(small)
+    # the teacher's shapes over the budget, the model's within: the search can only pick it
+    monkeypatch.setattr(search, "time_shapes", fake_timing(
+        {"1L-w1": 5.0, "2L-w1": 6.0, "4L-w1": 7.0, "small-1L": 1.0, "small-2L": 1.5}, []))
+    out = tmp_path / "out"
+    flags = ["search", str(recipe), "--budget-ms", "2", "--output", str(out),
+             "--set", "search.layers=[1, 2, 4]", "--set", "search.widths=[1.0]",
+             "--set", f"search.student_models=[{small}]", "--set", "search.trials=2"]
+    # its own tokenizer cannot follow a feature match's token positions: refused before timing
+    assert main(flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ("search.student_models (small-1L): a trial with match loss hidden_mse would be "
+            "refused (student.model: its tokenizer differs") in err
+    assert err.endswith("leave the model or that loss out of the search")
+    assert not (out / "search").exists()
+
+    assert main([*flags, "--set", "search.match_losses=[none]"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    found = report["search"]
+    # depth 4 is more blocks than the model has: the teacher's shape only
+    assert [c["name"] for c in found["candidates"]] == ["1L-w1", "2L-w1", "4L-w1", "small-1L",
+                                                        "small-2L"]
+    # the first trials: the slowest fitting depth of each family, here the model's two
+    assert {t["student"] for t in found["trials"]} == {"small-1L", "small-2L"}
+    chosen = found["chosen"]["student"]
+    assert chosen["model"] == str(small) and report["recipe"]["student"] == chosen
+    distilled = json.loads((out / "distill" / "model" / "config.json").read_text())
+    assert (distilled["num_hidden_layers"], distilled["hidden_size"]) == (chosen["num_layers"], 16)
+    assert "edgedistill_teacher_layers" not in distilled  # its own blocks, not the teacher's
+    assert (out / "distill" / "model" / "vocab.txt").read_text() == \
+        (small / "vocab.txt").read_text()
+    card = (out / "quantize" / "student-int8" / "README.md").read_text()
+    assert (f"the pretrained `{small}`, {chosen['num_layers']} of its blocks (uniform)"
+            in card)
+
+
+def test_a_pretrained_candidate_is_exported_and_timed_as_the_shapes_are(recipe, tmp_path,
+                                                                        tiny_teacher_dir):
+    small = tmp_path / "small"  # the teacher's tokenizer, half its width
+    make_bert(num_layers=3, hidden=16, seed=1).save_pretrained(small)
+    shutil.copy(tiny_teacher_dir / "vocab.txt", small / "vocab.txt")
+    BertTokenizerFast(vocab_file=str(small / "vocab.txt")).save_pretrained(small)
+    out = tmp_path / "out"
+    assert main(["distill", str(recipe), "--output", str(out), "--set", "search.budget_ms=1000",
+                 "--set", "search.layers=[2]", "--set", "search.widths=[1.0]",
+                 "--set", f"search.student_models=[{small}]", "--set", "search.trials=1"]) == 0
+    found = json.loads((out / "search" / "manifest.json").read_text())["record"]
+    shapes = {c["name"]: c for c in found["candidates"]}
+    assert set(shapes) == {"2L-w1", "small-2L"}
+    assert shapes["small-2L"]["p50_ms"] > 0 and shapes["small-2L"]["size_mb"] > 0
+    # its own 2 blocks of width 16 with the 3-label head, not a teacher shape's
+    assert shapes["small-2L"]["parameters"] == sum(
+        p.numel() for p in make_bert(num_layers=2, hidden=16).parameters())
+    assert shapes["small-2L"]["parameters"] < shapes["2L-w1"]["parameters"]
+
+
+def test_student_models_too_shallow_or_named_alike_are_refused(tmp_path):
+    r, config = candidate_recipe(tmp_path, layers="[3]", widths="[1.0]")
+    for name in ("a/small", "b/small"):
+        make_bert(num_layers=2).save_pretrained(tmp_path / name)
+    with pytest.raises(EdgeDistillError, match=r"search.student_models: .*a/small has 2 blocks, "
+                                               r"fewer than every depth of search.layers \[3\]"):
+        search.candidates(replace(r, search=replace(r.search, student_models=[
+            str(tmp_path / "a/small")])), config)
+    both = [str(tmp_path / "a/small"), str(tmp_path / "b/small")]
+    r = replace(r, search=replace(r.search, layers=[2], student_models=both))
+    with pytest.raises(EdgeDistillError, match="two models named small-2L"):
         search.candidates(r, config)
 
 

@@ -14,8 +14,8 @@ SELECTIONS = ("uniform", "first", "last")
 
 
 def select_layers(num_teacher: int, layers: str = "uniform", num_layers: int = 2,
-                  layer_ids: list[int] | None = None) -> list[int]:
-    """Indices of the teacher blocks a student keeps.
+                  layer_ids: list[int] | None = None, whose: str = "the teacher's") -> list[int]:
+    """Indices of the teacher blocks (or ``whose`` else) a student keeps.
 
     ``uniform`` spreads them from the first block to the last (2 of 6 -> [0, 5]); keeping the
     first and last blocks keeps the teacher's input and output representations, which is what
@@ -29,7 +29,7 @@ def select_layers(num_teacher: int, layers: str = "uniform", num_layers: int = 2
         return sorted(layer_ids)
     if not 1 <= num_layers <= num_teacher:
         raise EdgeDistillError(
-            f"student.num_layers: {num_layers} must be between 1 and the teacher's {num_teacher}")
+            f"student.num_layers: {num_layers} must be between 1 and {whose} {num_teacher}")
     if layers == "first":
         return list(range(num_layers))
     if layers == "last":

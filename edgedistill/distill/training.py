@@ -394,12 +394,17 @@ def plan_student(teacher_path: Path, teacher_config, cfg: StudentConfig,
         path = resolve_model(cfg.model)
         # a student's own code is not run: the trust setting is the teacher's alone
         check_remote_code(path, False, "student.model (custom code is not supported)")
-        return AutoConfig.from_pretrained(path), None
+        config = AutoConfig.from_pretrained(path)
+        if cfg.cuts_model():  # its own blocks, not the teacher's: no teacher layers to name
+            ids = select_layers(config.num_hidden_layers, cfg.layers, cfg.depth(),
+                                cfg.layer_ids, "student.model's")
+            config = student_config(config, len(ids))
+        return config, None
     if cfg.init == "pruned" or (cfg.init == "teacher" and not cfg.config):
-        ids = select_layers(teacher_config.num_hidden_layers, cfg.layers, cfg.num_layers,
+        ids = select_layers(teacher_config.num_hidden_layers, cfg.layers, cfg.depth(),
                             cfg.layer_ids)
         return student_config(teacher_config, len(ids), cfg.init, **cfg.config), ids
-    return student_config(teacher_config, cfg.num_layers, cfg.init, **cfg.config), None
+    return student_config(teacher_config, cfg.depth(), cfg.init, **cfg.config), None
 
 
 def student_tokenizer(teacher_tokenizer, cfg: StudentConfig):
@@ -412,20 +417,32 @@ def student_tokenizer(teacher_tokenizer, cfg: StudentConfig):
     return teacher_tokenizer if shares_tokenizer(teacher_tokenizer, own) else own
 
 
+def pretrained_student(task, cfg: StudentConfig, teacher_config):
+    """``student.model`` loaded as the task loads a student (with the head for the teacher's
+    labels, the pooling it carries), whole or cut to the blocks ``cfg`` keeps."""
+    model = task.load_model(resolve_model(cfg.model), **task.student_head(teacher_config))
+    if not cfg.cuts_model():
+        return model
+    # DistilBERT's initialisation applied to the pretrained student's own blocks
+    cut = make_student(model, cfg.layers, cfg.depth(), cfg.layer_ids)
+    del cut.config.edgedistill_teacher_layers  # they are not the teacher's: none to match
+    return cut
+
+
 def build_student(task, teacher, cfg: StudentConfig, tokenizer=None, data: TaskData | None = None,
                   max_length: int = 128, seed: int = 0):
     """The student a recipe asks for: another pretrained model, or one made from the teacher
     (a pruned one ranks what it keeps on ``cfg.prune_texts`` training texts of ``data``, read
     by the teacher's ``tokenizer``)."""
     if cfg.model:
-        return task.load_model(resolve_model(cfg.model), **task.student_head(teacher.config))
+        return pretrained_student(task, cfg, teacher.config)
     inputs = None
     if cfg.init == "pruned" and data is not None:
         texts = data.calibration_texts(cfg.prune_texts, seed)
         inputs = [dict(tokenizer(texts[i:i + 32], truncation=True, max_length=max_length,
                                  padding=True, return_tensors="pt"))
                   for i in range(0, len(texts), 32)]
-    return make_student(teacher, cfg.layers, cfg.num_layers, cfg.layer_ids, cfg.init,
+    return make_student(teacher, cfg.layers, cfg.depth(), cfg.layer_ids, cfg.init,
                         inputs=inputs, **cfg.config)
 
 

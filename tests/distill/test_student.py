@@ -81,3 +81,28 @@ def test_a_student_with_another_tokenizer_is_refused(tmp_path):
     with pytest.raises(EdgeDistillError, match="tokenizer differs from the teacher's"):
         check_same_tokenizer(teacher_tok, other, "student.model")
 
+
+
+def test_a_pretrained_student_keeps_some_of_its_own_blocks(tmp_path):
+    """student.model with num_layers: its own blocks, kept as for a teacher; without, whole."""
+    from edgedistill.distill.training import build_student, plan_student
+    from edgedistill.recipe import StudentConfig
+    from edgedistill.tasks import get_task
+
+    teacher, pretrained = make_bert(num_layers=4), make_bert(num_layers=3, hidden=16, seed=1)
+    pretrained.save_pretrained(tmp_path / "small")
+    task, folder = get_task("classification"), str(tmp_path / "small")
+    cut = build_student(task, teacher, StudentConfig(model=folder, num_layers=2))
+    assert cut.config.num_hidden_layers == 2 and cut.config.hidden_size == 16
+    assert not hasattr(cut.config, "edgedistill_teacher_layers")  # nothing of the teacher's
+    kept = pretrained.bert.encoder.layer[2].state_dict()  # uniform 2 of 3: blocks 0 and 2
+    assert all(torch.equal(kept[k], v) for k, v in cut.bert.encoder.layer[1].state_dict().items())
+    config, teacher_blocks = plan_student(None, teacher.config,
+                                          StudentConfig(model=folder, layer_ids=[1]))
+    assert (config.num_hidden_layers, teacher_blocks) == (1, None)
+    whole = build_student(task, teacher, StudentConfig(model=folder))
+    assert whole.config.num_hidden_layers == 3
+    # a student made from the teacher keeps 2 of its blocks unless told otherwise
+    assert build_student(task, teacher, StudentConfig()).config.num_hidden_layers == 2
+    with pytest.raises(EdgeDistillError, match="between 1 and student.model's 3"):
+        plan_student(None, teacher.config, StudentConfig(model=folder, num_layers=4))
