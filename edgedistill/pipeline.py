@@ -31,7 +31,13 @@ from .artifacts import publish_folder, write_atomic
 from .data import TaskData
 from .distill.matching import resolve_matches
 from .distill.trainer import check_distill_settings
-from .distill.training import distill_student, finetune_teacher, plan_student, student_tokenizer
+from .distill.training import (
+    check_positions,
+    distill_student,
+    finetune_teacher,
+    plan_student,
+    student_tokenizer,
+)
 from .distill.transfer import check_transfer_settings
 from .errors import EdgeDistillError
 from .export import export_onnx
@@ -321,18 +327,17 @@ class Run:
             self.task.check_shape(r, s_config, t_config, "student",
                                   "a student of the teacher's width")
         for who, config in (("teacher", t_config), ("student", s_config)):
-            positions = getattr(config, "max_position_embeddings", None)
-            for key, length in (("data.max_length", r.data.max_length),
-                                ("bench.sequence_length", r.bench.sequence_length)):
-                if positions and length > positions:
-                    raise EdgeDistillError(f"{key}: {length} exceeds the {who}'s {positions} "
-                                           f"positions; set {key} <= {positions}")
+            check_positions(config, who, r.data.max_length, r.bench.sequence_length)
         if r.student.model:
             teacher_tokenizer = AutoTokenizer.from_pretrained(
                 model_path, trust_remote_code=r.teacher.trust_remote_code)
             self.task.check_student(r, s_config, teacher_tokenizer,
                                     student_tokenizer(teacher_tokenizer, r.student),
                                     self.data.labels)
+            if r.student.cuts_model():  # a model a recipe names whole elsewhere: say so
+                progress.note(f"student.model: {s_config.num_hidden_layers} of its blocks "
+                              "kept (student.num_layers / layer_ids; unset them to train it "
+                              "whole)")
         _ = self.data
 
     def _export(self, teacher_dir: Path, student_dir: Path) -> Callable[[Path], dict]:

@@ -319,7 +319,8 @@ def _training_lines(report: dict) -> list[str]:
         lines.append(f"teacher fine-tuned in {teacher['train_seconds']:.0f} s, "
                      f"{_validation_score(report, teacher)}")
     if distill:
-        lines.append(f"student: teacher layers {distill.get('teacher_layers')}, "
+        kept = distill.get("teacher_layers")  # None: a pretrained student.model
+        lines.append(f"student: {f'teacher layers {kept}, ' if kept is not None else ''}"
                      f"{distill.get('parameters', 0) / 1e6:.1f}M of the teacher's "
                      f"{distill.get('teacher_parameters', 0) / 1e6:.1f}M parameters, distilled "
                      f"in {distill.get('train_seconds', 0):.0f} s, "

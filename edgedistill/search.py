@@ -3,7 +3,8 @@ int8 model meets a latency (and memory) budget on the run's hardware profile.
 
 1. **Candidate shapes**: every depth in ``search.layers`` (teacher blocks kept, as
    ``student.layers`` picks them) at every width in ``search.widths`` (below 1, the blocks are
-   narrowed by pruning, :mod:`edgedistill.distill.pruning`).
+   narrowed by pruning, :mod:`edgedistill.distill.pruning`), and each pretrained model of
+   ``search.student_models`` at the depths it has (its own blocks kept, its own tokenizer).
 2. **Measured, not guessed**: each shape is built untrained, exported, quantized as the quantize
    stage would, and timed on the profile by the task's own benchmark (each model in its own
    process, taking turns). A model's speed depends on its shape, not on its weights, so no
@@ -49,6 +50,7 @@ from .artifacts import write_atomic
 from .distill.matching import resolve_matches
 from .distill.pruning import PRUNABLE
 from .distill.training import (
+    check_positions,
     distill_student,
     plan_student,
     pretrained_student,
@@ -60,7 +62,7 @@ from .host import environment
 from .quantization import quantize
 from .recipe import DistillConfig, MatchConfig, Recipe, SearchConfig, StudentConfig
 from .report import value_at
-from .sources import resolve_model
+from .sources import check_remote_code, resolve_model
 from .tasks.base import model_row
 
 log = logging.getLogger(__name__)
@@ -86,11 +88,14 @@ def candidates(recipe: Recipe, teacher_config) -> list[Candidate]:
         raise EdgeDistillError("student.model: a search builds its students from the "
                                "teacher and search.student_models; move it there (or remove "
                                "the search's budget)")
+    models = model_candidates(recipe)
     depth = teacher_config.num_hidden_layers
-    too_deep = [n for n in s.layers if n > depth]
+    too_deep = [n for n in s.layers
+                if n > depth and not any(c.student.num_layers == n for c in models)]
     if too_deep:
         raise EdgeDistillError(f"search.layers: {too_deep[0]} is more blocks than the teacher's "
-                               f"{depth}; use depths up to {depth}")
+                               f"{depth}" + (" and every search.student_models'"
+                                             if models else "") + f"; use depths up to {depth}")
     narrow = [w for w in s.widths if w < 1]
     if narrow and teacher_config.model_type not in PRUNABLE:
         raise EdgeDistillError(f"search.widths: {narrow[0]} needs a pruned student, which "
@@ -99,7 +104,7 @@ def candidates(recipe: Recipe, teacher_config) -> list[Candidate]:
     hidden, inner = teacher_config.hidden_size, getattr(teacher_config, "intermediate_size", 0)
     head_dim = hidden // teacher_config.num_attention_heads
     out, seen = [], set()
-    for n in sorted(set(s.layers)):
+    for n in sorted(n for n in set(s.layers) if n <= depth):  # deeper: a model's alone
         for w in sorted(set(s.widths), reverse=True):
             if w == 1:
                 block = replace(student, init="teacher", num_layers=n, layer_ids=None, config={})
@@ -112,14 +117,17 @@ def candidates(recipe: Recipe, teacher_config) -> list[Candidate]:
             if key not in seen:  # two widths that round to one shape are one candidate
                 seen.add(key)
                 out.append(Candidate(f"{n}L-w{w:g}", w, block))
-    return out + model_candidates(recipe)
+    return out + models
 
 
 def model_candidates(recipe: Recipe) -> list[Candidate]:
     """Each model of ``search.student_models`` at the depths of ``search.layers`` it has."""
     s, out = recipe.search, []
     for model in s.student_models:
-        blocks = AutoConfig.from_pretrained(resolve_model(model)).num_hidden_layers
+        path = resolve_model(model)
+        # as for student.model: a student's own code is not run
+        check_remote_code(path, False, "search.student_models (custom code is not supported)")
+        blocks = AutoConfig.from_pretrained(path).num_hidden_layers
         depths = sorted(n for n in set(s.layers) if n <= blocks)
         if not depths:
             raise EdgeDistillError(f"search.student_models: {model} has {blocks} blocks, fewer "
@@ -207,17 +215,22 @@ def check(recipe: Recipe, teacher_path: Path, teacher_config, task, out: Path,
             where, same_width = f"search.widths: {c.width:g} (student {c.name})", \
                 "search.widths: [1.0]"
         task.check_shape(recipe, config, teacher_config, where, same_width)
-        for loss in s.match_losses:
-            if c.student.model:  # its tokenizer and head, under each loss a trial may add
+        check_positions(config, f"student {c.name}", recipe.data.max_length,
+                        recipe.bench.sequence_length)
+        if c.student.model:  # its head and tokenizer: alone, then under each loss searched
+            for loss in [NO_MATCH] + [m for m in s.match_losses if m != NO_MATCH]:
                 trial = replace(recipe, student=c.student,
                                 distill=distill_settings(recipe, {**own, "match_loss": loss}))
                 try:
                     task.check_student(trial, config, teacher_tokenizer,
                                        student_tokenizer(teacher_tokenizer, c.student), labels)
                 except EdgeDistillError as e:
-                    raise EdgeDistillError(f"{where}: a trial with match loss {loss} would be "
-                                           f"refused ({e}); leave the model or that loss out "
-                                           "of the search") from None
+                    with_loss = f"a trial with match loss {loss}" if loss != NO_MATCH else "it"
+                    fix = ("leave the model or that loss out of the search"
+                           if loss != NO_MATCH else "leave the model out")
+                    raise EdgeDistillError(f"{where}: {with_loss} would be refused ({e}); "
+                                           f"{fix}") from None
+        for loss in s.match_losses:
             if loss != NO_MATCH:
                 resolve_matches([asdict(MatchConfig(loss=loss))], config, teacher_config, kept,
                                 f"search.match_losses ({loss}, student {c.name})")
@@ -244,12 +257,15 @@ def check_budget_model(folder: Path, out: Path) -> None:
 
 # ------------------------------------------------------------------------------ measuring
 
-def _cost_key(run, config, host: dict) -> str:
+def _cost_key(run, config, host: dict, model: str | None = None) -> str:
     """What the measured cost of a shape (its student ``config``) depends on: the config, the
-    export, int8 and timing settings, the profile, and the ``host``."""
+    export, int8 and timing settings, the profile, the ``host``, and for a pretrained
+    ``model`` its name (it reads its own tokens)."""
     blob = {"config": config.to_diff_dict(), "quantize": asdict(run.recipe.quantize),
             "bench": asdict(run.recipe.bench), "export": asdict(run.recipe.export),
             "max_length": run.recipe.data.max_length, "host": host}
+    if model:  # only there: the teacher's shapes keep the keys they were cached under
+        blob["student_model"] = model
     return json.dumps(blob, sort_keys=True, default=str)
 
 
@@ -301,8 +317,8 @@ def measure(run, shapes: list[Candidate], teacher_dir: Path, teacher_config,
     from the cache or measured now (all new shapes in one benchmark, taking turns)."""
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     host = {k: v for k, v in environment().items() if k != "memory_gb"}  # read once
-    keys = {c.name: _cost_key(run, plan_student(teacher_dir, teacher_config, c.student)[0], host)
-            for c in shapes}
+    keys = {c.name: _cost_key(run, plan_student(teacher_dir, teacher_config, c.student)[0], host,
+                              c.student.model) for c in shapes}
     todo = [c for c in shapes if keys[c.name] not in cache]
     if todo:
         timed = time_shapes(run, todo, teacher_dir, teacher_config, cache_file.parent)

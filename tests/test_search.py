@@ -323,6 +323,15 @@ def test_a_pretrained_model_is_searched_at_its_depths_and_distilled_cut(
     assert err.endswith("leave the model or that loss out of the search")
     assert not (out / "search").exists()
 
+    two_labels = tmp_path / "two"  # a head trained on other labels: no loss makes it fit
+    make_bert(num_layers=2, num_labels=2).save_pretrained(two_labels)
+    BertTokenizerFast(vocab_file=str(small / "vocab.txt")).save_pretrained(two_labels)
+    assert main([*flags, "--set", f"search.student_models=[{two_labels}]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ("search.student_models (two-1L): it would be refused (student.model: its "
+            "classification head predicts 2 labels") in err
+    assert err.endswith("; leave the model out")
+
     assert main([*flags, "--set", "search.match_losses=[none]"]) == 0
     report = json.loads((out / "report.json").read_text())
     found = report["search"]
@@ -371,6 +380,14 @@ def test_student_models_too_shallow_or_named_alike_are_refused(tmp_path):
                                                r"fewer than every depth of search.layers \[3\]"):
         search.candidates(replace(r, search=replace(r.search, student_models=[
             str(tmp_path / "a/small")])), config)
+    # a depth past the teacher's (4) is a deeper model's alone
+    make_bert(num_layers=6).save_pretrained(tmp_path / "deep")
+    deep = replace(r, search=replace(r.search, layers=[2, 5],
+                                     student_models=[str(tmp_path / "deep")]))
+    assert [c.name for c in search.candidates(deep, config)] == ["2L-w1", "deep-2L", "deep-5L"]
+    with pytest.raises(EdgeDistillError, match="search.layers: 7 is more blocks than the "
+                                               "teacher's 4 and every search.student_models'"):
+        search.candidates(replace(deep, search=replace(deep.search, layers=[7, 2])), config)
     both = [str(tmp_path / "a/small"), str(tmp_path / "b/small")]
     r = replace(r, search=replace(r.search, layers=[2], student_models=both))
     with pytest.raises(EdgeDistillError, match="two models named small-2L"):

@@ -25,6 +25,7 @@ from transformers.trainer_callback import ProgressCallback
 from .. import distributed, progress
 from ..artifacts import write_atomic
 from ..data import TaskData, lm_blocks, tokenize
+from ..errors import EdgeDistillError
 from ..evaluation import classification_metrics
 from ..recipe import (
     DataConfig,
@@ -405,6 +406,17 @@ def plan_student(teacher_path: Path, teacher_config, cfg: StudentConfig,
                             cfg.layer_ids)
         return student_config(teacher_config, len(ids), cfg.init, **cfg.config), ids
     return student_config(teacher_config, cfg.depth(), cfg.init, **cfg.config), None
+
+
+def check_positions(config, who: str, max_length: int, sequence_length: int) -> None:
+    """The training length (data.max_length) and the benchmark's (bench.sequence_length) fit
+    in the positions of the model ``who`` (its ``config``)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    for key, length in (("data.max_length", max_length),
+                        ("bench.sequence_length", sequence_length)):
+        if positions and length > positions:
+            raise EdgeDistillError(f"{key}: {length} exceeds the {who}'s {positions} "
+                                   f"positions; set {key} <= {positions}")
 
 
 def student_tokenizer(teacher_tokenizer, cfg: StudentConfig):
