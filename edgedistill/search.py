@@ -215,9 +215,10 @@ def check(recipe: Recipe, teacher_path: Path, teacher_config, task, out: Path,
             where, same_width = f"search.widths: {c.width:g} (student {c.name})", \
                 "search.widths: [1.0]"
         task.check_shape(recipe, config, teacher_config, where, same_width)
-        check_positions(config, f"student {c.name}", recipe.data.max_length,
-                        recipe.bench.sequence_length)
-        if c.student.model:  # its head and tokenizer: alone, then under each loss searched
+        if c.student.model:  # its positions (a shape has the teacher's), its head and
+            # tokenizer: alone, then under each loss searched
+            check_positions(config, f"student {c.name}", recipe.data.max_length,
+                            recipe.bench.sequence_length)
             for loss in [NO_MATCH] + [m for m in s.match_losses if m != NO_MATCH]:
                 trial = replace(recipe, student=c.student,
                                 distill=distill_settings(recipe, {**own, "match_loss": loss}))

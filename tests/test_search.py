@@ -331,6 +331,13 @@ def test_a_pretrained_model_is_searched_at_its_depths_and_distilled_cut(
     assert ("search.student_models (two-1L): it would be refused (student.model: its "
             "classification head predicts 2 labels") in err
     assert err.endswith("; leave the model out")
+    short = tmp_path / "short"  # 16 positions, where the recipe reads 32 tokens
+    config = make_bert(num_layers=2).config
+    config.max_position_embeddings = 16
+    config.save_pretrained(short)
+    assert main([*flags, "--set", f"search.student_models=[{short}]"]) == 2
+    assert ("data.max_length: 32 exceeds the student short-1L's 16 positions"
+            in capsys.readouterr().err)
 
     assert main([*flags, "--set", "search.match_losses=[none]"]) == 0
     report = json.loads((out / "report.json").read_text())
