@@ -207,31 +207,35 @@ def check(recipe: Recipe, teacher_path: Path, teacher_config, task, out: Path,
     teacher_tokenizer = AutoTokenizer.from_pretrained(
         teacher_path, trust_remote_code=recipe.teacher.trust_remote_code) \
         if s.student_models else None
+    tokenizers = {}  # each pretrained model's own, read once for all its depths
+    # the logits alone first: a model refused with them is refused whatever the loss
+    losses = [NO_MATCH] + [m for m in s.match_losses if m != NO_MATCH]
     for c in candidates(recipe, teacher_config):
         config, kept = plan_student(teacher_path, teacher_config, c.student)
         if c.student.model:
             where, same_width = f"search.student_models ({c.name})", "leave that model out"
+            # a shape has the teacher's positions, checked as the teacher's
+            check_positions(config, f"student {c.name}", recipe.data.max_length,
+                            recipe.bench.sequence_length)
+            if c.student.model not in tokenizers:
+                tokenizers[c.student.model] = student_tokenizer(teacher_tokenizer, c.student)
         else:
             where, same_width = f"search.widths: {c.width:g} (student {c.name})", \
                 "search.widths: [1.0]"
         task.check_shape(recipe, config, teacher_config, where, same_width)
-        if c.student.model:  # its positions (a shape has the teacher's), its head and
-            # tokenizer: alone, then under each loss searched
-            check_positions(config, f"student {c.name}", recipe.data.max_length,
-                            recipe.bench.sequence_length)
-            for loss in [NO_MATCH] + [m for m in s.match_losses if m != NO_MATCH]:
+        for loss in losses:
+            if c.student.model:  # its head and tokenizer under this loss
                 trial = replace(recipe, student=c.student,
                                 distill=distill_settings(recipe, {**own, "match_loss": loss}))
                 try:
                     task.check_student(trial, config, teacher_tokenizer,
-                                       student_tokenizer(teacher_tokenizer, c.student), labels)
+                                       tokenizers[c.student.model], labels)
                 except EdgeDistillError as e:
                     with_loss = f"a trial with match loss {loss}" if loss != NO_MATCH else "it"
                     fix = ("leave the model or that loss out of the search"
                            if loss != NO_MATCH else "leave the model out")
                     raise EdgeDistillError(f"{where}: {with_loss} would be refused ({e}); "
                                            f"{fix}") from None
-        for loss in s.match_losses:
             if loss != NO_MATCH:
                 resolve_matches([asdict(MatchConfig(loss=loss))], config, teacher_config, kept,
                                 f"search.match_losses ({loss}, student {c.name})")
