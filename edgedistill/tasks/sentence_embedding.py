@@ -155,6 +155,8 @@ class SentenceEmbeddingTask(Task):
                f"within each model, or {same_width}")
 
     def check_student(self, r: Recipe, config, teacher_tokenizer, student_tokenizer, labels):
+        # its pooling now, not when the distill stage loads it (or a search times it)
+        require_pooling(resolve_model(r.student.model), "student.model")
         # the target is one vector per text, so a student may read its own tokens; layer
         # matches compare token positions and still need one tokenizer
         refuse(bool(r.distill.matches) and not shares_tokenizer(teacher_tokenizer,
