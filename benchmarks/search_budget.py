@@ -151,7 +151,6 @@ def one_se_recipe(seed: int, searched: Path, teacher: Path, source: str | None,
     recipe = load_recipe(source, [f"seed={seed}", *changes])
     task = get_task(recipe.task)
     chosen, how = search.select(task, found["trials"], "one_se", found["greater_is_better"],
-                                {c["name"]: c["parameters"] for c in found["candidates"]},
                                 task.load_data(recipe.data, seed), found["metric"], seed)
     distill = search.distill_settings(recipe, chosen)
     how.update(chosen_trial=chosen["number"], chosen=chosen["student"],

@@ -334,7 +334,7 @@ class SearchConfig:
                                  "at a time at weight 1 (none: logits alone).")
     selection: Literal["best", "one_se"] = _f(
         "best", "How the winner of the finished trials is picked: best (highest validation "
-        "score) or one_se (the student with the most parameters whose score is within one "
+        "score) or one_se (the slowest student, the most compute, whose score is within one "
         "bootstrap standard error of the best: on a small validation split closer scores are "
         "noise, and a bigger student within the budget costs nothing more; classification).")
 

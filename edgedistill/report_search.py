@@ -33,7 +33,7 @@ def why(found: dict) -> str:
     how = found.get("selection") or {}
     if how.get("rule") != "one_se":
         return ""
-    return (f" (one_se: the largest student of the {len(how['within'])} trials within one "
+    return (f" (one_se: the slowest student of the {len(how['within'])} trials within one "
             f"bootstrap standard error of the best, trial {how['best_trial']})")
 
 

@@ -19,7 +19,7 @@ int8 model meets a latency (and memory) budget on the run's hardware profile.
    pruner stops the weak ones early. The study lives in SQLite in the stage's folder, so a
    killed search resumes from its finished trials (the trial it was in is run again).
 4. **Choosing**: ``search.selection`` best takes the highest validation score; one_se the
-   student with the most parameters within one bootstrap standard error of it (:func:`choose`).
+   slowest student (most compute) within one bootstrap standard error of it (:func:`choose`).
    A finished trial keeps its validation predictions (classification), for one_se and for an
    audit of both rules on the same trials (benchmarks/search_budget.py).
 
@@ -448,18 +448,20 @@ def pareto(trials: list[dict], greater_is_better: bool) -> list[int]:
                        for o in done)]
 
 
-def choose(trials: list[dict], rule: str, greater: bool, parameters: dict[str, int],
+def choose(trials: list[dict], rule: str, greater: bool,
            scores: dict | None = None) -> tuple[dict, dict]:
     """The winning trial among the finished ones, and how it was picked.
 
     ``best``: the highest validation score (of equal scores, the faster student). ``one_se``:
     of the trials whose gap to the best is at most one standard error of that gap, the one
-    with the most ``parameters`` (by student name), then the better score. The standard error
-    is of the paired difference over ``scores`` (trial number -> the score on each bootstrap
-    resample of the validation rows, the same resamples for every trial), so the shared
-    difficulty of the rows cancels. Why the biggest student: the budget is met by every
+    whose student is slowest (the highest measured p50), then the better score. The standard
+    error is of the paired difference over ``scores`` (trial number -> the score on each
+    bootstrap resample of the validation rows, the same resamples for every trial), so the
+    shared difficulty of the rows cancels. Why the slowest student: the budget is met by every
     candidate, and a short trial's small lead on a few validation rows is not worth giving up
-    capacity for the full distillation."""
+    capacity for the full distillation. Capacity is measured as compute per text, as in
+    :func:`first_trials`: a count of parameters would rank the students of a wide vocabulary
+    first (search.student_models mixes model families), whatever their blocks."""
     sign = 1 if greater else -1
     done = finished(trials)
     best = max(done, key=lambda t: (sign * t["value"], -t["p50_ms"]))
@@ -473,20 +475,20 @@ def choose(trials: list[dict], rule: str, greater: bool, parameters: dict[str, i
             within.append({"trial": t["number"], "gap": round(gap, 6), "se": round(se, 6)})
     near = {w["trial"] for w in within}
     chosen = max((t for t in done if t["number"] in near),
-                 key=lambda t: (parameters[t["student"]], sign * t["value"], -t["p50_ms"]))
+                 key=lambda t: (t["p50_ms"], sign * t["value"]))
     return chosen, {"rule": rule, "best_trial": best["number"], "within": within,
                     "draws": len(next(iter(scores.values())))}
 
 
-def select(task, trials: list[dict], rule: str, greater: bool, parameters: dict[str, int],
-           data, metric: str, seed: int) -> tuple[dict, dict]:
+def select(task, trials: list[dict], rule: str, greater: bool, data, metric: str,
+           seed: int) -> tuple[dict, dict]:
     """:func:`choose` under ``rule``, with one_se's bootstrap scores of the finished trials'
     validation predictions on ``data`` (seeded) computed here."""
     scores = None
     if rule == "one_se":
         scores = task.resampled_scores({t["number"]: t["predictions"] for t in finished(trials)},
                                        data, metric, BOOTSTRAP_DRAWS, seed)
-    return choose(trials, rule, greater, parameters, scores)
+    return choose(trials, rule, greater, scores)
 
 
 def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
@@ -596,9 +598,7 @@ def search(run, teacher_dir: Path, out: Path, cache_file: Path) -> dict:
                                "trials above); check the data's validation split and the "
                                "search's settings, then run it again")
     shutil.rmtree(out / "trials", ignore_errors=True)
-    best, selection = select(run.task, trials, s.selection, greater,
-                             {c.name: costs[c.name]["parameters"] for c in shapes}, run.data,
-                             metric, r.seed)
+    best, selection = select(run.task, trials, s.selection, greater, run.data, metric, r.seed)
     chosen = by_name[best["student"]]
     distill = distill_settings(r, best)
     record = {

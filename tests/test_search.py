@@ -56,15 +56,14 @@ def test_search_chooses_a_student_within_budget_then_runs_every_stage(recipe, tm
                for t in found["trials"][:2]}
     assert opening == {("2L-w1", 2.0, 0.5, "none"), ("1L-w1", 2.0, 0.5, "none")}
     chosen = found["chosen"]
-    # one_se: the trial with the most parameters among those within one SE of the best
+    # one_se: the trial of the slowest student among those within one SE of the best
     how = found["selection"]
     best = max(t["value"] for t in found["trials"] if t["state"] == "COMPLETE")
     assert how["rule"] == "one_se" and how["draws"] == 1000
     assert next(t for t in found["trials"] if t["number"] == how["best_trial"])["value"] == best
     near = [t for t in found["trials"] if t["number"] in {w["trial"] for w in how["within"]}]
-    size = {c["name"]: c["parameters"] for c in found["candidates"]}
     assert chosen["trial"] in {t["number"] for t in near}
-    assert size[chosen["name"]] == max(size[t["student"]] for t in near)
+    assert chosen["p50_ms"] == max(t["p50_ms"] for t in near)
     # the full distillation ran on the chosen student with the chosen settings
     assert report["recipe"]["student"] == chosen["student"]
     assert report["recipe"]["distill"]["alpha_distill"] == chosen["distill"]["alpha_distill"]
@@ -73,7 +72,7 @@ def test_search_chooses_a_student_within_budget_then_runs_every_stage(recipe, tm
     assert (out / "plots" / "search.png").is_file()
     assert "Student search" in (out / "report.md").read_text()
     assert not (out / "search" / "trials").exists()
-    assert "one_se: the largest student of the" in (out / "report.md").read_text()
+    assert "one_se: the slowest student of the" in (out / "report.md").read_text()
     # each finished trial kept its validation predictions, for one_se and for an audit
     done = [t for t in found["trials"] if t["state"] == "COMPLETE" and "repeat_of" not in t]
     assert done and all(len(t["predictions"]) == 6 for t in done)  # 10% of 60 rows
@@ -501,32 +500,34 @@ def trial(number, student, value, p50=1.0, state="COMPLETE", **extra):
             "state": state, **extra}
 
 
-def test_one_se_takes_the_biggest_student_within_one_standard_error_of_the_best():
+def test_one_se_takes_the_slowest_student_within_one_standard_error_of_the_best():
     import numpy as np
     rng = np.random.default_rng(0)
     # the difficulty of each resample, shared by every trial: it cancels in the paired gap
     noise = rng.normal(0, 0.05, 1000)
-    trials = [trial(0, "1L-w1", 0.62), trial(1, "2L-w0.5", 0.60), trial(2, "2L-w1", 0.40),
-              trial(3, "2L-w1", None, state="PRUNED"), trial(4, "1L-w1", 0.62, repeat_of=0),
-              trial(5, "1L-w0.5", 0.61)]
+    p50 = {"1L-w1": 1.0, "1L-w0.5": 0.5, "2L-w0.5": 1.2, "2L-w1": 2.0}
+    trials = [trial(n, student, value, p50[student], **extra) for n, student, value, extra in
+              [(0, "1L-w1", 0.62, {}), (1, "2L-w0.5", 0.60, {}), (2, "2L-w1", 0.40, {}),
+               (3, "2L-w1", None, {"state": "PRUNED"}), (4, "1L-w1", 0.62, {"repeat_of": 0}),
+               (5, "1L-w0.5", 0.61, {})]]
     scores = {0: 0.62 + noise + rng.normal(0, 0.03, 1000),  # paired: own noise 0.03 each
               1: 0.60 + noise + rng.normal(0, 0.03, 1000),
               2: 0.40 + noise + rng.normal(0, 0.03, 1000),
               5: 0.61 + noise + rng.normal(0, 0.03, 1000)}
-    sizes = {"1L-w1": 10, "1L-w0.5": 5, "2L-w0.5": 12, "2L-w1": 20}
-    chosen, how = search.choose(trials, "one_se", True, sizes, scores)
-    # 2L-w1 is the biggest but 0.22 behind (SE about 0.04); 2L-w0.5 is 0.02 behind: within
+    chosen, how = search.choose(trials, "one_se", True, scores)
+    # 2L-w1 is the slowest but 0.22 behind (SE about 0.04); 2L-w0.5 is 0.02 behind: within
     assert chosen["number"] == 1
     assert how["rule"] == "one_se" and how["best_trial"] == 0 and how["draws"] == 1000
     assert {w["trial"] for w in how["within"]} == {0, 1, 5}
     assert all(0.03 < w["se"] < 0.06 for w in how["within"] if w["trial"] != 0)
-    assert search.choose(trials, "best", True, sizes, None)[0]["number"] == 0
+    assert search.choose(trials, "best", True, None)[0]["number"] == 0
     # a loss (lower is better): the best is the lowest, the gap counted the other way
-    loss = [trial(0, "1L-w1", 0.50), trial(1, "2L-w1", 0.51), trial(2, "2L-w0.5", 0.90)]
+    loss = [trial(0, "1L-w1", 0.50, 1.0), trial(1, "2L-w1", 0.51, 2.0),
+            trial(2, "2L-w0.5", 0.90, 1.2)]
     loss_scores = {0: 0.50 + noise, 1: 0.51 + noise + rng.normal(0, 0.03, 1000),
                    2: 0.90 + noise}
-    assert search.choose(loss, "one_se", False, sizes, loss_scores)[0]["number"] == 1
-    assert search.choose(loss, "best", False, sizes, None)[0]["number"] == 0
+    assert search.choose(loss, "one_se", False, loss_scores)[0]["number"] == 1
+    assert search.choose(loss, "best", False, None)[0]["number"] == 0
 
 
 def test_resampled_validation_scores_keep_every_class_in_each_draw():
