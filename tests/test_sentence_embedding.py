@@ -274,7 +274,8 @@ def test_teacher_without_pooling_is_refused_in_one_line(tmp_path, capsys):
 def test_student_model_without_pooling_is_refused_before_any_stage(tmp_path, capsys):
     # a bare encoder: nothing says how to pool it
     student = make_embedder(tmp_path / "plain", pooling=None, layers=2, seed=1)
-    recipe = write_recipe(tmp_path, **{"student: {num_layers: 2}": f"student: {{model: {student}}}"})
+    recipe = write_recipe(tmp_path,
+                          **{"student: {num_layers: 2}": f"student: {{model: {student}}}"})
     assert main(["run", str(recipe), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
