@@ -205,3 +205,30 @@ def test_a_genai_package_for_an_architecture_not_checked_is_refused_first(tmp_pa
     assert "quantize.genai: onnxruntime-genai packages are built here for" in err
     assert "not GPT2LMHeadModel" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "teacher").exists()
+
+
+def test_a_genai_package_for_a_pretrained_student_is_checked_on_its_own_architecture(
+        tmp_path, tiny_llama_dir):
+    """The student's config is checked, not the teacher's: a search's pretrained candidate
+    (search.student_models) goes through the same check_student as student.model."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer, GPT2Config, LlamaConfig
+
+    from edgedistill.errors import EdgeDistillError
+    from edgedistill.recipe import load_recipe
+    from edgedistill.tasks import get_task
+
+    r = load_recipe(str(write_recipe(tmp_path, tiny_llama_dir)), ["quantize.genai=true",
+                                                                   "student.model=gpt2-folder"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    task = get_task(r.task)
+    gpt2 = GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=2,
+                      architectures=["GPT2LMHeadModel"])
+    with pytest.raises(EdgeDistillError, match="quantize.genai: .*not GPT2LMHeadModel"):
+        task.check_student(r, gpt2, tokenizer, tokenizer, None)
+    llama = LlamaConfig(vocab_size=40, hidden_size=32, num_attention_heads=2,
+                        architectures=["LlamaForCausalLM"])
+    task.check_student(r, llama, tokenizer, tokenizer, None)  # an architecture it builds
+    task.check_student(replace(r, quantize=replace(r.quantize, genai=False)), gpt2, tokenizer,
+                       tokenizer, None)

@@ -125,9 +125,14 @@ class CausalLMTask(Task):
         refuse(bool(aug.factor or aug.paraphrases), "transfer.augment.factor: augmentation is "
                "for classifiers; a language model learns from teacher generations "
                "(transfer.generate.prompts)")
-        if q.genai:  # a student cut from the teacher keeps the teacher's architecture
-            config = AutoConfig.from_pretrained(resolve_model(r.student.model or r.teacher.model),
+        if q.genai and not r.student.model:  # cut from the teacher: the teacher's architecture
+            config = AutoConfig.from_pretrained(resolve_model(r.teacher.model),
                                                 trust_remote_code=r.teacher.trust_remote_code)
+            check_architecture(config.to_dict(), "quantize.genai")
+
+    def check_student(self, r: Recipe, config, teacher_tokenizer, student_tokenizer, labels):
+        super().check_student(r, config, teacher_tokenizer, student_tokenizer, labels)
+        if r.quantize.genai:  # here, not in check: a search's pretrained candidates come too
             check_architecture(config.to_dict(), "quantize.genai")
 
     def needs_calibration(self, q: QuantizeConfig, runtimes) -> bool:
