@@ -29,6 +29,14 @@ like them; a rerun lists it only when given the same ``--try`` again:
     python benchmarks/workloads.py tweets-mpnet --try kd0.5+10k-transfer \
         distill.alpha_distill=0.5 distill.alpha_ce=0.5 \
         "transfer.unlabelled=[{source: tweets, max_samples: 10000}]"
+
+``--teacher-set OVERRIDE...`` changes the shared teacher's fine-tuning alone, e.g. a teacher
+trained on every labelled row while the students keep the recipe's labelled subset (what a
+user with a big labelled set and a small-model budget has); ``--tag NAME`` keeps such a run's
+folders and results apart (``work/<recipe>-NAME``, ``results/<recipe>-NAME.{json,md}``):
+
+    python benchmarks/workloads.py tweets-mpnet --tag teacher-all \
+        --teacher-set data.max_train_samples=null
 """
 
 from __future__ import annotations
@@ -144,11 +152,13 @@ def to_markdown(result: dict) -> str:
     s, runs = result["summary"], result["runs"]
     _, _, score = SCORES[result["recipe"]["task"]]
     fmt = lambda d: f"{d['mean']:.4f} ± {d['stdev']:.4f}"  # noqa: E731
+    teacher_set = result.get("teacher_set") or []  # absent from results written before it
+    changed = f"; its own settings: {', '.join(teacher_set)}" if teacher_set else ""
     lines = [f"# {result['recipe']['name']}: what distillation is worth", "",
              f"{result['environment']['cpu']}, {result['environment']['cpu_count']} cores; "
              f"profile {result['recipe']['bench']['profile']}. Teacher fine-tuned once "
-             f"({result['teacher_minutes']:.1f} min), shared by every student. Test split "
-             "only; mean ± stdev over the seeds each variant ran.", "",
+             f"({result['teacher_minutes']:.1f} min{changed}), shared by every student. "
+             "Test split only; mean ± stdev over the seeds each variant ran.", "",
              f"| student | seeds | fp32 {score} | int8 {score} | int8 accuracy | int8 "
              f"agreement with teacher | int8 / teacher {score} | minutes per run |",
              "|---|---|---|---|---|---|---|---|"]
@@ -201,16 +211,16 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(results: Path, recipe: str, runs: list[dict], teacher_minutes: float,
-          one_core: dict | None, variants: dict) -> str:
-    result = {"benchmark": f"workloads/{recipe}", "recipe": load_recipe(recipe).to_dict(),
+def write(results: Path, stem: str, recipe: str, runs: list[dict], teacher_minutes: float,
+          teacher_set: list[str], one_core: dict | None, variants: dict) -> str:
+    result = {"benchmark": f"workloads/{stem}", "recipe": load_recipe(recipe).to_dict(),
               "environment": environment(), "teacher_minutes": teacher_minutes,
-              "one_core": one_core, "variants": variants, "runs": runs,
-              "summary": summarise(runs)}
+              "teacher_set": teacher_set, "one_core": one_core, "variants": variants,
+              "runs": runs, "summary": summarise(runs)}
     results.mkdir(parents=True, exist_ok=True)
-    (results / f"{recipe}.json").write_text(json.dumps(result, indent=2))
+    (results / f"{stem}.json").write_text(json.dumps(result, indent=2))
     text = to_markdown(result)
-    (results / f"{recipe}.md").write_text(text)
+    (results / f"{stem}.md").write_text(text)
     return text
 
 
@@ -231,9 +241,17 @@ def main() -> None:
                         metavar=("NAME", "OVERRIDE"),
                         help="a further variant: kd+transfer (kd without a transfer set) "
                              "with these --set overrides, e.g. distill.alpha_distill=0.9")
+    parser.add_argument("--teacher-set", nargs="+", default=[], metavar="OVERRIDE",
+                        help="settings of the shared teacher's fine-tuning alone, e.g. "
+                             "data.max_train_samples=null; give a --tag with them")
+    parser.add_argument("--tag", default="",
+                        help="keeps this run apart: work/<recipe>-TAG, results/<recipe>-TAG")
     args = parser.parse_args()
-    work = args.work / args.recipe
-    teacher = shared_teacher(args.recipe, work, args.seeds[0])
+    if args.teacher_set and not args.tag:  # its students would mix with the recipe teacher's
+        parser.error("--teacher-set: give a --tag too, so the runs of that teacher stay apart")
+    stem = f"{args.recipe}-{args.tag}" if args.tag else args.recipe
+    work = args.work / stem
+    teacher = shared_teacher(args.recipe, work, args.seeds[0], args.teacher_set)
     teacher_minutes = json.loads((teacher.parent / "manifest.json").read_text())["seconds"] / 60
     # the teacher's ONNX copy is not compared here: leave its export out of the students' runs
     shared = [f"teacher.model={teacher}", "teacher.finetune=false", "export.export_teacher=false"]
@@ -259,10 +277,10 @@ def main() -> None:
         print(f"seed {seed} {variant}: int8 score {row['student_int8_f1']:.4f}, "
               f"agreement {row['student_int8_agreement']:.4f}, {row['minutes']:.1f} min",
               flush=True)
-        write(args.results, args.recipe, list(runs.values()), teacher_minutes, one_core,
-              variants)
-    print(write(args.results, args.recipe, list(runs.values()), teacher_minutes, one_core,
-                variants))
+        write(args.results, stem, args.recipe, list(runs.values()), teacher_minutes,
+              args.teacher_set, one_core, variants)
+    print(write(args.results, stem, args.recipe, list(runs.values()), teacher_minutes,
+                args.teacher_set, one_core, variants))
 
 
 if __name__ == "__main__":
