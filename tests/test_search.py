@@ -153,10 +153,25 @@ def test_the_budget_models_measures_are_kept_for_a_resumed_search(tmp_path, monk
     assert budget == {"model": "shipped/int8", "model_p50_ms": 2.0,
                       "model_round_p50_ms": [2.0], "tolerance": 0.05, "ms": 2.1}
     assert set(costs) == {"1L-w1", "2L-w1"}  # the model's own row is the budget, not a shape
+    assert costs["2L-w1"]["pooled_p50_ms"] == 2.08  # one round: the paired p50 is the same
     assert search.within_budget(costs["2L-w1"], budget["ms"], None)  # 4% slower: within 5%
     # a resumed search reads the same measures back: nothing is timed again
     assert search.measure_beside(run, shapes, tmp_path / "t", config, tmp_path) == (costs, budget)
     assert len(calls) == 1
+
+
+def test_a_shape_is_held_against_the_budget_model_round_by_round():
+    # measured (tweets, seed 42): a slow spell in the model's first round, another in the
+    # shape's third
+    model = {"p50_ms": 3.76, "round_p50_ms": [10.92, 3.47, 3.89]}
+    shape = {"p50_ms": 3.87, "round_p50_ms": [3.75, 3.70, 4.47], "peak_rss_mb": 100.0}
+    budget_ms = 3.76 * 1.05
+    assert search.within_budget(shape, budget_ms, None)  # pooled: 1.03 times the model
+    paired = search.paired_p50(shape, model)
+    assert paired == pytest.approx(3.76 * 3.70 / 3.47)  # the median round: 1.07 times
+    assert not search.within_budget({**shape, "p50_ms": paired}, budget_ms, None)
+    # a side without rounds (over the memory budget: never timed) has no paired p50
+    assert search.paired_p50({"p50_ms": None, "round_p50_ms": None}, model) is None
 
 
 def test_a_budget_model_no_shape_meets_ends_in_one_line_naming_its_p50(recipe, tmp_path,
