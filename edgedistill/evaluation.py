@@ -173,6 +173,9 @@ def embedding_metrics(embeddings: np.ndarray, reference: np.ndarray,
       pair among the first ``pairs_of`` texts (what a semantic-search ranking depends on);
     - ``recall_at_k``: the share of each text's ``k`` nearest neighbours under the reference
       that are among its ``k`` nearest under these embeddings (a retrieval index's agreement);
+    - ``index_recall_at_k`` (needs d == d'; None otherwise): the same share when each text's
+      embedding searches the reference's index of the other texts: how well these embeddings
+      serve as queries to an index the teacher built;
     - ``knn_accuracy`` with ``labels``: leave-one-out k-nearest-neighbour classification
       (majority of the ``k`` nearest by this model's own similarities).
     """
@@ -184,15 +187,20 @@ def embedding_metrics(embeddings: np.ndarray, reference: np.ndarray,
     upper = np.triu_indices(n, 1)
     metrics["spearman"] = float(spearmanr((a[:n] @ a[:n].T)[upper],
                                           (b[:n] @ b[:n].T)[upper]).statistic)
-    sim_a, sim_b = a @ a.T, b @ b.T
-    np.fill_diagonal(sim_a, -np.inf)
-    np.fill_diagonal(sim_b, -np.inf)
     k = min(k, len(a) - 1)
-    # the k nearest, in no order (a set is compared, a majority taken)
-    near_a = np.argpartition(-sim_a, k - 1, axis=1)[:, :k]
-    near_b = np.argpartition(-sim_b, k - 1, axis=1)[:, :k]
-    metrics["recall_at_k"] = float(np.mean([len(set(x) & set(y)) / k
-                                            for x, y in zip(near_a, near_b)]))
+
+    def nearest(similarities: np.ndarray) -> np.ndarray:
+        # each row's k nearest other texts, in no order (a set is compared, a majority taken)
+        np.fill_diagonal(similarities, -np.inf)
+        return np.argpartition(-similarities, k - 1, axis=1)[:, :k]
+
+    def overlap(found: np.ndarray, wanted: np.ndarray) -> float:
+        return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(found, wanted)]))
+
+    near_a, near_b = nearest(a @ a.T), nearest(b @ b.T)
+    metrics["recall_at_k"] = overlap(near_a, near_b)
+    metrics["index_recall_at_k"] = overlap(nearest(a @ b.T), near_b) if a.shape == b.shape \
+        else None
     metrics["k"] = k
     if labels is not None:
         labels = np.asarray(labels)

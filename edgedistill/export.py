@@ -18,7 +18,7 @@ import torch
 
 from .artifacts import copy_sidecars
 from .errors import EdgeDistillError
-from .pooling import Pooling, require_pooling
+from .pooling import Pooling, dense_weights, require_pooling
 from .progress import silenced
 from .runtime.causal_lm import load_causal_lm
 from .runtime.classifier import EMBEDDING_OUTPUT, OnnxPredictor, TorchPredictor
@@ -74,7 +74,8 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int | None
         msg = str(e).splitlines()[0][:300]
         raise EdgeDistillError(f"{model_dir}: the ONNX exporter cannot export this model ({msg})")
     if pooling is not None:
-        add_pooling(output_dir / "model.onnx", pooling)
+        add_pooling(output_dir / "model.onnx", pooling,
+                    dense_weights(model_dir) if pooling.dense else None)
     copy_sidecars(model_dir, output_dir)
     validate = validate_causal_onnx if task == CAUSAL_TASK else validate_onnx
     return {**validate(model_dir, output_dir, atol, texts, max_length),
@@ -92,10 +93,12 @@ def _default_opset(model) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def add_pooling(path: Path, pooling: Pooling) -> None:
+def add_pooling(path: Path, pooling: Pooling, dense=None) -> None:
     """Append ``pooling`` (as :func:`edgedistill.pooling.pool` computes it) to an encoder
     graph exported for feature extraction, so that the graph maps token ids to the sentence
     embedding (output ``sentence_embedding``) and replaces ``last_hidden_state`` as output.
+    ``dense`` is the Dense layer's (weight, bias) (:func:`edgedistill.pooling.dense_weights`)
+    when the pooling names one.
 
     Written by hand: optimum's feature-extraction export stops at the token states, and
     sentence-transformers' own ONNX route pools outside the graph, in Python; a phone app that
@@ -135,6 +138,13 @@ def add_pooling(path: Path, pooling: Pooling) -> None:
         count = node("Max", [reduce_sum(mask, "count"),
                              const("tiny", np.array(1e-9, np.float32))], "count_min")
         out = node("Div", [total, count], "mean")
+    if pooling.dense:
+        weight, bias = dense
+        out = node("MatMul", [out, const("dense_weight", weight.T.astype(np.float32))], "dense")
+        if bias is not None:
+            out = node("Add", [out, const("dense_bias", bias.astype(np.float32))], "dense_added")
+        if pooling.activation == "tanh":
+            out = node("Tanh", [out], "dense_tanh")
     if pooling.normalize:
         # the norm as sqrt(sum(x^2)): onnxruntime's symbolic shape inference (which int8 fusion
         # runs) does not see through ReduceL2 (nor ReduceMax) with their axes as an input
@@ -145,12 +155,12 @@ def add_pooling(path: Path, pooling: Pooling) -> None:
         out = node("Div", [out, norm], "normalized")
     nodes.append(helper.make_node("Identity", [out], [EMBEDDING_OUTPUT], "pool/output"))
     width = next(o for o in graph.output if o.name == hidden).type.tensor_type.shape.dim[2]
+    width = pooling.dense or width.dim_value or width.dim_param or "width"
     graph.node.extend(nodes)
     graph.initializer.extend(consts)
     del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info(
-        EMBEDDING_OUTPUT, TensorProto.FLOAT,
-        ["batch_size", width.dim_value or width.dim_param or "width"]))
+    graph.output.append(helper.make_tensor_value_info(EMBEDDING_OUTPUT, TensorProto.FLOAT,
+                                                      ["batch_size", width]))
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
 

@@ -323,9 +323,6 @@ class Run:
                         "distill.matches")
         if r.search.active:  # the candidates' shapes replace the recipe student's
             search.check(r, model_path, t_config, self.task, self.out, self.data.labels)
-        else:
-            self.task.check_shape(r, s_config, t_config, "student",
-                                  "a student of the teacher's width")
         for who, config in (("teacher", t_config), ("student", s_config)):
             check_positions(config, who, r.data.max_length, r.bench.sequence_length)
         if r.student.model:

@@ -217,16 +217,12 @@ def check(recipe: Recipe, teacher_path: Path, teacher_config, task, out: Path,
         # depth: task.check_student judges them at the first of its depths
         first_depth = bool(c.student.model) and c.student.model not in tokenizers
         if c.student.model:
-            where, same_width = f"search.student_models ({c.name})", "leave that model out"
+            where = f"search.student_models ({c.name})"
             # a shape has the teacher's positions, checked as the teacher's
             check_positions(config, f"student {c.name}", recipe.data.max_length,
                             recipe.bench.sequence_length)
             if first_depth:
                 tokenizers[c.student.model] = student_tokenizer(teacher_tokenizer, c.student)
-        else:
-            where, same_width = f"search.widths: {c.width:g} (student {c.name})", \
-                "search.widths: [1.0]"
-        task.check_shape(recipe, config, teacher_config, where, same_width)
         for loss in losses:
             if first_depth:  # its head and tokenizer under this loss
                 trial = replace(recipe, student=c.student,

@@ -8,8 +8,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from transformers import AutoModel, BertConfig, BertModel
+from safetensors.torch import load_file
+from torch import nn
+from transformers import BertConfig, BertModel
 
+from edgedistill.artifacts import onnx_file
 from edgedistill.cli import main
 from edgedistill.distill.losses import embedding_similarity
 from edgedistill.distill.teacher_outputs import teacher_embeddings
@@ -17,6 +20,7 @@ from edgedistill.errors import EdgeDistillError
 from edgedistill.evaluation import embedding_metrics
 from edgedistill.export import export_onnx
 from edgedistill.pooling import (
+    DENSE,
     Pooling,
     pool,
     read_pooling,
@@ -32,18 +36,25 @@ MEAN_UNIT = Pooling("mean", True)  # all-MiniLM-L6-v2's and all-mpnet-base-v2's 
 
 
 def make_embedder(folder, pooling=MEAN_UNIT, layers=4, seed=0):
-    """A tiny BERT encoder saved as sentence-transformers saves one."""
+    """A tiny BERT encoder saved as sentence-transformers saves one (with a Dense module of
+    random weights where the pooling names one)."""
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=layers,
                         num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
     BertModel(config).save_pretrained(folder)
     make_tokenizer(folder).save_pretrained(folder)
     if pooling is not None:
-        write_sentence_transformers_files(folder, pooling, 32, 64)
+        dense = nn.Linear(32, pooling.dense, bias=pooling.bias) if pooling.dense else None
+        write_sentence_transformers_files(folder, pooling, 32, 64, dense)
     return folder
 
 
-@pytest.mark.parametrize("pooling", [Pooling("mean", True), Pooling("cls", False)])
+# LaBSE's and distiluse's shape: a tanh Dense layer to another width after mean pooling
+MEAN_DENSE = Pooling("mean", True, dense=24, activation="tanh")
+
+
+@pytest.mark.parametrize("pooling", [Pooling("mean", True), Pooling("cls", False), MEAN_DENSE,
+                                     Pooling("cls", False, dense=40, bias=False)])
 def test_exported_graph_pools_as_pytorch_does_with_padding(tmp_path, pooling):
     folder = make_embedder(tmp_path / "st", pooling)
     assert read_pooling(folder) == pooling
@@ -54,17 +65,34 @@ def test_exported_graph_pools_as_pytorch_does_with_padding(tmp_path, pooling):
     # rows of different lengths: padding must not count
     enc = tokenizer(["good", "bad pain week headache sleep dose worse"], padding=True,
                     return_tensors="pt")
-    model = AutoModel.from_pretrained(folder).eval()
+    model = get_task("sentence-embedding").load_model(folder).eval()
+    dense = getattr(model, DENSE, None)
+    assert (dense is None) == (pooling.dense is None)
     with torch.no_grad():
-        expected = pool(model(**enc).last_hidden_state, enc["attention_mask"], pooling).numpy()
+        expected = pool(model(**enc).last_hidden_state, enc["attention_mask"], pooling,
+                        dense).numpy()
         alone = pool(model(**tokenizer(["good"], return_tensors="pt")).last_hidden_state,
-                     torch.ones(1, 3, dtype=torch.long), pooling).numpy()
+                     torch.ones(1, 3, dtype=torch.long), pooling, dense).numpy()
+    if pooling.dense:  # the folder's Dense weights, not a fresh layer's
+        saved = load_file(folder / "2_Dense" / "model.safetensors")
+        assert torch.equal(dense.weight, saved["linear.weight"])
+    assert expected.shape == (2, pooling.dense or 32)
     got = session.run(None, {k: v.numpy() for k, v in enc.items()})[0]
     np.testing.assert_allclose(got, expected, atol=1e-5)
     np.testing.assert_allclose(got[0], alone[0], atol=1e-5)  # padded row == the row alone
     # the runtime of evaluation and benchmark returns the same vectors on either backend
     np.testing.assert_allclose(load_predictor(folder).logits({k: v.numpy() for k, v in enc.items()}),
                                expected, atol=1e-5)
+
+
+def test_a_dense_module_gives_the_embeddings_sentence_transformers_gives(tmp_path):
+    st = pytest.importorskip("sentence_transformers")  # not installed by ./setup.sh
+    folder = make_embedder(tmp_path / "st", MEAN_DENSE)
+    texts = ["good", "bad pain week headache sleep dose worse"]
+    ours = load_predictor(folder).logits(dict(make_tokenizer(tmp_path / "tok")(
+        texts, padding=True, return_tensors="np")))
+    theirs = st.SentenceTransformer(str(folder), device="cpu").encode(texts)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
 def test_pooling_files_that_edgedistill_cannot_export_are_refused(tmp_path):
@@ -75,6 +103,22 @@ def test_pooling_files_that_edgedistill_cannot_export_are_refused(tmp_path):
     with pytest.raises(EdgeDistillError, match="not one that edgedistill exports"):
         read_pooling(folder)
     assert read_pooling(make_embedder(tmp_path / "plain", pooling=None)) is None
+    # a module after the pooling changes the embedding: read, or refused, never skipped
+    folder = make_embedder(tmp_path / "dense", MEAN_DENSE)
+    modules = json.loads((folder / "modules.json").read_text())
+    (folder / "modules.json").write_text(json.dumps(
+        [*modules, {"idx": 4, "name": "4", "path": "4_LayerNorm",
+                    "type": "sentence_transformers.models.LayerNorm"}]))
+    with pytest.raises(EdgeDistillError, match="its module sentence_transformers.models."
+                                               "LayerNorm .modules.json. is not one"):
+        read_pooling(folder)
+    (folder / "modules.json").write_text(json.dumps(modules))
+    settings = json.loads((folder / "2_Dense" / "config.json").read_text())
+    settings["activation_function"] = "torch.nn.modules.activation.ReLU"
+    (folder / "2_Dense" / "config.json").write_text(json.dumps(settings))
+    with pytest.raises(EdgeDistillError, match="activation torch.nn.modules.activation.ReLU "
+                                               "is not one edgedistill exports"):
+        read_pooling(folder)
 
 
 def test_metrics_are_perfect_for_the_reference_and_drop_for_noise():
@@ -85,10 +129,17 @@ def test_metrics_are_perfect_for_the_reference_and_drop_for_noise():
     same = embedding_metrics(teacher, teacher, labels)
     assert same["cosine"] == pytest.approx(1.0) and same["spearman"] == pytest.approx(1.0)
     assert same["recall_at_k"] == pytest.approx(1.0) and same["knn_accuracy"] > 0.9
+    assert same["index_recall_at_k"] == pytest.approx(1.0)
     noisy = embedding_metrics(teacher + rng.normal(scale=2.0, size=teacher.shape), teacher)
     assert noisy["spearman"] < 0.9 and noisy["recall_at_k"] < 0.9
+    assert noisy["index_recall_at_k"] < 0.9
+    # the teacher's similarities in another space: its own index agrees, the teacher's not
+    rotation, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    rotated = embedding_metrics(teacher @ rotation, teacher)
+    assert rotated["recall_at_k"] == pytest.approx(1.0) and rotated["index_recall_at_k"] < 0.5
     other_width = embedding_metrics(rng.normal(size=(60, 8)), teacher)
     assert other_width["cosine"] is None and -0.5 < other_width["spearman"] < 0.5
+    assert other_width["index_recall_at_k"] is None
 
 
 RECIPE = """
@@ -105,9 +156,9 @@ bench: {{iterations: 5, min_seconds: 0.05, warmup: 1, real_length_samples: 0,
 """
 
 
-def write_recipe(tmp_path, labels=True, **changes):
+def write_recipe(tmp_path, labels=True, pooling=MEAN_UNIT, **changes):
     data = write_tsv(tmp_path / "data", 90, 40)
-    text = RECIPE.format(data=data, teacher=make_embedder(tmp_path / "teacher"),
+    text = RECIPE.format(data=data, teacher=make_embedder(tmp_path / "teacher", pooling),
                          labels=", labels: [negative, neutral, positive]" if labels else "")
     for old, new in changes.items():
         text = text.replace(old, new)
@@ -143,10 +194,10 @@ def test_pipeline_distils_exports_quantizes_and_reports_an_embedder(tmp_path, ca
     assert "sentence embeddings (weight 1)" in card and "temperature" not in card
     printed = execute(python_blocks(card)[0])
     assert printed.startswith("(2, 32) cosine")
-    # the validation score that chose the epoch: Spearman agreement with the teacher's
-    # similarities (the cosine to its embeddings is logged beside it)
+    # the validation score that chose the epoch: embedding_mse asks for the teacher's vectors,
+    # so the cosine to them (Spearman agreement with its similarities is logged beside it)
     record = json.loads((out / "distill" / "manifest.json").read_text())["record"]
-    assert record["selection"]["metric"] == "spearman"
+    assert record["selection"]["metric"] == "cosine"
     assert all("eval_cosine" in h for h in record["log_history"] if "eval_spearman" in h)
     assert len(record["selection"]["per_epoch"]) == 3
     losses = [h for h in record["log_history"] if "loss_distill" in h]
@@ -198,6 +249,53 @@ def test_a_narrower_student_learns_the_teachers_similarities(tmp_path):
     assert read_pooling(out / "distill" / "model") == Pooling("mean", True)
 
 
+def test_a_narrower_student_learns_the_teachers_vectors_through_a_projection(tmp_path):
+    # a pointwise loss on a student of another width: the trainer adds a Dense layer onto
+    # the teacher's width, saved as sentence-transformers' module and exported in the graph
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, **{
+        "student: {num_layers: 2}": "student: {init: pruned, config: {hidden_size: 16}}",
+        "distill_loss: embedding_mse": "distill_loss: embedding_cosine"})
+    assert main(["run", str(recipe), "--output", str(out)]) == 0
+    rows = {m["name"]: m["metrics"] for m in json.loads((out / "report.json").read_text())[
+        "models"]}
+    for name in ("student", "student-onnx", "student-int8"):
+        assert -1 <= rows[name]["cosine"] <= 1  # in the teacher's space: comparable vectors
+    assert rows["student-onnx"]["cosine"] == pytest.approx(rows["student"]["cosine"], abs=1e-3)
+    record = json.loads((out / "distill" / "manifest.json").read_text())["record"]
+    # the epoch is chosen by what the loss asks for: the teacher's vectors
+    assert record["selection"]["metric"] == "cosine"
+    # the projection starts at the least-squares map from the student's embeddings to the
+    # teacher's (this student's blocks are the teacher's, pruned): near them after one epoch,
+    # where a random start was at 0.35
+    first = next(h["eval_cosine"] for h in record["log_history"] if "eval_cosine" in h)
+    assert first > 0.9
+    student = out / "distill" / "model"
+    assert read_pooling(student) == Pooling("mean", True, dense=32)
+    assert [m["path"] for m in json.loads((student / "modules.json").read_text())] == [
+        "", "1_Pooling", "2_Dense", "3_Normalize"]
+    assert not any(DENSE in k for k in load_file(student / "model.safetensors"))
+    session = ort.InferenceSession(str(onnx_file(out / "quantize" / "student-int8")))
+    assert session.get_outputs()[0].shape[-1] == 32
+
+
+def test_a_teacher_with_a_dense_module_is_distilled_and_exported_with_it(tmp_path):
+    # the student keeps two of its blocks and its tanh Dense layer onto 24 dimensions
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, pooling=MEAN_DENSE, **{"epochs: 3": "epochs: 1"})
+    assert main(["run", str(recipe), "--output", str(out)]) == 0
+    rows = {m["name"]: m["metrics"] for m in json.loads((out / "report.json").read_text())[
+        "models"]}
+    assert rows["teacher-onnx"]["cosine"] == pytest.approx(1.0, abs=1e-4)
+    assert rows["student-onnx"]["cosine"] == pytest.approx(rows["student"]["cosine"], abs=1e-3)
+    for folder in (out / "teacher" / "model", out / "distill" / "model"):
+        assert read_pooling(folder) == MEAN_DENSE
+        assert (folder / "2_Dense" / "model.safetensors").is_file()
+    teacher = load_file(tmp_path / "teacher" / "2_Dense" / "model.safetensors")
+    student = load_file(out / "distill" / "model" / "2_Dense" / "model.safetensors")
+    assert not torch.equal(teacher["linear.weight"], student["linear.weight"])  # trained
+
+
 def test_teacher_embeddings_are_kept_for_the_next_run_with_the_same_teacher_and_texts(
         tmp_path, monkeypatch):
     task = get_task("sentence-embedding")
@@ -240,18 +338,6 @@ def test_labels_are_read_only_when_the_recipe_names_them(tmp_path):
      "distill.alpha_distill: 0"),
     ({"quantize:": "transfer: {augment: {factor: 2}}\nquantize:"},
      "transfer: task sentence-embedding takes more text (transfer.unlabelled) only"),
-    ({"student: {num_layers: 2}": "student: {init: pruned, config: {hidden_size: 16}}"},
-     "student: its width 16 differs from the teacher's 32, and distill.distill_loss "
-     "embedding_mse compares"),
-    # a search's narrower candidates, refused before any is measured or trained
-    ({"student: {num_layers: 2}": ("student: {num_layers: 2}\n"
-                                   "search: {budget_ms: 1000, layers: [1], widths: [1.0, 0.5]}")},
-     "search.widths: 0.5 (student 1L-w0.5): its width 16 differs from the teacher's 32"),
-    # the recipe's own student is not trained under a search: only the candidates count
-    ({"student: {num_layers: 2}": ("student: {init: pruned, config: {hidden_size: 16}}\n"
-                                   "search: {budget_ms: 1000, layers: [1], widths: [1.0, 0.5]}")},
-     "coordinate by coordinate: use embedding_similarity (or a relation loss), which compares "
-     "how texts relate within each model, or search.widths: [1.0]"),
 ])
 def test_bad_settings_are_one_line_and_nothing_is_written(tmp_path, capsys, change, message):
     out = tmp_path / "out"
@@ -268,6 +354,18 @@ def test_teacher_without_pooling_is_refused_in_one_line(tmp_path, capsys):
     assert main(["run", str(recipe), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "teacher.model" in err and "has no pooling information" in err
+    assert not (tmp_path / "out" / "teacher").exists()
+
+
+def test_teacher_with_a_module_edgedistill_does_not_export_is_refused_in_one_line(tmp_path,
+                                                                                 capsys):
+    recipe = write_recipe(tmp_path, pooling=MEAN_DENSE)
+    settings_file = tmp_path / "teacher" / "2_Dense" / "config.json"
+    settings = json.loads(settings_file.read_text())
+    settings_file.write_text(json.dumps({**settings, "activation_function": "my.Swish"}))
+    assert main(["run", str(recipe), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Dense module's activation my.Swish is not one" in err
     assert not (tmp_path / "out" / "teacher").exists()
 
 

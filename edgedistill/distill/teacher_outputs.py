@@ -14,7 +14,7 @@ from safetensors.torch import save
 
 from ..artifacts import write_atomic
 from ..data import tokenize
-from ..pooling import carried, pool
+from ..pooling import DENSE, carried, pool
 from ..progress import track
 from ..sources import cache_dir
 from .teacher_cache import hash_weights
@@ -164,7 +164,8 @@ def teacher_embeddings(teacher, tokenizer, texts: list[str], max_length: int = 1
     columns = {c: encoded[c] for c in _INPUTS if c in encoded}
 
     def embed(model, batch):
-        return pool(model(**batch).last_hidden_state, batch["attention_mask"], pooling)
+        return pool(model(**batch).last_hidden_state, batch["attention_mask"], pooling,
+                    getattr(model, DENSE, None))
 
     return _teacher_pass(teacher, columns, DataCollatorWithPadding(tokenizer), batch_size,
                          _EMBEDDINGS_FORMAT, "embeddings", embed).tolist()

@@ -375,8 +375,7 @@ def finetune_teacher(task, model_path: Path, cfg: TeacherConfig, data: TaskData,
     model = task.load_model(model_path, cfg.trust_remote_code, **task.new_head(data.labels))
     if not cfg.finetune:
         if distributed.is_main():
-            model.save_pretrained(out / "model")
-            tokenizer.save_pretrained(out / "model")
+            task.save_model(model, tokenizer, out / "model")
         return {"finetuned": False}
     # the teacher learns from its labels (or its text) alone: no soft-target loss to name
     args = _arguments(task, cfg, data, out, seed, parallel, "teacher.", alpha_ce=1.0,

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..artifacts import OPENVINO_SETTINGS, backend_of, onnx_file, openvino_file
 from ..errors import EdgeDistillError
-from ..pooling import pool, read_pooling
+from ..pooling import DENSE, attach_dense, pool, read_pooling
 from .session import check_cpu_only, open_onnx_session, open_openvino_model
 
 # the output of an exported sentence embedder (its pooling runs inside the graph)
@@ -66,6 +66,8 @@ class TorchPredictor(Predictor):
             (heads[h] for a in architectures or [] for h in heads if a.endswith(h)),
             AutoModelForSequenceClassification)
         self.model = auto.from_pretrained(folder).eval()
+        if self.pooling and self.pooling.dense:
+            attach_dense(self.model, self.pooling, folder)
         accepted = inspect.signature(self.model.forward).parameters
         self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
                             if n in accepted]
@@ -75,8 +77,8 @@ class TorchPredictor(Predictor):
             batch = {k: self.torch.from_numpy(v) for k, v in self.feed(encoding).items()}
             out = self.model(**batch)
             if self.pooling:
-                return pool(out.last_hidden_state, batch["attention_mask"],
-                            self.pooling).float().numpy()
+                return pool(out.last_hidden_state, batch["attention_mask"], self.pooling,
+                            getattr(self.model, DENSE, None)).float().numpy()
             if "start_logits" in out:
                 return self.torch.stack([out[n] for n in SPAN_OUTPUTS], 1).float().numpy()
             return out.logits.float().numpy()

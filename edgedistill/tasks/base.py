@@ -99,6 +99,11 @@ class Task:
             return self.auto_model.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                    **head)
 
+    def save_model(self, model, tokenizer, folder: Path) -> None:
+        """Save a model as it was loaded (a teacher used as it is), for :meth:`load_model`."""
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
     def new_head(self, labels: list[str] | None) -> dict:
         """Loading keywords that give a pretrained teacher this task's head."""
         return {}
@@ -134,12 +139,6 @@ class Task:
 
     def check(self, recipe: Recipe) -> None:
         """Refuse settings that make no sense for this task (one line each, naming the key)."""
-
-    def check_shape(self, recipe: Recipe, config, teacher_config, where: str,
-                    same_width: str) -> None:
-        """Refuse a student of this shape (its ``config``) under the recipe's distill settings;
-        ``where`` names the setting the shape comes from (``student``, or a search candidate),
-        ``same_width`` how to ask there for the teacher's width. Any shape is fine by default."""
 
     def check_student(self, recipe: Recipe, config, teacher_tokenizer, student_tokenizer,
                       labels: list[str] | None) -> None:

@@ -21,7 +21,7 @@ from ..distill.teacher_outputs import TEACHER_EMBEDDING, teacher_embeddings
 from ..distill.training import evaluation_texts, unlabelled_texts
 from ..distill.transfer import new_rows
 from ..evaluation import embed, embedding_metrics
-from ..pooling import carry, require_pooling
+from ..pooling import attach_dense, carry, dense_apart, require_pooling, write_sentence_files
 from ..progress import silenced
 from ..recipe import Recipe
 from ..sources import resolve_model
@@ -92,6 +92,7 @@ class SentenceEmbeddingTask(Task):
         columns=(Column("cosine to teacher", "metrics.cosine"),
                  Column("Spearman vs teacher", "metrics.spearman"),
                  Column("recall@10", "metrics.recall_at_k"),
+                 Column("recall@10 on the teacher's index", "metrics.index_recall_at_k"),
                  Column("k-NN accuracy", "metrics.knn_accuracy"),
                  Column("p50 ms", "latency.p50_ms", 2), Column("p99 ms", "latency.p99_ms", 2),
                  Column(f"sentences/s (batch {INDEX_BATCH})", "index.throughput_per_s", 0)),
@@ -117,15 +118,25 @@ class SentenceEmbeddingTask(Task):
         with silenced("transformers.modeling_utils", "newly initialized"):
             model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
         carry(model.config, pooling)
+        if pooling.dense:
+            attach_dense(model, pooling, path)
         return model
+
+    def save_model(self, model, tokenizer, folder):
+        # a Dense layer in sentence-transformers' module folder, as a distilled student's is
+        with dense_apart(model) as dense:
+            super().save_model(model, tokenizer, folder)
+        write_sentence_files(folder, model, tokenizer, dense)
 
     def student_head(self, teacher_config):
         return {"student": True}  # tells load_model which key names a folder without pooling
 
     def selection(self, cfg, data):
-        # the best epoch: the closest to the teacher's similarities of validation pairs
-        return dict(metric_for_best_model="spearman", greater_is_better=True,
-                    per_device_eval_batch_size=64)
+        # the best epoch: the closest to what the loss asks of the teacher: its vectors (mean
+        # cosine) for a pointwise loss, else its similarities of validation pairs
+        pointwise = getattr(cfg, "distill_loss", None) in POINTWISE
+        return dict(metric_for_best_model="cosine" if pointwise else "spearman",
+                    greater_is_better=True, per_device_eval_batch_size=64)
 
     def training_sets(self, tokenizer, args, data, data_cfg, **kw):
         return embedding_sets(tokenizer, args, data, data_cfg, **kw)
@@ -142,17 +153,6 @@ class SentenceEmbeddingTask(Task):
         # a sentence embedder learns from text alone: its transfer set is more text
         # (transfer.unlabelled), embedded by the teacher like the training texts
         refuse_classifier_and_lm_extras(r, self.name, more_text=True)
-
-    def check_shape(self, r: Recipe, config, teacher_config, where: str,
-                    same_width: str) -> None:
-        # the pointwise losses compare each text's two embeddings coordinate by coordinate
-        refuse(config.hidden_size != teacher_config.hidden_size
-               and r.distill.distill_loss in POINTWISE,
-               f"{where}: its width {config.hidden_size} differs from the teacher's "
-               f"{teacher_config.hidden_size}, and distill.distill_loss "
-               f"{r.distill.distill_loss} compares the two embeddings coordinate by coordinate: "
-               "use embedding_similarity (or a relation loss), which compares how texts relate "
-               f"within each model, or {same_width}")
 
     def check_student(self, r: Recipe, config, teacher_tokenizer, student_tokenizer, labels):
         # its pooling now, not when the distill stage loads it (or a search times it)

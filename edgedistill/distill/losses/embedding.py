@@ -69,9 +69,9 @@ def embedding_similarity(student: torch.Tensor, teacher: torch.Tensor) -> torch.
     return ((s @ s.t() - t @ t.t())[off_diagonal]).pow(2).mean()
 
 
-# the losses that compare each text's two embeddings coordinate by coordinate: the student
-# must have the teacher's width for these; every other embedding loss compares how texts relate
-# within each model
+# the losses that compare each text's two embeddings coordinate by coordinate: a student of
+# another width learns them through a projection onto the teacher's (the embedding trainer adds
+# it); every other embedding loss compares how texts relate within each model
 POINTWISE = ("embedding_mse", "embedding_cosine")
 
 
