@@ -120,10 +120,11 @@ class EmbeddingDistillationTrainer(DistillationTrainer):
         embeddings of (up to ``LEAST_SQUARES_ROWS``) training texts onto the teacher's, by
         least squares with a bias, instead of at random: the loss then trains a student whose
         vectors are already near the teacher's. all-MiniLM-L6-v2 under all-mpnet-base-v2 (6,000
-        tweets) starts at cosine 0.82 to the teacher's vectors this way, and after one epoch of
-        embedding_cosine its recall@10 on validation pairs is 0.567 against 0.476 from a random
-        start. A few seconds of the student's forward pass; done again on a resume (the
-        checkpoint's weights then replace it)."""
+        tweets) starts at cosine 0.82 to the teacher's vectors this way, and after two epochs of
+        embedding_cosine its validation recall@10 is 0.578 (cosine 0.843) against 0.520 (0.799)
+        from a random start trained at 20 times the learning rate. A few seconds of the
+        student's forward pass; done again on a resume (the checkpoint's weights then replace
+        it)."""
         import torch
         from torch.utils.data import DataLoader
 
