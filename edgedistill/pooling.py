@@ -209,9 +209,11 @@ def dense_weights(folder: str | Path):
 
 
 def attach_dense(model, pooling: Pooling, folder: str | Path | None = None) -> None:
-    """Put the Dense layer that ``pooling`` names on ``model`` (attribute ``DENSE``, a torch
-    Linear from the encoder's width): with the weights of ``folder``'s Dense module, or freshly
-    initialised (a new projection) when ``folder`` is None."""
+    """Put the Dense layer that ``pooling`` names, if any, on ``model`` (attribute ``DENSE``, a
+    torch Linear from the encoder's width): with the weights of ``folder``'s Dense module, or
+    freshly initialised (a new projection) when ``folder`` is None."""
+    if not pooling.dense:
+        return
     import torch
 
     layer = torch.nn.Linear(model.config.hidden_size, pooling.dense, bias=pooling.bias)

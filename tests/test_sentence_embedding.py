@@ -166,6 +166,12 @@ def write_recipe(tmp_path, labels=True, pooling=MEAN_UNIT, **changes):
     return tmp_path / "recipe.yaml"
 
 
+def report_metrics(out) -> dict:
+    """Each model's test metrics in the run's report, by name."""
+    return {m["name"]: m["metrics"] for m in json.loads((out / "report.json").read_text())[
+        "models"]}
+
+
 def test_pipeline_distils_exports_quantizes_and_reports_an_embedder(tmp_path, capsys):
     out = tmp_path / "out"
     # a layer match beside the embedding loss: the live teacher runs for it
@@ -239,8 +245,7 @@ def test_a_narrower_student_learns_the_teachers_similarities(tmp_path):
         "student: {num_layers: 2}": "student: {init: pruned, config: {hidden_size: 16}}",
         "distill_loss: embedding_mse": "distill_loss: embedding_similarity"})
     assert main(["run", str(recipe), "--output", str(out)]) == 0
-    rows = {m["name"]: m["metrics"] for m in json.loads((out / "report.json").read_text())[
-        "models"]}
+    rows = report_metrics(out)
     for name in ("student", "student-int8"):
         assert rows[name]["cosine"] is None and -1 <= rows[name]["spearman"] <= 1
     record = json.loads((out / "distill" / "manifest.json").read_text())["record"]
@@ -257,8 +262,7 @@ def test_a_narrower_student_learns_the_teachers_vectors_through_a_projection(tmp
         "student: {num_layers: 2}": "student: {init: pruned, config: {hidden_size: 16}}",
         "distill_loss: embedding_mse": "distill_loss: embedding_cosine"})
     assert main(["run", str(recipe), "--output", str(out)]) == 0
-    rows = {m["name"]: m["metrics"] for m in json.loads((out / "report.json").read_text())[
-        "models"]}
+    rows = report_metrics(out)
     for name in ("student", "student-onnx", "student-int8"):
         assert -1 <= rows[name]["cosine"] <= 1  # in the teacher's space: comparable vectors
     assert rows["student-onnx"]["cosine"] == pytest.approx(rows["student"]["cosine"], abs=1e-3)
@@ -284,8 +288,7 @@ def test_a_teacher_with_a_dense_module_is_distilled_and_exported_with_it(tmp_pat
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path, pooling=MEAN_DENSE, **{"epochs: 3": "epochs: 1"})
     assert main(["run", str(recipe), "--output", str(out)]) == 0
-    rows = {m["name"]: m["metrics"] for m in json.loads((out / "report.json").read_text())[
-        "models"]}
+    rows = report_metrics(out)
     assert rows["teacher-onnx"]["cosine"] == pytest.approx(1.0, abs=1e-4)
     assert rows["student-onnx"]["cosine"] == pytest.approx(rows["student"]["cosine"], abs=1e-3)
     for folder in (out / "teacher" / "model", out / "distill" / "model"):

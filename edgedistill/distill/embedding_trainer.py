@@ -21,6 +21,7 @@ from ..errors import EdgeDistillError
 from ..evaluation import embedding_metrics
 from ..pooling import (
     DENSE,
+    Pooling,
     attach_dense,
     carried,
     carry,
@@ -90,7 +91,7 @@ class EmbeddingDistillationTrainer(DistillationTrainer):
         teacher built answers the student's queries."""
         student = self.accelerator.unwrap_model(self.model)
         width, dense = student.config.hidden_size, getattr(student, DENSE, None)
-        plain = replace(self.pooling, dense=None, activation="identity", bias=True)
+        plain = Pooling(self.pooling.mode, self.pooling.normalize)  # no Dense layer
         if self.pooling.dense and (dense is None or dense.in_features != width):
             if dense is not None:
                 delattr(student, DENSE)
@@ -129,11 +130,9 @@ class EmbeddingDistillationTrainer(DistillationTrainer):
         from torch.utils.data import DataLoader
 
         rows = self.train_dataset.select(range(min(LEAST_SQUARES_ROWS, len(self.train_dataset))))
-        loader = DataLoader(rows.with_format(columns=[c for c in rows.column_names
-                                                      if c in ("input_ids", "attention_mask",
-                                                               "token_type_ids",
-                                                               TEACHER_EMBEDDING)]),
-                            batch_size=64, collate_fn=self.data_collator)
+        # the columns the model and the loss read, as the Trainer keeps them for training
+        loader = DataLoader(self._remove_unused_columns(rows), batch_size=64,
+                            collate_fn=self.data_collator)
         bare = replace(self.pooling, dense=None, normalize=False)  # what the layer receives
         found, wanted = [], []
         was_training = student.training

@@ -66,7 +66,7 @@ class TorchPredictor(Predictor):
             (heads[h] for a in architectures or [] for h in heads if a.endswith(h)),
             AutoModelForSequenceClassification)
         self.model = auto.from_pretrained(folder).eval()
-        if self.pooling and self.pooling.dense:
+        if self.pooling:
             attach_dense(self.model, self.pooling, folder)
         accepted = inspect.signature(self.model.forward).parameters
         self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")

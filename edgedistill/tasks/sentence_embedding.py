@@ -118,8 +118,7 @@ class SentenceEmbeddingTask(Task):
         with silenced("transformers.modeling_utils", "newly initialized"):
             model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
         carry(model.config, pooling)
-        if pooling.dense:
-            attach_dense(model, pooling, path)
+        attach_dense(model, pooling, path)
         return model
 
     def save_model(self, model, tokenizer, folder):
