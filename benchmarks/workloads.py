@@ -37,6 +37,12 @@ folders and results apart (``work/<recipe>-NAME``, ``results/<recipe>-NAME.{json
 
     python benchmarks/workloads.py tweets-mpnet --tag teacher-all \
         --teacher-set data.max_train_samples=null
+
+``--keep`` keeps the rows of the results file this run does not make, and does not run them
+again, so a seed (or a tried variant) can join a table whose other runs' folders are gone;
+the shared teacher must be the same (each row's teacher scores are compared):
+
+    python benchmarks/workloads.py tweets-mpnet --keep --seeds 45 --try kd0.5+10k-transfer ...
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -246,6 +253,9 @@ def main() -> None:
                              "data.max_train_samples=null; give a --tag with them")
     parser.add_argument("--tag", default="",
                         help="keeps this run apart: work/<recipe>-TAG, results/<recipe>-TAG")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the results file's rows this run does not make (and do not "
+                             "run them again), e.g. to add a seed to a table")
     args = parser.parse_args()
     if args.teacher_set and not args.tag:  # its students would mix with the recipe teacher's
         parser.error("--teacher-set: give a --tag too, so the runs of that teacher stay apart")
@@ -255,22 +265,38 @@ def main() -> None:
     teacher_minutes = json.loads((teacher.parent / "manifest.json").read_text())["seconds"] / 60
     # the teacher's ONNX copy is not compared here: leave its export out of the students' runs
     shared = [f"teacher.model={teacher}", "teacher.finetune=false", "export.export_teacher=false"]
-    runs = {seed: {"seed": seed} for seed in args.seeds}
-    one_core = None
+    kept_file = args.results / f"{stem}.json"
+    kept = json.loads(kept_file.read_text()) if args.keep and kept_file.is_file() else None
+    runs = {r["seed"]: r for r in kept["runs"]} if kept else {}
+    for seed in args.seeds:
+        runs.setdefault(seed, {"seed": seed})
+    one_core = kept["one_core"] if kept else None  # the same shapes: measured once
+    if kept:  # the kept rows' teacher is this run's (checked below): its fine-tuning time
+        teacher_minutes = kept["teacher_minutes"]
     transfer = load_recipe(args.recipe).transfer.active
     variants = dict(VARIANTS if transfer else {k: VARIANTS[k] for k in GROUPS[0]})
     for name, *overrides in args.tries:
         if name in variants or not overrides:
             parser.error(f"--try {name}: give a new variant's name, then its overrides")
         variants[name] = [*VARIANTS["kd+transfer" if transfer else "kd"], *overrides]
+    for name, overrides in (kept or {}).get("variants", {}).items():
+        if variants.setdefault(name, overrides) != overrides:
+            parser.error(f"--keep: the kept {name} rows ran with {overrides}; give those "
+                         "settings, or another name")
     groups = [*(GROUPS if transfer else GROUPS[:1]), *([n] for n, *_ in args.tries)]
-    plan = [(seed, variant) for group in groups for seed in args.seeds for variant in group]
+    plan = [(seed, variant) for group in groups for seed in args.seeds for variant in group
+            if variant not in runs[seed]]  # a kept row is not run again
     # finished runs first (a rerun only reads them back), so the results show every one of
     # them while the others still train; the rest keep their order
     plan.sort(key=lambda run_: not (work / f"seed-{run_[0]}-{run_[1]}" / "report.json").is_file())
+    kept_teacher = next((row["teacher_f1"] for r in runs.values() for v, row in r.items()
+                         if v != "seed"), None)
     for seed, variant in plan:
         folder = work / f"seed-{seed}-{variant}"
         row = one_run(args.recipe, folder, [f"seed={seed}", *shared, *variants[variant]])
+        if kept_teacher is not None and row["teacher_f1"] != kept_teacher:
+            sys.exit(f"--keep: this run's teacher scores {row['teacher_f1']:.6f}, the kept "
+                     f"rows' {kept_teacher:.6f}: another teacher; run without --keep")
         runs[seed][variant] = row
         if one_core is None:  # the same shapes in every run: measured once
             one_core = one_core_speedup(folder, load_recipe(args.recipe).bench.profile)
