@@ -103,8 +103,8 @@ def step_times(seed: int, teacher_dir: Path, methods: list[str], steps: int = 12
     )
 
     from edgedistill.data import tokenize
+    from edgedistill.distill.student import build_student
     from edgedistill.distill.teacher_outputs import add_teacher_logits
-    from edgedistill.distill.training import build_student
 
     recipe = load_recipe(None, [f"seed={seed}"])
     data = load_task_data(recipe.data, seed)

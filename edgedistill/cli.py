@@ -226,7 +226,7 @@ def _dispatch(args, argv: list[str]) -> int:
     elif args.command == "quantize":
         from .profiles import resolve_target
         from .quantization import quantize, quantize_openvino
-        from .recipe import QuantizeConfig
+        from .recipe_blocks import QuantizeConfig
 
         texts = read_lines(args.calibration_texts)
         if args.openvino:

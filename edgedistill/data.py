@@ -18,7 +18,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_d
 
 from .errors import EdgeDistillError
 from .packaged_data import PACKAGED_DATASETS, packaged_dataset_files, text_cleaner
-from .recipe import DataConfig, check_limits
+from .recipe_blocks import DataConfig, check_limits
 
 # the seed of a test split held out of the training split (data.test_fraction) and of the
 # rows data.max_test_samples keeps: the same for every recipe seed

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from .errors import EdgeDistillError
 from .host import usable_cores
-from .recipe import DistributedConfig
+from .recipe_blocks import DistributedConfig
 
 T = TypeVar("T")
 # what a launcher sets for each process (torchrun, accelerate launch, a cluster's scheduler)

@@ -21,7 +21,7 @@ from huggingface_hub.utils import validate_repo_id
 from .artifacts import GENAI_BACKEND, GENAI_CONFIG, SIDECAR_FILES, onnx_file, write_atomic
 from .distill.losses import embedding_losses
 from .errors import EdgeDistillError
-from .recipe import StudentConfig
+from .recipe_blocks import StudentConfig
 from .report import fmt, value_at
 from .sources import looks_like_hub_id
 from .tasks import get_task

@@ -30,14 +30,9 @@ from . import __version__, distributed, progress, search
 from .artifacts import publish_folder, write_atomic
 from .data import TaskData
 from .distill.matching import resolve_matches
+from .distill.student import check_positions, plan_student, student_tokenizer
 from .distill.trainer import check_distill_settings
-from .distill.training import (
-    check_positions,
-    distill_student,
-    finetune_teacher,
-    plan_student,
-    student_tokenizer,
-)
+from .distill.training import distill_student, finetune_teacher
 from .distill.transfer import check_transfer_settings
 from .errors import EdgeDistillError
 from .export import export_onnx
@@ -45,7 +40,8 @@ from .host import environment
 from .model_card import CARD_FILE, write_model_cards
 from .profiles import check_available, resolve_target
 from .recipe import Recipe, load_recipe, recipe_from_dict
-from .report import build_report, training_warnings, write_report
+from .report import build_report, write_report
+from .report_training import training_warnings
 from .sources import check_remote_code, resolve_model
 from .tasks import get_task
 

@@ -9,7 +9,7 @@ from transformers import DataCollatorWithPadding
 from edgedistill import (DistillationTrainer, DistillationTrainingArguments, benchmark,
                          export_onnx, make_student, quantize, resolve_target)
 from edgedistill.bench import BenchSettings
-from edgedistill.recipe import QuantizeConfig
+from edgedistill.recipe_blocks import QuantizeConfig
 from tests.conftest import LABELS, make_bert, make_texts, make_tokenizer
 
 

@@ -2,7 +2,7 @@ import pytest
 
 from edgedistill.data import load_task_data, tokenize
 from edgedistill.errors import EdgeDistillError
-from edgedistill.recipe import DataConfig
+from edgedistill.recipe_blocks import DataConfig
 from tests.conftest import LABELS, write_tsv
 
 

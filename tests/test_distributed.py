@@ -18,7 +18,7 @@ import torch
 from edgedistill import distributed
 from edgedistill.cli import _without_nproc, main
 from edgedistill.errors import EdgeDistillError
-from edgedistill.recipe import DistributedConfig
+from edgedistill.recipe_blocks import DistributedConfig
 from tests.conftest import make_bert, make_tokenizer, write_tsv
 
 # 180 training rows (200 less the validation tenth) make 9 whole steps of 20: on several

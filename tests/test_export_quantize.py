@@ -7,7 +7,7 @@ from edgedistill.errors import EdgeDistillError
 from edgedistill.export import export_onnx
 from edgedistill.profiles import Profile, resolve_target
 from edgedistill.quantization import quantize, to_fp16
-from edgedistill.recipe import QuantizeConfig
+from edgedistill.recipe_blocks import QuantizeConfig
 from edgedistill.runtime.classifier import load_predictor
 from edgedistill.artifacts import onnx_file, size_on_disk_mb
 from tests.conftest import make_bert, make_texts, make_tokenizer

@@ -13,7 +13,7 @@ from edgedistill.evaluation import predict
 from edgedistill.export import export_onnx
 from edgedistill.profiles import resolve_target
 from edgedistill.quantization import quantize, quantize_openvino
-from edgedistill.recipe import QuantizeConfig
+from edgedistill.recipe_blocks import QuantizeConfig
 from edgedistill.runtime.classifier import load_predictor
 from edgedistill.tasks import get_task
 from tests.conftest import LABELS, make_bert, make_texts, make_tokenizer
@@ -154,7 +154,8 @@ def test_a_run_asking_openvino_on_a_gpu_profile_stops_before_any_stage(tmp_path,
 
 
 def test_report_says_which_runtime_was_fastest_and_how_openvino_was_made():
-    from edgedistill.report import _openvino_line, _runtime_lines
+    from edgedistill.report import _runtime_lines
+    from edgedistill.report_training import openvino_line
 
     view = {"timing": "latency"}
     rows = [{"name": "student-int8", "role": "student", "backend": "onnxruntime",
@@ -179,6 +180,6 @@ def test_report_says_which_runtime_was_fastest_and_how_openvino_was_made():
               "accuracy_control": {"passed": False, "int8_macro_f1": 0.40,
                                    "fp32_macro_f1": 0.44, "relative_loss": 0.0909,
                                    "tolerable_loss": 0.01}}
-    line = _openvino_line(record)
+    line = openvino_line(record)
     assert "calibrated on 128 training texts; computes in f32" in line
     assert "(9.1% loss, NOT within the tolerated 1.0%)" in line

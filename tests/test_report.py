@@ -169,7 +169,7 @@ def test_report_renders_in_a_browser(tmp_path):
 
 
 def test_an_under_fit_or_outgrown_teacher_is_flagged():
-    from edgedistill.report import training_warnings
+    from edgedistill.report_training import training_warnings
 
     def record(per_epoch, greater=True):
         metric = "macro_f1" if greater else "loss"

@@ -11,10 +11,11 @@ import optuna
 import pytest
 from transformers import BertTokenizerFast
 
-from edgedistill import search
+from edgedistill import search, search_costs
 from edgedistill.cli import main
 from edgedistill.errors import EdgeDistillError
-from edgedistill.recipe import MatchConfig, load_recipe
+from edgedistill.recipe import load_recipe
+from edgedistill.recipe_blocks import MatchConfig
 from tests.conftest import make_bert, write_tsv
 from tests.test_reliability import run_cli
 
@@ -129,12 +130,12 @@ def test_a_budget_model_is_timed_beside_the_shapes_and_sets_the_budget(recipe, t
 
 
 def fake_timing(p50: dict, calls: list):
-    """search.time_shapes without building or timing anything: the given p50s, by name."""
+    """search_costs.time_shapes without building or timing anything: the given p50s, by name."""
     def time_shapes(run, shapes, teacher_dir, teacher_config, where, reference=None):
         calls.append(reference)
-        names = [c.name for c in shapes] + ([search.REFERENCE] if reference else [])
+        names = [c.name for c in shapes] + ([search_costs.REFERENCE] if reference else [])
         return {n: {"p50_ms": p50[n], "round_p50_ms": [p50[n]], "peak_rss_mb": 100.0,
-                    "size_mb": 1.0, "parameters": None if n == search.REFERENCE else 1000,
+                    "size_mb": 1.0, "parameters": None if n == search_costs.REFERENCE else 1000,
                     "over_budget": None} for n in names}
     return time_shapes
 
@@ -146,17 +147,17 @@ def test_the_budget_models_measures_are_kept_for_a_resumed_search(tmp_path, monk
     run = type("Run", (), {"recipe": r})()
     shapes = search.candidates(r, config)
     calls = []
-    monkeypatch.setattr(search, "time_shapes",
-                        fake_timing({"1L-w1": 1.0, "2L-w1": 2.08, search.REFERENCE: 2.0}, calls))
-    costs, budget = search.measure_beside(run, shapes, tmp_path / "t", config, tmp_path)
+    monkeypatch.setattr(search_costs, "time_shapes",
+                        fake_timing({"1L-w1": 1.0, "2L-w1": 2.08, search_costs.REFERENCE: 2.0}, calls))
+    costs, budget = search_costs.measure_beside(run, shapes, tmp_path / "t", config, tmp_path)
     assert calls == [Path("shipped/int8")]
     assert budget == {"model": "shipped/int8", "model_p50_ms": 2.0,
                       "model_round_p50_ms": [2.0], "tolerance": 0.05, "ms": 2.1}
     assert set(costs) == {"1L-w1", "2L-w1"}  # the model's own row is the budget, not a shape
     assert costs["2L-w1"]["pooled_p50_ms"] == 2.08  # one round: the paired p50 is the same
-    assert search.within_budget(costs["2L-w1"], budget["ms"], None)  # 4% slower: within 5%
+    assert search_costs.within_budget(costs["2L-w1"], budget["ms"], None)  # 4% slower: within 5%
     # a resumed search reads the same measures back: nothing is timed again
-    assert search.measure_beside(run, shapes, tmp_path / "t", config, tmp_path) == (costs, budget)
+    assert search_costs.measure_beside(run, shapes, tmp_path / "t", config, tmp_path) == (costs, budget)
     assert len(calls) == 1
 
 
@@ -166,19 +167,19 @@ def test_a_shape_is_held_against_the_budget_model_round_by_round():
     model = {"p50_ms": 3.76, "round_p50_ms": [10.92, 3.47, 3.89]}
     shape = {"p50_ms": 3.87, "round_p50_ms": [3.75, 3.70, 4.47], "peak_rss_mb": 100.0}
     budget_ms = 3.76 * 1.05
-    assert search.within_budget(shape, budget_ms, None)  # pooled: 1.03 times the model
-    paired = search.paired_p50(shape, model)
+    assert search_costs.within_budget(shape, budget_ms, None)  # pooled: 1.03 times the model
+    paired = search_costs.paired_p50(shape, model)
     assert paired == pytest.approx(3.76 * 3.70 / 3.47)  # the median round: 1.07 times
-    assert not search.within_budget({**shape, "p50_ms": paired}, budget_ms, None)
+    assert not search_costs.within_budget({**shape, "p50_ms": paired}, budget_ms, None)
     # a side without rounds (over the memory budget: never timed) has no paired p50
-    assert search.paired_p50({"p50_ms": None, "round_p50_ms": None}, model) is None
+    assert search_costs.paired_p50({"p50_ms": None, "round_p50_ms": None}, model) is None
 
 
 def test_a_budget_model_no_shape_meets_ends_in_one_line_naming_its_p50(recipe, tmp_path,
                                                                         tiny_teacher_dir,
                                                                         capsys, monkeypatch):
-    monkeypatch.setattr(search, "time_shapes",
-                        fake_timing({"1L-w1": 1.0, search.REFERENCE: 0.5}, []))
+    monkeypatch.setattr(search_costs, "time_shapes",
+                        fake_timing({"1L-w1": 1.0, search_costs.REFERENCE: 0.5}, []))
     out = tmp_path / "out"
     assert main(["search", str(recipe), "--budget-model", str(tiny_teacher_dir), "--output",
                  str(out), *ONE_SHAPE[2:]]) == 2
@@ -196,7 +197,7 @@ def test_a_search_whose_every_shape_runs_past_the_memory_budget_says_so(recipe, 
         return {"1L-w1": {"p50_ms": None, "round_p50_ms": None, "peak_rss_mb": None,
                           "size_mb": 1.0, "parameters": 1000, "over_budget": "past 1 MB"}}
 
-    monkeypatch.setattr(search, "time_shapes", over)
+    monkeypatch.setattr(search_costs, "time_shapes", over)
     assert main(["search", str(recipe), "--output", str(tmp_path / "out"), *ONE_SHAPE]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "no candidate meets 1000 ms on profile cpu; every shape ran past the profile's " \
@@ -323,7 +324,7 @@ def test_a_pretrained_model_is_searched_at_its_depths_and_distilled_cut(
                                                + [f"w{i}" for i in range(7)]) + "\n")
     BertTokenizerFast(vocab_file=str(small / "vocab.txt")).save_pretrained(small)
     # the teacher's shapes over the budget, the model's within: the search can only pick it
-    monkeypatch.setattr(search, "time_shapes", fake_timing(
+    monkeypatch.setattr(search_costs, "time_shapes", fake_timing(
         {"1L-w1": 5.0, "2L-w1": 6.0, "4L-w1": 7.0, "small-1L": 1.0, "small-2L": 1.5}, []))
     out = tmp_path / "out"
     flags = ["search", str(recipe), "--budget-ms", "2", "--output", str(out),

@@ -11,11 +11,16 @@ from transformers import DataCollatorWithPadding
 
 from edgedistill import DistillationTrainer, DistillationTrainingArguments, make_student
 from edgedistill.data import tokenize
+from edgedistill.distill.augmentation import augment, normalise, reply_text
 from edgedistill.distill.losses import soft_cross_entropy
 from edgedistill.distill.teacher_outputs import add_teacher_logits
+from edgedistill.distill.transfer import (
+    IGNORE_INDEX,
+    build_transfer_set,
+    join_transfer,
+    load_unlabelled,
+)
 from edgedistill.errors import EdgeDistillError
-from edgedistill.distill.transfer import (IGNORE_INDEX, augment, build_transfer_set, join_transfer,
-                                  load_unlabelled, normalise, reply_text)
 from tests.conftest import LABELS, make_bert, make_texts, make_tokenizer, write_tsv
 
 TEXTS = ["the dose helped my headache a lot. I sleep better now. No side effects at all.",
@@ -131,7 +136,7 @@ def test_a_labelled_subsets_own_split_gives_max_samples_new_texts(tmp_path):
 
     from edgedistill.data import TaskData
     from edgedistill.distill.training import unlabelled_texts
-    from edgedistill.recipe import TransferConfig, UnlabelledConfig
+    from edgedistill.recipe_blocks import TransferConfig, UnlabelledConfig
 
     pool = [f"tweet number {i}" for i in range(40)]
     (tmp_path / "pool.txt").write_text("\n".join(pool))
@@ -294,7 +299,7 @@ def test_the_rewrite_is_taken_from_the_reply(reply, text):
 
 
 def test_paraphrases_come_from_a_causal_lm_seeded_and_join_the_transfer_set(tmp_path):
-    from edgedistill.distill.transfer import paraphrase
+    from edgedistill.distill.augmentation import paraphrase
     from tests.conftest import make_llama, make_llm_tokenizer
 
     lm, lm_tokenizer = make_llama(), make_llm_tokenizer()

@@ -20,7 +20,7 @@ from edgedistill import packaged_data, sources
 from edgedistill.data import load_task_data
 from edgedistill.distill.transfer import load_unlabelled
 from edgedistill.errors import EdgeDistillError
-from edgedistill.recipe import DataConfig
+from edgedistill.recipe_blocks import DataConfig
 from edgedistill.packaged_data import packaged_dataset_files
 from edgedistill.sources import resolve_model
 from tests.conftest import make_bert, make_tokenizer

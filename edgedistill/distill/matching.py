@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch.nn as nn
 
 from ..errors import EdgeDistillError
-from ..recipe import MatchConfig, check_limits
+from ..recipe_blocks import MatchConfig, check_limits
 from .losses import MATCH_LOSSES, MatchLoss, get_loss
 
 STRATEGIES = ("uniform", "skip", "last")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from ..errors import EdgeDistillError
-from ..recipe import DistillConfig, check_limits
+from ..recipe_blocks import DistillConfig, check_limits
 from .features import forward_with_features
 from .losses import LOGIT_LOSSES, embedding_losses, get_loss
 from .losses.token import TOKEN_LOSSES, get_token_loss

@@ -18,16 +18,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import (AutoConfig, AutoTokenizer, DataCollatorWithPadding, TrainerCallback,
-                          default_data_collator, set_seed)
+from transformers import (
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    TrainerCallback,
+    default_data_collator,
+    set_seed,
+)
 from transformers.trainer_callback import ProgressCallback
 
 from .. import distributed, progress
 from ..artifacts import write_atomic
 from ..data import TaskData, lm_blocks, tokenize
-from ..errors import EdgeDistillError
 from ..evaluation import classification_metrics
-from ..recipe import (
+from ..recipe_blocks import (
     DataConfig,
     DistillConfig,
     DistributedConfig,
@@ -37,10 +41,10 @@ from ..recipe import (
     TrainingConfig,
     TransferConfig,
 )
-from ..sources import check_remote_code, resolve_model
+from .augmentation import paraphrase
 from .matching import PROJECTIONS
 from .qat import attach_fake_quant, remove_fake_quant
-from .student import make_student, select_layers, shares_tokenizer, student_config
+from .student import build_student, student_tokenizer
 from .teacher_cache import (
     TeacherCacheDataset,
     build_teacher_cache,
@@ -50,7 +54,7 @@ from .teacher_cache import (
 from .teacher_generations import teacher_generations, with_generations
 from .teacher_outputs import with_teacher_logits
 from .trainer import DistillationTrainer, DistillationTrainingArguments
-from .transfer import build_transfer_set, join_transfer, load_unlabelled, paraphrase
+from .transfer import build_transfer_set, join_transfer, load_unlabelled
 
 log = logging.getLogger(__name__)
 
@@ -384,77 +388,6 @@ def finetune_teacher(task, model_path: Path, cfg: TeacherConfig, data: TaskData,
     if distributed.is_main():
         tokenizer.save_pretrained(out / "model")
     return {"finetuned": True, **record}
-
-
-def plan_student(teacher_path: Path, teacher_config, cfg: StudentConfig,
-                 trust_remote_code: bool = False):
-    """The config of the student a recipe asks for, and the teacher blocks it keeps (or None),
-    worked out from configs alone so that a recipe is checked before any training."""
-    if cfg.model:
-        path = resolve_model(cfg.model)
-        # a student's own code is not run: the trust setting is the teacher's alone
-        check_remote_code(path, False, "student.model (custom code is not supported)")
-        config = AutoConfig.from_pretrained(path)
-        if cfg.cuts_model():  # its own blocks, not the teacher's: no teacher layers to name
-            ids = select_layers(config.num_hidden_layers, cfg.layers, cfg.depth(),
-                                cfg.layer_ids, "student.model's")
-            config = student_config(config, len(ids))
-        return config, None
-    if cfg.init == "pruned" or (cfg.init == "teacher" and not cfg.config):
-        ids = select_layers(teacher_config.num_hidden_layers, cfg.layers, cfg.depth(),
-                            cfg.layer_ids)
-        return student_config(teacher_config, len(ids), cfg.init, **cfg.config), ids
-    return student_config(teacher_config, cfg.depth(), cfg.init, **cfg.config), None
-
-
-def check_positions(config, who: str, max_length: int, sequence_length: int) -> None:
-    """The training length (data.max_length) and the benchmark's (bench.sequence_length) fit
-    in the positions of the model ``who`` (its ``config``)."""
-    positions = getattr(config, "max_position_embeddings", None)
-    for key, length in (("data.max_length", max_length),
-                        ("bench.sequence_length", sequence_length)):
-        if positions and length > positions:
-            raise EdgeDistillError(f"{key}: {length} exceeds the {who}'s {positions} "
-                                   f"positions; set {key} <= {positions}")
-
-
-def student_tokenizer(teacher_tokenizer, cfg: StudentConfig):
-    """The tokenizer the student reads: the teacher's, unless ``student.model`` is a pretrained
-    model with a vocabulary of its own (whether the task allows that, its preflight says:
-    :meth:`edgedistill.tasks.base.Task.check_student`)."""
-    if not cfg.model:
-        return teacher_tokenizer
-    own = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
-    return teacher_tokenizer if shares_tokenizer(teacher_tokenizer, own) else own
-
-
-def pretrained_student(task, cfg: StudentConfig, teacher_config):
-    """``student.model`` loaded as the task loads a student (with the head for the teacher's
-    labels, the pooling it carries), whole or cut to the blocks ``cfg`` keeps."""
-    model = task.load_model(resolve_model(cfg.model), **task.student_head(teacher_config))
-    if not cfg.cuts_model():
-        return model
-    # DistilBERT's initialisation applied to the pretrained student's own blocks
-    cut = make_student(model, cfg.layers, cfg.depth(), cfg.layer_ids)
-    del cut.config.edgedistill_teacher_layers  # they are not the teacher's: none to match
-    return cut
-
-
-def build_student(task, teacher, cfg: StudentConfig, tokenizer=None, data: TaskData | None = None,
-                  max_length: int = 128, seed: int = 0):
-    """The student a recipe asks for: another pretrained model, or one made from the teacher
-    (a pruned one ranks what it keeps on ``cfg.prune_texts`` training texts of ``data``, read
-    by the teacher's ``tokenizer``)."""
-    if cfg.model:
-        return pretrained_student(task, cfg, teacher.config)
-    inputs = None
-    if cfg.init == "pruned" and data is not None:
-        texts = data.calibration_texts(cfg.prune_texts, seed)
-        inputs = [dict(tokenizer(texts[i:i + 32], truncation=True, max_length=max_length,
-                                 padding=True, return_tensors="pt"))
-                  for i in range(0, len(texts), 32)]
-    return make_student(teacher, cfg.layers, cfg.depth(), cfg.layer_ids, cfg.init,
-                        inputs=inputs, **cfg.config)
 
 
 def _quantization_aware(student, tokenizer, args, cfg: DistillConfig, scheme, out: Path,

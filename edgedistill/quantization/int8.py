@@ -18,7 +18,7 @@ from ..artifacts import copy_sidecars, onnx_file
 from ..errors import EdgeDistillError
 from ..progress import silenced
 from ..profiles import Profile, Target, resolve_target
-from ..recipe import QuantizeConfig, check_limits
+from ..recipe_blocks import QuantizeConfig, check_limits
 from .graph import fp32_graph, fuse_graph
 
 # Fused operators onnxruntime quantizes dynamically only (its IntegerOps registry alone has a

@@ -37,7 +37,7 @@ from ..artifacts import onnx_file
 from ..errors import EdgeDistillError
 from ..evaluation import classification_metrics
 from ..profiles import Profile, Target, resolve_target
-from ..recipe import QuantizeConfig
+from ..recipe_blocks import QuantizeConfig
 from ..runtime.session import open_onnx_session
 from .graph import fuse_graph
 from .int8 import quantize, settle

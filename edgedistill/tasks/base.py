@@ -29,7 +29,8 @@ from ..mobile import phone_artifact
 from ..profiles import Target
 from ..progress import silenced
 from ..quantization import quantize
-from ..recipe import DataConfig, QuantizeConfig, Recipe, TrainingConfig
+from ..recipe import Recipe
+from ..recipe_blocks import DataConfig, QuantizeConfig, TrainingConfig
 from ..sources import resolve_model
 
 

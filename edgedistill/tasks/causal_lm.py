@@ -18,7 +18,8 @@ from ..evaluation import evaluate_lm
 from ..quantization import quantize_int4
 from ..quantization.genai import build_genai_package, check_architecture
 from ..quantization.weight_only import quantize_weight_only
-from ..recipe import QuantizeConfig, Recipe
+from ..recipe import Recipe
+from ..recipe_blocks import QuantizeConfig
 from ..runtime.causal_lm import OnnxCausalLM
 from ..sources import resolve_model
 from .base import (

@@ -15,7 +15,8 @@ from ..distill.training import class_weights, classifier_sets
 from ..evaluation import classification_metrics, evaluate, predict
 from ..quantization import int8_config, quantize_openvino, to_fp16
 from ..quantization.tuning import tune
-from ..recipe import QuantizeConfig, Recipe
+from ..recipe import Recipe
+from ..recipe_blocks import QuantizeConfig
 from .base import (
     NAME_WIDTH,
     Column,

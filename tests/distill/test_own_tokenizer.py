@@ -13,7 +13,7 @@ from edgedistill.distill.teacher_outputs import TEACHER_LOGITS
 from edgedistill.distill.trainer import DistillationTrainingArguments
 from edgedistill.distill.training import classifier_sets
 from edgedistill.distill.transfer import build_transfer_set
-from edgedistill.recipe import DataConfig
+from edgedistill.recipe_blocks import DataConfig
 from tests.conftest import WORDS, make_bert, make_tokenizer, write_tsv
 
 

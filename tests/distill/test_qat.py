@@ -14,7 +14,7 @@ from edgedistill.errors import EdgeDistillError
 from edgedistill.export import export_onnx
 from edgedistill.host import host_isa
 from edgedistill.quantization import int8_config, quantize
-from edgedistill.recipe import QuantizeConfig
+from edgedistill.recipe_blocks import QuantizeConfig
 from tests.conftest import make_bert, make_texts, make_tokenizer
 
 # onnxruntime's int8 products are the exact integer math only where the CPU has VNNI

@@ -85,8 +85,8 @@ def test_a_student_with_another_tokenizer_is_refused(tmp_path):
 
 def test_a_pretrained_student_keeps_some_of_its_own_blocks(tmp_path):
     """student.model with num_layers: its own blocks, kept as for a teacher; without, whole."""
-    from edgedistill.distill.training import build_student, plan_student
-    from edgedistill.recipe import StudentConfig
+    from edgedistill.distill.student import build_student, plan_student
+    from edgedistill.recipe_blocks import StudentConfig
     from edgedistill.tasks import get_task
 
     teacher, pretrained = make_bert(num_layers=4), make_bert(num_layers=3, hidden=16, seed=1)

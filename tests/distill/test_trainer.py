@@ -290,7 +290,7 @@ def test_group_by_length_batches_rows_of_like_length(tmp_path, grouped):
 
     from edgedistill.data import TaskData
     from edgedistill.distill.training import _arguments
-    from edgedistill.recipe import DistillConfig
+    from edgedistill.recipe_blocks import DistillConfig
     from edgedistill.tasks import get_task
 
     tokenizer = make_tokenizer(tmp_path / "tok")
