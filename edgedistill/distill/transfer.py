@@ -56,7 +56,7 @@ IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: rows the hard-lab
 _LOADERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
             ".parquet": "parquet", ".txt": "text"}
 def check_transfer_settings(cfg, max_length: int) -> None:
-    """Refuse a recipe's ``transfer`` block (a ``recipe.TransferConfig``) before any training
+    """Refuse a recipe's ``transfer`` block (a ``recipe_blocks.TransferConfig``) before any training
     when it cannot work: one line naming the setting and the fix. Ranges are the recipe
     fields' limits, checked when the recipe was read; what only one task takes (augmentation,
     teacher generations) its task's preflight checks."""
