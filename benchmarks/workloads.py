@@ -161,10 +161,11 @@ def to_markdown(result: dict) -> str:
     fmt = lambda d: f"{d['mean']:.4f} ± {d['stdev']:.4f}"  # noqa: E731
     teacher_set = result.get("teacher_set") or []  # absent from results written before it
     changed = f"; its own settings: {', '.join(teacher_set)}" if teacher_set else ""
+    seed = f"seed {result['teacher_seed']}, " if "teacher_seed" in result else ""
     lines = [f"# {result['recipe']['name']}: what distillation is worth", "",
              f"{result['environment']['cpu']}, {result['environment']['cpu_count']} cores; "
              f"profile {result['recipe']['bench']['profile']}. Teacher fine-tuned once "
-             f"({result['teacher_minutes']:.1f} min{changed}), shared by every student. "
+             f"({seed}{result['teacher_minutes']:.1f} min{changed}), shared by every student. "
              "Test split only; mean ± stdev over the seeds each variant ran.", "",
              f"| student | seeds | fp32 {score} | int8 {score} | int8 accuracy | int8 "
              f"agreement with teacher | int8 / teacher {score} | minutes per run |",
@@ -219,10 +220,12 @@ def to_markdown(result: dict) -> str:
 
 
 def write(results: Path, stem: str, recipe: str, runs: list[dict], teacher_minutes: float,
-          teacher_set: list[str], one_core: dict | None, variants: dict) -> str:
+          teacher_set: list[str], one_core: dict | None, variants: dict,
+          teacher_seed: int) -> str:
     result = {"benchmark": f"workloads/{stem}", "recipe": load_recipe(recipe).to_dict(),
               "environment": environment(), "teacher_minutes": teacher_minutes,
-              "teacher_set": teacher_set, "one_core": one_core, "variants": variants,
+              "teacher_seed": teacher_seed, "teacher_set": teacher_set, "one_core": one_core,
+              "variants": variants,
               "runs": runs, "summary": summarise(runs)}
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{stem}.json").write_text(json.dumps(result, indent=2))
@@ -261,28 +264,39 @@ def main() -> None:
         parser.error("--teacher-set: give a --tag too, so the runs of that teacher stay apart")
     stem = f"{args.recipe}-{args.tag}" if args.tag else args.recipe
     work = args.work / stem
-    teacher = shared_teacher(args.recipe, work, args.seeds[0], args.teacher_set)
-    teacher_minutes = json.loads((teacher.parent / "manifest.json").read_text())["seconds"] / 60
-    # the teacher's ONNX copy is not compared here: leave its export out of the students' runs
-    shared = [f"teacher.model={teacher}", "teacher.finetune=false", "export.export_teacher=false"]
     kept_file = args.results / f"{stem}.json"
     kept = json.loads(kept_file.read_text()) if args.keep and kept_file.is_file() else None
-    runs = {r["seed"]: r for r in kept["runs"]} if kept else {}
-    for seed in args.seeds:
-        runs.setdefault(seed, {"seed": seed})
-    one_core = kept["one_core"] if kept else None  # the same shapes: measured once
-    if kept:  # the kept rows' teacher is this run's (checked below): its fine-tuning time
-        teacher_minutes = kept["teacher_minutes"]
     transfer = load_recipe(args.recipe).transfer.active
     variants = dict(VARIANTS if transfer else {k: VARIANTS[k] for k in GROUPS[0]})
     for name, *overrides in args.tries:
         if name in variants or not overrides:
             parser.error(f"--try {name}: give a new variant's name, then its overrides")
         variants[name] = [*VARIANTS["kd+transfer" if transfer else "kd"], *overrides]
-    for name, overrides in (kept or {}).get("variants", {}).items():
-        if variants.setdefault(name, overrides) != overrides:
-            parser.error(f"--keep: the kept {name} rows ran with {overrides}; give those "
-                         "settings, or another name")
+    # the teacher is fine-tuned on the first seed; kept rows name theirs (files written before
+    # they did: their first seed)
+    teacher_seed = kept.get("teacher_seed", kept["runs"][0]["seed"]) if kept else args.seeds[0]
+    if kept:  # checked before the teacher, which may take an hour
+        for name, overrides in kept["variants"].items():
+            if variants.setdefault(name, overrides) != overrides:
+                parser.error(f"--keep: the kept {name} rows ran with {overrides}; give those "
+                             "settings, or another name")
+        if (kept.get("teacher_set") or []) != args.teacher_set:
+            parser.error(f"--keep: the kept rows' teacher ran with --teacher-set "
+                         f"{kept.get('teacher_set') or '(none)'}; give the same")
+        if kept["environment"]["cpu"] != environment()["cpu"]:  # minutes and p50s would mix
+            parser.error(f"--keep: the kept rows ran on {kept['environment']['cpu']}; run "
+                         "this one there too, or without --keep")
+    teacher = shared_teacher(args.recipe, work, teacher_seed, args.teacher_set)
+    teacher_minutes = json.loads((teacher.parent / "manifest.json").read_text())["seconds"] / 60
+    # the teacher's ONNX copy is not compared here: leave its export out of the students' runs
+    shared = [f"teacher.model={teacher}", "teacher.finetune=false", "export.export_teacher=false"]
+    runs = {r["seed"]: r for r in kept["runs"]} if kept else {}
+    for seed in args.seeds:
+        runs.setdefault(seed, {"seed": seed})
+    runs = dict(sorted(runs.items()))
+    one_core = kept["one_core"] if kept else None  # the same shapes: measured once
+    if kept:  # the kept rows' teacher is this run's (checked below): its fine-tuning time
+        teacher_minutes = kept["teacher_minutes"]
     groups = [*(GROUPS if transfer else GROUPS[:1]), *([n] for n, *_ in args.tries)]
     plan = [(seed, variant) for group in groups for seed in args.seeds for variant in group
             if variant not in runs[seed]]  # a kept row is not run again
@@ -304,9 +318,9 @@ def main() -> None:
               f"agreement {row['student_int8_agreement']:.4f}, {row['minutes']:.1f} min",
               flush=True)
         write(args.results, stem, args.recipe, list(runs.values()), teacher_minutes,
-              args.teacher_set, one_core, variants)
+              args.teacher_set, one_core, variants, teacher_seed)
     print(write(args.results, stem, args.recipe, list(runs.values()), teacher_minutes,
-                args.teacher_set, one_core, variants))
+                args.teacher_set, one_core, variants, teacher_seed))
 
 
 if __name__ == "__main__":

@@ -192,7 +192,8 @@ class DistillConfig(TrainingConfig):
 
 @dataclass
 class AugmentConfig:
-    """Teacher-labelled variants of the training texts (classifiers; edgedistill.distill.transfer)."""
+    """Teacher-labelled variants of the training texts (classifiers): made by
+    edgedistill.distill.augmentation, labelled by edgedistill.distill.transfer."""
 
     factor: int = _f(0, "Variants made of each training text, labelled by the teacher's soft "
                         "targets (0: none; TinyBERT augmented its task data about 20x).", ge=0)

@@ -47,12 +47,14 @@ def kept_table(tmp_path, monkeypatch):
     speed = {"threads": 2, "sequence_length": 128, "teacher_pytorch_p50_ms": 90.0,
              "student_int8_p50_ms": 10.0, "speedup": 9.0, "teacher_peak_rss_mb": 800.0,
              "int8_peak_rss_mb": 100.0}
-    workloads.write(results, "tweets-mpnet", "tweets-mpnet", runs, 20.0, [], speed, variants)
+    workloads.write(results, "tweets-mpnet", "tweets-mpnet", runs, 20.0, [], speed, variants,
+                    teacher_seed=1)
     teacher = tmp_path / "teacher" / "model"
     teacher.mkdir(parents=True)
     (teacher.parent / "manifest.json").write_text(json.dumps({"seconds": 60.0}))
-    monkeypatch.setattr(workloads, "shared_teacher", lambda *a, **k: teacher)
     asked = []
+    monkeypatch.setattr(workloads, "shared_teacher",
+                        lambda recipe, work, seed, overrides: asked.append(seed) or teacher)
 
     def one_run(recipe, folder, overrides, teacher_f1=TEACHER_F1):
         asked.append(folder.name)
@@ -74,7 +76,8 @@ def main(tmp_path, *args):
 
 def test_keep_runs_only_the_new_rows_and_writes_them_beside_the_kept_ones(kept_table):
     results, asked, tmp = kept_table
-    main(tmp, "--keep", "--seeds", "2", "3", "--try", "mix", "distill.alpha_distill=0.5")
+    main(tmp, "--keep", "--seeds", "3", "2", "--try", "mix", "distill.alpha_distill=0.5")
+    assert asked.pop(0) == 1  # the kept rows' teacher (seed 1), not one of this run's seeds
     # seed 2's rows are kept, not run again; seed 3 runs every variant; the transfer variant
     # runs on both seeds, as seed 2 had no row of it
     assert sorted(asked) == ["seed-2-kd+transfer", "seed-3-kd", "seed-3-kd+transfer",
@@ -90,7 +93,8 @@ def test_keep_refuses_a_kept_variant_under_other_settings(kept_table, capsys):
     _, asked, tmp = kept_table
     with pytest.raises(SystemExit):
         main(tmp, "--keep", "--seeds", "3", "--try", "mix", "distill.alpha_distill=0.9")
-    assert "the kept mix rows ran with" in capsys.readouterr().err and asked == []
+    assert "the kept mix rows ran with" in capsys.readouterr().err
+    assert asked == []  # refused before the teacher
 
 
 def test_keep_stops_when_this_runs_teacher_is_another(kept_table, monkeypatch):
