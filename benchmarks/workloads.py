@@ -287,7 +287,9 @@ def main() -> None:
             parser.error(f"--keep: the kept rows ran on {kept['environment']['cpu']}; run "
                          "this one there too, or without --keep")
     teacher = shared_teacher(args.recipe, work, teacher_seed, args.teacher_set)
-    teacher_minutes = json.loads((teacher.parent / "manifest.json").read_text())["seconds"] / 60
+    # kept rows: their teacher is this run's (checked below), with its fine-tuning time
+    teacher_minutes = (kept["teacher_minutes"] if kept else
+                       json.loads((teacher.parent / "manifest.json").read_text())["seconds"] / 60)
     # the teacher's ONNX copy is not compared here: leave its export out of the students' runs
     shared = [f"teacher.model={teacher}", "teacher.finetune=false", "export.export_teacher=false"]
     runs = {r["seed"]: r for r in kept["runs"]} if kept else {}
@@ -295,8 +297,6 @@ def main() -> None:
         runs.setdefault(seed, {"seed": seed})
     runs = dict(sorted(runs.items()))
     one_core = kept["one_core"] if kept else None  # the same shapes: measured once
-    if kept:  # the kept rows' teacher is this run's (checked below): its fine-tuning time
-        teacher_minutes = kept["teacher_minutes"]
     groups = [*(GROUPS if transfer else GROUPS[:1]), *([n] for n, *_ in args.tries)]
     plan = [(seed, variant) for group in groups for seed in args.seeds for variant in group
             if variant not in runs[seed]]  # a kept row is not run again
