@@ -88,12 +88,11 @@ def time_shapes(run, shapes: list[Candidate], teacher_dir: Path, teacher_config,
             # candidate is loaded instead, as its config lacks what the task carries in it
             # (a sentence embedder's pooling)
             model = (pretrained_student(run.task, c.student, teacher_config) if c.student.model
-                     else run.task.auto_model.from_config(
+                     else run.task.untrained_model(
                          plan_student(teacher_dir, teacher_config, c.student)[0]))
             parameters[c.name] = sum(p.numel() for p in model.parameters())
-            model.save_pretrained(folder / "model")
             # a pretrained candidate is timed on its own tokens (their count per text)
-            student_tokenizer(tokenizer, c.student).save_pretrained(folder / "model")
+            run.task.save_model(model, student_tokenizer(tokenizer, c.student), folder / "model")
             export_onnx(folder / "model", folder / "onnx", r.export.opset, r.export.atol,
                         texts, r.data.max_length)
             quantize(folder / "onnx", folder / "int8", r.quantize, run.target,

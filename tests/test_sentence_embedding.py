@@ -15,6 +15,7 @@ from transformers import BertConfig, BertModel
 from edgedistill.artifacts import onnx_file
 from edgedistill.cli import main
 from edgedistill.distill.losses import embedding_similarity
+from edgedistill.distill.student import plan_student
 from edgedistill.distill.teacher_outputs import teacher_embeddings
 from edgedistill.errors import EdgeDistillError
 from edgedistill.evaluation import embedding_metrics
@@ -27,6 +28,7 @@ from edgedistill.pooling import (
     write_sentence_transformers_files,
 )
 from edgedistill.recipe import load_recipe
+from edgedistill.recipe_blocks import StudentConfig
 from edgedistill.runtime.classifier import load_predictor
 from edgedistill.tasks import get_task
 from tests.conftest import WORDS, make_texts, make_tokenizer, write_tsv
@@ -83,6 +85,24 @@ def test_exported_graph_pools_as_pytorch_does_with_padding(tmp_path, pooling):
     # the runtime of evaluation and benchmark returns the same vectors on either backend
     np.testing.assert_allclose(load_predictor(folder).logits({k: v.numpy() for k, v in enc.items()}),
                                expected, atol=1e-5)
+
+
+def test_a_shape_of_a_teacher_with_a_dense_module_is_timed_with_that_layer(tmp_path):
+    # the search exports each shape untrained: a width-pruned shape of a Dense teacher gets a
+    # fresh Dense layer from its own width onto the teacher's Dense width, as it ships (a
+    # shape saved without it could not be exported: its config names a Dense layer)
+    task = get_task("sentence-embedding")
+    teacher = make_embedder(tmp_path / "teacher", MEAN_DENSE)
+    shape = StudentConfig(num_layers=1, init="pruned", config={"hidden_size": 16})
+    config, _ = plan_student(teacher, task.load_model(teacher).config, shape)
+    model = task.untrained_model(config)
+    assert getattr(model, DENSE).in_features == 16
+    task.save_model(model, make_tokenizer(tmp_path / "tok"), tmp_path / "shape")
+    assert read_pooling(tmp_path / "shape") == MEAN_DENSE
+    export_onnx(tmp_path / "shape", tmp_path / "onnx")
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    enc = make_tokenizer(tmp_path / "tok")(["good dose"], return_tensors="np")
+    assert session.run(None, dict(enc))[0].shape == (1, 24)
 
 
 def test_a_dense_module_gives_the_embeddings_sentence_transformers_gives(tmp_path):

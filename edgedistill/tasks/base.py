@@ -100,6 +100,10 @@ class Task:
             return self.auto_model.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                    **head)
 
+    def untrained_model(self, config):
+        """A model of ``config`` with fresh weights (the search times shapes untrained)."""
+        return self.auto_model.from_config(config)
+
     def save_model(self, model, tokenizer, folder: Path) -> None:
         """Save a model as it was loaded (a teacher used as it is), for :meth:`load_model`."""
         model.save_pretrained(folder)

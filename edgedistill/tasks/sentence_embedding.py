@@ -21,7 +21,14 @@ from ..distill.teacher_outputs import TEACHER_EMBEDDING, teacher_embeddings
 from ..distill.training import evaluation_texts, unlabelled_texts
 from ..distill.transfer import new_rows
 from ..evaluation import embed, embedding_metrics
-from ..pooling import attach_dense, carry, dense_apart, require_pooling, write_sentence_files
+from ..pooling import (
+    attach_dense,
+    carried,
+    carry,
+    dense_apart,
+    require_pooling,
+    write_sentence_files,
+)
 from ..progress import silenced
 from ..recipe import Recipe
 from ..sources import resolve_model
@@ -119,6 +126,14 @@ class SentenceEmbeddingTask(Task):
             model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
         carry(model.config, pooling)
         attach_dense(model, pooling, path)
+        return model
+
+    def untrained_model(self, config):
+        # with the Dense layer the carried pooling names, fresh like the rest, onto the
+        # teacher's Dense width: a shape is timed with the layer it ships with (a width-pruned
+        # student under a similarity loss loses it in training: one small product less)
+        model = super().untrained_model(config)
+        attach_dense(model, carried(config))
         return model
 
     def save_model(self, model, tokenizer, folder):
