@@ -9,7 +9,7 @@ MatMulNBits settings (block size 32, asymmetric, lm_head in 8 bits, the recipe's
 - ``gptq-N``: GPTQ calibrated on N training texts (shuffled with the recipe's seed, as the
   pipeline picks calibration texts; never test text), through ``quantize_int4``;
 - ``ort-gptq-as-shipped-N``: onnxruntime's GPTQ exactly as it ships, without the two fixes
-  ``quantize_int4`` applies (see ``edgedistill.quantization.int4._exact_gptq``).
+  ``quantize_int4`` applies (see ``edgedistill.quantization.gptq.exact_gptq``).
 
 - ``inc-rtn``, ``inc-gptq-N``, ``inc-awq-N``: the PyTorch backend (Intel Neural Compressor's
   weight-only algorithms through ``quantize_weight_only``, 4 bits, groups of 32, asymmetric, the
@@ -40,7 +40,7 @@ from edgedistill.data import lm_blocks, load_task_data
 from edgedistill.host import environment
 from edgedistill.evaluation import evaluate_lm
 from edgedistill.export import export_onnx
-from edgedistill.quantization import int4, quantize_int4
+from edgedistill.quantization import gptq, int4, quantize_int4
 from edgedistill.quantization.weight_only import quantize_weight_only
 from edgedistill.recipe import load_recipe
 from edgedistill.artifacts import onnx_file, size_on_disk_mb
@@ -120,7 +120,7 @@ def main() -> None:
                                           **settings)
     if args.as_shipped:
         n = args.as_shipped
-        with mock.patch.object(int4, "_exact_gptq", contextlib.nullcontext):
+        with mock.patch.object(gptq, "exact_gptq", contextlib.nullcontext):
             variants[f"ort-gptq-as-shipped-{n}"] = quantized(
                 fp32, args.work / f"ort-gptq-as-shipped-{n}", algorithm="gptq",
                 calibration_texts=texts(n), calibration_samples=n, **settings)

@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from edgedistill.errors import EdgeDistillError
 from edgedistill.artifacts import copy_sidecars
 from edgedistill.quantization import int4, quantize_int4
+from edgedistill.quantization.gptq import gptq_levels
 from edgedistill.recipe import load_recipe
 from edgedistill.artifacts import onnx_file
 from tests.conftest import make_llm_tokenizer, make_texts
@@ -141,7 +142,7 @@ def rtn(weight, group_size):
 @pytest.mark.parametrize("k, symmetric", [(96, False), (96, True), (80, False)])
 def test_gptq_levels_lower_the_output_error_below_round_to_nearest(k, symmetric):
     weight, hessian = hessian_problem(k)
-    levels, scale, zero = int4.gptq_levels(weight, hessian, 32, symmetric)
+    levels, scale, zero = gptq_levels(weight, hessian, 32, symmetric)
     blocks = -(-k // 32)
     assert levels.shape == (blocks * 32, 24) and scale.shape == zero.shape == (blocks, 24)
     assert levels.dtype == np.uint8 and levels.max() <= 15
@@ -160,7 +161,8 @@ def test_gptq_levels_lower_the_output_error_below_round_to_nearest(k, symmetric)
 def test_onnxruntime_gptq_alone_is_round_to_nearest():
     """Why ``quantize_int4`` replaces onnxruntime's GPTQ step: as shipped (1.32) it never
     propagates an error, so it returns round to nearest. If this fails, onnxruntime has fixed
-    it; ``int4._exact_gptq`` still computes GPTQ, and its swap of ``gptq`` may go."""
+    it; ``edgedistill.quantization.gptq.exact_gptq`` still computes GPTQ, and its swap of
+    ``gptq`` may go."""
     from onnxruntime.quantization.neural_compressor.weight_only import gptq as ort_gptq
 
     weight, hessian = hessian_problem()
