@@ -56,7 +56,7 @@ class CalibrationReader:
 
 
 def gptq(model: onnx.ModelProto, reader: CalibrationReader, block_size: int, symmetric: bool,
-          accuracy_level: int | None, exclude: list[str]) -> onnx.ModelProto:
+         accuracy_level: int | None, exclude: list[str]) -> onnx.ModelProto:
     """onnxruntime's GPTQ on every MatMul with a constant weight, except ``exclude``, in 4 bits:
     its driver (calibration, Hessians, MatMulNBits nodes) with the two numeric steps of
     ``exact_gptq`` in place of its own."""
@@ -113,7 +113,7 @@ def exact_gptq():
     pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def exact(weight, hessian, num_bits=4, group_size=32, scheme="asym", blocksize=128,
-             percdamp=0.01, actorder=False, mse=False, perchannel=True):
+              percdamp=0.01, actorder=False, mse=False, perchannel=True):
         if actorder or mse or not perchannel or num_bits != 4:
             raise RuntimeError("int4 GPTQ: only 4 bits, per channel, without act-order or mse "
                                "search, are implemented")
